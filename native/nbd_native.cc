@@ -1,0 +1,167 @@
+// nbd-migrate native storage helpers: the Linux calls Node's fs does not expose.
+// fallocate (punch hole / zero range) and the SEEK_DATA/SEEK_HOLE walk are
+// blocking syscalls, so they run on the libuv thread pool (AsyncWorker);
+// flock is non-blocking (LOCK_NB) and runs inline.
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <napi.h>
+#include <uv.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <string.h>
+#include <sys/file.h>
+#include <unistd.h>
+#include <vector>
+
+namespace {
+
+// An Error shaped like Node's own fs errors: message, code ('ENXIO'), errno (negative), syscall.
+Napi::Error ErrnoError(Napi::Env env, int err, const char* syscall) {
+  const char* code = uv_err_name(-err);
+  std::string msg = std::string(code) + ": " + strerror(err) + ", " + syscall;
+  Napi::Error e = Napi::Error::New(env, msg);
+  e.Set("code", Napi::String::New(env, code));
+  e.Set("errno", Napi::Number::New(env, -err));
+  e.Set("syscall", Napi::String::New(env, syscall));
+  return e;
+}
+
+int64_t ToOffset(const Napi::Value& v) { return static_cast<int64_t>(v.As<Napi::Number>().DoubleValue()); }
+
+class FallocateWorker : public Napi::AsyncWorker {
+ public:
+  FallocateWorker(Napi::Function cb, int fd, int mode, int64_t offset, int64_t length)
+      : Napi::AsyncWorker(cb), fd_(fd), mode_(mode), offset_(offset), length_(length) {}
+  void Execute() override {
+    int r;
+    do {
+      r = fallocate(fd_, mode_, offset_, length_);
+    } while (r < 0 && errno == EINTR);
+    err_ = r < 0 ? errno : 0;
+  }
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (err_) Callback().Call({ErrnoError(env, err_, "fallocate").Value()});
+    else Callback().Call({env.Null()});
+  }
+
+ private:
+  int fd_, mode_;
+  int64_t offset_, length_;
+  int err_ = 0;
+};
+
+// Walks [offset, offset+length) with SEEK_DATA/SEEK_HOLE and returns alternating
+// runs as a flat array [length0, isHole0, length1, isHole1, ...], at most maxRuns runs.
+// ENXIO from SEEK_DATA means "no more data": the rest, to EOF, is one hole.
+class ExtentsWorker : public Napi::AsyncWorker {
+ public:
+  ExtentsWorker(Napi::Function cb, int fd, int64_t offset, int64_t length, int64_t maxRuns)
+      : Napi::AsyncWorker(cb), fd_(fd), offset_(offset), length_(length), maxRuns_(maxRuns) {}
+  void Execute() override {
+    int64_t pos = offset_;
+    const int64_t end = offset_ + length_;
+    while (pos < end && static_cast<int64_t>(runs_.size() / 2) < maxRuns_) {
+      off_t data = lseek(fd_, pos, SEEK_DATA);
+      if (data < 0) {
+        if (errno == ENXIO) {  // inside the final hole
+          Push(end - pos, true);
+          break;
+        }
+        err_ = errno;
+        syscall_ = "lseek(SEEK_DATA)";
+        return;
+      }
+      if (data > pos) {
+        int64_t holeEnd = data < end ? data : end;
+        Push(holeEnd - pos, true);
+        pos = holeEnd;
+        continue;
+      }
+      off_t hole = lseek(fd_, pos, SEEK_HOLE);
+      if (hole < 0) {
+        if (errno == ENXIO) hole = end;  // raced with truncation: report data
+        else {
+          err_ = errno;
+          syscall_ = "lseek(SEEK_HOLE)";
+          return;
+        }
+      }
+      int64_t dataEnd = hole < end ? hole : end;
+      if (dataEnd <= pos) dataEnd = end;  // defensive: never loop without progress
+      Push(dataEnd - pos, false);
+      pos = dataEnd;
+    }
+  }
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (err_) {
+      Callback().Call({ErrnoError(env, err_, syscall_).Value()});
+      return;
+    }
+    Napi::Array out = Napi::Array::New(env, runs_.size());
+    for (size_t i = 0; i < runs_.size(); i++) out[i] = Napi::Number::New(env, static_cast<double>(runs_[i]));
+    Callback().Call({env.Null(), out});
+  }
+
+ private:
+  void Push(int64_t len, bool hole) {
+    size_t n = runs_.size();
+    if (n >= 2 && (runs_[n - 1] != 0) == hole) {  // merge with the previous run of the same kind
+      runs_[n - 2] += len;
+      return;
+    }
+    runs_.push_back(len);
+    runs_.push_back(hole ? 1 : 0);
+  }
+  int fd_;
+  int64_t offset_, length_, maxRuns_;
+  std::vector<int64_t> runs_;
+  int err_ = 0;
+  const char* syscall_ = "";
+};
+
+// fallocate(fd, mode, offset, length, callback(err))
+Napi::Value Fallocate(const Napi::CallbackInfo& info) {
+  auto* w = new FallocateWorker(info[4].As<Napi::Function>(), info[0].As<Napi::Number>().Int32Value(),
+                                info[1].As<Napi::Number>().Int32Value(), ToOffset(info[2]), ToOffset(info[3]));
+  w->Queue();
+  return info.Env().Undefined();
+}
+
+// extents(fd, offset, length, maxRuns, callback(err, runs))
+Napi::Value Extents(const Napi::CallbackInfo& info) {
+  auto* w = new ExtentsWorker(info[4].As<Napi::Function>(), info[0].As<Napi::Number>().Int32Value(),
+                              ToOffset(info[1]), ToOffset(info[2]), ToOffset(info[3]));
+  w->Queue();
+  return info.Env().Undefined();
+}
+
+// flock(fd, exclusive): non-blocking; throws EWOULDBLOCK when another open file holds it.
+Napi::Value Flock(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  bool exclusive = info[1].As<Napi::Boolean>().Value();
+  int r;
+  do {
+    r = flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB);
+  } while (r < 0 && errno == EINTR);
+  if (r < 0) ErrnoError(env, errno, "flock").ThrowAsJavaScriptException();
+  return env.Undefined();
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("fallocate", Napi::Function::New(env, Fallocate));
+  exports.Set("extents", Napi::Function::New(env, Extents));
+  exports.Set("flock", Napi::Function::New(env, Flock));
+  exports.Set("FALLOC_FL_KEEP_SIZE", Napi::Number::New(env, FALLOC_FL_KEEP_SIZE));
+  exports.Set("FALLOC_FL_PUNCH_HOLE", Napi::Number::New(env, FALLOC_FL_PUNCH_HOLE));
+  exports.Set("FALLOC_FL_ZERO_RANGE", Napi::Number::New(env, FALLOC_FL_ZERO_RANGE));
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(nbd_native, Init)

@@ -1,0 +1,134 @@
+/**
+ * The serve configuration: a JSON file (--config) merged with command-line
+ * options, which win. A bad config is refused with the field named, before
+ * anything starts.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+export interface ExportConfig {
+  name: string;
+  path: string;
+  readOnly: boolean;
+  description?: string;
+  /** Also serve this export with oldstyle negotiation on its own TCP port (0 = any free port). */
+  oldstylePort?: number;
+}
+
+export interface ServeConfig {
+  listen: string;
+  port: number;
+  /** Newstyle on a Unix socket too. */
+  socket?: string;
+  /** Seconds a client may take to finish the handshake. */
+  handshakeTimeout: number;
+  exports: ExportConfig[];
+}
+
+export class ConfigError extends Error {
+  override readonly name = 'ConfigError';
+}
+
+export const CONFIG_DEFAULTS = { listen: '0.0.0.0', port: 10809, handshakeTimeout: 10 } as const;
+
+type Json = Record<string, unknown>;
+
+function field<T>(obj: Json, key: string, where: string, check: (v: unknown) => v is T, what: string): T | undefined {
+  const v = obj[key];
+  if (v === undefined) return undefined;
+  if (!check(v)) throw new ConfigError(`${where}.${key}: expected ${what}, got ${JSON.stringify(v)}`);
+  return v;
+}
+
+const isString = (v: unknown): v is string => typeof v === 'string';
+const isBool = (v: unknown): v is boolean => typeof v === 'boolean';
+const isPort = (v: unknown): v is number => Number.isInteger(v) && (v as number) >= 0 && (v as number) <= 65535;
+const isPositive = (v: unknown): v is number => typeof v === 'number' && v > 0 && Number.isFinite(v);
+
+/** Parses and checks a config file; relative image paths are taken from the file's directory. */
+export function loadConfigFile(file: string): Partial<ServeConfig> {
+  let raw: unknown;
+  try {
+    raw = JSON.parse(fs.readFileSync(file, 'utf8'));
+  } catch (e) {
+    throw new ConfigError(`${file}: ${(e as Error).message}`);
+  }
+  return parseConfig(raw, file, path.dirname(path.resolve(file)));
+}
+
+const TOP_KEYS = new Set(['listen', 'port', 'socket', 'handshakeTimeout', 'exports', '$comment']);
+const EXPORT_KEYS = new Set(['name', 'path', 'readOnly', 'description', 'oldstylePort', '$comment']);
+
+export function parseConfig(raw: unknown, where: string, baseDir: string): Partial<ServeConfig> {
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new ConfigError(`${where}: expected a JSON object`);
+  const o = raw as Json;
+  for (const k of Object.keys(o)) if (!TOP_KEYS.has(k)) throw new ConfigError(`${where}.${k}: unknown field`);
+  const out: Partial<ServeConfig> = {};
+  const listen = field(o, 'listen', where, isString, 'an address string');
+  if (listen !== undefined) out.listen = listen;
+  const port = field(o, 'port', where, isPort, 'a port number 0-65535');
+  if (port !== undefined) out.port = port;
+  const socket = field(o, 'socket', where, isString, 'a socket path');
+  if (socket !== undefined) out.socket = socket;
+  const ht = field(o, 'handshakeTimeout', where, isPositive, 'a number of seconds');
+  if (ht !== undefined) out.handshakeTimeout = ht;
+  const exps = field(o, 'exports', where, Array.isArray, 'an array of exports');
+  if (exps) {
+    out.exports = exps.map((e, i) => {
+      const w = `${where}.exports[${i}]`;
+      if (typeof e !== 'object' || e === null || Array.isArray(e)) throw new ConfigError(`${w}: expected an object`);
+      const eo = e as Json;
+      for (const k of Object.keys(eo)) if (!EXPORT_KEYS.has(k)) throw new ConfigError(`${w}.${k}: unknown field`);
+      const name = field(eo, 'name', w, isString, 'a string');
+      const p = field(eo, 'path', w, isString, 'an image path');
+      if (name === undefined) throw new ConfigError(`${w}.name: missing`);
+      if (p === undefined) throw new ConfigError(`${w}.path: missing`);
+      const ec: ExportConfig = { name, path: path.resolve(baseDir, p), readOnly: field(eo, 'readOnly', w, isBool, 'true or false') ?? false };
+      const d = field(eo, 'description', w, isString, 'a string');
+      if (d !== undefined) ec.description = d;
+      const op = field(eo, 'oldstylePort', w, isPort, 'a port number 0-65535');
+      if (op !== undefined) ec.oldstylePort = op;
+      return ec;
+    });
+  }
+  return out;
+}
+
+/** `NAME=PATH[,oldstyle-port=N][,read-only][,description=TEXT]` from --export. */
+export function parseExportSpec(spec: string): ExportConfig {
+  const where = `--export ${spec}`;
+  const eq = spec.indexOf('=');
+  if (eq <= 0) throw new ConfigError(`${where}: expected NAME=PATH[,oldstyle-port=N][,read-only][,description=TEXT]`);
+  const name = spec.slice(0, eq);
+  const [p, ...opts] = spec.slice(eq + 1).split(',');
+  if (!p) throw new ConfigError(`${where}: missing image path`);
+  const ec: ExportConfig = { name, path: path.resolve(p), readOnly: false };
+  for (let i = 0; i < opts.length; i++) {
+    const opt = opts[i]!;
+    const [k, v] = opt.split(/=(.*)/s, 2) as [string, string | undefined];
+    if (k === 'read-only' && v === undefined) ec.readOnly = true;
+    else if (k === 'oldstyle-port' && v !== undefined && isPort(Number(v)) && v !== '') ec.oldstylePort = Number(v);
+    else if (k === 'description' && v !== undefined) {
+      // The description is last and may itself contain commas.
+      ec.description = [v, ...opts.slice(i + 1)].join(',');
+      break;
+    } else throw new ConfigError(`${where}: bad option "${opt}"`);
+  }
+  return ec;
+}
+
+export function checkConfig(c: ServeConfig): void {
+  if (c.exports.length === 0) throw new ConfigError('no exports: give an IMAGE, --export NAME=PATH, or a --config file with "exports"');
+  const names = new Set<string>();
+  const ports = new Set<number>();
+  for (const e of c.exports) {
+    if (Buffer.byteLength(e.name) > 4096) throw new ConfigError(`export "${e.name.slice(0, 32)}...": name is over 4096 bytes`);
+    if (names.has(e.name)) throw new ConfigError(`export "${e.name}" is defined twice`);
+    names.add(e.name);
+    if (e.oldstylePort) {
+      if (ports.has(e.oldstylePort) || e.oldstylePort === c.port)
+        throw new ConfigError(`export "${e.name}": oldstyle port ${e.oldstylePort} is already used`);
+      ports.add(e.oldstylePort);
+    }
+  }
+}

@@ -1,0 +1,158 @@
+/**
+ * The command line. Option names (--listen, --port, --oldstyle-port, --socket,
+ * --read-only, --name) are an interface operators and scripts rely on.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { configureLog, log, type Level } from '../util/log.js';
+import { projectRoot } from '../util/paths.js';
+import {
+  CONFIG_DEFAULTS,
+  ConfigError,
+  checkConfig,
+  type ExportConfig,
+  loadConfigFile,
+  parseExportSpec,
+  type ServeConfig,
+} from './config.js';
+import { serveUntilSignal } from './serve.js';
+
+const DEMO_SIZE = 1024 * 1024 * 1024;
+
+function setUpLogging(argv: { 'log-format'?: string; 'log-level'?: string }): void {
+  const format = argv['log-format'] === 'auto' || !argv['log-format'] ? (process.stderr.isTTY ? 'text' : 'json') : argv['log-format'];
+  configureLog({ format: format as 'json' | 'text', level: (argv['log-level'] ?? 'info') as Level });
+}
+
+interface ServeArgs {
+  images?: string[];
+  name?: string[];
+  description?: string[];
+  export?: string[];
+  config?: string;
+  listen?: string;
+  port?: number;
+  'oldstyle-port'?: number[];
+  socket?: string;
+  'read-only'?: boolean;
+  'handshake-timeout'?: number;
+}
+
+/** Builds the serve configuration: config file first, then the command line on top. */
+export function serveConfigFrom(argv: ServeArgs): ServeConfig {
+  const file = argv.config ? loadConfigFile(argv.config) : {};
+  const images = argv.images ?? [];
+  const names = argv.name ?? [];
+  const descriptions = argv.description ?? [];
+  const oldPorts = argv['oldstyle-port'] ?? [];
+  if (names.length > images.length) throw new ConfigError(`${names.length} --name options for ${images.length} IMAGE arguments`);
+  if (oldPorts.length > images.length) throw new ConfigError(`${oldPorts.length} --oldstyle-port options for ${images.length} IMAGE arguments`);
+  const fromArgs: ExportConfig[] = images.map((img, i) => {
+    const e: ExportConfig = {
+      name: names[i] ?? path.basename(img).replace(/\.(img|raw)$/, ''),
+      path: path.resolve(img),
+      readOnly: argv['read-only'] ?? false,
+    };
+    if (descriptions[i] !== undefined) e.description = descriptions[i];
+    if (oldPorts[i] !== undefined) e.oldstylePort = oldPorts[i];
+    return e;
+  });
+  const cfg: ServeConfig = {
+    listen: argv.listen ?? file.listen ?? CONFIG_DEFAULTS.listen,
+    port: argv.port ?? file.port ?? CONFIG_DEFAULTS.port,
+    handshakeTimeout: argv['handshake-timeout'] ?? file.handshakeTimeout ?? CONFIG_DEFAULTS.handshakeTimeout,
+    exports: [...(file.exports ?? []), ...fromArgs, ...(argv.export ?? []).map(parseExportSpec)],
+  };
+  const socket = argv.socket ?? file.socket;
+  if (socket !== undefined) cfg.socket = socket;
+  checkConfig(cfg);
+  return cfg;
+}
+
+async function demo(argv: { port?: number; listen?: string }): Promise<void> {
+  const dir = path.join(projectRoot, 'var');
+  const image = path.join(dir, 'demo.img');
+  fs.mkdirSync(dir, { recursive: true });
+  if (!fs.existsSync(image)) {
+    const fd = fs.openSync(image, 'wx');
+    fs.ftruncateSync(fd, DEMO_SIZE); // sparse: takes no space until written
+    fs.closeSync(fd);
+    log('info', 'demo-image-created', { image, size: DEMO_SIZE });
+  }
+  const port = argv.port ?? CONFIG_DEFAULTS.port;
+  const host = port === CONFIG_DEFAULTS.port ? 'localhost' : `localhost:${port}`;
+  process.stdout.write(
+    [
+      `nbd-migrate demo: serving ${image} (1 GiB, sparse) as export "demo" on port ${port}.`,
+      'Try, from another terminal:',
+      `  qemu-img info nbd://${host}/demo`,
+      `  qemu-io -f raw -c 'write -P 0x5a 0 1M' -c 'read -P 0x5a 0 1M' nbd://${host}/demo`,
+      `  nbdinfo --map nbd://${host}/demo`,
+      `  nbdinfo --list nbd://${host}`,
+      'Stop with Ctrl-C.',
+      '',
+    ].join('\n'),
+  );
+  await serveUntilSignal({
+    listen: argv.listen ?? CONFIG_DEFAULTS.listen,
+    port,
+    handshakeTimeout: CONFIG_DEFAULTS.handshakeTimeout,
+    exports: [{ name: 'demo', path: image, readOnly: false, description: 'nbd-migrate demo image' }],
+  });
+}
+
+export async function main(args: string[]): Promise<void> {
+  await yargs(args)
+    .scriptName('nbd-migrate')
+    .usage('$0 <command> [options]')
+    .option('log-format', { choices: ['auto', 'json', 'text'], default: 'auto', describe: 'Log format on stderr (auto: text on a TTY, JSON lines otherwise)' })
+    .option('log-level', { choices: ['debug', 'info', 'warn', 'error'], default: 'info', describe: 'Least severe level logged' })
+    .middleware(setUpLogging)
+    .command(
+      'serve [images..]',
+      'Serve raw disk images over NBD (fixed newstyle by name; oldstyle per port; Unix socket)',
+      (y) =>
+        y
+          .positional('images', { type: 'string', array: true, describe: 'Raw image files to serve, one export each' })
+          .option('name', { type: 'string', array: true, describe: 'Export name for the IMAGE at the same position (default: file name without .img)' })
+          .option('description', { type: 'string', array: true, describe: 'Description for the IMAGE at the same position (shown by nbdinfo --list)' })
+          .option('export', { type: 'string', array: true, describe: 'Another export: NAME=PATH[,oldstyle-port=N][,read-only][,description=TEXT] (repeatable)' })
+          .option('config', { type: 'string', describe: 'JSON config file (see config/); command-line options override it' })
+          .option('listen', { type: 'string', describe: `Address for newstyle TCP (default ${CONFIG_DEFAULTS.listen})` })
+          .option('port', { type: 'number', describe: `Port for newstyle TCP (default ${CONFIG_DEFAULTS.port}; 0 picks a free one)` })
+          .option('oldstyle-port', { type: 'number', array: true, describe: 'Also serve the IMAGE at the same position with oldstyle negotiation on this port' })
+          .option('socket', { type: 'string', describe: 'Also serve newstyle on this Unix socket (nbd+unix:///NAME?socket=PATH)' })
+          .option('read-only', { type: 'boolean', describe: 'Serve the IMAGE arguments read-only' })
+          .option('handshake-timeout', { type: 'number', describe: `Seconds a client may take to negotiate (default ${CONFIG_DEFAULTS.handshakeTimeout})` })
+          .example('$0 serve disk.img --name vm1', 'Serve disk.img as export "vm1" on port 10809')
+          .example('$0 serve disk.img --name vm1 --oldstyle-port 20001', 'Also serve it oldstyle on port 20001 (qemu: nbd:HOST:20001)')
+          .example('$0 serve --export a=a.img --export b=b.img,read-only', 'Serve two exports'),
+      async (argv) => serveUntilSignal(serveConfigFrom(argv as ServeArgs)),
+    )
+    .command(
+      'demo',
+      'Serve a sparse 1 GiB demo image (created on first run in var/) as export "demo"',
+      (y) => y.option('port', { type: 'number', describe: 'Newstyle port (default 10809)' }).option('listen', { type: 'string' }),
+      async (argv) => demo(argv),
+    )
+    .demandCommand(1, 'Give a command: serve or demo')
+    .strict()
+    .help()
+    .alias('h', 'help')
+    .version()
+    .fail((msg, err, y) => {
+      if (err) throw err;
+      process.stderr.write(`${y.help()}\n\n${msg}\n`);
+      process.exit(2);
+    })
+    .parseAsync();
+}
+
+main(hideBin(process.argv)).catch((e: unknown) => {
+  const err = e as Error;
+  log('error', 'fatal', { cause: err.message });
+  if (!(err instanceof ConfigError) && process.stderr.isTTY) process.stderr.write(`${err.stack}\n`);
+  process.exit(1);
+});

@@ -1,0 +1,110 @@
+/**
+ * One client socket and its input queue. The handshake reads it with awaited
+ * `need(n)` calls; the transmission session then takes over the data events.
+ * Either way the socket is paused whenever the queue holds more than the phase
+ * needs, so a client can never make us buffer without bound.
+ */
+import type { Socket } from 'node:net';
+import { ByteQueue } from '../util/byte-queue.js';
+import type { Logger } from '../util/log.js';
+
+/** The most the handshake phase buffers ahead of what it asked for. */
+const HANDSHAKE_READ_AHEAD = 64 * 1024;
+
+export class ConnectionClosed extends Error {
+  override readonly name = 'ConnectionClosed';
+}
+
+export class Connection {
+  readonly input = new ByteQueue();
+  closed = false;
+  private waiter: { n: number; resolve: () => void; reject: (e: Error) => void } | undefined;
+  /** Set by the transmission session; while unset, data feeds `need()`. */
+  private onInput: (() => void) | undefined;
+  private readonly closeHandlers: Array<() => void> = [];
+
+  constructor(
+    readonly id: number,
+    readonly socket: Socket,
+    readonly log: Logger,
+  ) {
+    socket.setNoDelay?.(true);
+    socket.on('data', (chunk: Buffer) => {
+      this.input.push(chunk);
+      if (this.onInput) return this.onInput();
+      if (this.waiter && this.input.length >= this.waiter.n) {
+        const w = this.waiter;
+        this.waiter = undefined;
+        w.resolve();
+      }
+      if (this.input.length > HANDSHAKE_READ_AHEAD + (this.waiter?.n ?? 0)) socket.pause();
+    });
+    socket.on('error', (err) => log.debug('socket-error', { cause: err }));
+    socket.on('close', () => this.markClosed());
+  }
+
+  /** Resolves once `n` bytes are buffered; rejects if the socket closes first. */
+  need(n: number): Promise<void> {
+    if (this.input.length >= n) return Promise.resolve();
+    if (this.closed) return Promise.reject(new ConnectionClosed('connection closed'));
+    this.socket.resume();
+    return new Promise((resolve, reject) => {
+      this.waiter = { n, resolve, reject };
+    });
+  }
+
+  /** Reads exactly `n` bytes (copied out only when they span chunks). */
+  async read(n: number): Promise<Buffer> {
+    await this.need(n);
+    return this.input.take(n);
+  }
+
+  /** Discards `n` bytes of input as they arrive, never holding more than one chunk's worth. */
+  async discard(n: number): Promise<void> {
+    let left = n;
+    while (left > 0) {
+      left -= this.input.skip(left);
+      if (left > 0) await this.need(1);
+    }
+  }
+
+  send(buf: Buffer): boolean {
+    if (this.closed || this.socket.destroyed) return false;
+    return this.socket.write(buf);
+  }
+
+  /** Hands input to the transmission session; bytes already buffered are delivered at once. */
+  takeOver(onInput: () => void): void {
+    this.onInput = onInput;
+    this.socket.resume();
+    if (this.input.length > 0) onInput();
+  }
+
+  onClose(fn: () => void): void {
+    if (this.closed) fn();
+    else this.closeHandlers.push(fn);
+  }
+
+  /** Hard disconnect. */
+  destroy(): void {
+    this.socket.destroy();
+    this.markClosed();
+  }
+
+  /** Soft close: flush what was written, then close. */
+  end(): void {
+    this.socket.end();
+  }
+
+  private markClosed(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.input.clear();
+    if (this.waiter) {
+      const w = this.waiter;
+      this.waiter = undefined;
+      w.reject(new ConnectionClosed('connection closed'));
+    }
+    for (const fn of this.closeHandlers.splice(0)) fn();
+  }
+}

@@ -1,0 +1,183 @@
+/**
+ * Handshakes: oldstyle (one export per port, a 152-byte greeting) and fixed
+ * newstyle with option haggling (proto.md "Newstyle negotiation").
+ * The option loop is bounded in count, option size and total time; a bad magic
+ * or unknown client flag ends the connection.
+ */
+import * as C from '../protocol/constants.js';
+import * as codec from '../protocol/codec.js';
+import type { Connection } from './connection.js';
+import type { Export, ExportRegistry, MetaContext } from './export.js';
+import { BLOCK_SIZE_MINIMUM, BLOCK_SIZE_PREFERRED } from './export.js';
+
+/** What a successful handshake hands to the transmission phase. */
+export interface Negotiated {
+  export: Export;
+  structuredReplies: boolean;
+  metaContexts: MetaContext[];
+}
+
+export interface HandshakeLimits {
+  /** Options accepted before the client is dropped. */
+  maxOptions: number;
+  /** Option payloads above this are skipped and refused with ERR_TOO_BIG (or ERR_UNSUP when unknown). */
+  maxOptionLength: number;
+}
+
+export const DEFAULT_HANDSHAKE_LIMITS: HandshakeLimits = { maxOptions: 1024, maxOptionLength: 64 * 1024 };
+
+/** Thrown to end the connection with the reason logged. */
+export class HandshakeError extends Error {
+  override readonly name = 'HandshakeError';
+}
+
+export function oldstyleHandshake(conn: Connection, exp: Export): Negotiated {
+  conn.send(codec.encodeOldstyleGreeting(exp.size, exp.transmissionFlags(false)));
+  return { export: exp, structuredReplies: false, metaContexts: [] };
+}
+
+const KNOWN_OPTIONS = new Set([
+  C.NBD_OPT_EXPORT_NAME,
+  C.NBD_OPT_ABORT,
+  C.NBD_OPT_LIST,
+  C.NBD_OPT_INFO,
+  C.NBD_OPT_GO,
+  C.NBD_OPT_STRUCTURED_REPLY,
+  C.NBD_OPT_LIST_META_CONTEXT,
+  C.NBD_OPT_SET_META_CONTEXT,
+]);
+
+/** Runs fixed newstyle negotiation; resolves with the chosen export, or null when the client aborted. */
+export async function newstyleHandshake(
+  conn: Connection,
+  exports: ExportRegistry,
+  limits: HandshakeLimits = DEFAULT_HANDSHAKE_LIMITS,
+): Promise<Negotiated | null> {
+  conn.send(codec.encodeNewstyleGreeting(C.NBD_FLAG_FIXED_NEWSTYLE | C.NBD_FLAG_NO_ZEROES));
+  const clientFlags = (await conn.read(4)).readUInt32BE(0);
+  if (clientFlags & ~C.KNOWN_CLIENT_FLAGS) throw new HandshakeError(`unknown client flags 0x${clientFlags.toString(16)}`);
+  const noZeroes = (clientFlags & C.NBD_FLAG_C_NO_ZEROES) !== 0;
+
+  let structuredReplies = false;
+  /** Contexts chosen by SET_META_CONTEXT, valid only for the export they were chosen on. */
+  let chosen: { exportName: string; contexts: MetaContext[] } | undefined;
+  const reply = (option: number, type: number, payload?: Buffer) => conn.send(codec.encodeOptionReply(option, type, payload));
+  const refuse = (option: number, type: number, why: string) => {
+    conn.log.info('option-refused', { option, reply: type & 0x7fffffff, cause: why });
+    conn.send(codec.encodeOptionError(option, type, why));
+  };
+
+  for (let count = 0; ; count++) {
+    if (count >= limits.maxOptions) throw new HandshakeError(`more than ${limits.maxOptions} options`);
+    const head = codec.decodeOptionHeader(await conn.read(codec.OPTION_HEADER_LENGTH));
+    if (head.magic !== C.NBD_IHAVEOPT) throw new HandshakeError(`bad option magic 0x${head.magic.toString(16)}`);
+    const { option, length } = head;
+
+    if (option === C.NBD_OPT_EXPORT_NAME) {
+      // No way to answer an error here: an unknown name ends the connection.
+      if (length > C.MAX_STRING_LENGTH) throw new HandshakeError(`export name of ${length} bytes`);
+      const name = (await conn.read(length)).toString('utf8');
+      const exp = exports.get(name);
+      if (!exp) throw new HandshakeError(`NBD_OPT_EXPORT_NAME for unknown export "${name}"`);
+      conn.send(codec.encodeExportNameReply(exp.size, exp.transmissionFlags(structuredReplies), noZeroes));
+      return { export: exp, structuredReplies, metaContexts: contextsFor(chosen, exp) };
+    }
+
+    if (length > limits.maxOptionLength) {
+      await conn.discard(length);
+      if (KNOWN_OPTIONS.has(option)) refuse(option, C.NBD_REP_ERR_TOO_BIG, `option payload of ${length} bytes is too big`);
+      else refuse(option, C.NBD_REP_ERR_UNSUP, `option ${option} is not supported`);
+      continue;
+    }
+    const payload = await conn.read(length);
+
+    switch (option) {
+      case C.NBD_OPT_ABORT:
+        reply(option, C.NBD_REP_ACK);
+        return null;
+
+      case C.NBD_OPT_LIST:
+        if (length !== 0) {
+          refuse(option, C.NBD_REP_ERR_INVALID, 'NBD_OPT_LIST takes no data');
+          break;
+        }
+        for (const e of exports.list()) reply(option, C.NBD_REP_SERVER, codec.encodeServerEntry(e.name, e.description));
+        reply(option, C.NBD_REP_ACK);
+        break;
+
+      case C.NBD_OPT_STRUCTURED_REPLY:
+        if (length !== 0) {
+          refuse(option, C.NBD_REP_ERR_INVALID, 'NBD_OPT_STRUCTURED_REPLY takes no data');
+          break;
+        }
+        structuredReplies = true;
+        reply(option, C.NBD_REP_ACK);
+        break;
+
+      case C.NBD_OPT_INFO:
+      case C.NBD_OPT_GO: {
+        let req: { name: string; infos: number[] };
+        try {
+          req = codec.decodeInfoRequest(payload);
+        } catch (e) {
+          refuse(option, C.NBD_REP_ERR_INVALID, (e as Error).message);
+          break;
+        }
+        const exp = exports.get(req.name);
+        if (!exp) {
+          refuse(option, C.NBD_REP_ERR_UNKNOWN, `no export named "${req.name}"`);
+          break;
+        }
+        reply(option, C.NBD_REP_INFO, codec.encodeInfoExport(exp.size, exp.transmissionFlags(structuredReplies)));
+        if (req.infos.includes(C.NBD_INFO_NAME)) reply(option, C.NBD_REP_INFO, codec.encodeInfoString(C.NBD_INFO_NAME, exp.name));
+        if (req.infos.includes(C.NBD_INFO_DESCRIPTION) && exp.description)
+          reply(option, C.NBD_REP_INFO, codec.encodeInfoString(C.NBD_INFO_DESCRIPTION, exp.description));
+        // Sent whether asked or not: our constraints are ones any client already meets.
+        reply(option, C.NBD_REP_INFO, codec.encodeInfoBlockSize(BLOCK_SIZE_MINIMUM, BLOCK_SIZE_PREFERRED, C.MAX_PAYLOAD));
+        reply(option, C.NBD_REP_ACK);
+        if (option === C.NBD_OPT_GO) return { export: exp, structuredReplies, metaContexts: contextsFor(chosen, exp) };
+        break;
+      }
+
+      case C.NBD_OPT_LIST_META_CONTEXT:
+      case C.NBD_OPT_SET_META_CONTEXT: {
+        const listing = option === C.NBD_OPT_LIST_META_CONTEXT;
+        if (!structuredReplies) {
+          refuse(option, C.NBD_REP_ERR_INVALID, 'metadata contexts need NBD_OPT_STRUCTURED_REPLY first');
+          break;
+        }
+        let req: { name: string; queries: string[] };
+        try {
+          req = codec.decodeMetaContextRequest(payload);
+        } catch (e) {
+          refuse(option, C.NBD_REP_ERR_INVALID, (e as Error).message);
+          break;
+        }
+        const exp = exports.get(req.name);
+        if (!exp) {
+          refuse(option, C.NBD_REP_ERR_UNKNOWN, `no export named "${req.name}"`);
+          break;
+        }
+        const found = new Map<number, MetaContext>();
+        const queries = listing && req.queries.length === 0 ? [''] : req.queries;
+        for (const q of queries) for (const m of exp.matchContexts(q, listing)) found.set(m.id, m);
+        for (const m of found.values()) reply(option, C.NBD_REP_META_CONTEXT, codec.encodeMetaContextReply(m.id, m.name));
+        if (!listing) chosen = { exportName: exp.name, contexts: [...found.values()] };
+        reply(option, C.NBD_REP_ACK);
+        break;
+      }
+
+      case C.NBD_OPT_STARTTLS:
+        refuse(option, C.NBD_REP_ERR_UNSUP, 'TLS is not supported by this server yet');
+        break;
+
+      default:
+        refuse(option, C.NBD_REP_ERR_UNSUP, `option ${option} is not supported`);
+    }
+  }
+}
+
+function contextsFor(chosen: { exportName: string; contexts: MetaContext[] } | undefined, exp: Export): MetaContext[] {
+  // Contexts chosen for another export do not carry over (proto.md, NBD_OPT_SET_META_CONTEXT).
+  return chosen && chosen.exportName === exp.name ? chosen.contexts : [];
+}

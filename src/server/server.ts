@@ -1,0 +1,175 @@
+/**
+ * Listeners and connection lifecycle: newstyle on TCP (10809 by default) and on
+ * Unix sockets, oldstyle on one TCP port per export. Each accepted socket goes
+ * handshake -> transmission -> closed; a handshake that stalls is dropped.
+ */
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import { logger } from '../util/log.js';
+import { Connection, ConnectionClosed } from './connection.js';
+import type { ExportRegistry } from './export.js';
+import {
+  DEFAULT_HANDSHAKE_LIMITS,
+  HandshakeError,
+  type HandshakeLimits,
+  type Negotiated,
+  newstyleHandshake,
+  oldstyleHandshake,
+} from './handshake.js';
+import { DEFAULT_SESSION_LIMITS, Session, type SessionLimits } from './session.js';
+
+export const DEFAULT_NBD_PORT = 10809;
+
+export interface ServerOptions {
+  handshakeTimeoutMs: number;
+  handshake: HandshakeLimits;
+  session: SessionLimits;
+}
+
+export const DEFAULT_SERVER_OPTIONS: ServerOptions = {
+  handshakeTimeoutMs: 10_000,
+  handshake: DEFAULT_HANDSHAKE_LIMITS,
+  session: DEFAULT_SESSION_LIMITS,
+};
+
+export type ListenerKind = 'newstyle' | 'oldstyle' | 'unix';
+
+export interface BoundListener {
+  kind: ListenerKind;
+  /** For oldstyle: the one export this port serves. */
+  exportName?: string;
+  address?: string;
+  port?: number;
+  path?: string;
+}
+
+const log = logger();
+
+export class NbdServer {
+  private readonly listeners: Array<{ server: net.Server; info: BoundListener }> = [];
+  private readonly connections = new Set<Connection>();
+  private readonly sessions = new Set<Session>();
+  private nextId = 1;
+  private closing = false;
+
+  constructor(
+    readonly exports: ExportRegistry,
+    private readonly options: ServerOptions = DEFAULT_SERVER_OPTIONS,
+  ) {}
+
+  get bound(): BoundListener[] {
+    return this.listeners.map((l) => l.info);
+  }
+
+  async listenNewstyle(host: string, port: number): Promise<BoundListener> {
+    return this.listen({ kind: 'newstyle' }, (s) => s.listen(port, host));
+  }
+
+  async listenOldstyle(exportName: string, host: string, port: number): Promise<BoundListener> {
+    if (!this.exports.get(exportName)) throw new Error(`oldstyle port for unknown export "${exportName}"`);
+    return this.listen({ kind: 'oldstyle', exportName }, (s) => s.listen(port, host));
+  }
+
+  async listenUnix(path: string): Promise<BoundListener> {
+    await removeStaleSocket(path);
+    return this.listen({ kind: 'unix', path }, (s) => s.listen(path));
+  }
+
+  private listen(info: BoundListener, start: (s: net.Server) => void): Promise<BoundListener> {
+    const server = net.createServer({ noDelay: true }, (socket) => this.accept(socket, info));
+    return new Promise((resolve, reject) => {
+      server.once('error', reject);
+      server.once('listening', () => {
+        server.off('error', reject);
+        server.on('error', (err) => log.error('listener-error', { listener: info.kind, cause: err }));
+        const a = server.address();
+        if (a && typeof a === 'object') {
+          info.address = a.address;
+          info.port = a.port;
+        }
+        this.listeners.push({ server, info });
+        log.info('listening', { listener: info.kind, export: info.exportName, address: info.address, port: info.port, path: info.path });
+        resolve(info);
+      });
+      start(server);
+    });
+  }
+
+  private accept(socket: net.Socket, listener: BoundListener): void {
+    const id = this.nextId++;
+    const remote = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
+    const conn = new Connection(id, socket, logger({ conn: id }));
+    if (this.closing) {
+      socket.destroy();
+      return;
+    }
+    this.connections.add(conn);
+    conn.log.info('connection-open', { listener: listener.kind, remote });
+    conn.onClose(() => {
+      this.connections.delete(conn);
+      conn.log.info('connection-closed');
+    });
+    void this.handshake(conn, listener);
+  }
+
+  private async handshake(conn: Connection, listener: BoundListener): Promise<void> {
+    const timer = setTimeout(() => {
+      conn.log.warn('handshake-timeout', { timeoutMs: this.options.handshakeTimeoutMs, action: 'disconnect' });
+      conn.destroy();
+    }, this.options.handshakeTimeoutMs);
+    let negotiated: Negotiated | null;
+    try {
+      if (listener.kind === 'oldstyle') {
+        const exp = this.exports.get(listener.exportName!);
+        if (!exp) throw new HandshakeError(`export "${listener.exportName}" is gone`);
+        negotiated = oldstyleHandshake(conn, exp);
+      } else {
+        negotiated = await newstyleHandshake(conn, this.exports, this.options.handshake);
+      }
+    } catch (e) {
+      if (!(e instanceof ConnectionClosed)) conn.log.warn('handshake-failed', { cause: e, action: 'disconnect' });
+      conn.destroy();
+      return;
+    } finally {
+      clearTimeout(timer);
+    }
+    if (!negotiated) {
+      conn.log.info('handshake-aborted');
+      conn.end();
+      return;
+    }
+    const session = new Session(conn, negotiated, this.options.session);
+    this.sessions.add(session);
+    conn.onClose(() => this.sessions.delete(session));
+    session.start();
+  }
+
+  /** Stops listening, lets in-flight requests finish, then closes every connection. */
+  async close(): Promise<void> {
+    this.closing = true;
+    await Promise.all(this.listeners.map((l) => new Promise<void>((r) => l.server.close(() => r()))));
+    await Promise.all([...this.sessions].map((s) => s.shutdown()));
+    for (const c of this.connections) c.destroy();
+  }
+}
+
+/** A leftover socket file from a dead server would make listen() fail with EADDRINUSE. */
+async function removeStaleSocket(path: string): Promise<void> {
+  let st: fs.Stats;
+  try {
+    st = fs.statSync(path);
+  } catch {
+    return;
+  }
+  if (!st.isSocket()) throw new Error(`${path} exists and is not a socket`);
+  const live = await new Promise<boolean>((resolve) => {
+    const s = net.connect(path);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+  if (live) throw new Error(`${path} is in use by a running server`);
+  fs.unlinkSync(path);
+}

@@ -1,0 +1,65 @@
+/**
+ * The one narrow storage interface. The server, filters (dirty tracking, the
+ * cutover gate, write-through) and the mirror's copy engine all speak it, so a
+ * layer only knows the layer below it (the nbdkit plugin/filter idea).
+ */
+
+/** What a device can do; asked once when an export is opened. */
+export interface Capabilities {
+  readonly canWrite: boolean;
+  readonly canFlush: boolean;
+  readonly canFua: boolean;
+  readonly canTrim: boolean;
+  readonly canZero: boolean;
+  /** WRITE_ZEROES with FAST_ZERO can be honoured (sometimes); otherwise it fails fast with ENOTSUP. */
+  readonly canFastZero: boolean;
+  readonly canExtents: boolean;
+  readonly canCache: boolean;
+  /** Every connection sees one shared state, and a flush on any of them covers all completed writes. */
+  readonly canMultiConn: boolean;
+}
+
+export interface WriteOptions {
+  /** Durable before the promise resolves. */
+  fua: boolean;
+}
+
+export interface ZeroOptions extends WriteOptions {
+  /** The range must stay allocated: no hole punching. */
+  noHole: boolean;
+  /** Fail with ENOTSUP instead of falling back to writing zeros. */
+  fast: boolean;
+}
+
+/** One run of the base:allocation map; `flags` are NBD_STATE_HOLE / NBD_STATE_ZERO bits. */
+export type { Extent } from '../protocol/codec.js';
+import type { Extent } from '../protocol/codec.js';
+
+export interface Device {
+  /** Size in bytes, fixed for the device's life. */
+  readonly size: number;
+  capabilities(): Capabilities;
+  /** Reads exactly `length` bytes at `offset` into `into` starting at `at` (no copy by the caller). */
+  read(offset: number, length: number, into: Buffer, at: number): Promise<void>;
+  /** Writes the concatenation of `data` at `offset`; the buffers are not joined. */
+  write(offset: number, data: readonly Buffer[], opts: WriteOptions): Promise<void>;
+  flush(): Promise<void>;
+  trim(offset: number, length: number, opts: WriteOptions): Promise<void>;
+  zero(offset: number, length: number, opts: ZeroOptions): Promise<void>;
+  /** Consecutive extents from `offset`, covering at most `length` bytes and at most `maxExtents` entries (at least one). */
+  extents(offset: number, length: number, maxExtents: number): Promise<Extent[]>;
+  cache(offset: number, length: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** An error from a device, carrying a POSIX errno name (`code`) for the one errno -> NBD mapping. */
+export class DeviceError extends Error {
+  override readonly name = 'DeviceError';
+  constructor(
+    readonly code: string,
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}

@@ -1,0 +1,196 @@
+/**
+ * A raw image file as a Device: positional I/O through libuv's thread pool,
+ * sparse operations through the native addon (or the fallback), probing and
+ * degrading like nbdkit's file plugin: a capability the kernel refuses once is
+ * switched off and logged, never retried per request.
+ */
+import * as fs from 'node:fs';
+import { promisify } from 'node:util';
+import { NBD_STATE_HOLE, NBD_STATE_ZERO } from '../protocol/constants.js';
+import { logger, type Logger } from '../util/log.js';
+import { type Capabilities, type Device, DeviceError, type Extent, type WriteOptions, type ZeroOptions } from './device.js';
+import { sparseOps, type SparseOps } from './native.js';
+
+const read = promisify(fs.read);
+const writev = promisify(fs.writev);
+const fdatasync = promisify(fs.fdatasync);
+const close = promisify(fs.close);
+
+/** Zeros written when the filesystem can neither punch nor zero-range; shared, never written into. */
+const ZERO_CHUNK = Buffer.alloc(1024 * 1024);
+
+export interface FileDeviceOptions {
+  readOnly: boolean;
+  /** Take the advisory lock (exclusive for read-write, shared for read-only). */
+  lock?: boolean;
+}
+
+function isUnsupported(e: unknown): boolean {
+  const code = (e as { code?: string }).code;
+  return code === 'EOPNOTSUPP' || code === 'ENOTSUP' || code === 'ENOSYS' || code === 'EINVAL';
+}
+
+export class FileDevice implements Device {
+  private canPunch: boolean;
+  private canZeroRange: boolean;
+  private closed = false;
+
+  private constructor(
+    readonly path: string,
+    private readonly fd: number,
+    readonly size: number,
+    private readonly readOnly: boolean,
+    private readonly ops: SparseOps,
+    private readonly log: Logger,
+  ) {
+    this.canPunch = ops.kind === 'native';
+    this.canZeroRange = ops.kind === 'native';
+  }
+
+  static async open(path: string, opts: FileDeviceOptions): Promise<FileDevice> {
+    const { ops, reason } = sparseOps();
+    const log = logger({ image: path });
+    if (reason) log.warn('storage-fallback', { reason, effect: 'no hole punching; every block reported as data' });
+    const fd = await promisify(fs.open)(path, opts.readOnly ? 'r' : 'r+');
+    try {
+      const st = await promisify(fs.fstat)(fd);
+      if (!st.isFile()) throw new DeviceError('EINVAL', `${path} is not a regular file (block devices are not supported yet)`);
+      if (opts.lock !== false) ops.lock(fd, path, !opts.readOnly);
+      return new FileDevice(path, fd, st.size, opts.readOnly, ops, log);
+    } catch (e) {
+      fs.closeSync(fd);
+      throw e;
+    }
+  }
+
+  get sparseKind(): SparseOps['kind'] {
+    return this.ops.kind;
+  }
+
+  capabilities(): Capabilities {
+    const w = !this.readOnly;
+    return {
+      canWrite: w,
+      canFlush: true,
+      canFua: w,
+      canTrim: w,
+      canZero: w,
+      canFastZero: w,
+      canExtents: true,
+      canCache: true,
+      canMultiConn: true, // one fd per export shared by every connection: fdatasync covers them all
+    };
+  }
+
+  async read(offset: number, length: number, into: Buffer, at: number): Promise<void> {
+    let done = 0;
+    while (done < length) {
+      const { bytesRead } = await read(this.fd, into, at + done, length - done, offset + done);
+      if (bytesRead === 0) {
+        // The file shrank under us: what is past its end reads as zeros.
+        into.fill(0, at + done, at + length);
+        return;
+      }
+      done += bytesRead;
+    }
+  }
+
+  async write(offset: number, data: readonly Buffer[], opts: WriteOptions): Promise<void> {
+    let pos = offset;
+    let bufs = data as Buffer[];
+    for (;;) {
+      const total = bufs.reduce((n, b) => n + b.length, 0);
+      if (total === 0) break;
+      const { bytesWritten } = await writev(this.fd, bufs, pos);
+      if (bytesWritten === total) break;
+      if (bytesWritten === 0) throw new DeviceError('EIO', `short write at ${pos}`);
+      // Partial write (rare on regular files): continue with what is left.
+      pos += bytesWritten;
+      let skip = bytesWritten;
+      const rest: Buffer[] = [];
+      for (const b of bufs) {
+        if (skip >= b.length) skip -= b.length;
+        else {
+          rest.push(skip ? b.subarray(skip) : b);
+          skip = 0;
+        }
+      }
+      bufs = rest;
+    }
+    if (opts.fua) await this.flush();
+  }
+
+  flush(): Promise<void> {
+    return fdatasync(this.fd);
+  }
+
+  async trim(offset: number, length: number, opts: WriteOptions): Promise<void> {
+    // TRIM is a hint: where holes can't be punched it is done by doing nothing.
+    if (length === 0 || !this.canPunch) return;
+    try {
+      await this.ops.punchHole(this.fd, offset, length);
+    } catch (e) {
+      if (!isUnsupported(e)) throw e;
+      this.disablePunch(e);
+      return;
+    }
+    if (opts.fua) await this.flush();
+  }
+
+  async zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+    if (length === 0) return;
+    if (!opts.noHole && this.canPunch) {
+      try {
+        await this.ops.punchHole(this.fd, offset, length);
+        if (opts.fua) await this.flush();
+        return;
+      } catch (e) {
+        if (!isUnsupported(e)) throw e;
+        this.disablePunch(e);
+      }
+    }
+    if (this.canZeroRange) {
+      try {
+        await this.ops.zeroRange(this.fd, offset, length);
+        if (opts.fua) await this.flush();
+        return;
+      } catch (e) {
+        if (!isUnsupported(e)) throw e;
+        this.canZeroRange = false;
+        this.log.info('storage-degraded', { capability: 'zero-range', cause: e });
+      }
+    }
+    if (opts.fast) throw new DeviceError('ENOTSUP', 'no fast way to zero on this file system: zeros would have to be written');
+    for (let done = 0; done < length; ) {
+      const n = Math.min(ZERO_CHUNK.length, length - done);
+      await this.write(offset + done, [n === ZERO_CHUNK.length ? ZERO_CHUNK : ZERO_CHUNK.subarray(0, n)], { fua: false });
+      done += n;
+    }
+    if (opts.fua) await this.flush();
+  }
+
+  async extents(offset: number, length: number, maxExtents: number): Promise<Extent[]> {
+    const end = Math.min(offset + length, this.size);
+    const runs = await this.ops.runs(this.fd, offset, end - offset, maxExtents);
+    const out: Extent[] = [];
+    for (const r of runs) if (r.length > 0) out.push({ length: r.length, flags: r.hole ? NBD_STATE_HOLE | NBD_STATE_ZERO : 0 });
+    if (out.length === 0) out.push({ length: end - offset, flags: 0 });
+    return out;
+  }
+
+  async cache(): Promise<void> {
+    // Advisory: the page cache already holds what was read recently.
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await close(this.fd);
+    this.ops.unlock(this.path);
+  }
+
+  private disablePunch(cause: unknown): void {
+    this.canPunch = false;
+    this.log.info('storage-degraded', { capability: 'punch-hole', cause });
+  }
+}

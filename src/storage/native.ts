@@ -1,0 +1,137 @@
+/**
+ * The sparse-file syscalls Node's fs lacks (fallocate, SEEK_DATA/SEEK_HOLE, flock),
+ * from the native addon when it loads, or a pure-JS fallback with the same shape.
+ * NBD_MIGRATE_NATIVE=0 forces the fallback, so both paths can be tested.
+ */
+import { createRequire } from 'node:module';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { projectRoot } from '../util/paths.js';
+import { DeviceError } from './device.js';
+
+export interface SparseOps {
+  readonly kind: 'native' | 'fallback';
+  /** Deallocates the range; the file size stays. Rejects with EOPNOTSUPP where unsupported. */
+  punchHole(fd: number, offset: number, length: number): Promise<void>;
+  /** Zeroes the range keeping it allocated. Rejects with EOPNOTSUPP where unsupported. */
+  zeroRange(fd: number, offset: number, length: number): Promise<void>;
+  /** Alternating data/hole runs covering [offset, offset+length), at most maxRuns of them. */
+  runs(fd: number, offset: number, length: number, maxRuns: number): Promise<Array<{ length: number; hole: boolean }>>;
+  /** Takes an advisory whole-file lock or throws DeviceError('EWOULDBLOCK'). Released when the fd closes. */
+  lock(fd: number, imagePath: string, exclusive: boolean): void;
+  /** Releases what lock() took that does not go away with the fd (the fallback's lock file). */
+  unlock(imagePath: string): void;
+}
+
+interface Binding {
+  fallocate(fd: number, mode: number, offset: number, length: number, cb: (err: Error | null) => void): void;
+  extents(fd: number, offset: number, length: number, maxRuns: number, cb: (err: Error | null, runs?: number[]) => void): void;
+  flock(fd: number, exclusive: boolean): void;
+  FALLOC_FL_KEEP_SIZE: number;
+  FALLOC_FL_PUNCH_HOLE: number;
+  FALLOC_FL_ZERO_RANGE: number;
+}
+
+const nativeDir = path.join(projectRoot, 'native');
+
+function toDeviceError(err: Error & { code?: string }): DeviceError {
+  return new DeviceError(err.code ?? 'EIO', err.message, { cause: err });
+}
+
+function nativeOps(b: Binding): SparseOps {
+  const falloc = (fd: number, mode: number, offset: number, length: number) =>
+    new Promise<void>((resolve, reject) =>
+      b.fallocate(fd, mode, offset, length, (err) => (err ? reject(toDeviceError(err)) : resolve())),
+    );
+  return {
+    kind: 'native',
+    punchHole: (fd, offset, length) => falloc(fd, b.FALLOC_FL_PUNCH_HOLE | b.FALLOC_FL_KEEP_SIZE, offset, length),
+    zeroRange: (fd, offset, length) => falloc(fd, b.FALLOC_FL_ZERO_RANGE | b.FALLOC_FL_KEEP_SIZE, offset, length),
+    runs: (fd, offset, length, maxRuns) =>
+      new Promise((resolve, reject) =>
+        b.extents(fd, offset, length, maxRuns, (err, flat) => {
+          if (err) return reject(toDeviceError(err));
+          const out: Array<{ length: number; hole: boolean }> = [];
+          for (let i = 0; i + 1 < flat!.length; i += 2) out.push({ length: flat![i]!, hole: flat![i + 1] === 1 });
+          resolve(out);
+        }),
+      ),
+    lock(fd, imagePath, exclusive) {
+      try {
+        b.flock(fd, exclusive);
+      } catch (e) {
+        const err = e as Error & { code?: string };
+        throw new DeviceError(err.code ?? 'EIO', `cannot lock ${imagePath}: ${err.message}`, { cause: err });
+      }
+    },
+    unlock() {
+      /* flock goes with the fd */
+    },
+  };
+}
+
+const unsupported = () => Promise.reject(new DeviceError('EOPNOTSUPP', 'sparse operations need the native addon'));
+
+/** A lock file next to the image holding our pid; a stale one (dead pid) is replaced. */
+function lockFilePath(imagePath: string): string {
+  return `${imagePath}.nbd-migrate.lock`;
+}
+
+export const fallbackOps: SparseOps = {
+  kind: 'fallback',
+  punchHole: unsupported,
+  zeroRange: unsupported,
+  runs: (_fd, _offset, length) => Promise.resolve([{ length, hole: false }]),
+  lock(_fd, imagePath, exclusive) {
+    // Without flock, only exclusive (read-write) opens are guarded; readers share freely.
+    if (!exclusive) return;
+    const lf = lockFilePath(imagePath);
+    for (let attempt = 0; attempt < 2; attempt++) {
+      try {
+        fs.writeFileSync(lf, String(process.pid), { flag: 'wx' });
+        return;
+      } catch (e) {
+        if ((e as { code?: string }).code !== 'EEXIST') throw toDeviceError(e as Error);
+        const pid = Number(fs.readFileSync(lf, 'utf8'));
+        let alive = Number.isInteger(pid) && pid > 0;
+        if (alive) {
+          try {
+            process.kill(pid, 0);
+          } catch (k) {
+            alive = (k as { code?: string }).code === 'EPERM';
+          }
+        }
+        if (alive) throw new DeviceError('EWOULDBLOCK', `cannot lock ${imagePath}: held by pid ${pid} (${lf})`);
+        fs.rmSync(lf, { force: true });
+      }
+    }
+    throw new DeviceError('EWOULDBLOCK', `cannot lock ${imagePath}: lock file ${lf} keeps reappearing`);
+  },
+  unlock(imagePath) {
+    const lf = lockFilePath(imagePath);
+    try {
+      if (fs.readFileSync(lf, 'utf8') === String(process.pid)) fs.rmSync(lf, { force: true });
+    } catch {
+      /* not ours or already gone */
+    }
+  },
+};
+
+let loaded: { ops: SparseOps; reason?: string } | undefined;
+
+/** The ops in force, and why the fallback is used when it is. */
+export function sparseOps(): { ops: SparseOps; reason?: string } {
+  if (loaded) return loaded;
+  if (process.env.NBD_MIGRATE_NATIVE === '0') {
+    loaded = { ops: fallbackOps, reason: 'NBD_MIGRATE_NATIVE=0' };
+    return loaded;
+  }
+  try {
+    const require = createRequire(import.meta.url);
+    const load = require('node-gyp-build') as (dir: string) => Binding;
+    loaded = { ops: nativeOps(load(nativeDir)) };
+  } catch (e) {
+    loaded = { ops: fallbackOps, reason: (e as Error).message.split('\n')[0] };
+  }
+  return loaded;
+}

@@ -1,0 +1,71 @@
+/**
+ * Structured logging: JSON lines when stderr is not a TTY (or when asked), readable text on a TTY.
+ * Every line carries an `event` name so tests and log pipelines can match on it.
+ */
+export type Level = 'debug' | 'info' | 'warn' | 'error';
+const LEVELS: Record<Level, number> = { debug: 10, info: 20, warn: 30, error: 40 };
+
+export type Fields = Record<string, unknown>;
+
+export interface LogConfig {
+  level: Level;
+  format: 'json' | 'text';
+  sink: (line: string) => void;
+}
+
+const config: LogConfig = {
+  level: 'info',
+  format: process.stderr.isTTY ? 'text' : 'json',
+  sink: (line) => process.stderr.write(line + '\n'),
+};
+
+export function configureLog(c: Partial<LogConfig>): void {
+  Object.assign(config, c);
+}
+
+export function isLevelEnabled(level: Level): boolean {
+  return LEVELS[level] >= LEVELS[config.level];
+}
+
+function serialise(v: unknown): unknown {
+  if (v instanceof Error) {
+    const e = v as Error & { code?: string };
+    return e.code ? `${e.code}: ${e.message}` : e.message;
+  }
+  if (typeof v === 'bigint') return v.toString();
+  return v;
+}
+
+export function log(level: Level, event: string, fields: Fields = {}): void {
+  if (!isLevelEnabled(level)) return;
+  if (config.format === 'json') {
+    const rec: Fields = { time: new Date().toISOString(), level, event };
+    for (const [k, v] of Object.entries(fields)) rec[k] = serialise(v);
+    config.sink(JSON.stringify(rec));
+    return;
+  }
+  const parts = Object.entries(fields).map(([k, v]) => `${k}=${JSON.stringify(serialise(v))}`);
+  config.sink(`${new Date().toISOString()} ${level.toUpperCase().padEnd(5)} ${event}${parts.length ? ' ' + parts.join(' ') : ''}`);
+}
+
+/** A logger whose every line carries the given fields (connection id, export name, ...). */
+export interface Logger {
+  debug(event: string, fields?: Fields): void;
+  info(event: string, fields?: Fields): void;
+  warn(event: string, fields?: Fields): void;
+  error(event: string, fields?: Fields): void;
+  child(fields: Fields): Logger;
+}
+
+export function logger(base: Fields = {}): Logger {
+  const at = (level: Level) => (event: string, fields?: Fields) => {
+    if (isLevelEnabled(level)) log(level, event, fields ? { ...base, ...fields } : base);
+  };
+  return {
+    debug: at('debug'),
+    info: at('info'),
+    warn: at('warn'),
+    error: at('error'),
+    child: (fields) => logger({ ...base, ...fields }),
+  };
+}
