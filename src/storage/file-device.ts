@@ -23,6 +23,8 @@ export interface FileDeviceOptions {
   readOnly: boolean;
   /** Take the advisory lock (exclusive for read-write, shared for read-only). */
   lock?: boolean;
+  /** Sparse-file operations to use instead of the process-wide choice (tests run both). */
+  ops?: SparseOps;
 }
 
 function isUnsupported(e: unknown): boolean {
@@ -48,7 +50,7 @@ export class FileDevice implements Device {
   }
 
   static async open(path: string, opts: FileDeviceOptions): Promise<FileDevice> {
-    const { ops, reason } = sparseOps();
+    const { ops, reason } = opts.ops ? { ops: opts.ops, reason: undefined } : sparseOps();
     const log = logger({ image: path });
     if (reason) log.warn('storage-fallback', { reason, effect: 'no hole punching; every block reported as data' });
     const fd = await promisify(fs.open)(path, opts.readOnly ? 'r' : 'r+');

@@ -61,7 +61,9 @@ function nativeOps(b: Binding): SparseOps {
         b.flock(fd, exclusive);
       } catch (e) {
         const err = e as Error & { code?: string };
-        throw new DeviceError(err.code ?? 'EIO', `cannot lock ${imagePath}: ${err.message}`, { cause: err });
+        // EAGAIN and EWOULDBLOCK are one errno on Linux; name it for what it means here.
+        const code = err.code === 'EAGAIN' ? 'EWOULDBLOCK' : (err.code ?? 'EIO');
+        throw new DeviceError(code, `cannot lock ${imagePath}: ${err.message}`, { cause: err });
       }
     },
     unlock() {
