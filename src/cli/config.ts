@@ -132,3 +132,49 @@ export function checkConfig(c: ServeConfig): void {
     }
   }
 }
+
+/** The serve options as yargs parses them. */
+export interface ServeArgs {
+  images?: string[];
+  name?: string[];
+  description?: string[];
+  export?: string[];
+  config?: string;
+  listen?: string;
+  port?: number;
+  'oldstyle-port'?: number[];
+  socket?: string;
+  'read-only'?: boolean;
+  'handshake-timeout'?: number;
+}
+
+/** Builds the serve configuration: config file first, then the command line on top. */
+export function serveConfigFrom(argv: ServeArgs): ServeConfig {
+  const file = argv.config ? loadConfigFile(argv.config) : {};
+  const images = argv.images ?? [];
+  const names = argv.name ?? [];
+  const descriptions = argv.description ?? [];
+  const oldPorts = argv['oldstyle-port'] ?? [];
+  if (names.length > images.length) throw new ConfigError(`${names.length} --name options for ${images.length} IMAGE arguments`);
+  if (oldPorts.length > images.length) throw new ConfigError(`${oldPorts.length} --oldstyle-port options for ${images.length} IMAGE arguments`);
+  const fromArgs: ExportConfig[] = images.map((img, i) => {
+    const e: ExportConfig = {
+      name: names[i] ?? path.basename(img).replace(/\.(img|raw)$/, ''),
+      path: path.resolve(img),
+      readOnly: argv['read-only'] ?? false,
+    };
+    if (descriptions[i] !== undefined) e.description = descriptions[i];
+    if (oldPorts[i] !== undefined) e.oldstylePort = oldPorts[i];
+    return e;
+  });
+  const cfg: ServeConfig = {
+    listen: argv.listen ?? file.listen ?? CONFIG_DEFAULTS.listen,
+    port: argv.port ?? file.port ?? CONFIG_DEFAULTS.port,
+    handshakeTimeout: argv['handshake-timeout'] ?? file.handshakeTimeout ?? CONFIG_DEFAULTS.handshakeTimeout,
+    exports: [...(file.exports ?? []), ...fromArgs, ...(argv.export ?? []).map(parseExportSpec)],
+  };
+  const socket = argv.socket ?? file.socket;
+  if (socket !== undefined) cfg.socket = socket;
+  checkConfig(cfg);
+  return cfg;
+}

@@ -8,15 +8,7 @@ import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { configureLog, log, type Level } from '../util/log.js';
 import { projectRoot } from '../util/paths.js';
-import {
-  CONFIG_DEFAULTS,
-  ConfigError,
-  checkConfig,
-  type ExportConfig,
-  loadConfigFile,
-  parseExportSpec,
-  type ServeConfig,
-} from './config.js';
+import { CONFIG_DEFAULTS, ConfigError, serveConfigFrom, type ServeArgs } from './config.js';
 import { serveUntilSignal } from './serve.js';
 
 const DEMO_SIZE = 1024 * 1024 * 1024;
@@ -24,51 +16,6 @@ const DEMO_SIZE = 1024 * 1024 * 1024;
 function setUpLogging(argv: { 'log-format'?: string; 'log-level'?: string }): void {
   const format = argv['log-format'] === 'auto' || !argv['log-format'] ? (process.stderr.isTTY ? 'text' : 'json') : argv['log-format'];
   configureLog({ format: format as 'json' | 'text', level: (argv['log-level'] ?? 'info') as Level });
-}
-
-interface ServeArgs {
-  images?: string[];
-  name?: string[];
-  description?: string[];
-  export?: string[];
-  config?: string;
-  listen?: string;
-  port?: number;
-  'oldstyle-port'?: number[];
-  socket?: string;
-  'read-only'?: boolean;
-  'handshake-timeout'?: number;
-}
-
-/** Builds the serve configuration: config file first, then the command line on top. */
-export function serveConfigFrom(argv: ServeArgs): ServeConfig {
-  const file = argv.config ? loadConfigFile(argv.config) : {};
-  const images = argv.images ?? [];
-  const names = argv.name ?? [];
-  const descriptions = argv.description ?? [];
-  const oldPorts = argv['oldstyle-port'] ?? [];
-  if (names.length > images.length) throw new ConfigError(`${names.length} --name options for ${images.length} IMAGE arguments`);
-  if (oldPorts.length > images.length) throw new ConfigError(`${oldPorts.length} --oldstyle-port options for ${images.length} IMAGE arguments`);
-  const fromArgs: ExportConfig[] = images.map((img, i) => {
-    const e: ExportConfig = {
-      name: names[i] ?? path.basename(img).replace(/\.(img|raw)$/, ''),
-      path: path.resolve(img),
-      readOnly: argv['read-only'] ?? false,
-    };
-    if (descriptions[i] !== undefined) e.description = descriptions[i];
-    if (oldPorts[i] !== undefined) e.oldstylePort = oldPorts[i];
-    return e;
-  });
-  const cfg: ServeConfig = {
-    listen: argv.listen ?? file.listen ?? CONFIG_DEFAULTS.listen,
-    port: argv.port ?? file.port ?? CONFIG_DEFAULTS.port,
-    handshakeTimeout: argv['handshake-timeout'] ?? file.handshakeTimeout ?? CONFIG_DEFAULTS.handshakeTimeout,
-    exports: [...(file.exports ?? []), ...fromArgs, ...(argv.export ?? []).map(parseExportSpec)],
-  };
-  const socket = argv.socket ?? file.socket;
-  if (socket !== undefined) cfg.socket = socket;
-  checkConfig(cfg);
-  return cfg;
 }
 
 async function demo(argv: { port?: number; listen?: string }): Promise<void> {
