@@ -14,6 +14,7 @@
 //   extents(h, count, offset, flags=0)
 //                          list of (length, flags) base:allocation extents
 //   sha(data)              hex sha256 of bytes
+//   close(*handles)        shutdown (ignoring errors of dead handles) and close
 
 import { createHash } from 'node:crypto';
 import { open } from 'node:fs/promises';
@@ -43,6 +44,14 @@ def attempt(fn):
         return {'ok': True, 'value': v}
     except nbd.Error as e:
         return {'ok': False, 'errnum': e.errnum, 'errname': errno.errorcode.get(e.errnum), 'msg': e.string}
+
+def close(*hs):
+    # Polite disconnect; a handle that is already dead is left to the GC.
+    for h in hs:
+        try:
+            h.shutdown()
+        except nbd.Error:
+            pass
 
 def extents(h, count, offset, flags=0):
     got = []

@@ -91,32 +91,33 @@ export class RawNbdClient {
     return this.closedFlag;
   }
 
+  private take(n: number): Buffer {
+    const all = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks);
+    const out = Buffer.from(all.subarray(0, n));
+    const rest = all.subarray(n);
+    this.chunks = rest.length ? [rest] : [];
+    this.avail = rest.length;
+    return out;
+  }
+
   private fulfil(): void {
     const p = this.pending;
     if (!p || this.avail < p.n) return;
-    const all = Buffer.concat(this.chunks);
-    const out = all.subarray(0, p.n);
-    const rest = all.subarray(p.n);
-    this.chunks = rest.length ? [rest] : [];
-    this.avail = rest.length;
     this.pending = undefined;
     clearTimeout(p.timer);
-    p.resolve(Buffer.from(out));
+    p.resolve(this.take(p.n));
   }
 
   /** Read exactly n bytes; rejects on timeout or if the peer closes first. */
   read(n: number, timeoutMs = 10_000): Promise<Buffer> {
     if (this.pending) return Promise.reject(new Error('concurrent read'));
+    if (this.avail >= n) return Promise.resolve(this.take(n));
+    if (this.closedFlag) {
+      return Promise.reject(
+        new ConnectionClosedError(`connection already closed (${this.avail} of ${n} bytes available)`),
+      );
+    }
     return new Promise((resolve, reject) => {
-      if (this.avail >= n) {
-        this.pending = { n, resolve, reject, timer: setTimeout(() => {}, 0) };
-        this.fulfil();
-        return;
-      }
-      if (this.closedFlag) {
-        reject(new ConnectionClosedError(`connection already closed (${this.avail} of ${n} bytes available)`));
-        return;
-      }
       const timer = setTimeout(() => {
         this.pending = undefined;
         reject(new Error(`timed out after ${timeoutMs} ms waiting for ${n} bytes (${this.avail} available)`));

@@ -82,6 +82,18 @@ function checkBuilt(): void {
   }
 }
 
+/**
+ * The server's environment: ours minus the test runner's Node loader hooks
+ * (tap puts its TypeScript loader into NODE_OPTIONS, which must not leak
+ * into the compiled server), plus `extra`.
+ */
+function serverEnv(extra: NodeJS.ProcessEnv | undefined): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = { ...process.env };
+  delete env.NODE_OPTIONS;
+  for (const k of Object.keys(env)) if (k.startsWith('TS_NODE_')) delete env[k];
+  return { ...env, ...extra };
+}
+
 function hasOpt(args: string[], opt: string): boolean {
   return args.some((a) => a === opt || a.startsWith(`${opt}=`));
 }
@@ -91,18 +103,18 @@ function hasOpt(args: string[], opt: string): boolean {
  * Unless given in `args`, adds `--listen 127.0.0.1 --port 0 --log-format json`.
  */
 export async function startServer(args: string[], opts: StartOptions = {}): Promise<ServerHandle> {
-  if (process.env.NBD_INTEROP_DEV_BACKEND) { // DEV-HOOK
-    const proc = spawn(process.execPath, [join(REPO_ROOT, 'test/helpers/dev-backend.mjs'), 'serve', ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...opts.env } }); // DEV-HOOK
-    return attach(proc, 'dev-backend', 20_000); // DEV-HOOK
-  } // DEV-HOOK
   checkBuilt();
   const full = ['serve', ...args];
   if (!hasOpt(args, '--listen')) full.push('--listen', '127.0.0.1');
   if (!hasOpt(args, '--port')) full.push('--port', '0');
   if (!hasOpt(args, '--log-format')) full.push('--log-format', 'json');
-  const proc = spawn(process.execPath, [CLI, ...full], {
+  // tap's @tapjs/processinfo re-injects its loader into NODE_OPTIONS of every
+  // child it sees spawned; that loader breaks the extensionless ESM entry
+  // point (ERR_REQUIRE_CYCLE_MODULE). env(1) drops it right before exec'ing
+  // node, so the server runs exactly as it would from a shell (same pid).
+  const proc = spawn('/usr/bin/env', ['-u', 'NODE_OPTIONS', process.execPath, CLI, ...full], {
     cwd: REPO_ROOT,
-    env: { ...process.env, ...opts.env },
+    env: serverEnv(opts.env),
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   return attach(proc, `nbd-migrate ${full.join(' ')}`, opts.readyTimeoutMs ?? 20_000);
