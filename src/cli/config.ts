@@ -5,6 +5,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { parseSize } from '../util/units.js';
 
 export interface ExportConfig {
   name: string;
@@ -13,6 +14,8 @@ export interface ExportConfig {
   description?: string;
   /** Also serve this export with oldstyle negotiation on its own TCP port (0 = any free port). */
   oldstylePort?: number;
+  /** Destination of a migration: only the migration source may attach until it completes. */
+  incoming?: boolean;
 }
 
 export interface ServeConfig {
@@ -22,6 +25,12 @@ export interface ServeConfig {
   socket?: string;
   /** Seconds a client may take to finish the handshake. */
   handshakeTimeout: number;
+  /** Admin socket (JSON lines, mode 0600) for mirror control and status. */
+  adminSocket?: string;
+  /** Bytes per dirty-bitmap bit. */
+  dirtyGranularity: number;
+  /** Serve fenced or half-received images read-write anyway. */
+  force: boolean;
   exports: ExportConfig[];
 }
 
@@ -29,7 +38,7 @@ export class ConfigError extends Error {
   override readonly name = 'ConfigError';
 }
 
-export const CONFIG_DEFAULTS = { listen: '0.0.0.0', port: 10809, handshakeTimeout: 10 } as const;
+export const CONFIG_DEFAULTS = { listen: '0.0.0.0', port: 10809, handshakeTimeout: 10, dirtyGranularity: 64 * 1024 } as const;
 
 type Json = Record<string, unknown>;
 
@@ -43,6 +52,7 @@ function field<T>(obj: Json, key: string, where: string, check: (v: unknown) => 
 const isString = (v: unknown): v is string => typeof v === 'string';
 const isBool = (v: unknown): v is boolean => typeof v === 'boolean';
 const isPort = (v: unknown): v is number => Number.isInteger(v) && (v as number) >= 0 && (v as number) <= 65535;
+const isGranularity = (v: unknown): v is number => Number.isInteger(v) && (v as number) >= 512 && ((v as number) & ((v as number) - 1)) === 0;
 const isPositive = (v: unknown): v is number => typeof v === 'number' && v > 0 && Number.isFinite(v);
 
 /** Parses and checks a config file; relative image paths are taken from the file's directory. */
@@ -56,8 +66,8 @@ export function loadConfigFile(file: string): Partial<ServeConfig> {
   return parseConfig(raw, file, path.dirname(path.resolve(file)));
 }
 
-const TOP_KEYS = new Set(['listen', 'port', 'socket', 'handshakeTimeout', 'exports', '$comment']);
-const EXPORT_KEYS = new Set(['name', 'path', 'readOnly', 'description', 'oldstylePort', '$comment']);
+const TOP_KEYS = new Set(['listen', 'port', 'socket', 'handshakeTimeout', 'adminSocket', 'dirtyGranularity', 'exports', '$comment']);
+const EXPORT_KEYS = new Set(['name', 'path', 'readOnly', 'description', 'oldstylePort', 'incoming', '$comment']);
 
 export function parseConfig(raw: unknown, where: string, baseDir: string): Partial<ServeConfig> {
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new ConfigError(`${where}: expected a JSON object`);
@@ -72,6 +82,10 @@ export function parseConfig(raw: unknown, where: string, baseDir: string): Parti
   if (socket !== undefined) out.socket = socket;
   const ht = field(o, 'handshakeTimeout', where, isPositive, 'a number of seconds');
   if (ht !== undefined) out.handshakeTimeout = ht;
+  const admin = field(o, 'adminSocket', where, isString, 'a socket path');
+  if (admin !== undefined) out.adminSocket = admin;
+  const gran = field(o, 'dirtyGranularity', where, isGranularity, 'a power of two of at least 512 bytes');
+  if (gran !== undefined) out.dirtyGranularity = gran;
   const exps = field(o, 'exports', where, Array.isArray, 'an array of exports');
   if (exps) {
     out.exports = exps.map((e, i) => {
@@ -88,17 +102,18 @@ export function parseConfig(raw: unknown, where: string, baseDir: string): Parti
       if (d !== undefined) ec.description = d;
       const op = field(eo, 'oldstylePort', w, isPort, 'a port number 0-65535');
       if (op !== undefined) ec.oldstylePort = op;
+      if (field(eo, 'incoming', w, isBool, 'true or false')) ec.incoming = true;
       return ec;
     });
   }
   return out;
 }
 
-/** `NAME=PATH[,oldstyle-port=N][,read-only][,description=TEXT]` from --export. */
+/** `NAME=PATH[,oldstyle-port=N][,read-only][,incoming][,description=TEXT]` from --export. */
 export function parseExportSpec(spec: string): ExportConfig {
   const where = `--export ${spec}`;
   const eq = spec.indexOf('=');
-  if (eq <= 0) throw new ConfigError(`${where}: expected NAME=PATH[,oldstyle-port=N][,read-only][,description=TEXT]`);
+  if (eq <= 0) throw new ConfigError(`${where}: expected NAME=PATH[,oldstyle-port=N][,read-only][,incoming][,description=TEXT]`);
   const name = spec.slice(0, eq);
   const [p, ...opts] = spec.slice(eq + 1).split(',');
   if (!p) throw new ConfigError(`${where}: missing image path`);
@@ -107,6 +122,7 @@ export function parseExportSpec(spec: string): ExportConfig {
     const opt = opts[i]!;
     const [k, v] = opt.split(/=(.*)/s, 2) as [string, string | undefined];
     if (k === 'read-only' && v === undefined) ec.readOnly = true;
+    else if (k === 'incoming' && v === undefined) ec.incoming = true;
     else if (k === 'oldstyle-port' && v !== undefined && isPort(Number(v)) && v !== '') ec.oldstylePort = Number(v);
     else if (k === 'description' && v !== undefined) {
       // The description is last and may itself contain commas.
@@ -146,6 +162,10 @@ export interface ServeArgs {
   socket?: string;
   'read-only'?: boolean;
   'handshake-timeout'?: number;
+  'admin-socket'?: string;
+  incoming?: boolean;
+  force?: boolean;
+  'dirty-granularity'?: string | number;
 }
 
 /** Builds the serve configuration: config file first, then the command line on top. */
@@ -163,6 +183,7 @@ export function serveConfigFrom(argv: ServeArgs): ServeConfig {
       path: path.resolve(img),
       readOnly: argv['read-only'] ?? false,
     };
+    if (argv.incoming) e.incoming = true;
     if (descriptions[i] !== undefined) e.description = descriptions[i];
     if (oldPorts[i] !== undefined) e.oldstylePort = oldPorts[i];
     return e;
@@ -171,10 +192,26 @@ export function serveConfigFrom(argv: ServeArgs): ServeConfig {
     listen: argv.listen ?? file.listen ?? CONFIG_DEFAULTS.listen,
     port: argv.port ?? file.port ?? CONFIG_DEFAULTS.port,
     handshakeTimeout: argv['handshake-timeout'] ?? file.handshakeTimeout ?? CONFIG_DEFAULTS.handshakeTimeout,
+    dirtyGranularity: granularityArg(argv['dirty-granularity']) ?? file.dirtyGranularity ?? CONFIG_DEFAULTS.dirtyGranularity,
+    force: argv.force ?? false,
     exports: [...(file.exports ?? []), ...fromArgs, ...(argv.export ?? []).map(parseExportSpec)],
   };
   const socket = argv.socket ?? file.socket;
   if (socket !== undefined) cfg.socket = socket;
+  const admin = argv['admin-socket'] ?? file.adminSocket;
+  if (admin !== undefined) cfg.adminSocket = admin;
   checkConfig(cfg);
   return cfg;
+}
+
+function granularityArg(v: string | number | undefined): number | undefined {
+  if (v === undefined) return undefined;
+  let n: number;
+  try {
+    n = parseSize(v, '--dirty-granularity');
+  } catch (e) {
+    throw new ConfigError((e as Error).message);
+  }
+  if (!isGranularity(n)) throw new ConfigError(`--dirty-granularity: expected a power of two of at least 512 bytes, got ${v}`);
+  return n;
 }

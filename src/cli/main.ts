@@ -9,7 +9,10 @@ import { hideBin } from 'yargs/helpers';
 import { configureLog, log, type Level } from '../util/log.js';
 import { projectRoot } from '../util/paths.js';
 import { CONFIG_DEFAULTS, ConfigError, serveConfigFrom, type ServeArgs } from './config.js';
+import { copyCommand } from './copy.js';
+import { ctlCommand } from './ctl.js';
 import { serveUntilSignal } from './serve.js';
+import { parseSize } from '../util/units.js';
 
 const DEMO_SIZE = 1024 * 1024 * 1024;
 
@@ -46,6 +49,8 @@ async function demo(argv: { port?: number; listen?: string }): Promise<void> {
     listen: argv.listen ?? CONFIG_DEFAULTS.listen,
     port,
     handshakeTimeout: CONFIG_DEFAULTS.handshakeTimeout,
+    dirtyGranularity: CONFIG_DEFAULTS.dirtyGranularity,
+    force: false,
     exports: [{ name: 'demo', path: image, readOnly: false, description: 'nbd-migrate demo image' }],
   });
 }
@@ -65,7 +70,7 @@ export async function main(args: string[]): Promise<void> {
           .positional('images', { type: 'string', array: true, describe: 'Raw image files to serve, one export each' })
           .option('name', { type: 'string', array: true, describe: 'Export name for the IMAGE at the same position (default: file name without .img)' })
           .option('description', { type: 'string', array: true, describe: 'Description for the IMAGE at the same position (shown by nbdinfo --list)' })
-          .option('export', { type: 'string', array: true, describe: 'Another export: NAME=PATH[,oldstyle-port=N][,read-only][,description=TEXT] (repeatable)' })
+          .option('export', { type: 'string', array: true, describe: 'Another export: NAME=PATH[,oldstyle-port=N][,read-only][,incoming][,description=TEXT] (repeatable)' })
           .option('config', { type: 'string', describe: 'JSON config file (see config/); command-line options override it' })
           .option('listen', { type: 'string', describe: `Address for newstyle TCP (default ${CONFIG_DEFAULTS.listen})` })
           .option('port', { type: 'number', describe: `Port for newstyle TCP (default ${CONFIG_DEFAULTS.port}; 0 picks a free one)` })
@@ -73,6 +78,10 @@ export async function main(args: string[]): Promise<void> {
           .option('socket', { type: 'string', describe: 'Also serve newstyle on this Unix socket (nbd+unix:///NAME?socket=PATH)' })
           .option('read-only', { type: 'boolean', describe: 'Serve the IMAGE arguments read-only' })
           .option('handshake-timeout', { type: 'number', describe: `Seconds a client may take to negotiate (default ${CONFIG_DEFAULTS.handshakeTimeout})` })
+          .option('admin-socket', { type: 'string', describe: 'Admin socket (JSON lines, mode 0600) for `nbd-migrate ctl`: mirror, status, cutover, abort' })
+          .option('incoming', { type: 'boolean', describe: 'The IMAGE arguments are migration destinations: only the migration source may attach until it completes' })
+          .option('force', { type: 'boolean', describe: 'Serve images read-write even if fenced (migrated away) or half-received' })
+          .option('dirty-granularity', { type: 'string', describe: 'Bytes per dirty-bitmap bit, a power of two (default 64K)' })
           .example('$0 serve disk.img --name vm1', 'Serve disk.img as export "vm1" on port 10809')
           .example('$0 serve disk.img --name vm1 --oldstyle-port 20001', 'Also serve it oldstyle on port 20001 (qemu: nbd:HOST:20001)')
           .example('$0 serve --export a=a.img --export b=b.img,read-only', 'Serve two exports'),
@@ -84,7 +93,20 @@ export async function main(args: string[]): Promise<void> {
       (y) => y.option('port', { type: 'number', describe: 'Newstyle port (default 10809)' }).option('listen', { type: 'string' }),
       async (argv) => demo(argv),
     )
-    .demandCommand(1, 'Give a command: serve or demo')
+    .command('ctl', 'Control a running server through its admin socket (mirror, status, cutover, abort, set-speed)', (y) => ctlCommand(y))
+    .command(
+      'copy <src> <dst>',
+      'Copy a disk, sparse-aware: each side an NBD URI or a raw image file (created if missing)',
+      (y) =>
+        y
+          .positional('src', { type: 'string', demandOption: true })
+          .positional('dst', { type: 'string', demandOption: true })
+          .option('max-bandwidth', { type: 'string', describe: 'Rate limit, e.g. 200M' })
+          .option('progress', { type: 'boolean', default: true, describe: 'Draw a progress bar on stderr' }),
+      async (a) =>
+        copyCommand(a.src, a.dst, { maxBandwidth: a['max-bandwidth'] ? parseSize(a['max-bandwidth'], '--max-bandwidth') : undefined, progress: a.progress }),
+    )
+    .demandCommand(1, 'Give a command: serve, demo, ctl or copy')
     .strict()
     .help()
     .alias('h', 'help')

@@ -154,3 +154,18 @@ export const MAX_STRING_LENGTH = 4096;
 export const MAX_PAYLOAD = 32 * 1024 * 1024;
 /** QEMU's client (NBD_MAX_MALLOC_PAYLOAD) drops a connection on a non-data payload over 1000 bytes. */
 export const MAX_NON_DATA_PAYLOAD = 1000;
+
+// ---- nbd-migrate's own extension, used only between nbd-migrate peers ----
+/**
+ * A metadata context an nbd-migrate destination offers on an export that is
+ * receiving a migration (`serve --incoming`). Selecting it with
+ * SET_META_CONTEXT identifies the migration source: other clients are refused
+ * until the migration completes. Its block status is always 0.
+ */
+export const MIGRATE_INCOMING_CONTEXT = 'nbd-migrate:incoming';
+/**
+ * Sent by the migration source after its final copy and flush, on a connection
+ * that selected MIGRATE_INCOMING_CONTEXT: the destination flushes, clears its
+ * incoming marker and starts accepting every client. Offset and length are 0.
+ */
+export const NBD_CMD_MIGRATE_COMPLETE = 0x4e4d;

@@ -68,10 +68,26 @@ export class Connection {
     }
   }
 
+  /**
+   * Queues bytes for the client. Replies completed in the same event-loop turn
+   * leave in one writev: the socket is corked at the first send and uncorked
+   * in the check phase, after every I/O callback of this turn has run.
+   */
   send(buf: Buffer): boolean {
     if (this.closed || this.socket.destroyed) return false;
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      setImmediate(this.uncork);
+    }
     return this.socket.write(buf);
   }
+
+  private corked = false;
+  private readonly uncork = () => {
+    this.corked = false;
+    this.socket.uncork();
+  };
 
   /** Hands input to the transmission session; bytes already buffered are delivered at once. */
   takeOver(onInput: () => void): void {

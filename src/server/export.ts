@@ -22,6 +22,8 @@ export interface ExportOptions {
   name: string;
   description?: string;
   device: Device;
+  /** The export receives a migration: only the migration source may attach until it completes. */
+  incoming?: { onComplete(): Promise<void> };
 }
 
 export class Export {
@@ -29,17 +31,36 @@ export class Export {
   readonly description: string | undefined;
   readonly device: Device;
   readonly caps: Capabilities;
-  readonly metaContexts: readonly MetaContext[];
+  private incomingState: ExportOptions['incoming'];
 
   constructor(opts: ExportOptions) {
     this.name = opts.name;
     this.description = opts.description;
     this.device = opts.device;
     this.caps = opts.device.capabilities();
+    this.incomingState = opts.incoming;
+  }
+
+  /** Offered contexts. The incoming context exists only while a migration is being received. */
+  get metaContexts(): readonly MetaContext[] {
     const device = this.device;
-    this.metaContexts = [
-      { id: 1, name: C.BASE_ALLOCATION, extents: (o, l, m) => device.extents(o, l, m) },
-    ];
+    const all: MetaContext[] = [{ id: 1, name: C.BASE_ALLOCATION, extents: (o, l, m) => device.extents(o, l, m) }];
+    if (this.incomingState)
+      all.push({ id: 2, name: C.MIGRATE_INCOMING_CONTEXT, extents: (_o, l) => Promise.resolve([{ length: l, flags: 0 }]) });
+    return all;
+  }
+
+  get incoming(): boolean {
+    return this.incomingState !== undefined;
+  }
+
+  /** The migration source says the copy is complete and flushed: open the export to everyone. */
+  async completeIncoming(): Promise<void> {
+    const state = this.incomingState;
+    if (!state) return;
+    await this.device.flush();
+    await state.onComplete();
+    this.incomingState = undefined;
   }
 
   get size(): number {

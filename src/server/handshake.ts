@@ -79,6 +79,8 @@ export async function newstyleHandshake(
       const name = (await conn.read(length)).toString('utf8');
       const exp = exports.get(name);
       if (!exp) throw new HandshakeError(`NBD_OPT_EXPORT_NAME for unknown export "${name}"`);
+      const why = admissionRefusal(exp, contextsFor(chosen, exp));
+      if (why) throw new HandshakeError(why);
       conn.send(codec.encodeExportNameReply(exp.size, exp.transmissionFlags(structuredReplies), noZeroes));
       return { export: exp, structuredReplies, metaContexts: contextsFor(chosen, exp) };
     }
@@ -128,6 +130,11 @@ export async function newstyleHandshake(
           refuse(option, C.NBD_REP_ERR_UNKNOWN, `no export named "${req.name}"`);
           break;
         }
+        const why = admissionRefusal(exp, contextsFor(chosen, exp));
+        if (why) {
+          refuse(option, C.NBD_REP_ERR_POLICY, why);
+          break;
+        }
         reply(option, C.NBD_REP_INFO, codec.encodeInfoExport(exp.size, exp.transmissionFlags(structuredReplies)));
         if (req.infos.includes(C.NBD_INFO_NAME)) reply(option, C.NBD_REP_INFO, codec.encodeInfoString(C.NBD_INFO_NAME, exp.name));
         if (req.infos.includes(C.NBD_INFO_DESCRIPTION) && exp.description)
@@ -175,6 +182,13 @@ export async function newstyleHandshake(
         refuse(option, C.NBD_REP_ERR_UNSUP, `option ${option} is not supported`);
     }
   }
+}
+
+/** Why a client may not attach to this export now, if it may not. */
+function admissionRefusal(exp: Export, contexts: MetaContext[]): string | undefined {
+  if (exp.incoming && !contexts.some((m) => m.name === C.MIGRATE_INCOMING_CONTEXT))
+    return `export "${exp.name}" is receiving a migration and holds a half-copied disk; it opens to clients when the migration completes`;
+  return undefined;
 }
 
 function contextsFor(chosen: { exportName: string; contexts: MetaContext[] } | undefined, exp: Export): MetaContext[] {

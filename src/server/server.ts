@@ -144,6 +144,20 @@ export class NbdServer {
     session.start();
   }
 
+  /** Hard-closes every connection attached to an export (their clients reconnect elsewhere). */
+  disconnectExport(name: string): number {
+    let n = 0;
+    for (const s of this.sessions) if (s.exportName === name) n += s.destroy() ? 1 : 0;
+    return n;
+  }
+
+  /** Connections in transmission with each export. */
+  connectionsByExport(): Map<string, number> {
+    const m = new Map<string, number>();
+    for (const s of this.sessions) m.set(s.exportName, (m.get(s.exportName) ?? 0) + 1);
+    return m;
+  }
+
   /** Stops listening, lets in-flight requests finish, then closes every connection. */
   async close(): Promise<void> {
     this.closing = true;

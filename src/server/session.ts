@@ -38,6 +38,7 @@ const ALLOWED_FLAGS: Readonly<Record<number, number>> = {
   [C.NBD_CMD_CACHE]: C.NBD_CMD_FLAG_FUA,
   [C.NBD_CMD_WRITE_ZEROES]: C.NBD_CMD_FLAG_FUA | C.NBD_CMD_FLAG_NO_HOLE | C.NBD_CMD_FLAG_FAST_ZERO,
   [C.NBD_CMD_BLOCK_STATUS]: C.NBD_CMD_FLAG_FUA | C.NBD_CMD_FLAG_REQ_ONE,
+  [C.NBD_CMD_MIGRATE_COMPLETE]: 0,
 };
 
 interface Refusal {
@@ -50,6 +51,8 @@ export class Session {
   private inflightBytes = 0;
   /** Bytes of a refused WRITE's payload still to be read and dropped. */
   private discardLeft = 0;
+  /** The refused WRITE being drained: answered only once its payload is gone (libnbd matches replies to fully sent requests). */
+  private drainingRefusal: { h: codec.RequestHeader; refusal: Refusal } | undefined;
   /** A WRITE whose header is parsed and whose payload is still arriving. */
   private pendingWrite: codec.RequestHeader | undefined;
   private paused = false;
@@ -68,6 +71,10 @@ export class Session {
     conn.onClose(() => this.notifyIdle());
   }
 
+  get exportName(): string {
+    return this.n.export.name;
+  }
+
   start(): void {
     this.conn.log.info('transmission', {
       export: this.n.export.name,
@@ -75,6 +82,14 @@ export class Session {
       metaContexts: this.n.metaContexts.map((m) => m.name),
     });
     this.conn.takeOver(() => this.pump());
+  }
+
+  /** Hard disconnect; true if the connection was open. */
+  destroy(): boolean {
+    if (this.conn.closed) return false;
+    this.conn.log.info('connection-dropped', { export: this.n.export.name, reason: 'handoff' });
+    this.conn.destroy();
+    return true;
   }
 
   /** Stops reading new requests; resolves when in-flight ones are answered. */
@@ -116,6 +131,9 @@ export class Session {
       if (this.discardLeft > 0) {
         this.discardLeft -= input.skip(this.discardLeft);
         if (this.discardLeft > 0) return;
+        const d = this.drainingRefusal;
+        this.drainingRefusal = undefined;
+        if (d) this.sendError(d.h, d.refusal.error, d.refusal.message);
         continue;
       }
       if (this.pendingWrite) {
@@ -153,8 +171,12 @@ export class Session {
         errno: nbdErrorName(refusal.error),
         cause: refusal.message,
       });
-      // The payload of a refused WRITE is drained so the stream stays in sync.
-      if (h.type === C.NBD_CMD_WRITE) this.discardLeft = h.length;
+      // The payload of a refused WRITE is drained so the stream stays in sync, then answered.
+      if (h.type === C.NBD_CMD_WRITE && h.length > 0) {
+        this.discardLeft = h.length;
+        this.drainingRefusal = { h, refusal };
+        return;
+      }
       this.sendError(h, refusal.error, refusal.message);
       return;
     }
@@ -193,6 +215,8 @@ export class Session {
       const error = h.type === C.NBD_CMD_WRITE || h.type === C.NBD_CMD_WRITE_ZEROES ? C.NBD_ENOSPC : C.NBD_EINVAL;
       return { error, message: `range ${h.offset}+${h.length} is beyond the end of the ${exp.size}-byte export` };
     }
+    if (h.type === C.NBD_CMD_MIGRATE_COMPLETE && !this.n.metaContexts.some((m) => m.name === C.MIGRATE_INCOMING_CONTEXT))
+      return { error: C.NBD_EINVAL, message: `unknown command ${h.type}` };
     if (h.type === C.NBD_CMD_BLOCK_STATUS) {
       if (this.n.metaContexts.length === 0) return { error: C.NBD_EINVAL, message: 'no metadata context was negotiated' };
       if (h.length === 0) return { error: C.NBD_EINVAL, message: 'block status of zero length' };
@@ -251,6 +275,10 @@ export class Session {
         break;
       case C.NBD_CMD_BLOCK_STATUS:
         return this.blockStatus(h);
+      case C.NBD_CMD_MIGRATE_COMPLETE:
+        await this.n.export.completeIncoming();
+        this.conn.log.info('migration-received', { export: this.n.export.name });
+        break;
     }
     this.sendOk(h);
   }

@@ -1,0 +1,248 @@
+/**
+ * `npm run bench`: nbd-migrate against qemu-nbd and nbdkit's file plugin,
+ * serving the same random-filled raw image on tmpfs over 127.0.0.1, measured
+ * with the same fio nbd-engine jobs. Prints a table of medians and ratios,
+ * writes the samples as JSON. A benchmark, not a test: it asserts nothing.
+ *
+ * Each sample starts the server fresh, runs one fio job, and stops it. Servers
+ * are interleaved job by job, and the server order rotates every round, so
+ * slow drifts in the (noisy, 2-core) machine's speed spread over all of them.
+ * Settings: see config.ts (BENCH_SERVERS, BENCH_JOBS, BENCH_REPEAT, ...).
+ */
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { BenchConfigError, loadConfig, type BenchConfig } from './config.js';
+import { FioError, runFio, type FioResult, type FioSettings } from './fio.js';
+import { createImage, removeImage } from './image.js';
+import { jobByName, type JobName } from './jobs.js';
+import { cpuBetween, cpuSnapshot, firstLine, runningCommands, which, type CpuSnapshot } from './proc.js';
+import { fmtValue, formatResults, summarise, unitOf, valueOf, type Sample } from './report.js';
+import { freePort, runningServers, SERVER_TOOLS, serverCommand, startServer, type ServerName } from './servers.js';
+
+class Interrupted extends Error {
+  override readonly name = 'Interrupted';
+}
+
+/** Seconds of overhead per sample besides fio's runtime (server start/stop, fio start), for the time estimate. */
+const SAMPLE_OVERHEAD_SEC = 1;
+/** Allowance for fio's start-up and handshake before its ramp time begins. */
+const FIO_STARTUP_MS = 300;
+
+let interrupted = false;
+let imagePath: string | undefined;
+
+function fail(message: string, code = 2): never {
+  process.stderr.write(`bench: ${message}\n`);
+  process.exit(code);
+}
+
+/** The tools this run needs, by path; exits naming the Debian package of any that is missing. */
+function requireTools(cfg: BenchConfig): { fio: string } {
+  const needed: { cmd: string; pkg: string }[] = [{ cmd: 'fio', pkg: 'fio' }];
+  for (const s of cfg.servers) if (s !== 'nbd-migrate') needed.push(SERVER_TOOLS[s]);
+  const missing = needed.filter((t) => !which(t.cmd));
+  if (missing.length)
+    fail(
+      missing.map((t) => `${t.cmd} not found on PATH; install the Debian package "${t.pkg}" (apt-get install ${t.pkg})`).join('\n       ') +
+        (missing.some((t) => t.cmd !== 'fio') ? '\n       (or leave that server out with BENCH_SERVERS=...)' : ''),
+    );
+  if (cfg.servers.includes('nbd-migrate')) {
+    if (!fs.existsSync(cfg.nbdMigrateBin)) fail(`nbd-migrate not found at ${cfg.nbdMigrateBin}`);
+    const main = path.join(path.dirname(cfg.nbdMigrateBin), '..', 'dist', 'src', 'cli', 'main.js');
+    if (!fs.existsSync(main)) fail(`nbd-migrate is not built (${main} is missing); run \`npm run build\` first`);
+  }
+  return { fio: which('fio')! };
+}
+
+function gitDescribe(repoRoot: string): { commit: string | null; dirty: boolean | null } {
+  try {
+    const commit = execFileSync('git', ['rev-parse', 'HEAD'], { cwd: repoRoot, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
+    const status = execFileSync('git', ['status', '--porcelain', '--untracked-files=no'], { cwd: repoRoot, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
+    return { commit, dirty: status.trim() !== '' };
+  } catch {
+    return { commit: null, dirty: null };
+  }
+}
+
+/** `xs` rotated left by `n` places. */
+function rotate<T>(xs: readonly T[], n: number): T[] {
+  const k = xs.length ? n % xs.length : 0;
+  return [...xs.slice(k), ...xs.slice(0, k)];
+}
+
+async function measure(cfg: BenchConfig, fio: string, image: string, server: ServerName, job: JobName, round: number): Promise<Sample> {
+  const settings: FioSettings = { runtimeSec: cfg.runtimeSec, rampSec: cfg.rampSec, iodepth: cfg.iodepth };
+  const port = await freePort();
+  // A server that cannot start is a setup problem, not a data point: startServer's error ends the run.
+  const srv = await startServer(server, { image, port, nbdMigrateBin: cfg.nbdMigrateBin, repoRoot: cfg.repoRoot });
+  try {
+    if (interrupted) throw new Interrupted();
+    // CPU is sampled over fio's measured window only: from the end of the ramp
+    // (plus a margin for fio's start-up and NBD handshake) to fio's exit.
+    let start: CpuSnapshot | undefined;
+    const timer = setTimeout(() => (start = cpuSnapshot(srv.pid)), cfg.rampSec * 1000 + FIO_STARTUP_MS);
+    let result: FioResult;
+    try {
+      result = await runFio(fio, jobByName(job), srv.uri, settings, cfg.repoRoot);
+    } catch (e) {
+      if (interrupted) throw new Interrupted();
+      if (!(e instanceof FioError)) throw e;
+      const died = srv.alive() ? '' : `\n  ${server} died; its stderr: ${srv.stderr().trim() || '(empty)'}`;
+      return { round, server, job, ok: false, error: e.message + died };
+    } finally {
+      clearTimeout(timer);
+    }
+    // fio stopped by our signal may still exit 0 with a short run: not a sample.
+    if (interrupted) throw new Interrupted();
+    const cpu = start ? cpuBetween(start, cpuSnapshot(srv.pid)) : { procPct: null, hostPct: null };
+    return {
+      round,
+      server,
+      job,
+      ok: true,
+      value: valueOf(job, result),
+      fio: result,
+      serverCpuPct: cpu.procPct,
+      serverCpuUsPerOp: cpu.procPct !== null && result.iops > 0 ? (cpu.procPct / 100) * (1e6 / result.iops) : null,
+      hostBusyPct: cpu.hostPct,
+    };
+  } finally {
+    await srv.stop();
+  }
+}
+
+/** Stops whatever is still running and deletes the image; safe to call more than once. */
+async function cleanUp(): Promise<void> {
+  for (const c of runningCommands) c.kill('SIGKILL');
+  await Promise.all([...runningServers].map((s) => s.stop()));
+  if (imagePath) {
+    removeImage(imagePath);
+    imagePath = undefined;
+  }
+}
+
+/** Last resort on process exit: synchronous, so only signals and unlink. */
+function cleanUpSync(): void {
+  for (const c of runningCommands) c.kill('SIGKILL');
+  for (const s of runningServers) {
+    try {
+      if (s.alive()) process.kill(s.pid, 'SIGKILL');
+    } catch {
+      /* already gone */
+    }
+  }
+  if (imagePath) removeImage(imagePath);
+}
+
+function onSignal(sig: NodeJS.Signals): void {
+  if (interrupted) {
+    // Second signal: do not wait for graceful shutdowns.
+    cleanUpSync();
+    process.exit(130);
+  }
+  interrupted = true;
+  process.stderr.write(`\nbench: ${sig}: stopping servers and removing the image (again to force)\n`);
+  for (const c of runningCommands) c.kill('SIGTERM');
+}
+
+async function main(): Promise<void> {
+  let cfg: BenchConfig;
+  try {
+    cfg = loadConfig();
+  } catch (e) {
+    if (e instanceof BenchConfigError) fail(e.message);
+    throw e;
+  }
+  const { fio } = requireTools(cfg);
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  process.on('exit', cleanUpSync);
+
+  const total = cfg.repeat * cfg.jobs.length * cfg.servers.length;
+  const estimate = total * (cfg.runtimeSec + cfg.rampSec + SAMPLE_OVERHEAD_SEC);
+  const gib = cfg.imageSize / 1024 ** 3;
+  const header =
+    `nbd-migrate benchmark: fio ${cfg.jobs.join(', ')} via the nbd engine (1 connection, iodepth ${cfg.iodepth}, ` +
+    `${cfg.runtimeSec} s + ${cfg.rampSec} s ramp) against ${cfg.servers.join(', ')}; ` +
+    `${gib >= 1 ? `${gib} GiB` : `${cfg.imageSize / 1024 ** 2} MiB`} random raw image on tmpfs; ${os.cpus().length} CPUs`;
+  process.stderr.write(`${header}\n${total} runs, about ${Math.ceil(estimate / 60)} min\n`);
+
+  const t0 = Date.now();
+  imagePath = createImage(cfg.imageSize);
+  process.stderr.write(`image ${imagePath} written in ${((Date.now() - t0) / 1000).toFixed(1)} s\n`);
+  const loadBefore = os.loadavg();
+
+  const samples: Sample[] = [];
+  let n = 0;
+  try {
+    for (let round = 1; round <= cfg.repeat; round++) {
+      const order = rotate(cfg.servers, round - 1);
+      for (const job of cfg.jobs) {
+        for (const server of order) {
+          if (interrupted) throw new Interrupted();
+          const s = await measure(cfg, fio, imagePath, server, job, round);
+          samples.push(s);
+          n++;
+          const what = s.ok
+            ? `${fmtValue(s.value, unitOf(job)).padStart(7)} ${unitOf(job)}` +
+              (s.serverCpuPct === null ? '' : `  server cpu ${Math.round(s.serverCpuPct)}%`)
+            : `FAILED: ${s.error.split('\n')[0]}`;
+          process.stderr.write(`[${String(n).padStart(String(total).length)}/${total}] round ${round} ${job.padEnd(9)} ${server.padEnd(11)} ${what}\n`);
+        }
+      }
+    }
+  } catch (e) {
+    await cleanUp();
+    if (e instanceof Interrupted || interrupted) {
+      if (samples.length) {
+        process.stdout.write(`\n(interrupted after ${samples.length}/${total} runs; partial results, nothing written)\n`);
+        process.stdout.write(formatResults(summarise(samples, cfg.jobs, cfg.servers), samples, cfg.servers, cfg.repeat) + '\n');
+      }
+      process.exit(130);
+    }
+    fail(e instanceof Error ? e.message : String(e), 1);
+  }
+  await cleanUp();
+
+  const rows = summarise(samples, cfg.jobs, cfg.servers);
+  process.stdout.write(`\n${header}\n`);
+  process.stdout.write(formatResults(rows, samples, cfg.servers, cfg.repeat) + '\n');
+
+  const placeholder = { image: 'IMAGE', port: 0, nbdMigrateBin: cfg.nbdMigrateBin, repoRoot: cfg.repoRoot };
+  const doc = {
+    date: new Date(t0).toISOString(),
+    durationSec: Math.round((Date.now() - t0) / 1000),
+    // The checkout whose nbd-migrate was measured (BENCH_NBD_MIGRATE may point outside this one).
+    git: gitDescribe(path.resolve(path.dirname(cfg.nbdMigrateBin), '..')),
+    host: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model ?? null, memBytes: os.totalmem(), loadavgBefore: loadBefore, loadavgAfter: os.loadavg() },
+    versions: {
+      node: process.version,
+      fio: firstLine(fio, ['--version']) ?? null,
+      qemuNbd: firstLine('qemu-nbd', ['--version']) ?? null,
+      nbdkit: firstLine('nbdkit', ['--version']) ?? null,
+    },
+    settings: {
+      servers: cfg.servers,
+      jobs: cfg.jobs,
+      repeat: cfg.repeat,
+      nbdMigrateBin: cfg.nbdMigrateBin,
+      runtimeSec: cfg.runtimeSec,
+      rampSec: cfg.rampSec,
+      iodepth: cfg.iodepth,
+      imageSize: cfg.imageSize,
+      image: 'random data on tmpfs',
+      units: { bw: 'MB/s = 10^6 bytes/s', iops: 'IO/s' },
+      commands: Object.fromEntries(cfg.servers.map((s) => [s, serverCommand(s, placeholder)])),
+    },
+    rows,
+    samples,
+  };
+  fs.mkdirSync(path.dirname(cfg.outFile), { recursive: true });
+  fs.writeFileSync(cfg.outFile, JSON.stringify(doc, null, 2) + '\n');
+  const rel = path.relative(process.cwd(), cfg.outFile);
+  process.stdout.write(`\nresults: ${rel && !rel.startsWith('..') ? rel : cfg.outFile}\n`);
+}
+
+await main();

@@ -1,0 +1,153 @@
+/**
+ * The admin socket: a Unix socket (mode 0600) speaking newline-delimited JSON.
+ * Each request line is an object with "cmd" and arguments, and an optional
+ * "id" echoed in the reply:
+ *   -> {"id":1,"cmd":"mirror","export":"vm1","target":"nbd://dst/vm1","cutover":"manual"}
+ *   <- {"id":1,"ok":true,"result":{...job status...}}
+ *   <- {"id":1,"ok":false,"error":{"code":"EUNREACHABLE","message":"..."}}
+ * A malformed line or unknown command gets an error reply; nothing it sends can
+ * harm a running job. Lines are bounded (64 KiB): a longer one closes the connection.
+ */
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import { logger } from '../util/log.js';
+
+export type Handler = (args: Record<string, unknown>) => unknown;
+
+const MAX_LINE = 64 * 1024;
+const log = logger({ component: 'admin' });
+
+export class AdminError extends Error {
+  override readonly name = 'AdminError';
+  constructor(
+    readonly code: string,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+export class AdminServer {
+  private server: net.Server | undefined;
+  private readonly clients = new Set<net.Socket>();
+
+  constructor(
+    readonly path: string,
+    private readonly handlers: Readonly<Record<string, Handler>>,
+  ) {}
+
+  async listen(): Promise<void> {
+    try {
+      fs.unlinkSync(this.path); // a stale socket; a live server would hold the image locks anyway
+    } catch {
+      /* none */
+    }
+    const server = net.createServer((s) => this.accept(s));
+    // Created 0600 from the start: the umask covers the window between bind and chmod.
+    const old = process.umask(0o177);
+    try {
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject);
+        server.listen(this.path, () => {
+          server.off('error', reject);
+          resolve();
+        });
+      });
+    } finally {
+      process.umask(old);
+    }
+    fs.chmodSync(this.path, 0o600);
+    this.server = server;
+    log.info('listening', { listener: 'admin', path: this.path });
+  }
+
+  private accept(socket: net.Socket): void {
+    this.clients.add(socket);
+    socket.on('close', () => this.clients.delete(socket));
+    socket.on('error', () => undefined);
+    let buf = '';
+    socket.setEncoding('utf8');
+    socket.on('data', (chunk: string) => {
+      buf += chunk;
+      let nl: number;
+      while ((nl = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, nl).trim();
+        buf = buf.slice(nl + 1);
+        if (line) void this.handle(socket, line);
+      }
+      if (buf.length > MAX_LINE) {
+        this.reply(socket, { ok: false, error: { code: 'E2BIG', message: `request line over ${MAX_LINE} bytes` } });
+        socket.end();
+      }
+    });
+  }
+
+  private reply(socket: net.Socket, msg: object): void {
+    if (!socket.destroyed) socket.write(JSON.stringify(msg) + '\n');
+  }
+
+  private async handle(socket: net.Socket, line: string): Promise<void> {
+    let req: Record<string, unknown>;
+    try {
+      const parsed: unknown = JSON.parse(line);
+      if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new Error('expected a JSON object');
+      req = parsed as Record<string, unknown>;
+    } catch (e) {
+      this.reply(socket, { ok: false, error: { code: 'EBADMSG', message: `malformed request: ${(e as Error).message}` } });
+      return;
+    }
+    const id = req.id;
+    const cmd = req.cmd;
+    const handler = typeof cmd === 'string' && Object.hasOwn(this.handlers, cmd) ? this.handlers[cmd] : undefined;
+    if (!handler) {
+      this.reply(socket, { id, ok: false, error: { code: 'ENOSYS', message: `unknown command ${JSON.stringify(cmd)}; known: ${Object.keys(this.handlers).join(', ')}` } });
+      return;
+    }
+    try {
+      const result = await handler(req);
+      this.reply(socket, { id, ok: true, result });
+    } catch (e) {
+      const err = e as Error & { code?: string };
+      log.info('admin-command-failed', { cmd, cause: err });
+      this.reply(socket, { id, ok: false, error: { code: err.code ?? 'EIO', message: err.message } });
+    }
+  }
+
+  async close(): Promise<void> {
+    for (const c of this.clients) c.destroy();
+    if (this.server) await new Promise<void>((r) => this.server!.close(() => r()));
+    this.server = undefined;
+  }
+}
+
+/** One request over the admin socket; resolves with the result or rejects with the server's error. */
+export async function adminRequest(path: string, request: Record<string, unknown>, timeoutMs = 30_000): Promise<unknown> {
+  return new Promise((resolve, reject) => {
+    const s = net.connect(path);
+    let buf = '';
+    const timer = setTimeout(() => {
+      s.destroy();
+      reject(new AdminError('ETIMEDOUT', `no reply from ${path} in ${timeoutMs} ms`));
+    }, timeoutMs);
+    s.setEncoding('utf8');
+    s.on('connect', () => s.write(JSON.stringify(request) + '\n'));
+    s.on('data', (c: string) => {
+      buf += c;
+      const nl = buf.indexOf('\n');
+      if (nl < 0) return;
+      clearTimeout(timer);
+      s.end();
+      try {
+        const msg = JSON.parse(buf.slice(0, nl)) as { ok: boolean; result?: unknown; error?: { code: string; message: string } };
+        if (msg.ok) resolve(msg.result);
+        else reject(new AdminError(msg.error?.code ?? 'EIO', msg.error?.message ?? 'unknown error'));
+      } catch (e) {
+        reject(e);
+      }
+    });
+    s.on('error', (e) => {
+      clearTimeout(timer);
+      reject(new AdminError((e as { code?: string }).code ?? 'EIO', `cannot reach the admin socket ${path}: ${e.message}`));
+    });
+  });
+}

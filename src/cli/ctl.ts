@@ -1,0 +1,140 @@
+/**
+ * `nbd-migrate ctl`: the operator's side of the admin socket.
+ */
+import type { Argv } from 'yargs';
+import { adminRequest } from '../admin/server.js';
+import type { ExportStatus } from '../migration/controller.js';
+import type { JobStatus } from '../migration/job.js';
+import { formatBytes } from '../util/units.js';
+import { ProgressBar } from './progress.js';
+
+const DEFAULT_SOCKET = '/run/nbd-migrate.sock';
+
+type Out = (s: string) => void;
+const out: Out = (s) => process.stdout.write(s + '\n');
+
+/** Follows a job until it is final (or ready, under manual cutover); true when it ended well. */
+export async function waitForJob(socket: string, exportName: string, untilReady: boolean): Promise<JobStatus> {
+  const bar = new ProgressBar();
+  for (;;) {
+    const s = (await adminRequest(socket, { cmd: 'status', export: exportName })) as JobStatus;
+    const firstSweep = s.pass <= 1 && s.state === 'copying';
+    bar.draw({
+      done: firstSweep ? s.bytesCopied : s.size - s.dirtyBytes,
+      total: s.size,
+      dirty: s.dirtyBytes,
+      rate: s.rate,
+      etaSeconds: s.etaSeconds,
+      pass: s.pass,
+      state: s.state + (s.convergence !== 'none' ? ` (${s.convergence})` : ''),
+    });
+    const final = s.state === 'completed' || s.state === 'aborted' || s.state === 'failed';
+    if (final || (untilReady && s.state === 'ready')) {
+      bar.end(
+        s.state === 'completed'
+          ? `completed: ${formatBytes(s.dataBytes)} copied, ${formatBytes(s.zeroBytes)} zeroed, ${formatBytes(s.skippedBytes)} skipped, cutover pause ${s.pauseMs} ms`
+          : s.state === 'failed'
+            ? `failed: ${s.error}`
+            : s.state,
+      );
+      return s;
+    }
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+
+function printStatus(st: { exports: ExportStatus[]; jobs: JobStatus[] }): void {
+  for (const e of st.exports)
+    out(
+      `export ${e.name}: ${formatBytes(e.size)} ${e.image}, ${e.connections} connection(s), dirty ${formatBytes(e.dirtyBytes)} ` +
+        `(${e.dirtyBlocks} × ${formatBytes(e.granularity)}), backend ${e.backend}`,
+    );
+  for (const j of st.jobs)
+    out(
+      `mirror ${j.export} -> ${j.target}: ${j.state}, pass ${j.pass}, copied ${formatBytes(j.bytesCopied)}, dirty ${formatBytes(j.dirtyBytes)}, ` +
+        `rate ${formatBytes(j.rate)}/s, convergence ${j.convergence}, retries ${j.retries}` +
+        (j.pauseMs !== null ? `, cutover pause ${j.pauseMs} ms` : '') +
+        (j.error ? `, error: ${j.error}` : ''),
+    );
+  if (st.jobs.length === 0) out('no mirror jobs');
+}
+
+export function ctlCommand(y: Argv): Argv {
+  return y
+    .option('socket', { type: 'string', default: DEFAULT_SOCKET, describe: 'The server\'s admin socket (serve --admin-socket)' })
+    .command(
+      'status [export]',
+      'Exports, dirty data and mirror jobs',
+      (y) => y.positional('export', { type: 'string' }).option('json', { type: 'boolean', describe: 'Print the raw JSON reply' }),
+      async (a) => {
+        const r = await adminRequest(a.socket as string, a.export ? { cmd: 'status', export: a.export } : { cmd: 'status' });
+        if (a.json || a.export) out(JSON.stringify(r, null, 2));
+        else printStatus(r as { exports: ExportStatus[]; jobs: JobStatus[] });
+      },
+    )
+    .command(
+      'mirror <export> <target>',
+      'Start mirroring an export to an NBD target (nbd://HOST[:PORT]/NAME or nbd+unix:///NAME?socket=PATH)',
+      (y) =>
+        y
+          .positional('export', { type: 'string', demandOption: true })
+          .positional('target', { type: 'string', demandOption: true })
+          .option('max-bandwidth', { type: 'string', describe: 'Copy rate limit, e.g. 200M (bytes/s, binary units)' })
+          .option('cutover', { choices: ['auto', 'manual'], default: 'manual', describe: 'Switch as soon as ready (auto) or on `ctl cutover` (manual)' })
+          .option('max-downtime', { type: 'string', default: '50ms', describe: 'Ready when the dirty data left can be copied within this' })
+          .option('converge', { choices: ['active', 'throttle'], default: 'active', describe: 'When the guest outpaces the copy: write-through to both sides, or throttle guest writes' })
+          .option('handoff', { choices: ['forward', 'disconnect'], default: 'forward', describe: 'After cutover: keep guests connected and forward to the target, or disconnect them' })
+          .option('max-retries', { type: 'number', default: 10, describe: 'Consecutive target failures before the job fails' })
+          .option('wait', { type: 'boolean', describe: 'Draw progress until the job completes (or is ready, with manual cutover)' }),
+      async (a) => {
+        const req: Record<string, unknown> = {
+          cmd: 'mirror',
+          export: a.export,
+          target: a.target,
+          cutover: a.cutover,
+          maxDowntime: a['max-downtime'],
+          converge: a.converge,
+          handoff: a.handoff,
+          maxRetries: a['max-retries'],
+        };
+        if (a['max-bandwidth']) req.maxBandwidth = a['max-bandwidth'];
+        await adminRequest(a.socket as string, req);
+        out(`mirror of ${a.export} to ${a.target} started`);
+        if (a.wait) {
+          const s = await waitForJob(a.socket as string, a.export as string, a.cutover === 'manual');
+          if (s.state === 'failed' || s.state === 'aborted') process.exitCode = 1;
+        }
+      },
+    )
+    .command(
+      'cutover <export>',
+      'Switch a ready mirror to its target',
+      (y) => y.positional('export', { type: 'string', demandOption: true }).option('wait', { type: 'boolean', default: true }),
+      async (a) => {
+        await adminRequest(a.socket as string, { cmd: 'cutover', export: a.export });
+        if (a.wait) {
+          const s = await waitForJob(a.socket as string, a.export as string, false);
+          if (s.state !== 'completed') process.exitCode = 1;
+        } else out('cutover requested');
+      },
+    )
+    .command(
+      'abort <export>',
+      'Stop a mirror before the switch; the source stays as it was',
+      (y) => y.positional('export', { type: 'string', demandOption: true }),
+      async (a) => {
+        await adminRequest(a.socket as string, { cmd: 'abort', export: a.export });
+        out(`mirror of ${a.export} aborted`);
+      },
+    )
+    .command(
+      'set-speed <export> <rate>',
+      'Change the copy rate limit (0 = unlimited)',
+      (y) => y.positional('export', { type: 'string', demandOption: true }).positional('rate', { type: 'string', demandOption: true }),
+      async (a) => {
+        await adminRequest(a.socket as string, { cmd: 'set-speed', export: a.export, rate: a.rate });
+        out(`speed of ${a.export} set to ${a.rate}`);
+      },
+    )
+    .demandCommand(1, 'Give a ctl command: status, mirror, cutover, abort, set-speed');
+}

@@ -1,0 +1,98 @@
+/**
+ * Errors the NBD client raises: request failures (a DeviceError carrying the
+ * NBD error value), handshake failures, and protocol violations by the server.
+ */
+import * as C from '../protocol/constants.js';
+import { DeviceError } from '../storage/device.js';
+
+const ERRNO_NAMES: Readonly<Record<number, string>> = {
+  [C.NBD_EPERM]: 'EPERM',
+  [C.NBD_EIO]: 'EIO',
+  [C.NBD_ENOMEM]: 'ENOMEM',
+  [C.NBD_EINVAL]: 'EINVAL',
+  [C.NBD_ENOSPC]: 'ENOSPC',
+  [C.NBD_EOVERFLOW]: 'EOVERFLOW',
+  [C.NBD_ENOTSUP]: 'ENOTSUP',
+  [C.NBD_ESHUTDOWN]: 'ESHUTDOWN',
+};
+
+/** POSIX errno name for an NBD error value; values the spec does not define become EIO. */
+export function errnoNameForNbd(nbdErrno: number): string {
+  return ERRNO_NAMES[nbdErrno] ?? 'EIO';
+}
+
+/**
+ * A request the server answered with an error. `code` is the errno name (the
+ * Device contract), `nbdErrno` the value on the wire, `serverMessage` the text
+ * of a structured error chunk (absent for simple replies).
+ */
+export class NbdRequestError extends DeviceError {
+  constructor(
+    readonly nbdErrno: number,
+    readonly command: string,
+    readonly serverMessage: string | undefined,
+    message: string,
+  ) {
+    super(errnoNameForNbd(nbdErrno), message);
+  }
+}
+
+/** Negotiation failed: the server refused an option, closed the connection, or is not a usable NBD server. */
+export class NbdHandshakeError extends Error {
+  override readonly name = 'NbdHandshakeError';
+  constructor(
+    message: string,
+    readonly details: {
+      /** The option that was refused, if any. */
+      option?: number;
+      /** The NBD_REP_ERR_* value the server replied with, if any. */
+      reply?: number;
+      /** The server's error string, if it sent one. */
+      serverMessage?: string;
+      cause?: unknown;
+    } = {},
+  ) {
+    super(message, details.cause === undefined ? undefined : { cause: details.cause });
+  }
+}
+
+/** The server broke the protocol in the transmission phase: the connection is dropped. */
+export class NbdProtocolError extends Error {
+  override readonly name = 'NbdProtocolError';
+}
+
+const OPTION_NAMES: Readonly<Record<number, string>> = {
+  [C.NBD_OPT_EXPORT_NAME]: 'NBD_OPT_EXPORT_NAME',
+  [C.NBD_OPT_ABORT]: 'NBD_OPT_ABORT',
+  [C.NBD_OPT_LIST]: 'NBD_OPT_LIST',
+  [C.NBD_OPT_STARTTLS]: 'NBD_OPT_STARTTLS',
+  [C.NBD_OPT_INFO]: 'NBD_OPT_INFO',
+  [C.NBD_OPT_GO]: 'NBD_OPT_GO',
+  [C.NBD_OPT_STRUCTURED_REPLY]: 'NBD_OPT_STRUCTURED_REPLY',
+  [C.NBD_OPT_LIST_META_CONTEXT]: 'NBD_OPT_LIST_META_CONTEXT',
+  [C.NBD_OPT_SET_META_CONTEXT]: 'NBD_OPT_SET_META_CONTEXT',
+};
+
+export function optionName(option: number): string {
+  return OPTION_NAMES[option] ?? `option ${option}`;
+}
+
+const REPLY_NAMES: Readonly<Record<number, string>> = {
+  [C.NBD_REP_ACK]: 'NBD_REP_ACK',
+  [C.NBD_REP_SERVER]: 'NBD_REP_SERVER',
+  [C.NBD_REP_INFO]: 'NBD_REP_INFO',
+  [C.NBD_REP_META_CONTEXT]: 'NBD_REP_META_CONTEXT',
+  [C.NBD_REP_ERR_UNSUP]: 'NBD_REP_ERR_UNSUP',
+  [C.NBD_REP_ERR_POLICY]: 'NBD_REP_ERR_POLICY',
+  [C.NBD_REP_ERR_INVALID]: 'NBD_REP_ERR_INVALID',
+  [C.NBD_REP_ERR_PLATFORM]: 'NBD_REP_ERR_PLATFORM',
+  [C.NBD_REP_ERR_TLS_REQD]: 'NBD_REP_ERR_TLS_REQD',
+  [C.NBD_REP_ERR_UNKNOWN]: 'NBD_REP_ERR_UNKNOWN',
+  [C.NBD_REP_ERR_SHUTDOWN]: 'NBD_REP_ERR_SHUTDOWN',
+  [C.NBD_REP_ERR_BLOCK_SIZE_REQD]: 'NBD_REP_ERR_BLOCK_SIZE_REQD',
+  [C.NBD_REP_ERR_TOO_BIG]: 'NBD_REP_ERR_TOO_BIG',
+};
+
+export function replyName(type: number): string {
+  return REPLY_NAMES[type >>> 0] ?? `reply type 0x${(type >>> 0).toString(16)}`;
+}

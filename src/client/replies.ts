@@ -1,0 +1,302 @@
+/**
+ * Transmission-phase reply parsing for the client: simple replies and
+ * structured reply chunks, decoded incrementally from a ByteQueue and matched
+ * to pending requests by cookie. READ data (simple-reply payloads and
+ * OFFSET_DATA chunks) is copied from the received chunks straight into the
+ * caller's buffer as it arrives; nothing else is buffered beyond one chunk.
+ *
+ * Anything that leaves the stream's framing in doubt (bad magic, unknown
+ * cookie, an unknown non-error chunk type, inconsistent lengths or offsets)
+ * throws NbdProtocolError: the caller must drop the connection.
+ */
+import * as C from '../protocol/constants.js';
+import type { Extent } from '../protocol/codec.js';
+import { ByteQueue } from '../util/byte-queue.js';
+import { NbdProtocolError } from './errors.js';
+
+/** Largest non-data chunk payload accepted (block status for a 4 GiB range of 4 KiB extents is 8 MiB). */
+export const MAX_CHUNK_PAYLOAD = 16 * 1024 * 1024;
+
+/** An error reported for a request, from a simple reply or an error chunk. */
+export interface ReplyError {
+  nbdErrno: number;
+  message?: string;
+  /** NBD_REPLY_TYPE_ERROR_OFFSET: where it happened. */
+  offset?: number;
+}
+
+/** A request on the wire (or queued to go on it), as the parser needs to see it. */
+export class PendingRequest {
+  cookie = 0;
+  /** First error reported for this request. */
+  error: ReplyError | undefined;
+  /** The reply was a simple reply (no structured chunks). */
+  simple = false;
+  /** BLOCK_STATUS: descriptors by metadata context id. */
+  statuses: Map<number, Extent[]> | undefined;
+  /** WRITE payload; dropped once handed to the socket. */
+  payload: readonly Buffer[] | undefined;
+  /** Structured READ: merged [start, end) ranges (relative to `offset`) described by content chunks. */
+  private ranges: number[] = [];
+
+  constructor(
+    readonly type: number,
+    readonly flags: number,
+    readonly offset: number,
+    readonly length: number,
+    /** Bytes counted against the in-flight byte budget. */
+    readonly bytes: number,
+    payload: readonly Buffer[] | undefined,
+    /** READ destination and where in it `offset` lands. */
+    readonly into: Buffer | undefined,
+    readonly at: number,
+    readonly settle: (err: Error | undefined, req: PendingRequest) => void,
+  ) {
+    this.payload = payload;
+  }
+
+  /** Records a content chunk's range; false if it overlaps one already seen. */
+  addRange(start: number, end: number): boolean {
+    const r = this.ranges;
+    // Fast path: chunks usually arrive in order.
+    if (r.length === 0 || start >= r[r.length - 1]!) {
+      if (r.length > 0 && start === r[r.length - 1]) r[r.length - 1] = end;
+      else r.push(start, end);
+      return true;
+    }
+    // Binary search for the first range ending after `start`.
+    let lo = 0;
+    let hi = r.length / 2;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (r[2 * mid + 1]! <= start) lo = mid + 1;
+      else hi = mid;
+    }
+    const i = 2 * lo;
+    if (i < r.length && r[i]! < end) return false; // overlaps range lo
+    // Insert, merging with neighbours that touch.
+    const touchPrev = i > 0 && r[i - 1] === start;
+    const touchNext = i < r.length && r[i] === end;
+    if (touchPrev && touchNext) {
+      r[i - 1] = r[i + 1]!;
+      r.splice(i, 2);
+    } else if (touchPrev) r[i - 1] = end;
+    else if (touchNext) r[i] = start;
+    else r.splice(i, 0, start, end);
+    return true;
+  }
+
+  /** Content chunks described every byte of the request. */
+  get fullyCovered(): boolean {
+    return this.length === 0 || (this.ranges.length === 2 && this.ranges[0] === 0 && this.ranges[1] === this.length);
+  }
+}
+
+export interface ReplySink {
+  /** The request with this cookie, if one is in flight. */
+  lookup(cookie: number): PendingRequest | undefined;
+  /** The request's reply is complete (successful or not): it is no longer in flight. */
+  done(req: PendingRequest): void;
+}
+
+type State =
+  | { kind: 'header' }
+  /** Simple-reply READ data still to copy. */
+  | { kind: 'simple-data'; req: PendingRequest; pos: number; left: number }
+  /** OFFSET_DATA: its 8-byte offset is next. */
+  | { kind: 'data-offset'; req: PendingRequest; flags: number; dataLength: number }
+  /** OFFSET_DATA bytes still to copy. */
+  | { kind: 'data'; req: PendingRequest; flags: number; pos: number; left: number }
+  /** A non-data chunk payload, handled once complete. */
+  | { kind: 'payload'; req: PendingRequest; flags: number; type: number; length: number };
+
+const HEADER: State = { kind: 'header' };
+
+function readU64(b: Buffer, at: number): number {
+  const hi = b.readUInt32BE(at);
+  if (hi >= 0x200000) return Number.POSITIVE_INFINITY;
+  return hi * 0x100000000 + b.readUInt32BE(at + 4);
+}
+
+function cookieText(hi: number, lo: number): string {
+  return `0x${hi.toString(16).padStart(8, '0')}${lo.toString(16).padStart(8, '0')}`;
+}
+
+export class ReplyParser {
+  readonly input = new ByteQueue();
+  private state: State = HEADER;
+
+  constructor(
+    private readonly structured: boolean,
+    private readonly sink: ReplySink,
+  ) {}
+
+  /** True between replies (nothing half-parsed). */
+  get idle(): boolean {
+    return this.state.kind === 'header' && this.input.length === 0;
+  }
+
+  push(chunk: Buffer): void {
+    this.input.push(chunk);
+    this.parse();
+  }
+
+  /** Consumes everything parseable; throws NbdProtocolError on a violation. */
+  parse(): void {
+    const q = this.input;
+    for (;;) {
+      const s = this.state;
+      switch (s.kind) {
+        case 'header':
+          if (!this.header()) return;
+          break;
+        case 'simple-data':
+        case 'data': {
+          const n = Math.min(s.left, q.length);
+          if (n === 0) return;
+          const into = s.req.into!;
+          let pos = s.pos;
+          for (const slice of q.takeSlices(n)) pos += slice.copy(into, pos);
+          s.pos = pos;
+          s.left -= n;
+          if (s.left > 0) return;
+          this.state = HEADER;
+          if (s.kind === 'simple-data' || s.flags & C.NBD_REPLY_FLAG_DONE) this.sink.done(s.req);
+          break;
+        }
+        case 'data-offset': {
+          if (q.length < 8) return;
+          const { req, dataLength } = s;
+          const off = readU64(q.take(8), 0);
+          const rel = off - req.offset;
+          if (!(rel >= 0 && rel + dataLength <= req.length))
+            throw new NbdProtocolError(`OFFSET_DATA chunk ${off}+${dataLength} lies outside the read ${req.offset}+${req.length}`);
+          if (!req.addRange(rel, rel + dataLength))
+            throw new NbdProtocolError(`OFFSET_DATA chunk ${off}+${dataLength} overlaps an earlier chunk of the read`);
+          this.state = { kind: 'data', req, flags: s.flags, pos: req.at + rel, left: dataLength };
+          break;
+        }
+        case 'payload': {
+          if (q.length < s.length) return;
+          const p = q.take(s.length);
+          this.state = HEADER;
+          this.chunkPayload(s.req, s.type, p);
+          if (s.flags & C.NBD_REPLY_FLAG_DONE) this.sink.done(s.req);
+          break;
+        }
+      }
+    }
+  }
+
+  /** Parses a reply header if one is complete; false if more input is needed. */
+  private header(): boolean {
+    const q = this.input;
+    if (q.length < 4) return false;
+    const magic = q.peek(4).readUInt32BE(0);
+    if (magic === C.NBD_SIMPLE_REPLY_MAGIC) {
+      if (q.length < C.SIMPLE_REPLY_HEADER_LENGTH) return false;
+      const h = q.take(C.SIMPLE_REPLY_HEADER_LENGTH);
+      const error = h.readUInt32BE(4);
+      const req = this.find(h.readUInt32BE(8), h.readUInt32BE(12));
+      req.simple = true;
+      if (error !== 0) {
+        // No payload follows an error, whatever the command.
+        req.error ??= { nbdErrno: error };
+        this.sink.done(req);
+        return true;
+      }
+      if (req.type === C.NBD_CMD_READ) {
+        if (this.structured)
+          throw new NbdProtocolError('simple reply with data to a READ, but structured replies were negotiated');
+        if (req.length > 0) {
+          this.state = { kind: 'simple-data', req, pos: req.at, left: req.length };
+          return true;
+        }
+      }
+      if (req.type === C.NBD_CMD_BLOCK_STATUS && !this.structured)
+        throw new NbdProtocolError('successful simple reply to BLOCK_STATUS');
+      this.sink.done(req);
+      return true;
+    }
+    if (magic !== C.NBD_STRUCTURED_REPLY_MAGIC) throw new NbdProtocolError(`bad reply magic 0x${magic.toString(16).padStart(8, '0')}`);
+    if (!this.structured) throw new NbdProtocolError('structured reply chunk, but structured replies were not negotiated');
+    if (q.length < C.STRUCTURED_REPLY_HEADER_LENGTH) return false;
+    const h = q.take(C.STRUCTURED_REPLY_HEADER_LENGTH);
+    const flags = h.readUInt16BE(4);
+    const type = h.readUInt16BE(6);
+    const req = this.find(h.readUInt32BE(8), h.readUInt32BE(12));
+    const length = h.readUInt32BE(16);
+    const done = (flags & C.NBD_REPLY_FLAG_DONE) !== 0;
+    const bad = (why: string) => new NbdProtocolError(`${why} (chunk type ${type}, length ${length}, for ${C.COMMAND_NAMES[req.type] ?? `command ${req.type}`})`);
+    switch (type) {
+      case C.NBD_REPLY_TYPE_NONE:
+        if (length !== 0) throw bad('NONE chunk with a payload');
+        if (!done) throw bad('NONE chunk without the DONE flag');
+        this.sink.done(req);
+        return true;
+      case C.NBD_REPLY_TYPE_OFFSET_DATA:
+        if (req.type !== C.NBD_CMD_READ) throw bad('OFFSET_DATA chunk for a command other than READ');
+        if (length < 9) throw bad('OFFSET_DATA chunk shorter than 9 bytes');
+        this.state = { kind: 'data-offset', req, flags, dataLength: length - 8 };
+        return true;
+      case C.NBD_REPLY_TYPE_OFFSET_HOLE:
+        if (req.type !== C.NBD_CMD_READ) throw bad('OFFSET_HOLE chunk for a command other than READ');
+        if (length !== 12) throw bad('OFFSET_HOLE chunk not 12 bytes long');
+        break;
+      case C.NBD_REPLY_TYPE_BLOCK_STATUS:
+        if (req.type !== C.NBD_CMD_BLOCK_STATUS) throw bad('BLOCK_STATUS chunk for a command other than BLOCK_STATUS');
+        if (length < 12 || (length - 4) % 8 !== 0) throw bad('BLOCK_STATUS chunk length is not 4 + 8n (n > 0)');
+        if (length > MAX_CHUNK_PAYLOAD) throw bad('BLOCK_STATUS chunk too large');
+        break;
+      default:
+        if (!(type & 0x8000)) throw bad('unknown chunk type');
+        if (length < 6) throw bad('error chunk shorter than 6 bytes');
+        if (length > MAX_CHUNK_PAYLOAD) throw bad('error chunk too large');
+    }
+    this.state = { kind: 'payload', req, flags, type, length };
+    return true;
+  }
+
+  private find(hi: number, lo: number): PendingRequest {
+    const req = hi < 0x200000 ? this.sink.lookup(hi * 0x100000000 + lo) : undefined;
+    if (!req) throw new NbdProtocolError(`reply for unknown cookie ${cookieText(hi, lo)}`);
+    return req;
+  }
+
+  private chunkPayload(req: PendingRequest, type: number, p: Buffer): void {
+    switch (type) {
+      case C.NBD_REPLY_TYPE_OFFSET_HOLE: {
+        const off = readU64(p, 0);
+        const size = p.readUInt32BE(8);
+        const rel = off - req.offset;
+        if (size === 0) throw new NbdProtocolError('OFFSET_HOLE chunk of size 0');
+        if (!(rel >= 0 && rel + size <= req.length))
+          throw new NbdProtocolError(`OFFSET_HOLE chunk ${off}+${size} lies outside the read ${req.offset}+${req.length}`);
+        if (!req.addRange(rel, rel + size)) throw new NbdProtocolError(`OFFSET_HOLE chunk ${off}+${size} overlaps an earlier chunk of the read`);
+        req.into!.fill(0, req.at + rel, req.at + rel + size);
+        return;
+      }
+      case C.NBD_REPLY_TYPE_BLOCK_STATUS: {
+        const id = p.readUInt32BE(0);
+        const extents: Extent[] = [];
+        for (let at = 4; at < p.length; at += 8) extents.push({ length: p.readUInt32BE(at), flags: p.readUInt32BE(at + 4) });
+        req.statuses ??= new Map();
+        if (req.statuses.has(id)) throw new NbdProtocolError(`two BLOCK_STATUS chunks for metadata context ${id} in one reply`);
+        req.statuses.set(id, extents);
+        return;
+      }
+      default: {
+        // Every error chunk type starts with error(4) and message length(2).
+        const nbdErrno = p.readUInt32BE(0);
+        const msgLength = p.readUInt16BE(4);
+        const tail = type === C.NBD_REPLY_TYPE_ERROR_OFFSET ? 8 : 0;
+        if (6 + msgLength + tail > p.length) throw new NbdProtocolError(`error chunk message of ${msgLength} bytes overruns the ${p.length}-byte chunk`);
+        const message = p.toString('utf8', 6, 6 + msgLength);
+        const error: ReplyError = { nbdErrno: nbdErrno === 0 ? C.NBD_EIO : nbdErrno };
+        if (message) error.message = message;
+        if (tail) error.offset = readU64(p, 6 + msgLength);
+        req.error ??= error;
+      }
+    }
+  }
+}

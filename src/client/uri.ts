@@ -1,0 +1,157 @@
+/**
+ * NBD URIs (doc/uri.md in NetworkBlockDevice/nbd, as qemu and libnbd read them):
+ *
+ *   nbd://host[:port]/[export]            TCP, port 10809 by default
+ *   nbd://[::1]:10809/export              IPv6 literal (RFC 2732)
+ *   nbd+unix:///[export]?socket=/path     Unix domain socket
+ *
+ * The export name is the path without its leading '/', percent-decoded
+ * ("nbd://h//disk" names "/disk", "nbd://h" and "nbd://h/" name "").
+ * TLS schemes (nbds, nbds+unix) and TLS query parameters are refused: this
+ * client does not speak TLS yet. Unknown query parameters are diagnosed, as
+ * the URI spec asks.
+ */
+
+export const NBD_DEFAULT_PORT = 10809;
+
+export interface NbdTcpUri {
+  readonly transport: 'tcp';
+  readonly host: string;
+  readonly port: number;
+  readonly exportName: string;
+}
+
+export interface NbdUnixUri {
+  readonly transport: 'unix';
+  /** Socket path; a leading NUL selects the Linux abstract namespace. */
+  readonly socket: string;
+  readonly exportName: string;
+}
+
+export type NbdUri = NbdTcpUri | NbdUnixUri;
+
+export class NbdUriError extends Error {
+  override readonly name = 'NbdUriError';
+}
+
+/** RFC 3986 appendix B, with the authority made optional. */
+const URI_RE = /^([A-Za-z][A-Za-z0-9+.-]*):(?:\/\/([^/?#]*))?([^?#]*)(?:\?([^#]*))?(?:#(.*))?$/;
+
+export function parseNbdUri(uri: string): NbdUri {
+  const fail = (why: string): never => {
+    throw new NbdUriError(`invalid NBD URI "${uri}": ${why}`);
+  };
+  if (typeof uri !== 'string' || uri.length === 0) fail('empty');
+  const m = URI_RE.exec(uri);
+  if (!m) return fail('not a URI (expected nbd://host[:port]/export or nbd+unix:///export?socket=PATH)');
+  const scheme = m[1]!.toLowerCase();
+  const authority = m[2];
+  const path = m[3]!;
+  const query = m[4];
+  const fragment = m[5];
+
+  let transport: 'tcp' | 'unix';
+  switch (scheme) {
+    case 'nbd':
+    case 'nbd+tcp':
+      transport = 'tcp';
+      break;
+    case 'nbd+unix':
+      transport = 'unix';
+      break;
+    case 'nbds':
+    case 'nbds+tcp':
+    case 'nbds+unix':
+    case 'nbds+vsock':
+      return fail(`TLS not supported yet (scheme "${scheme}:" requires TLS; use nbd:// or nbd+unix://)`);
+    case 'nbd+vsock':
+      return fail('AF_VSOCK transport not supported (use nbd:// or nbd+unix://)');
+    default:
+      return fail(`unknown scheme "${scheme}:" (expected nbd:// or nbd+unix://)`);
+  }
+  if (fragment !== undefined) fail('a fragment ("#...") is not allowed');
+
+  if (path !== '' && !path.startsWith('/')) fail('the export name must follow a "/"');
+  const exportName = decode(path.slice(1), 'export name', fail);
+  if (exportName.includes('\0')) fail('the export name contains a NUL character');
+  if (Buffer.byteLength(exportName) > 4096) fail('the export name is longer than 4096 bytes');
+
+  const params = parseQuery(query, fail);
+  for (const key of params.keys()) {
+    if (key.startsWith('tls-')) fail(`TLS not supported yet (query parameter "${key}")`);
+    if (key !== 'socket') fail(`unknown query parameter "${key}"`);
+  }
+
+  if (transport === 'unix') {
+    if (authority) fail('a nbd+unix URI takes no host (write nbd+unix:///export?socket=PATH)');
+    const socket = params.get('socket');
+    if (socket === undefined) return fail('a nbd+unix URI needs a "socket" query parameter (nbd+unix:///export?socket=PATH)');
+    if (socket === '') fail('the "socket" query parameter is empty');
+    return { transport, socket, exportName };
+  }
+
+  if (params.has('socket')) fail('the "socket" query parameter is only valid with nbd+unix://');
+  if (authority === undefined || authority === '') return fail('missing host (expected nbd://host[:port]/export)');
+  let hostport = authority;
+  const at = hostport.lastIndexOf('@');
+  if (at >= 0) fail('user information ("user@") is only used for TLS authentication, and TLS is not supported yet');
+  let host: string;
+  let portText: string | undefined;
+  if (hostport.startsWith('[')) {
+    const close = hostport.indexOf(']');
+    if (close < 0) return fail('unterminated IPv6 address ("[" without "]")');
+    host = hostport.slice(1, close);
+    const rest = hostport.slice(close + 1);
+    if (rest !== '' && !rest.startsWith(':')) fail(`unexpected "${rest}" after the IPv6 address`);
+    portText = rest === '' ? undefined : rest.slice(1);
+    if (!/^[0-9A-Fa-f:.]+(%.+)?$/.test(host) || !host.includes(':')) fail(`"${host}" is not an IPv6 address`);
+    host = decode(host, 'host', fail);
+  } else {
+    const colon = hostport.lastIndexOf(':');
+    if (colon >= 0) {
+      portText = hostport.slice(colon + 1);
+      hostport = hostport.slice(0, colon);
+    }
+    host = decode(hostport, 'host', fail);
+    if (host.includes(':')) fail('an IPv6 address must be written in brackets, e.g. nbd://[::1]:10809/export');
+  }
+  if (host === '') fail('missing host (expected nbd://host[:port]/export)');
+  if (/[\s/\\]/.test(host)) fail(`invalid host "${host}"`);
+  let port = NBD_DEFAULT_PORT;
+  if (portText !== undefined && portText !== '') {
+    if (!/^[0-9]{1,5}$/.test(portText)) fail(`invalid port "${portText}"`);
+    port = Number(portText);
+    if (port < 1 || port > 65535) fail(`port ${port} is out of range (1-65535)`);
+  }
+  return { transport, host, port, exportName };
+}
+
+/** The canonical URI text for a parsed URI (for messages and logs). */
+export function formatNbdUri(u: NbdUri): string {
+  const name = encodeURIComponent(u.exportName).replace(/%2F/gi, '/');
+  if (u.transport === 'unix') return `nbd+unix:///${name}?socket=${encodeURIComponent(u.socket).replace(/%2F/gi, '/')}`;
+  const host = u.host.includes(':') ? `[${u.host.replace(/%/g, '%25')}]` : u.host;
+  return `nbd://${host}${u.port === NBD_DEFAULT_PORT ? '' : `:${u.port}`}/${name}`;
+}
+
+function decode(s: string, what: string, fail: (why: string) => never): string {
+  try {
+    return decodeURIComponent(s);
+  } catch {
+    return fail(`bad percent-encoding in the ${what}`);
+  }
+}
+
+function parseQuery(query: string | undefined, fail: (why: string) => never): Map<string, string> {
+  const out = new Map<string, string>();
+  if (query === undefined || query === '') return out;
+  for (const part of query.split('&')) {
+    if (part === '') continue;
+    const eq = part.indexOf('=');
+    const key = decode(eq < 0 ? part : part.slice(0, eq), 'query', fail);
+    const value = eq < 0 ? '' : decode(part.slice(eq + 1), 'query', fail);
+    if (out.has(key)) fail(`query parameter "${key}" given twice`);
+    out.set(key, value);
+  }
+  return out;
+}

@@ -1,0 +1,106 @@
+/**
+ * Owns the mirror jobs of one server process: at most one per export. The
+ * admin socket and the metrics read it; it never touches sockets itself.
+ */
+import { EventEmitter } from 'node:events';
+import { DEFAULT_MIRROR_OPTIONS, JobError, type JobStatus, MirrorJob, type MirrorOptions, type MirrorSource } from './job.js';
+
+export interface ExportStatus {
+  name: string;
+  image: string;
+  size: number;
+  connections: number;
+  dirtyBytes: number;
+  dirtyBlocks: number;
+  granularity: number;
+  bitmapBytes: number;
+  /** Where the export's I/O goes now. */
+  backend: 'local' | 'target';
+}
+
+export class MigrationController extends EventEmitter {
+  private readonly jobs = new Map<string, MirrorJob>();
+
+  constructor(
+    private readonly sources: ReadonlyMap<string, MirrorSource>,
+    private readonly connections: () => Map<string, number>,
+  ) {
+    super();
+  }
+
+  private source(name: string): MirrorSource {
+    const s = this.sources.get(name);
+    if (!s) throw new JobError('ENOENT', `no export named "${name}"`);
+    return s;
+  }
+
+  private job(name: string): MirrorJob {
+    this.source(name);
+    const j = this.jobs.get(name);
+    if (!j) throw new JobError('ENOENT', `no mirror job for export "${name}"`);
+    return j;
+  }
+
+  /** Starts a mirror; rejects before anything changes when the target is unfit or a job already runs. */
+  async mirror(exportName: string, opts: Partial<MirrorOptions> & { target: string }): Promise<JobStatus> {
+    const src = this.source(exportName);
+    const existing = this.jobs.get(exportName);
+    if (existing && !existing.isFinal) throw new JobError('EBUSY', `a mirror of "${exportName}" is already ${existing.state}`);
+    if (existing?.state === 'completed') throw new JobError('EINVAL', `export "${exportName}" was already migrated to ${existing.status().target}`);
+    const job = new MirrorJob(src, { ...DEFAULT_MIRROR_OPTIONS, ...opts });
+    job.on('state', (to: string, from: string) => this.emit('job-state', exportName, to, from));
+    job.on('progress', (s: JobStatus) => this.emit('job-progress', s));
+    this.jobs.set(exportName, job); // claimed before the await: a concurrent mirror is refused
+    try {
+      await job.start();
+    } catch (e) {
+      this.jobs.delete(exportName);
+      if (existing) this.jobs.set(exportName, existing);
+      throw e;
+    }
+    return job.status();
+  }
+
+  status(): { exports: ExportStatus[]; jobs: JobStatus[] } {
+    const conns = this.connections();
+    const exports = [...this.sources.values()].map((s) => ({
+      name: s.name,
+      image: s.image,
+      size: s.size,
+      connections: conns.get(s.name) ?? 0,
+      dirtyBytes: s.bitmap.dirtyBytes(),
+      dirtyBlocks: s.bitmap.dirtyBlocks(),
+      granularity: s.bitmap.granularity,
+      bitmapBytes: s.bitmap.memoryBytes(),
+      backend: (s.gate.inner === s.tracking ? 'local' : 'target') as ExportStatus['backend'],
+    }));
+    return { exports, jobs: [...this.jobs.values()].map((j) => j.status()) };
+  }
+
+  jobStatus(exportName: string): JobStatus {
+    return this.job(exportName).status();
+  }
+
+  cutover(exportName: string): JobStatus {
+    const j = this.job(exportName);
+    j.requestCutover();
+    return j.status();
+  }
+
+  async abort(exportName: string): Promise<JobStatus> {
+    const j = this.job(exportName);
+    await j.abort();
+    return j.status();
+  }
+
+  setSpeed(exportName: string, bytesPerSecond: number | undefined): JobStatus {
+    const j = this.job(exportName);
+    j.setSpeed(bytesPerSecond);
+    return j.status();
+  }
+
+  /** Jobs that have not reached a final state. */
+  running(): MirrorJob[] {
+    return [...this.jobs.values()].filter((j) => !j.isFinal);
+  }
+}

@@ -1,0 +1,165 @@
+/**
+ * The copy engine: one sweep over the dirty bitmap, copying each dirty run
+ * from a source Device to a target Device, sparse-aware (holes become
+ * WRITE_ZEROES, or nothing at all where the target already reads as zero).
+ *
+ * Ordering rule: a chunk's bits are cleared *before* its data is read, under a
+ * range lock. A guest write that lands during the copy marks the bits again
+ * (after its local write), so the next sweep copies the block again; the lock
+ * keeps two copies of one block, or a copy and a write-through, from racing
+ * on the target, so stale data can never land last.
+ *
+ * Bounds: `maxInflight` chunks of at most `chunkBytes` each are in flight.
+ */
+import { NBD_STATE_ZERO } from '../protocol/constants.js';
+import type { Device } from '../storage/device.js';
+import type { DirtyBitmap } from '../dirty/bitmap.js';
+import type { RangeLock } from './range-lock.js';
+import type { TokenBucket } from './token-bucket.js';
+
+export interface CopyOptions {
+  chunkBytes: number;
+  maxInflight: number;
+  locks?: RangeLock;
+  limiter?: TokenBucket;
+  /** Ask the target which ranges already read as zero and skip zeroing them (the first sweep). */
+  skipTargetZeros: boolean;
+  /** Checked between chunks: stop the sweep early. */
+  shouldStop?: () => boolean;
+}
+
+export const DEFAULT_COPY_OPTIONS: CopyOptions = { chunkBytes: 4 * 1024 * 1024, maxInflight: 8, skipTargetZeros: false };
+
+export interface CopyStats {
+  /** Bytes of data read and written. */
+  dataBytes: number;
+  /** Bytes zeroed on the target. */
+  zeroBytes: number;
+  /** Bytes of holes skipped because the target already read as zero. */
+  skippedBytes: number;
+}
+
+export function newCopyStats(): CopyStats {
+  return { dataBytes: 0, zeroBytes: 0, skippedBytes: 0 };
+}
+
+/** A chunk given up because the sweep is stopping; its blocks are marked dirty again. */
+export class CopyStopped extends Error {
+  override readonly name = 'CopyStopped';
+  constructor() {
+    super('copy stopped');
+  }
+}
+
+/** Max extents asked for at once from either side. */
+const EXTENT_BATCH = 1024;
+
+/**
+ * Copies every block dirty at the time the sweep reaches it. Rejects with the
+ * first failure once in-flight chunks settle; failed chunks are marked dirty again.
+ */
+export async function copySweep(
+  source: Device,
+  target: Device,
+  bitmap: DirtyBitmap,
+  opts: CopyOptions,
+  stats: CopyStats,
+): Promise<void> {
+  const chunkBlocks = Math.max(1, Math.floor(opts.chunkBytes / bitmap.granularity));
+  const inflight = new Set<Promise<void>>();
+  let failure: unknown;
+  let cursor = 0;
+  // Once one chunk fails (the target is likely gone), the others stop at their next step.
+  const stopped = () => failure !== undefined || (opts.shouldStop?.() ?? false);
+  const runOpts = { ...opts, shouldStop: stopped };
+  while (!stopped()) {
+    const run = bitmap.nextRun(cursor, chunkBlocks);
+    if (!run) break;
+    cursor = run.block + run.count;
+    const p = copyRun(source, target, bitmap, run.block, run.count, runOpts, stats).catch((e) => {
+      if (!(e instanceof CopyStopped)) failure ??= e;
+    });
+    const tracked = p.finally(() => inflight.delete(tracked));
+    inflight.add(tracked);
+    if (inflight.size >= opts.maxInflight) await Promise.race(inflight);
+  }
+  await Promise.all(inflight);
+  if (failure !== undefined) throw failure;
+}
+
+async function copyRun(
+  source: Device,
+  target: Device,
+  bitmap: DirtyBitmap,
+  block: number,
+  count: number,
+  opts: CopyOptions,
+  stats: CopyStats,
+): Promise<void> {
+  const offset = block * bitmap.granularity;
+  const length = Math.min(count * bitmap.granularity, source.size - offset);
+  const release = opts.locks ? await opts.locks.acquire(offset, length) : undefined;
+  bitmap.clearBlocks(block, count);
+  try {
+    await copyRange(source, target, offset, length, opts, stats);
+  } catch (e) {
+    bitmap.markBlocks(block, count);
+    throw e;
+  } finally {
+    release?.();
+  }
+}
+
+/** Copies [offset, offset + length) by the source's allocation map. */
+export async function copyRange(
+  source: Device,
+  target: Device,
+  offset: number,
+  length: number,
+  opts: Pick<CopyOptions, 'limiter' | 'skipTargetZeros' | 'shouldStop'>,
+  stats: CopyStats,
+): Promise<void> {
+  const end = offset + length;
+  let pos = offset;
+  while (pos < end) {
+    if (opts.shouldStop?.()) throw new CopyStopped();
+    const extents = await source.extents(pos, end - pos, EXTENT_BATCH);
+    for (const e of extents) {
+      const n = Math.min(e.length, end - pos);
+      if (n <= 0) break;
+      if (e.flags & NBD_STATE_ZERO) await zeroRange(target, pos, n, opts.skipTargetZeros, stats);
+      else {
+        if (opts.limiter) await opts.limiter.take(n);
+        if (opts.shouldStop?.()) throw new CopyStopped();
+        const buf = Buffer.allocUnsafe(n);
+        await source.read(pos, n, buf, 0);
+        await target.write(pos, [buf], { fua: false });
+        stats.dataBytes += n;
+      }
+      pos += n;
+    }
+  }
+}
+
+async function zeroRange(target: Device, offset: number, length: number, skipTargetZeros: boolean, stats: CopyStats): Promise<void> {
+  if (!skipTargetZeros) {
+    await target.zero(offset, length, { fua: false, noHole: false, fast: false });
+    stats.zeroBytes += length;
+    return;
+  }
+  const end = offset + length;
+  let pos = offset;
+  while (pos < end) {
+    const extents = await target.extents(pos, end - pos, EXTENT_BATCH);
+    for (const e of extents) {
+      const n = Math.min(e.length, end - pos);
+      if (n <= 0) break;
+      if (e.flags & NBD_STATE_ZERO) stats.skippedBytes += n;
+      else {
+        await target.zero(pos, n, { fua: false, noHole: false, fast: false });
+        stats.zeroBytes += n;
+      }
+      pos += n;
+    }
+  }
+}

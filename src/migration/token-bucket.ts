@@ -1,0 +1,51 @@
+/**
+ * A byte-rate limiter: `take(n)` resolves when n bytes may pass at `rate`
+ * bytes per second, with up to a quarter second of burst. Requests larger than
+ * the burst are let through once the bucket has been full, paying their debt
+ * by making later requests wait.
+ */
+export class TokenBucket {
+  private tokens: number;
+  private last = performance.now();
+  private queue: Promise<void> = Promise.resolve();
+
+  constructor(public rate: number) {
+    this.tokens = this.burst;
+  }
+
+  private get burst(): number {
+    return Math.max(this.rate / 4, 64 * 1024);
+  }
+
+  setRate(rate: number): void {
+    this.refill();
+    this.rate = rate;
+    this.tokens = Math.min(this.tokens, this.burst);
+  }
+
+  /** Waits in FIFO order until `n` bytes may pass. */
+  take(n: number): Promise<void> {
+    const turn = this.queue.then(() => this.wait(n));
+    this.queue = turn;
+    return turn;
+  }
+
+  private refill(): void {
+    const now = performance.now();
+    this.tokens = Math.min(this.burst, this.tokens + ((now - this.last) / 1000) * this.rate);
+    this.last = now;
+  }
+
+  private async wait(n: number): Promise<void> {
+    for (;;) {
+      this.refill();
+      const need = Math.min(n, this.burst);
+      if (this.tokens >= need) {
+        this.tokens -= n; // may go negative: a large request's debt delays the next
+        return;
+      }
+      const ms = ((need - this.tokens) / this.rate) * 1000;
+      await new Promise((r) => setTimeout(r, Math.max(1, Math.ceil(ms))));
+    }
+  }
+}
