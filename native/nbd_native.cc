@@ -12,6 +12,8 @@
 #include <linux/falloc.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/uio.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 #include <vector>
 
@@ -123,6 +125,71 @@ class ExtentsWorker : public Napi::AsyncWorker {
   const char* syscall_ = "";
 };
 
+// -1: would block (go to the thread pool); -2: RWF_NOWAIT unsupported on this file; else throw.
+Napi::Value NowaitFailure(Napi::Env env, int err, const char* syscall) {
+  if (err == EAGAIN) return Napi::Number::New(env, -1);
+  if (err == EOPNOTSUPP || err == ENOSYS || err == EINVAL) return Napi::Number::New(env, -2);
+  ErrnoError(env, err, syscall).ThrowAsJavaScriptException();
+  return env.Undefined();
+}
+
+// preadNowait(fd, buffer, at, length, position, memoryBacked) -> bytes read, -1 when
+// the data is not in the page cache (EAGAIN), or -2 when RWF_NOWAIT is unsupported. A page-cache
+// hit is served inline on the event loop (a memcpy, no thread hand-off); a miss goes to
+// the thread pool as usual, so the loop never waits on a disk. On tmpfs/ramfs, which
+// refuse RWF_NOWAIT but never touch a disk, a plain pread is just as safe.
+Napi::Value PreadNowait(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  Napi::Buffer<uint8_t> buf = info[1].As<Napi::Buffer<uint8_t>>();
+  size_t at = static_cast<size_t>(info[2].As<Napi::Number>().DoubleValue());
+  size_t len = static_cast<size_t>(info[3].As<Napi::Number>().DoubleValue());
+  int64_t pos = ToOffset(info[4]);
+  if (at > buf.Length() || len > buf.Length() - at) {
+    Napi::RangeError::New(env, "preadNowait: range outside the buffer").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  bool memoryBacked = info.Length() > 5 && info[5].ToBoolean().Value();
+  struct iovec iov = {buf.Data() + at, len};
+  ssize_t r;
+  do {
+    r = memoryBacked ? pread(fd, iov.iov_base, len, pos) : preadv2(fd, &iov, 1, pos, RWF_NOWAIT);
+  } while (r < 0 && errno == EINTR);
+  if (r < 0) return NowaitFailure(env, errno, "preadv2");
+  return Napi::Number::New(env, static_cast<double>(r));
+}
+
+// pwritevNowait(fd, buffers[], position, memoryBacked) -> bytes written, -1 (would block:
+// use the thread pool) or -2 (RWF_NOWAIT unsupported here: stop trying). As preadNowait.
+Napi::Value PwritevNowait(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  Napi::Array bufs = info[1].As<Napi::Array>();
+  int64_t pos = ToOffset(info[2]);
+  bool memoryBacked = info[3].ToBoolean().Value();
+  uint32_t n = bufs.Length();
+  if (n > 64) return Napi::Number::New(env, -1);
+  struct iovec iov[64];
+  for (uint32_t i = 0; i < n; i++) {
+    Napi::Buffer<uint8_t> b = bufs.Get(i).As<Napi::Buffer<uint8_t>>();
+    iov[i].iov_base = b.Data();
+    iov[i].iov_len = b.Length();
+  }
+  ssize_t r;
+  do {
+    r = pwritev2(fd, iov, static_cast<int>(n), pos, memoryBacked ? 0 : RWF_NOWAIT);
+  } while (r < 0 && errno == EINTR);
+  if (r < 0) return NowaitFailure(env, errno, "pwritev2");
+  return Napi::Number::New(env, static_cast<double>(r));
+}
+
+// memoryBacked(fd): the file lives on tmpfs or ramfs (its reads never wait on a disk).
+Napi::Value MemoryBacked(const Napi::CallbackInfo& info) {
+  struct statfs sfs;
+  if (fstatfs(info[0].As<Napi::Number>().Int32Value(), &sfs) < 0) return Napi::Boolean::New(info.Env(), false);
+  return Napi::Boolean::New(info.Env(), sfs.f_type == 0x01021994 /* TMPFS_MAGIC */ || sfs.f_type == 0x858458f6 /* RAMFS_MAGIC */);
+}
+
 // fallocate(fd, mode, offset, length, callback(err))
 Napi::Value Fallocate(const Napi::CallbackInfo& info) {
   auto* w = new FallocateWorker(info[4].As<Napi::Function>(), info[0].As<Napi::Number>().Int32Value(),
@@ -156,6 +223,9 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("fallocate", Napi::Function::New(env, Fallocate));
   exports.Set("extents", Napi::Function::New(env, Extents));
   exports.Set("flock", Napi::Function::New(env, Flock));
+  exports.Set("preadNowait", Napi::Function::New(env, PreadNowait));
+  exports.Set("memoryBacked", Napi::Function::New(env, MemoryBacked));
+  exports.Set("pwritevNowait", Napi::Function::New(env, PwritevNowait));
   exports.Set("FALLOC_FL_KEEP_SIZE", Napi::Number::New(env, FALLOC_FL_KEEP_SIZE));
   exports.Set("FALLOC_FL_PUNCH_HOLE", Napi::Number::New(env, FALLOC_FL_PUNCH_HOLE));
   exports.Set("FALLOC_FL_ZERO_RANGE", Napi::Number::New(env, FALLOC_FL_ZERO_RANGE));

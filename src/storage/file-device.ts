@@ -16,6 +16,26 @@ const writev = promisify(fs.writev);
 const fdatasync = promisify(fs.fdatasync);
 const close = promisify(fs.close);
 
+/** Largest read tried inline from the page cache before going to the thread pool. */
+const INLINE_READ_MAX = 256 * 1024;
+
+/** Largest write tried inline (when it cannot block) before going to the thread pool. */
+const INLINE_WRITE_MAX = 256 * 1024;
+
+/** The buffers less their first `n` bytes. */
+function skipBytes(bufs: readonly Buffer[], n: number): Buffer[] {
+  let skip = n;
+  const rest: Buffer[] = [];
+  for (const b of bufs) {
+    if (skip >= b.length) skip -= b.length;
+    else {
+      rest.push(skip ? b.subarray(skip) : b);
+      skip = 0;
+    }
+  }
+  return rest;
+}
+
 /** Zeros written when the filesystem can neither punch nor zero-range; shared, never written into. */
 const ZERO_CHUNK = Buffer.alloc(1024 * 1024);
 
@@ -36,6 +56,11 @@ export class FileDevice implements Device {
   private canPunch: boolean;
   private canZeroRange: boolean;
   private closed = false;
+  /** tmpfs/ramfs: inline reads need no RWF_NOWAIT (which those refuse). */
+  private readonly memoryBacked: boolean;
+  /** Inline I/O stops being tried once the file system refuses RWF_NOWAIT outright. */
+  private inlineReads = true;
+  private inlineWrites = true;
 
   private constructor(
     readonly path: string,
@@ -45,6 +70,7 @@ export class FileDevice implements Device {
     private readonly ops: SparseOps,
     private readonly log: Logger,
   ) {
+    this.memoryBacked = ops.memoryBacked(fd);
     this.canPunch = ops.kind === 'native';
     this.canZeroRange = ops.kind === 'native';
   }
@@ -86,6 +112,14 @@ export class FileDevice implements Device {
 
   async read(offset: number, length: number, into: Buffer, at: number): Promise<void> {
     let done = 0;
+    // Small reads that hit the page cache are copied inline: a thread-pool round
+    // trip costs more than the copy. Anything not cached goes to the pool.
+    if (length <= INLINE_READ_MAX && this.inlineReads) {
+      const n = this.ops.readCached(this.fd, into, at, length, offset, this.memoryBacked);
+      if (n === length) return;
+      if (n > 0) done = n;
+      else if (n === -2) this.inlineReads = false;
+    }
     while (done < length) {
       const { bytesRead } = await read(this.fd, into, at + done, length - done, offset + done);
       if (bytesRead === 0) {
@@ -100,6 +134,23 @@ export class FileDevice implements Device {
   async write(offset: number, data: readonly Buffer[], opts: WriteOptions): Promise<void> {
     let pos = offset;
     let bufs = data as Buffer[];
+    if (this.inlineWrites && data.length <= 64) {
+      let total = 0;
+      for (const b of data) total += b.length;
+      if (total <= INLINE_WRITE_MAX) {
+        const n = this.ops.writeCached(this.fd, data, offset, this.memoryBacked);
+        if (n === total) {
+          if (opts.fua) await this.flush();
+          return;
+        }
+        if (n === -2) this.inlineWrites = false;
+        else if (n > 0) {
+          // A short inline write: the thread pool writes the rest.
+          pos += n;
+          bufs = skipBytes(bufs, n);
+        }
+      }
+    }
     for (;;) {
       const total = bufs.reduce((n, b) => n + b.length, 0);
       if (total === 0) break;
@@ -108,16 +159,7 @@ export class FileDevice implements Device {
       if (bytesWritten === 0) throw new DeviceError('EIO', `short write at ${pos}`);
       // Partial write (rare on regular files): continue with what is left.
       pos += bytesWritten;
-      let skip = bytesWritten;
-      const rest: Buffer[] = [];
-      for (const b of bufs) {
-        if (skip >= b.length) skip -= b.length;
-        else {
-          rest.push(skip ? b.subarray(skip) : b);
-          skip = 0;
-        }
-      }
-      bufs = rest;
+      bufs = skipBytes(bufs, bytesWritten);
     }
     if (opts.fua) await this.flush();
   }

@@ -21,12 +21,25 @@ export interface SparseOps {
   lock(fd: number, imagePath: string, exclusive: boolean): void;
   /** Releases what lock() took that does not go away with the fd (the fallback's lock file). */
   unlock(imagePath: string): void;
+  /**
+   * Reads inline if the data is already in the page cache (preadv2 RWF_NOWAIT):
+   * bytes read (possibly short), -1 when it would have to wait for a disk, or
+   * -2 when this file system refuses RWF_NOWAIT (stop trying).
+   */
+  readCached(fd: number, into: Buffer, at: number, length: number, position: number, memoryBacked: boolean): number;
+  /** Writes inline when that cannot block (pwritev2 RWF_NOWAIT); results as readCached. */
+  writeCached(fd: number, data: readonly Buffer[], position: number, memoryBacked: boolean): number;
+  /** The file is on tmpfs/ramfs: its reads never wait on a disk. */
+  memoryBacked(fd: number): boolean;
 }
 
 interface Binding {
   fallocate(fd: number, mode: number, offset: number, length: number, cb: (err: Error | null) => void): void;
   extents(fd: number, offset: number, length: number, maxRuns: number, cb: (err: Error | null, runs?: number[]) => void): void;
   flock(fd: number, exclusive: boolean): void;
+  preadNowait(fd: number, buf: Buffer, at: number, length: number, position: number, memoryBacked: boolean): number;
+  memoryBacked(fd: number): boolean;
+  pwritevNowait(fd: number, bufs: readonly Buffer[], position: number, memoryBacked: boolean): number;
   FALLOC_FL_KEEP_SIZE: number;
   FALLOC_FL_PUNCH_HOLE: number;
   FALLOC_FL_ZERO_RANGE: number;
@@ -69,6 +82,9 @@ function nativeOps(b: Binding): SparseOps {
     unlock() {
       /* flock goes with the fd */
     },
+    readCached: (fd, into, at, length, position, memoryBacked) => b.preadNowait(fd, into, at, length, position, memoryBacked),
+    memoryBacked: (fd) => b.memoryBacked(fd),
+    writeCached: (fd, data, position, memoryBacked) => b.pwritevNowait(fd, data, position, memoryBacked),
   };
 }
 
@@ -84,6 +100,9 @@ export const fallbackOps: SparseOps = {
   punchHole: unsupported,
   zeroRange: unsupported,
   runs: (_fd, _offset, length) => Promise.resolve([{ length, hole: false }]),
+  readCached: () => -1,
+  memoryBacked: () => false,
+  writeCached: () => -2,
   lock(_fd, imagePath, exclusive) {
     // Without flock, only exclusive (read-write) opens are guarded; readers share freely.
     if (!exclusive) return;

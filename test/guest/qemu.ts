@@ -44,6 +44,11 @@ export interface NbdDisk {
   discard?: 'unmap' | 'ignore';
   /** `<readonly/>`. */
   readOnly?: boolean;
+  /**
+   * `<reconnect delay='N'/>` inside <source>: QEMU's "reconnect-delay". Without
+   * it a dropped NBD connection fails the guest's I/O at once.
+   */
+  reconnectDelay?: number;
 }
 
 /** The libvirt <disk> element that `blockdevArgs` models, for messages and docs. */
@@ -59,6 +64,7 @@ export function libvirtDiskXml(disk: NbdDisk, target = 'vda'): string {
     `  <driver name='qemu' type='raw' cache='none'${driverExtra}/>`,
     `  <source protocol='nbd'${name}>`,
     `    ${host}`,
+    ...(disk.reconnectDelay !== undefined ? [`    <reconnect delay='${disk.reconnectDelay}'/>`] : []),
     `  </source>`,
     `  <target dev='${target}' bus='virtio'/>`,
     ...(disk.readOnly ? ['  <readonly/>'] : []),
@@ -93,6 +99,7 @@ export function blockdevArgs(disk: NbdDisk, index: number): string[] {
       : { type: 'unix', path: disk.server.path };
   const blockdev: Record<string, unknown> = { driver: 'nbd', server };
   if (disk.export !== undefined) blockdev.export = disk.export;
+  if (disk.reconnectDelay !== undefined) blockdev['reconnect-delay'] = disk.reconnectDelay;
   blockdev['node-name'] = node;
   blockdev['read-only'] = disk.readOnly ?? false;
   if (disk.discard) blockdev.discard = disk.discard;

@@ -11,8 +11,8 @@ const MiB = 1024 * 1024;
 const native = sparseOps();
 t.equal(native.ops.kind, 'native', `native addon loads (${native.reason ?? 'ok'}); npm ci builds it with node-gyp`);
 
-function tmpImage(t: Tap, size: number): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbdm-fd-'));
+function tmpImage(t: Tap, size: number, base = os.tmpdir()): string {
+  const dir = fs.mkdtempSync(path.join(base, 'nbdm-fd-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const p = path.join(dir, 'disk.img');
   fs.writeFileSync(p, '');
@@ -91,6 +91,34 @@ for (const ops of [native.ops, fallbackOps] as SparseOps[]) {
     const c = d.capabilities();
     t.notOk(c.canWrite || c.canTrim || c.canZero || c.canFua);
     t.ok(c.canMultiConn && c.canFlush && c.canExtents);
+  });
+}
+
+// Inline I/O: page-cache hits (RWF_NOWAIT) on a disk file system, plain inline I/O on tmpfs.
+for (const base of [os.tmpdir(), '/dev/shm']) {
+  t.test(`native inline reads and writes agree with the file (${base})`, async (t) => {
+    const img = tmpImage(t, 4 * MiB, base);
+    const d = await FileDevice.open(img, { readOnly: false, ops: native.ops });
+    t.teardown(() => d.close());
+    const expect = Buffer.alloc(4 * MiB);
+    let seed = 7;
+    for (let i = 0; i < 200; i++) {
+      seed = (seed * 1103515245 + 12345) & 0x7fffffff;
+      const off = seed % (4 * MiB - 70000);
+      const len = 1 + (seed % 65536);
+      const parts = [Buffer.alloc(Math.floor(len / 2), i & 0xff), Buffer.alloc(len - Math.floor(len / 2), (i + 1) & 0xff)];
+      await d.write(off, parts, { fua: false });
+      parts[0]!.copy(expect, off);
+      parts[1]!.copy(expect, off + parts[0]!.length);
+      const back = Buffer.alloc(len);
+      await d.read(off, len, back, 0);
+      if (!back.equals(expect.subarray(off, off + len))) {
+        t.fail(`read-back mismatch at ${off}+${len}`);
+        return;
+      }
+    }
+    await d.flush();
+    t.ok(fs.readFileSync(img).equals(expect), 'file holds every write');
   });
 }
 
