@@ -161,7 +161,15 @@ export class NbdClient extends EventEmitter implements Device {
 
     const socket =
       u.transport === 'tcp'
-        ? net.connect({ host: u.host, port: u.port, noDelay: true, writableHighWaterMark: WRITE_HIGH_WATER } as net.NetConnectOpts)
+        ? net.connect({
+            host: u.host,
+            port: u.port,
+            noDelay: true,
+            // Notices a peer that vanished while the connection was idle.
+            keepAlive: true,
+            keepAliveInitialDelay: 30_000,
+            writableHighWaterMark: WRITE_HIGH_WATER,
+          } as net.NetConnectOpts)
         : net.connect({ path: u.socket, writableHighWaterMark: WRITE_HIGH_WATER } as net.NetConnectOpts);
     const reader = new HandshakeReader(socket);
     let timer: NodeJS.Timeout | undefined;
