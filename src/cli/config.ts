@@ -27,6 +27,8 @@ export interface ServeConfig {
   handshakeTimeout: number;
   /** Admin socket (JSON lines, mode 0600) for mirror control and status. */
   adminSocket?: string;
+  /** Serve Prometheus metrics on HOST:PORT (/metrics). */
+  metrics?: string;
   /** Bytes per dirty-bitmap bit. */
   dirtyGranularity: number;
   /** Serve fenced or half-received images read-write anyway. */
@@ -66,7 +68,7 @@ export function loadConfigFile(file: string): Partial<ServeConfig> {
   return parseConfig(raw, file, path.dirname(path.resolve(file)));
 }
 
-const TOP_KEYS = new Set(['listen', 'port', 'socket', 'handshakeTimeout', 'adminSocket', 'dirtyGranularity', 'exports', '$comment']);
+const TOP_KEYS = new Set(['listen', 'port', 'socket', 'handshakeTimeout', 'adminSocket', 'metrics', 'dirtyGranularity', 'exports', '$comment']);
 const EXPORT_KEYS = new Set(['name', 'path', 'readOnly', 'description', 'oldstylePort', 'incoming', '$comment']);
 
 export function parseConfig(raw: unknown, where: string, baseDir: string): Partial<ServeConfig> {
@@ -84,6 +86,8 @@ export function parseConfig(raw: unknown, where: string, baseDir: string): Parti
   if (ht !== undefined) out.handshakeTimeout = ht;
   const admin = field(o, 'adminSocket', where, isString, 'a socket path');
   if (admin !== undefined) out.adminSocket = admin;
+  const metrics = field(o, 'metrics', where, isString, 'a HOST:PORT string');
+  if (metrics !== undefined) out.metrics = metrics;
   const gran = field(o, 'dirtyGranularity', where, isGranularity, 'a power of two of at least 512 bytes');
   if (gran !== undefined) out.dirtyGranularity = gran;
   const exps = field(o, 'exports', where, Array.isArray, 'an array of exports');
@@ -163,6 +167,7 @@ export interface ServeArgs {
   'read-only'?: boolean;
   'handshake-timeout'?: number;
   'admin-socket'?: string;
+  metrics?: string;
   incoming?: boolean;
   force?: boolean;
   'dirty-granularity'?: string | number;
@@ -200,6 +205,8 @@ export function serveConfigFrom(argv: ServeArgs): ServeConfig {
   if (socket !== undefined) cfg.socket = socket;
   const admin = argv['admin-socket'] ?? file.adminSocket;
   if (admin !== undefined) cfg.adminSocket = admin;
+  const metrics = argv.metrics ?? file.metrics;
+  if (metrics !== undefined) cfg.metrics = metrics;
   checkConfig(cfg);
   return cfg;
 }

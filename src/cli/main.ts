@@ -79,6 +79,7 @@ export async function main(args: string[]): Promise<void> {
           .option('read-only', { type: 'boolean', describe: 'Serve the IMAGE arguments read-only' })
           .option('handshake-timeout', { type: 'number', describe: `Seconds a client may take to negotiate (default ${CONFIG_DEFAULTS.handshakeTimeout})` })
           .option('admin-socket', { type: 'string', describe: 'Admin socket (JSON lines, mode 0600) for `nbd-migrate ctl`: mirror, status, cutover, abort' })
+          .option('metrics', { type: 'string', describe: 'Serve Prometheus metrics on HOST:PORT at /metrics' })
           .option('incoming', { type: 'boolean', describe: 'The IMAGE arguments are migration destinations: only the migration source may attach until it completes' })
           .option('force', { type: 'boolean', describe: 'Serve images read-write even if fenced (migrated away) or half-received' })
           .option('dirty-granularity', { type: 'string', describe: 'Bytes per dirty-bitmap bit, a power of two (default 64K)' })

@@ -18,6 +18,7 @@ import { clearIncoming, readFenced, readIncoming, writeIncoming } from '../migra
 import { Export, ExportRegistry } from '../server/export.js';
 import { DEFAULT_SERVER_OPTIONS, NbdServer } from '../server/server.js';
 import { FileDevice } from '../storage/file-device.js';
+import { buildRegistry, startMetricsServer } from '../metrics/exporter.js';
 import { log } from '../util/log.js';
 import { parseDurationMs, parseSize } from '../util/units.js';
 import { ConfigError, type ExportConfig, type ServeConfig } from './config.js';
@@ -95,8 +96,10 @@ export async function startServe(cfg: ServeConfig): Promise<RunningServer> {
     const srv = server;
     const controller = new MigrationController(sources, () => srv.connectionsByExport());
     const admin = cfg.adminSocket ? new AdminServer(cfg.adminSocket, adminHandlers(controller)) : undefined;
+    let metrics: { close(): Promise<void> } | undefined;
     const stop = async () => {
       await admin?.close();
+      await metrics?.close();
       // Mirrors not yet switched are aborted: the source stays authoritative. A cutover in progress finishes.
       await Promise.all(controller.running().map((j) => (j.state === 'cutting-over' ? j.finished() : j.abort().catch(() => undefined))));
       await srv.close();
@@ -108,8 +111,10 @@ export async function startServe(cfg: ServeConfig): Promise<RunningServer> {
       if (cfg.socket) await srv.listenUnix(cfg.socket);
       for (const e of cfg.exports) if (e.oldstylePort !== undefined) await srv.listenOldstyle(e.name, cfg.listen, e.oldstylePort);
       await admin?.listen();
+      if (cfg.metrics) metrics = await startMetricsServer(cfg.metrics, buildRegistry({ exports: registry, server: srv.stats, controller }));
     } catch (err) {
       await admin?.close();
+      await metrics?.close();
       await srv.close();
       throw err;
     }

@@ -6,6 +6,7 @@
 import * as C from '../protocol/constants.js';
 import type { Extent } from '../protocol/codec.js';
 import type { Capabilities, Device } from '../storage/device.js';
+import { ExportStats } from './stats.js';
 
 export const BLOCK_SIZE_MINIMUM = 1;
 export const BLOCK_SIZE_PREFERRED = 4096;
@@ -31,6 +32,8 @@ export class Export {
   readonly description: string | undefined;
   readonly device: Device;
   readonly caps: Capabilities;
+  /** Request counters, shared by every connection to this export. */
+  readonly stats = new ExportStats();
   private incomingState: ExportOptions['incoming'];
 
   constructor(opts: ExportOptions) {

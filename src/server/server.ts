@@ -17,6 +17,7 @@ import {
   oldstyleHandshake,
 } from './handshake.js';
 import { DEFAULT_SESSION_LIMITS, Session, type SessionLimits } from './session.js';
+import { ServerStats } from './stats.js';
 
 export const DEFAULT_NBD_PORT = 10809;
 
@@ -51,6 +52,7 @@ export class NbdServer {
   private readonly sessions = new Set<Session>();
   private nextId = 1;
   private closing = false;
+  readonly stats = new ServerStats();
 
   constructor(
     readonly exports: ExportRegistry,
@@ -100,13 +102,17 @@ export class NbdServer {
     const remote = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
     const conn = new Connection(id, socket, logger({ conn: id }));
     if (this.closing) {
+      this.stats.refuse('shutdown');
       socket.destroy();
       return;
     }
     this.connections.add(conn);
+    this.stats.accepted++;
+    this.stats.open++;
     conn.log.info('connection-open', { listener: listener.kind, remote });
     conn.onClose(() => {
       this.connections.delete(conn);
+      this.stats.open--;
       conn.log.info('connection-closed');
     });
     void this.handshake(conn, listener);
@@ -115,6 +121,7 @@ export class NbdServer {
   private async handshake(conn: Connection, listener: BoundListener): Promise<void> {
     const timer = setTimeout(() => {
       conn.log.warn('handshake-timeout', { timeoutMs: this.options.handshakeTimeoutMs, action: 'disconnect' });
+      this.stats.refuse('handshake-timeout');
       conn.destroy();
     }, this.options.handshakeTimeoutMs);
     let negotiated: Negotiated | null;
@@ -127,7 +134,10 @@ export class NbdServer {
         negotiated = await newstyleHandshake(conn, this.exports, this.options.handshake);
       }
     } catch (e) {
-      if (!(e instanceof ConnectionClosed)) conn.log.warn('handshake-failed', { cause: e, action: 'disconnect' });
+      if (!(e instanceof ConnectionClosed)) {
+        conn.log.warn('handshake-failed', { cause: e, action: 'disconnect' });
+        this.stats.refuse('handshake-failed');
+      }
       conn.destroy();
       return;
     } finally {

@@ -171,6 +171,7 @@ export class Session {
         errno: nbdErrorName(refusal.error),
         cause: refusal.message,
       });
+      this.n.export.stats.op(h.type).error(nbdErrorName(refusal.error));
       // The payload of a refused WRITE is drained so the stream stays in sync, then answered.
       if (h.type === C.NBD_CMD_WRITE && h.length > 0) {
         this.discardLeft = h.length;
@@ -238,9 +239,13 @@ export class Session {
 
   private runWrite(h: codec.RequestHeader, data: Buffer[]): void {
     this.begin(h.length);
+    const started = performance.now();
     const fua = (h.flags & C.NBD_CMD_FLAG_FUA) !== 0;
     this.n.export.device.write(h.offset, data, { fua }).then(
-      () => this.sendOk(h),
+      () => {
+        this.account(h, started);
+        this.sendOk(h);
+      },
       (e) => this.sendFailure(h, e),
     ).finally(() => this.finish(h.length));
   }
@@ -248,7 +253,11 @@ export class Session {
   private run(h: codec.RequestHeader): void {
     const bytes = h.type === C.NBD_CMD_READ ? h.length : 0;
     this.begin(bytes);
-    this.execute(h).catch((e) => this.sendFailure(h, e)).finally(() => this.finish(bytes));
+    const started = performance.now();
+    this.execute(h).then(
+      () => this.account(h, started),
+      (e) => this.sendFailure(h, e),
+    ).finally(() => this.finish(bytes));
   }
 
   private async execute(h: codec.RequestHeader): Promise<void> {
@@ -318,6 +327,7 @@ export class Session {
 
   private sendFailure(h: codec.RequestHeader, e: unknown): void {
     const error = nbdErrorFor(e);
+    this.account(h, 0, error);
     this.conn.log.warn('request-failed', {
       command: C.COMMAND_NAMES[h.type] ?? h.type,
       offset: h.offset,
@@ -326,6 +336,13 @@ export class Session {
       cause: e,
     });
     this.sendError(h, error, (e as Error)?.message ?? String(e));
+  }
+
+  /** Counts a finished request in the export's statistics. */
+  private account(h: codec.RequestHeader, started: number, error?: number): void {
+    const op = this.n.export.stats.op(h.type);
+    if (error) op.error(nbdErrorName(error));
+    else op.observe(h.type === C.NBD_CMD_READ || h.type === C.NBD_CMD_WRITE ? h.length : 0, (performance.now() - started) / 1000);
   }
 
   private sendError(h: codec.RequestHeader, error: number, message: string): void {
