@@ -11,14 +11,19 @@
 //   - busybox from `busybox-static`, and the /init and /lib/nbdm.sh found in
 //     test/guest/rootfs/.
 //
+// NBDM_GUEST_KERNEL_PACKAGE=linux-image-... picks another kernel package.
+//
 // Cache layout ($NBDM_GUEST_CACHE, else $XDG_CACHE_HOME/nbd-migrate-guest,
 // else ~/.cache/nbd-migrate-guest):
 //   <kernel release>_<package version>/vmlinuz, modules/*.ko, kernel.json
 //   <kernel release>_<package version>/initrd-<hash>.cpio
 // The kernel directory is keyed by kernel version; an initramfs by the hash of
 // everything in it (busybox, modules, init scripts), so editing rootfs/
-// rebuilds only the (sub-second) cpio. A later run reuses both, and if apt
-// cannot be reached at all, the newest cached kernel is used.
+// rebuilds only the (sub-second) cpio. A later run reuses both; if apt knows
+// no cloud kernel or the download fails (offline), the newest cached kernel
+// is used. A newly fetched kernel replaces the older ones; initramfs files
+// unused for a week are removed. Builds take a lock (<root>/.lock), as two
+// test files may want the guest at once.
 //
 // The cpio archives are written by the small newc writer below rather than
 // `cpio -o -H newc`: it needs no staging tree, so /dev/console (a character
@@ -30,7 +35,7 @@
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { constants as fsc } from 'node:fs';
-import { chmod, copyFile, mkdir, mkdtemp, open, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, copyFile, mkdir, mkdtemp, open, readdir, readFile, rename, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -364,6 +369,16 @@ async function fetchKernel(pkg: string, version: string, dest: string, busybox: 
   return meta;
 }
 
+/** Remove cached kernels other than `keep` (a new kernel replaced them). */
+async function pruneKernels(root: string, keep: string, log: Log): Promise<void> {
+  for (const n of await readdir(root)) {
+    const dir = join(root, n);
+    if (n.startsWith('.') || dir === keep || !(await readMeta(dir))) continue;
+    log(`removing the superseded guest kernel ${dir}`);
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
 // ---------------------------------------------------------------------------
 // locking (two test files may build at once; tap runs two jobs)
 
@@ -439,12 +454,20 @@ async function buildInitrd(kdir: string, meta: KernelMeta, busybox: string, log:
   const hash = createHash('sha256').update(`format ${INITRD_FORMAT}\n`).update(archive).digest('hex').slice(0, 16);
   const path = join(kdir, `initrd-${hash}.cpio`);
   try {
-    await stat(path);
+    const now = new Date();
+    await utimes(path, now, now); // in use: keep it from being pruned
     return path;
   } catch {
     /* build it */
   }
   log(`writing ${path}`);
+  // Initramfs files built from other rootfs/ contents and unused for a week
+  // go (another checkout may still be using a recent one: its runs touch it).
+  for (const n of await readdir(kdir)) {
+    if (!/^initrd-[0-9a-f]+\.cpio$/.test(n)) continue;
+    const p = join(kdir, n);
+    if (Date.now() - (await stat(p)).mtimeMs > 7 * 24 * 3600_000) await rm(p, { force: true });
+  }
   const tmp = `${path}.${process.pid}.tmp`;
   const fh = await open(tmp, 'w');
   try {
@@ -483,38 +506,46 @@ async function doBuild(root: string, log: Log): Promise<Guest> {
   await mkdir(root, { recursive: true });
 
   return withLock(root, async () => {
-    let kdir: string;
-    let meta: KernelMeta | null = null;
+    // Under the lock, any scratch directory is left over from a build that died.
+    for (const n of await readdir(root)) {
+      if (n.startsWith('.build-')) await rm(join(root, n), { recursive: true, force: true });
+    }
+    let found: { dir: string; meta: KernelMeta } | null = null;
+    let why = '';
     const want = await resolveKernelPackage(log);
     if (want) {
       // The package name is linux-image-<release>; the directory is keyed by release and version.
       const release = want.pkg.replace(/^linux-image-/, '');
-      kdir = join(root, cacheKey(release, want.version));
-      meta = await readMeta(kdir);
-      if (!meta) {
+      const kdir = join(root, cacheKey(release, want.version));
+      const meta = await readMeta(kdir);
+      if (meta) {
+        found = { dir: kdir, meta };
+      } else {
         await rm(kdir, { recursive: true, force: true });
         const tmp = await mkdtemp(join(root, '.build-'));
         try {
-          meta = await fetchKernel(want.pkg, want.version, tmp, busybox, log);
+          const fetched = await fetchKernel(want.pkg, want.version, tmp, busybox, log);
           await chmod(tmp, 0o755); // mkdtemp made it 0700
           await rename(tmp, kdir);
+          found = { dir: kdir, meta: fetched };
+          await pruneKernels(root, kdir, log);
         } catch (e) {
           await rm(tmp, { recursive: true, force: true });
-          throw e;
+          why = `fetching ${want.pkg} ${want.version} failed: ${(e as Error).message}`;
         }
       }
     } else {
-      const cached = await newestCachedKernel(root);
-      if (!cached) {
-        throw new Error(
-          `cannot find the guest kernel: 'apt-cache depends ${KERNEL_META_PACKAGE}' names no ` +
-            `linux-image-*-cloud-amd64 package (run 'apt-get update' as root), and ${root} holds no cached kernel`,
-        );
-      }
-      log(`apt has no cloud kernel; using the cached ${cached.meta.package} ${cached.meta.version}`);
-      kdir = cached.dir;
-      meta = cached.meta;
+      why = process.env.NBDM_GUEST_KERNEL_PACKAGE
+        ? `apt knows no package ${process.env.NBDM_GUEST_KERNEL_PACKAGE} (NBDM_GUEST_KERNEL_PACKAGE)`
+        : `'apt-cache depends ${KERNEL_META_PACKAGE}' names no linux-image-*-cloud-amd64 package (run 'apt-get update' as root)`;
     }
+    if (!found) {
+      // Offline, or apt knows no cloud kernel: an older cached kernel will do.
+      found = await newestCachedKernel(root);
+      if (!found) throw new Error(`cannot get the guest kernel: ${why}; and ${root} holds no cached kernel`);
+      log(`${why}; using the cached ${found.meta.package} ${found.meta.version}`);
+    }
+    const { dir: kdir, meta } = found;
     const initrd = await buildInitrd(kdir, meta, busybox, log);
     return {
       kernel: join(kdir, 'vmlinuz'),

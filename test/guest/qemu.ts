@@ -221,7 +221,10 @@ export class GuestVm {
     }, opts.timeoutMs ?? 120_000);
 
     this.result = new Promise<GuestResult>((resolve) => {
+      let finished = false;
       const finish = (code: number | null, signal: NodeJS.Signals | null) => {
+        if (finished) return; // 'error' may be followed by 'close'
+        finished = true;
         clearTimeout(deadline);
         if (this.killTimer) clearTimeout(this.killTimer);
         running.delete(this.proc);
@@ -257,6 +260,7 @@ export class GuestVm {
   private onLine(raw: string): void {
     const line = raw.replace(/\r/g, '');
     this.lines.push(line);
+    if (this.lines.length > 20_000) this.lines.splice(0, 10_000); // a console flood must not eat the memory
     this.opts.onLine?.(line);
     if (process.env.NBDM_GUEST_CONSOLE) process.stderr.write(`[guest] ${line}\n`);
     const m = parseMarker(line, Date.now() - this.started);
