@@ -86,7 +86,7 @@ export async function main(args: string[]): Promise<void> {
           .example('$0 serve disk.img --name vm1', 'Serve disk.img as export "vm1" on port 10809')
           .example('$0 serve disk.img --name vm1 --oldstyle-port 20001', 'Also serve it oldstyle on port 20001 (qemu: nbd:HOST:20001)')
           .example('$0 serve --export a=a.img --export b=b.img,read-only', 'Serve two exports'),
-      async (argv) => serveUntilSignal(serveConfigFrom(argv as ServeArgs)),
+      async (argv) => serveUntilSignal(serveConfigFrom(argv as ServeArgs), () => serveConfigFrom(argv as ServeArgs)),
     )
     .command(
       'demo',

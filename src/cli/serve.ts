@@ -26,7 +26,20 @@ import { ConfigError, type ExportConfig, type ServeConfig } from './config.js';
 export interface RunningServer {
   server: NbdServer;
   controller: MigrationController;
+  reload(next: ServeConfig): Promise<void>;
   stop(): Promise<void>;
+}
+
+/** File descriptors passed by systemd socket activation (LISTEN_PID/LISTEN_FDS, fds from 3). */
+function socketActivationFds(): number[] {
+  const pid = Number(process.env.LISTEN_PID);
+  const n = Number(process.env.LISTEN_FDS);
+  if (pid !== process.pid || !Number.isInteger(n) || n < 1) return [];
+  // Not inherited by anything we start.
+  delete process.env.LISTEN_PID;
+  delete process.env.LISTEN_FDS;
+  delete process.env.LISTEN_FDNAMES;
+  return Array.from({ length: n }, (_, i) => 3 + i);
 }
 
 /** Refuses images that must not be served read-write: migrated away, or half-received. */
@@ -45,85 +58,178 @@ function checkMarkers(e: ExportConfig, force: boolean): void {
     );
 }
 
-export async function startServe(cfg: ServeConfig): Promise<RunningServer> {
-  const registry = new ExportRegistry();
-  const sources = new Map<string, MirrorSource>();
-  const devices: FileDevice[] = [];
-  const closeDevices = async () => {
-    for (const d of devices) await d.close().catch((e) => log('error', 'close-failed', { image: d.path, cause: e }));
-  };
-  let server: NbdServer | undefined;
-  const granularity = cfg.dirtyGranularity;
-  try {
-    for (const e of cfg.exports) {
-      checkMarkers(e, cfg.force);
-      let file: FileDevice;
-      try {
-        file = await FileDevice.open(e.path, { readOnly: e.readOnly });
-      } catch (err) {
-        const code = (err as { code?: string }).code;
-        if (code === 'EWOULDBLOCK')
-          throw new Error(`export "${e.name}": ${e.path} is already in use by another server (it holds the image lock)`, { cause: err });
-        throw new Error(`export "${e.name}": cannot open ${e.path}: ${(err as Error).message}`, { cause: err });
-      }
-      devices.push(file);
-      const bitmap = new DirtyBitmap(file.size, granularity);
-      const tracking = new DirtyTrackingDevice(file, bitmap);
-      const gate = new GateDevice(tracking);
-      let incoming: { onComplete(): Promise<void> } | undefined;
-      if (e.incoming) {
-        if (e.readOnly) throw new ConfigError(`export "${e.name}": --incoming needs a writable image`);
-        if (!readIncoming(e.path)) writeIncoming(e.path, { export: e.name, since: new Date().toISOString() });
-        incoming = {
-          onComplete: async () => {
-            clearIncoming(e.path);
-            log('info', 'incoming-complete', { export: e.name, image: e.path });
-          },
-        };
-      }
-      registry.add(new Export({ name: e.name, description: e.description, device: gate, incoming }));
-      sources.set(e.name, { name: e.name, image: e.path, size: file.size, gate, tracking, bitmap, disconnectClients: () => server?.disconnectExport(e.name) });
-      log('info', 'export-added', {
-        export: e.name,
-        image: e.path,
-        size: file.size,
-        readOnly: e.readOnly,
-        incoming: e.incoming ?? false,
-        storage: file.sparseKind,
-      });
-    }
-    server = new NbdServer(registry, { ...DEFAULT_SERVER_OPTIONS, handshakeTimeoutMs: cfg.handshakeTimeout * 1000 });
-    const srv = server;
-    const controller = new MigrationController(sources, () => srv.connectionsByExport());
-    const admin = cfg.adminSocket ? new AdminServer(cfg.adminSocket, adminHandlers(controller)) : undefined;
-    let metrics: { close(): Promise<void> } | undefined;
-    const stop = async () => {
-      await admin?.close();
-      await metrics?.close();
-      // Mirrors not yet switched are aborted: the source stays authoritative. A cutover in progress finishes.
-      await Promise.all(controller.running().map((j) => (j.state === 'cutting-over' ? j.finished() : j.abort().catch(() => undefined))));
-      await srv.close();
-      for (const s of sources.values()) await s.gate.flush().catch(() => undefined);
-      await closeDevices();
-    };
+/** One open export: its config, its device stack and what the mirror needs of it. */
+interface OpenExport {
+  config: ExportConfig;
+  file: FileDevice;
+  source: MirrorSource;
+}
+
+function sameExport(a: ExportConfig, b: ExportConfig): boolean {
+  return JSON.stringify({ ...a, description: undefined }) === JSON.stringify({ ...b, description: undefined }) && a.description === b.description;
+}
+
+/** The serving process: exports, listeners, admin socket, metrics; reloadable on SIGHUP. */
+class ServeProcess implements RunningServer {
+  readonly registry = new ExportRegistry();
+  readonly sources = new Map<string, MirrorSource>();
+  private readonly open = new Map<string, OpenExport>();
+  /** Exports removed by a reload whose images stay open until their last connection ends. */
+  private readonly retiring = new Set<OpenExport>();
+  readonly server: NbdServer;
+  readonly controller: MigrationController;
+  private admin: AdminServer | undefined;
+  private metrics: { close(): Promise<void> } | undefined;
+  private reaper: NodeJS.Timeout | undefined;
+
+  constructor(private cfg: ServeConfig) {
+    this.server = new NbdServer(this.registry, { ...DEFAULT_SERVER_OPTIONS, handshakeTimeoutMs: cfg.handshakeTimeout * 1000 });
+    this.controller = new MigrationController(this.sources, () => this.server.connectionsByExport());
+  }
+
+  async openExport(e: ExportConfig): Promise<OpenExport> {
+    checkMarkers(e, this.cfg.force);
+    if (e.incoming && e.readOnly) throw new ConfigError(`export "${e.name}": --incoming needs a writable image`);
+    let file: FileDevice;
     try {
-      await srv.listenNewstyle(cfg.listen, cfg.port);
-      if (cfg.socket) await srv.listenUnix(cfg.socket);
-      for (const e of cfg.exports) if (e.oldstylePort !== undefined) await srv.listenOldstyle(e.name, cfg.listen, e.oldstylePort);
-      await admin?.listen();
-      if (cfg.metrics) metrics = await startMetricsServer(cfg.metrics, buildRegistry({ exports: registry, server: srv.stats, controller }));
+      file = await FileDevice.open(e.path, { readOnly: e.readOnly });
     } catch (err) {
-      await admin?.close();
-      await metrics?.close();
-      await srv.close();
+      const code = (err as { code?: string }).code;
+      if (code === 'EWOULDBLOCK')
+        throw new Error(`export "${e.name}": ${e.path} is already in use by another server (it holds the image lock)`, { cause: err });
+      throw new Error(`export "${e.name}": cannot open ${e.path}: ${(err as Error).message}`, { cause: err });
+    }
+    const bitmap = new DirtyBitmap(file.size, this.cfg.dirtyGranularity);
+    const tracking = new DirtyTrackingDevice(file, bitmap);
+    const gate = new GateDevice(tracking);
+    let incoming: { onComplete(): Promise<void> } | undefined;
+    if (e.incoming) {
+      if (!readIncoming(e.path)) writeIncoming(e.path, { export: e.name, since: new Date().toISOString() });
+      incoming = {
+        onComplete: async () => {
+          clearIncoming(e.path);
+          log('info', 'incoming-complete', { export: e.name, image: e.path });
+        },
+      };
+    }
+    const source: MirrorSource = {
+      name: e.name,
+      image: e.path,
+      size: file.size,
+      gate,
+      tracking,
+      bitmap,
+      disconnectClients: () => this.server.disconnectExport(e.name),
+    };
+    const oe: OpenExport = { config: e, file, source };
+    this.registry.add(new Export({ name: e.name, description: e.description, device: gate, incoming }));
+    this.sources.set(e.name, source);
+    this.open.set(e.name, oe);
+    log('info', 'export-added', { export: e.name, image: e.path, size: file.size, readOnly: e.readOnly, incoming: e.incoming ?? false, storage: file.sparseKind });
+    if (e.oldstylePort !== undefined) await this.server.listenOldstyle(e.name, this.cfg.listen, e.oldstylePort);
+    return oe;
+  }
+
+  /** Takes an export away from new clients; connected ones keep it until they disconnect. */
+  async retireExport(name: string): Promise<void> {
+    const oe = this.open.get(name);
+    if (!oe) return;
+    await this.server.closeOldstyle(name);
+    this.registry.remove(name);
+    this.sources.delete(name);
+    this.open.delete(name);
+    this.retiring.add(oe);
+    log('info', 'export-removed', { export: name, connections: this.server.connectionsByExport().get(name) ?? 0 });
+    this.reaper ??= setInterval(() => void this.reap(), 1000);
+    await this.reap();
+  }
+
+  private async reap(): Promise<void> {
+    const conns = this.server.connectionsByExport();
+    for (const oe of [...this.retiring]) {
+      if ((conns.get(oe.config.name) ?? 0) > 0) continue;
+      this.retiring.delete(oe);
+      await oe.source.gate.flush().catch(() => undefined);
+      await oe.file.close().catch((e) => log('error', 'close-failed', { image: oe.file.path, cause: e }));
+    }
+    if (this.retiring.size === 0 && this.reaper) {
+      clearInterval(this.reaper);
+      this.reaper = undefined;
+    }
+  }
+
+  async start(): Promise<void> {
+    try {
+      for (const e of this.cfg.exports) await this.openExport(e);
+      const activated = socketActivationFds();
+      if (activated.length > 0) {
+        // systemd (or libnbd's nbd_connect_systemd_socket_activation) handed us listening sockets: serve on those.
+        for (const fd of activated) await this.server.listenFd(fd);
+      } else await this.server.listenNewstyle(this.cfg.listen, this.cfg.port);
+      if (this.cfg.socket) await this.server.listenUnix(this.cfg.socket);
+      if (this.cfg.adminSocket) {
+        this.admin = new AdminServer(this.cfg.adminSocket, adminHandlers(this.controller));
+        await this.admin.listen();
+      }
+      if (this.cfg.metrics)
+        this.metrics = await startMetricsServer(this.cfg.metrics, buildRegistry({ exports: this.registry, server: this.server.stats, controller: this.controller }));
+    } catch (err) {
+      await this.stop();
       throw err;
     }
-    log('info', 'ready', { exports: cfg.exports.map((e) => e.name), listeners: srv.bound, adminSocket: cfg.adminSocket });
-    return { server: srv, controller, stop };
-  } catch (err) {
-    await closeDevices();
-    throw err;
+    log('info', 'ready', { exports: this.cfg.exports.map((e) => e.name), listeners: this.server.bound, adminSocket: this.cfg.adminSocket });
   }
+
+  /**
+   * SIGHUP: exports added to the configuration are opened, removed ones retired,
+   * changed ones replaced; connections to exports that stay are untouched.
+   * Listener addresses, the admin socket and metrics are not rebound.
+   */
+  async reload(next: ServeConfig): Promise<void> {
+    const wanted = new Map(next.exports.map((e) => [e.name, e]));
+    const busy = new Set(this.controller.running().map((j) => j.source.name));
+    for (const [name, oe] of [...this.open]) {
+      const w = wanted.get(name);
+      if (w && sameExport(w, oe.config)) continue;
+      if (busy.has(name)) {
+        log('error', 'reload-skipped', { export: name, cause: 'a mirror of this export is running' });
+        wanted.delete(name);
+        continue;
+      }
+      await this.retireExport(name);
+    }
+    this.cfg = { ...this.cfg, exports: next.exports, force: next.force };
+    for (const [name, e] of wanted) {
+      if (this.open.has(name)) continue;
+      try {
+        await this.openExport(e);
+      } catch (err) {
+        log('error', 'reload-export-failed', { export: name, cause: err });
+      }
+    }
+    log('info', 'reloaded', { exports: [...this.open.keys()] });
+  }
+
+  async stop(): Promise<void> {
+    await this.admin?.close();
+    await this.metrics?.close();
+    // Mirrors not yet switched are aborted: the source stays authoritative. A cutover in progress finishes.
+    await Promise.all(this.controller.running().map((j) => (j.state === 'cutting-over' ? j.finished() : j.abort().catch(() => undefined))));
+    await this.server.close();
+    if (this.reaper) clearInterval(this.reaper);
+    for (const oe of [...this.open.values(), ...this.retiring]) {
+      await oe.source.gate.flush().catch(() => undefined);
+      await oe.file.close().catch((e) => log('error', 'close-failed', { image: oe.file.path, cause: e }));
+    }
+    this.open.clear();
+    this.retiring.clear();
+  }
+}
+
+export async function startServe(cfg: ServeConfig): Promise<RunningServer> {
+  const p = new ServeProcess(cfg);
+  await p.start();
+  return p;
 }
 
 function str(args: Record<string, unknown>, key: string): string {
@@ -174,9 +280,22 @@ export function adminHandlers(c: MigrationController): Record<string, (a: Record
   };
 }
 
-/** Serves until a termination signal, then shuts down cleanly. */
-export async function serveUntilSignal(cfg: ServeConfig): Promise<void> {
+/** Serves until a termination signal, then shuts down cleanly; SIGHUP re-reads the configuration. */
+export async function serveUntilSignal(cfg: ServeConfig, reread?: () => ServeConfig): Promise<void> {
   const running = await startServe(cfg);
+  let reloading = Promise.resolve();
+  process.on('SIGHUP', () => {
+    reloading = reloading.then(async () => {
+      if (!reread) return log('info', 'reload-ignored', { cause: 'nothing to re-read' });
+      let next: ServeConfig;
+      try {
+        next = reread();
+      } catch (e) {
+        return log('error', 'reload-failed', { cause: e, effect: 'the running configuration stays' });
+      }
+      await running.reload(next);
+    });
+  });
   await new Promise<void>((resolve) => {
     let stopping = false;
     const onSignal = (sig: NodeJS.Signals) => {

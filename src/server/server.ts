@@ -42,6 +42,8 @@ export interface BoundListener {
   address?: string;
   port?: number;
   path?: string;
+  /** Inherited file descriptor (socket activation). */
+  fd?: number;
 }
 
 const log = logger();
@@ -72,6 +74,11 @@ export class NbdServer {
     return this.listen({ kind: 'oldstyle', exportName }, (s) => s.listen(port, host));
   }
 
+  /** Newstyle on an inherited, already listening socket (systemd socket activation). */
+  async listenFd(fd: number): Promise<BoundListener> {
+    return this.listen({ kind: 'newstyle', fd }, (s) => s.listen({ fd }));
+  }
+
   async listenUnix(path: string): Promise<BoundListener> {
     await removeStaleSocket(path);
     return this.listen({ kind: 'unix', path }, (s) => s.listen(path));
@@ -90,7 +97,7 @@ export class NbdServer {
           info.port = a.port;
         }
         this.listeners.push({ server, info });
-        log.info('listening', { listener: info.kind, export: info.exportName, address: info.address, port: info.port, path: info.path });
+        log.info('listening', { listener: info.kind, export: info.exportName, address: info.address, port: info.port, path: info.path, fd: info.fd });
         resolve(info);
       });
       start(server);
@@ -152,6 +159,14 @@ export class NbdServer {
     this.sessions.add(session);
     conn.onClose(() => this.sessions.delete(session));
     session.start();
+  }
+
+  /** Stops the oldstyle listener of an export (on reload). */
+  async closeOldstyle(exportName: string): Promise<void> {
+    const i = this.listeners.findIndex((l) => l.info.kind === 'oldstyle' && l.info.exportName === exportName);
+    if (i < 0) return;
+    const [l] = this.listeners.splice(i, 1);
+    await new Promise<void>((r) => l!.server.close(() => r()));
   }
 
   /** Hard-closes every connection attached to an export (their clients reconnect elsewhere). */
