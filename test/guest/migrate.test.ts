@@ -139,7 +139,11 @@ async function migrateAndVerify(t: Test, m: Setup, steps: () => Promise<number>)
     throw e;
   }
 
-  const r = await vm.result;
+  // The guest polls its console between rounds with a short `read -t`; under load a
+  // line arriving a character at a time can be cut by that timeout, so "stop" is
+  // repeated until the guest has finished.
+  const repeat = setInterval(() => vm.send('stop'), 1000);
+  const r = await vm.result.finally(() => clearInterval(repeat));
   t.comment(`guest run took ${(r.durationMs / 1000).toFixed(1)} s`);
   t.ok(r.ok, 'the guest never read back anything but what it wrote, before, during and after the migration', {
     diag: describeGuest(r),
