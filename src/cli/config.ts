@@ -5,6 +5,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { Acl } from '../server/acl.js';
 import { parseSize } from '../util/units.js';
 
 export interface ExportConfig {
@@ -16,6 +17,8 @@ export interface ExportConfig {
   oldstylePort?: number;
   /** Destination of a migration: only the migration source may attach until it completes. */
   incoming?: boolean;
+  /** Client addresses or CIDRs allowed to attach (IPv4/IPv6); absent admits everyone. */
+  allow?: string[];
 }
 
 export interface ServeConfig {
@@ -33,6 +36,11 @@ export interface ServeConfig {
   dirtyGranularity: number;
   /** Serve fenced or half-received images read-write anyway. */
   force: boolean;
+  /** Connections open at once (all listeners), and per export. */
+  maxConnections: number;
+  maxConnectionsPerExport: number;
+  /** Seconds of silence after which an idle connection is closed; 0 = never. */
+  idleTimeout: number;
   exports: ExportConfig[];
 }
 
@@ -40,7 +48,15 @@ export class ConfigError extends Error {
   override readonly name = 'ConfigError';
 }
 
-export const CONFIG_DEFAULTS = { listen: '0.0.0.0', port: 10809, handshakeTimeout: 10, dirtyGranularity: 64 * 1024 } as const;
+export const CONFIG_DEFAULTS = {
+  listen: '0.0.0.0',
+  port: 10809,
+  handshakeTimeout: 10,
+  dirtyGranularity: 64 * 1024,
+  maxConnections: 1024,
+  maxConnectionsPerExport: 256,
+  idleTimeout: 0,
+} as const;
 
 type Json = Record<string, unknown>;
 
@@ -55,6 +71,9 @@ const isString = (v: unknown): v is string => typeof v === 'string';
 const isBool = (v: unknown): v is boolean => typeof v === 'boolean';
 const isPort = (v: unknown): v is number => Number.isInteger(v) && (v as number) >= 0 && (v as number) <= 65535;
 const isGranularity = (v: unknown): v is number => Number.isInteger(v) && (v as number) >= 512 && ((v as number) & ((v as number) - 1)) === 0;
+const isCount = (v: unknown): v is number => Number.isInteger(v) && (v as number) > 0;
+const isNonNegative = (v: unknown): v is number => typeof v === 'number' && v >= 0 && Number.isFinite(v);
+const isStringList = (v: unknown): v is string[] => Array.isArray(v) && v.every((x) => typeof x === 'string');
 const isPositive = (v: unknown): v is number => typeof v === 'number' && v > 0 && Number.isFinite(v);
 
 /** Parses and checks a config file; relative image paths are taken from the file's directory. */
@@ -68,8 +87,8 @@ export function loadConfigFile(file: string): Partial<ServeConfig> {
   return parseConfig(raw, file, path.dirname(path.resolve(file)));
 }
 
-const TOP_KEYS = new Set(['listen', 'port', 'socket', 'handshakeTimeout', 'adminSocket', 'metrics', 'dirtyGranularity', 'exports', '$comment']);
-const EXPORT_KEYS = new Set(['name', 'path', 'readOnly', 'description', 'oldstylePort', 'incoming', '$comment']);
+const TOP_KEYS = new Set(['listen', 'port', 'socket', 'handshakeTimeout', 'adminSocket', 'metrics', 'dirtyGranularity', 'maxConnections', 'maxConnectionsPerExport', 'idleTimeout', 'exports', '$comment']);
+const EXPORT_KEYS = new Set(['name', 'path', 'readOnly', 'description', 'oldstylePort', 'incoming', 'allow', '$comment']);
 
 export function parseConfig(raw: unknown, where: string, baseDir: string): Partial<ServeConfig> {
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new ConfigError(`${where}: expected a JSON object`);
@@ -88,6 +107,12 @@ export function parseConfig(raw: unknown, where: string, baseDir: string): Parti
   if (admin !== undefined) out.adminSocket = admin;
   const metrics = field(o, 'metrics', where, isString, 'a HOST:PORT string');
   if (metrics !== undefined) out.metrics = metrics;
+  const mc = field(o, 'maxConnections', where, isCount, 'a positive integer');
+  if (mc !== undefined) out.maxConnections = mc;
+  const mce = field(o, 'maxConnectionsPerExport', where, isCount, 'a positive integer');
+  if (mce !== undefined) out.maxConnectionsPerExport = mce;
+  const idle = field(o, 'idleTimeout', where, isNonNegative, 'a number of seconds (0 = never)');
+  if (idle !== undefined) out.idleTimeout = idle;
   const gran = field(o, 'dirtyGranularity', where, isGranularity, 'a power of two of at least 512 bytes');
   if (gran !== undefined) out.dirtyGranularity = gran;
   const exps = field(o, 'exports', where, Array.isArray, 'an array of exports');
@@ -107,6 +132,8 @@ export function parseConfig(raw: unknown, where: string, baseDir: string): Parti
       const op = field(eo, 'oldstylePort', w, isPort, 'a port number 0-65535');
       if (op !== undefined) ec.oldstylePort = op;
       if (field(eo, 'incoming', w, isBool, 'true or false')) ec.incoming = true;
+      const allow = field(eo, 'allow', w, isStringList, 'a list of addresses or CIDRs');
+      if (allow !== undefined) ec.allow = checkAllow(allow, `${w}.allow`);
       return ec;
     });
   }
@@ -117,7 +144,7 @@ export function parseConfig(raw: unknown, where: string, baseDir: string): Parti
 export function parseExportSpec(spec: string): ExportConfig {
   const where = `--export ${spec}`;
   const eq = spec.indexOf('=');
-  if (eq <= 0) throw new ConfigError(`${where}: expected NAME=PATH[,oldstyle-port=N][,read-only][,incoming][,description=TEXT]`);
+  if (eq <= 0) throw new ConfigError(`${where}: expected NAME=PATH[,oldstyle-port=N][,read-only][,incoming][,allow=CIDR]...[,description=TEXT]`);
   const name = spec.slice(0, eq);
   const [p, ...opts] = spec.slice(eq + 1).split(',');
   if (!p) throw new ConfigError(`${where}: missing image path`);
@@ -127,6 +154,7 @@ export function parseExportSpec(spec: string): ExportConfig {
     const [k, v] = opt.split(/=(.*)/s, 2) as [string, string | undefined];
     if (k === 'read-only' && v === undefined) ec.readOnly = true;
     else if (k === 'incoming' && v === undefined) ec.incoming = true;
+    else if (k === 'allow' && v) ec.allow = checkAllow([...(ec.allow ?? []), v], where);
     else if (k === 'oldstyle-port' && v !== undefined && isPort(Number(v)) && v !== '') ec.oldstylePort = Number(v);
     else if (k === 'description' && v !== undefined) {
       // The description is last and may itself contain commas.
@@ -168,6 +196,10 @@ export interface ServeArgs {
   'handshake-timeout'?: number;
   'admin-socket'?: string;
   metrics?: string;
+  allow?: string[];
+  'max-connections'?: number;
+  'max-connections-per-export'?: number;
+  'idle-timeout'?: number;
   incoming?: boolean;
   force?: boolean;
   'dirty-granularity'?: string | number;
@@ -189,6 +221,7 @@ export function serveConfigFrom(argv: ServeArgs): ServeConfig {
       readOnly: argv['read-only'] ?? false,
     };
     if (argv.incoming) e.incoming = true;
+    if (argv.allow?.length) e.allow = checkAllow(argv.allow, '--allow');
     if (descriptions[i] !== undefined) e.description = descriptions[i];
     if (oldPorts[i] !== undefined) e.oldstylePort = oldPorts[i];
     return e;
@@ -199,6 +232,9 @@ export function serveConfigFrom(argv: ServeArgs): ServeConfig {
     handshakeTimeout: argv['handshake-timeout'] ?? file.handshakeTimeout ?? CONFIG_DEFAULTS.handshakeTimeout,
     dirtyGranularity: granularityArg(argv['dirty-granularity']) ?? file.dirtyGranularity ?? CONFIG_DEFAULTS.dirtyGranularity,
     force: argv.force ?? false,
+    maxConnections: argv['max-connections'] ?? file.maxConnections ?? CONFIG_DEFAULTS.maxConnections,
+    maxConnectionsPerExport: argv['max-connections-per-export'] ?? file.maxConnectionsPerExport ?? CONFIG_DEFAULTS.maxConnectionsPerExport,
+    idleTimeout: argv['idle-timeout'] ?? file.idleTimeout ?? CONFIG_DEFAULTS.idleTimeout,
     exports: [...(file.exports ?? []), ...fromArgs, ...(argv.export ?? []).map(parseExportSpec)],
   };
   const socket = argv.socket ?? file.socket;
@@ -221,4 +257,14 @@ function granularityArg(v: string | number | undefined): number | undefined {
   }
   if (!isGranularity(n)) throw new ConfigError(`--dirty-granularity: expected a power of two of at least 512 bytes, got ${v}`);
   return n;
+}
+
+/** Checks an allow-list now, so a bad entry stops startup with its field named. */
+function checkAllow(entries: string[], where: string): string[] {
+  try {
+    Acl.parse(entries);
+  } catch (e) {
+    throw new ConfigError(`${where}: ${(e as Error).message}`);
+  }
+  return entries;
 }

@@ -50,6 +50,9 @@ async function demo(argv: { port?: number; listen?: string }): Promise<void> {
     port,
     handshakeTimeout: CONFIG_DEFAULTS.handshakeTimeout,
     dirtyGranularity: CONFIG_DEFAULTS.dirtyGranularity,
+    maxConnections: CONFIG_DEFAULTS.maxConnections,
+    maxConnectionsPerExport: CONFIG_DEFAULTS.maxConnectionsPerExport,
+    idleTimeout: CONFIG_DEFAULTS.idleTimeout,
     force: false,
     exports: [{ name: 'demo', path: image, readOnly: false, description: 'nbd-migrate demo image' }],
   });
@@ -70,7 +73,7 @@ export async function main(args: string[]): Promise<void> {
           .positional('images', { type: 'string', array: true, describe: 'Raw image files to serve, one export each' })
           .option('name', { type: 'string', array: true, describe: 'Export name for the IMAGE at the same position (default: file name without .img)' })
           .option('description', { type: 'string', array: true, describe: 'Description for the IMAGE at the same position (shown by nbdinfo --list)' })
-          .option('export', { type: 'string', array: true, describe: 'Another export: NAME=PATH[,oldstyle-port=N][,read-only][,incoming][,description=TEXT] (repeatable)' })
+          .option('export', { type: 'string', array: true, describe: 'Another export: NAME=PATH[,oldstyle-port=N][,read-only][,incoming][,allow=CIDR]...[,description=TEXT] (repeatable)' })
           .option('config', { type: 'string', describe: 'JSON config file (see config/); command-line options override it' })
           .option('listen', { type: 'string', describe: `Address for newstyle TCP (default ${CONFIG_DEFAULTS.listen})` })
           .option('port', { type: 'number', describe: `Port for newstyle TCP (default ${CONFIG_DEFAULTS.port}; 0 picks a free one)` })
@@ -79,6 +82,10 @@ export async function main(args: string[]): Promise<void> {
           .option('read-only', { type: 'boolean', describe: 'Serve the IMAGE arguments read-only' })
           .option('handshake-timeout', { type: 'number', describe: `Seconds a client may take to negotiate (default ${CONFIG_DEFAULTS.handshakeTimeout})` })
           .option('admin-socket', { type: 'string', describe: 'Admin socket (JSON lines, mode 0600) for `nbd-migrate ctl`: mirror, status, cutover, abort' })
+          .option('allow', { type: 'string', array: true, describe: 'Client address or CIDR allowed to attach to the IMAGE exports (repeatable; IPv4/IPv6); default: everyone' })
+          .option('max-connections', { type: 'number', describe: `Connections open at once, all listeners (default ${CONFIG_DEFAULTS.maxConnections})` })
+          .option('max-connections-per-export', { type: 'number', describe: `Connections per export (default ${CONFIG_DEFAULTS.maxConnectionsPerExport})` })
+          .option('idle-timeout', { type: 'number', describe: 'Close connections idle this many seconds (default 0: never)' })
           .option('metrics', { type: 'string', describe: 'Serve Prometheus metrics on HOST:PORT at /metrics' })
           .option('incoming', { type: 'boolean', describe: 'The IMAGE arguments are migration destinations: only the migration source may attach until it completes' })
           .option('force', { type: 'boolean', describe: 'Serve images read-write even if fenced (migrated away) or half-received' })

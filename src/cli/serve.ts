@@ -15,6 +15,7 @@ import { MigrationController } from '../migration/controller.js';
 import { GateDevice } from '../migration/gate-device.js';
 import type { MirrorSource } from '../migration/job.js';
 import { clearIncoming, readFenced, readIncoming, writeIncoming } from '../migration/markers.js';
+import { Acl } from '../server/acl.js';
 import { Export, ExportRegistry } from '../server/export.js';
 import { DEFAULT_SERVER_OPTIONS, NbdServer } from '../server/server.js';
 import { FileDevice } from '../storage/file-device.js';
@@ -83,7 +84,13 @@ class ServeProcess implements RunningServer {
   private reaper: NodeJS.Timeout | undefined;
 
   constructor(private cfg: ServeConfig) {
-    this.server = new NbdServer(this.registry, { ...DEFAULT_SERVER_OPTIONS, handshakeTimeoutMs: cfg.handshakeTimeout * 1000 });
+    this.server = new NbdServer(this.registry, {
+      ...DEFAULT_SERVER_OPTIONS,
+      handshakeTimeoutMs: cfg.handshakeTimeout * 1000,
+      maxConnections: cfg.maxConnections,
+      maxConnectionsPerExport: cfg.maxConnectionsPerExport,
+      session: { ...DEFAULT_SERVER_OPTIONS.session, idleTimeoutMs: cfg.idleTimeout * 1000 },
+    });
     this.controller = new MigrationController(this.sources, () => this.server.connectionsByExport());
   }
 
@@ -122,7 +129,7 @@ class ServeProcess implements RunningServer {
       disconnectClients: () => this.server.disconnectExport(e.name),
     };
     const oe: OpenExport = { config: e, file, source };
-    this.registry.add(new Export({ name: e.name, description: e.description, device: gate, incoming }));
+    this.registry.add(new Export({ name: e.name, description: e.description, device: gate, incoming, acl: e.allow ? Acl.parse(e.allow) : undefined }));
     this.sources.set(e.name, source);
     this.open.set(e.name, oe);
     log('info', 'export-added', { export: e.name, image: e.path, size: file.size, readOnly: e.readOnly, incoming: e.incoming ?? false, storage: file.sparseKind });
@@ -168,7 +175,16 @@ class ServeProcess implements RunningServer {
       } else await this.server.listenNewstyle(this.cfg.listen, this.cfg.port);
       if (this.cfg.socket) await this.server.listenUnix(this.cfg.socket);
       if (this.cfg.adminSocket) {
-        this.admin = new AdminServer(this.cfg.adminSocket, adminHandlers(this.controller));
+        this.admin = new AdminServer(this.cfg.adminSocket, {
+          ...adminHandlers(this.controller),
+          'set-acl': (a) => {
+            const allow = a.allow;
+            if (allow !== null && !(Array.isArray(allow) && allow.every((x) => typeof x === 'string')))
+              throw Object.assign(new Error('"allow" must be a list of addresses/CIDRs, or null to admit everyone'), { code: 'EINVAL' });
+            const acl = allow === null ? undefined : Acl.parse(allow as string[]);
+            return { disconnected: this.server.setAcl(str(a, 'export'), acl) };
+          },
+        });
         await this.admin.listen();
       }
       if (this.cfg.metrics)

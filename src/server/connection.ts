@@ -23,11 +23,15 @@ export class Connection {
   private onInput: (() => void) | undefined;
   private readonly closeHandlers: Array<() => void> = [];
 
+  /** The client's address; undefined on a Unix socket. */
+  readonly remoteAddress: string | undefined;
+
   constructor(
     readonly id: number,
     readonly socket: Socket,
     readonly log: Logger,
   ) {
+    this.remoteAddress = socket.remoteAddress;
     socket.setNoDelay?.(true);
     socket.on('data', (chunk: Buffer) => {
       this.input.push(chunk);

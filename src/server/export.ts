@@ -6,6 +6,7 @@
 import * as C from '../protocol/constants.js';
 import type { Extent } from '../protocol/codec.js';
 import type { Capabilities, Device } from '../storage/device.js';
+import type { Acl } from './acl.js';
 import { ExportStats } from './stats.js';
 
 export const BLOCK_SIZE_MINIMUM = 1;
@@ -25,6 +26,8 @@ export interface ExportOptions {
   device: Device;
   /** The export receives a migration: only the migration source may attach until it completes. */
   incoming?: { onComplete(): Promise<void> };
+  /** Client addresses allowed to attach; undefined admits all. */
+  acl?: Acl;
 }
 
 export class Export {
@@ -34,6 +37,8 @@ export class Export {
   readonly caps: Capabilities;
   /** Request counters, shared by every connection to this export. */
   readonly stats = new ExportStats();
+  /** Client addresses allowed to attach (changeable at runtime); undefined admits all. */
+  acl: Acl | undefined;
   private incomingState: ExportOptions['incoming'];
 
   constructor(opts: ExportOptions) {
@@ -42,6 +47,7 @@ export class Export {
     this.device = opts.device;
     this.caps = opts.device.capabilities();
     this.incomingState = opts.incoming;
+    this.acl = opts.acl;
   }
 
   /** Offered contexts. The incoming context exists only while a migration is being received. */

@@ -26,6 +26,9 @@ export interface HandshakeLimits {
 
 export const DEFAULT_HANDSHAKE_LIMITS: HandshakeLimits = { maxOptions: 1024, maxOptionLength: 64 * 1024 };
 
+/** The server's say on whether this connection may attach to an export now (ACL, limits): a reason to refuse, or undefined. */
+export type Admission = (exp: Export, conn: Connection) => string | undefined;
+
 /** Thrown to end the connection with the reason logged. */
 export class HandshakeError extends Error {
   override readonly name = 'HandshakeError';
@@ -52,7 +55,9 @@ export async function newstyleHandshake(
   conn: Connection,
   exports: ExportRegistry,
   limits: HandshakeLimits = DEFAULT_HANDSHAKE_LIMITS,
+  admit: Admission = () => undefined,
 ): Promise<Negotiated | null> {
+  const refusalFor = (exp: Export, contexts: MetaContext[]) => admit(exp, conn) ?? admissionRefusal(exp, contexts);
   conn.send(codec.encodeNewstyleGreeting(C.NBD_FLAG_FIXED_NEWSTYLE | C.NBD_FLAG_NO_ZEROES));
   const clientFlags = (await conn.read(4)).readUInt32BE(0);
   if (clientFlags & ~C.KNOWN_CLIENT_FLAGS) throw new HandshakeError(`unknown client flags 0x${clientFlags.toString(16)}`);
@@ -79,7 +84,7 @@ export async function newstyleHandshake(
       const name = (await conn.read(length)).toString('utf8');
       const exp = exports.get(name);
       if (!exp) throw new HandshakeError(`NBD_OPT_EXPORT_NAME for unknown export "${name}"`);
-      const why = admissionRefusal(exp, contextsFor(chosen, exp));
+      const why = refusalFor(exp, contextsFor(chosen, exp));
       if (why) throw new HandshakeError(why);
       conn.send(codec.encodeExportNameReply(exp.size, exp.transmissionFlags(structuredReplies), noZeroes));
       return { export: exp, structuredReplies, metaContexts: contextsFor(chosen, exp) };
@@ -103,7 +108,9 @@ export async function newstyleHandshake(
           refuse(option, C.NBD_REP_ERR_INVALID, 'NBD_OPT_LIST takes no data');
           break;
         }
-        for (const e of exports.list()) reply(option, C.NBD_REP_SERVER, codec.encodeServerEntry(e.name, e.description));
+        // Exports this client may not attach to (address lists) are not listed.
+        for (const e of exports.list())
+          if (e.acl?.allows(conn.remoteAddress) !== false) reply(option, C.NBD_REP_SERVER, codec.encodeServerEntry(e.name, e.description));
         reply(option, C.NBD_REP_ACK);
         break;
 
@@ -130,7 +137,7 @@ export async function newstyleHandshake(
           refuse(option, C.NBD_REP_ERR_UNKNOWN, `no export named "${req.name}"`);
           break;
         }
-        const why = admissionRefusal(exp, contextsFor(chosen, exp));
+        const why = refusalFor(exp, contextsFor(chosen, exp));
         if (why) {
           refuse(option, C.NBD_REP_ERR_POLICY, why);
           break;

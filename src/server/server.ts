@@ -7,7 +7,8 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import { logger } from '../util/log.js';
 import { Connection, ConnectionClosed } from './connection.js';
-import type { ExportRegistry } from './export.js';
+import type { Acl } from './acl.js';
+import type { Export, ExportRegistry } from './export.js';
 import {
   DEFAULT_HANDSHAKE_LIMITS,
   HandshakeError,
@@ -25,12 +26,18 @@ export interface ServerOptions {
   handshakeTimeoutMs: number;
   handshake: HandshakeLimits;
   session: SessionLimits;
+  /** Connections open at once, all listeners together; past it new ones are closed at once. */
+  maxConnections: number;
+  /** Connections in transmission with one export; past it GO gets ERR_POLICY. */
+  maxConnectionsPerExport: number;
 }
 
 export const DEFAULT_SERVER_OPTIONS: ServerOptions = {
   handshakeTimeoutMs: 10_000,
   handshake: DEFAULT_HANDSHAKE_LIMITS,
   session: DEFAULT_SESSION_LIMITS,
+  maxConnections: 1024,
+  maxConnectionsPerExport: 256,
 };
 
 export type ListenerKind = 'newstyle' | 'oldstyle' | 'unix';
@@ -113,6 +120,12 @@ export class NbdServer {
       socket.destroy();
       return;
     }
+    if (this.connections.size >= this.options.maxConnections) {
+      this.stats.refuse('connection-limit');
+      conn.log.warn('connection-refused', { remote, cause: `${this.options.maxConnections} connections already open (--max-connections)` });
+      socket.destroy();
+      return;
+    }
     this.connections.add(conn);
     this.stats.accepted++;
     this.stats.open++;
@@ -136,9 +149,12 @@ export class NbdServer {
       if (listener.kind === 'oldstyle') {
         const exp = this.exports.get(listener.exportName!);
         if (!exp) throw new HandshakeError(`export "${listener.exportName}" is gone`);
+        // Oldstyle has no way to say no: a refused client is disconnected before the greeting.
+        const why = this.admit(exp, conn);
+        if (why) throw new HandshakeError(why);
         negotiated = oldstyleHandshake(conn, exp);
       } else {
-        negotiated = await newstyleHandshake(conn, this.exports, this.options.handshake);
+        negotiated = await newstyleHandshake(conn, this.exports, this.options.handshake, (exp, c) => this.admit(exp, c));
       }
     } catch (e) {
       if (!(e instanceof ConnectionClosed)) {
@@ -161,6 +177,32 @@ export class NbdServer {
     session.start();
   }
 
+  /** The server's admission rules for one export: its address list, then the per-export limit. */
+  private admit(exp: Export, conn: Connection): string | undefined {
+    if (exp.acl && !exp.acl.allows(conn.remoteAddress)) {
+      this.stats.refuse('acl');
+      return `client ${conn.remoteAddress} is not allowed to attach to export "${exp.name}"`;
+    }
+    const attached = this.connectionsByExport().get(exp.name) ?? 0;
+    if (attached >= this.options.maxConnectionsPerExport) {
+      this.stats.refuse('export-connection-limit');
+      return `export "${exp.name}" already has ${attached} connections (--max-connections-per-export)`;
+    }
+    return undefined;
+  }
+
+  /** Replaces an export's address list and disconnects attached clients it no longer allows. */
+  setAcl(exportName: string, acl: Acl | undefined): number {
+    const exp = this.exports.get(exportName);
+    if (!exp || exp.name !== exportName) throw Object.assign(new Error(`no export named "${exportName}"`), { code: 'ENOENT' });
+    exp.acl = acl;
+    let dropped = 0;
+    for (const s of this.sessions)
+      if (s.exportName === exportName && acl && !acl.allows(s.remoteAddress)) dropped += s.destroy('acl') ? 1 : 0;
+    logger().info('acl-changed', { export: exportName, allow: acl?.entries ?? null, disconnected: dropped });
+    return dropped;
+  }
+
   /** Stops the oldstyle listener of an export (on reload). */
   async closeOldstyle(exportName: string): Promise<void> {
     const i = this.listeners.findIndex((l) => l.info.kind === 'oldstyle' && l.info.exportName === exportName);
@@ -172,7 +214,7 @@ export class NbdServer {
   /** Hard-closes every connection attached to an export (their clients reconnect elsewhere). */
   disconnectExport(name: string): number {
     let n = 0;
-    for (const s of this.sessions) if (s.exportName === name) n += s.destroy() ? 1 : 0;
+    for (const s of this.sessions) if (s.exportName === name) n += s.destroy('handoff') ? 1 : 0;
     return n;
   }
 

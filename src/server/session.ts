@@ -17,12 +17,15 @@ export interface SessionLimits {
   maxInflightRequests: number;
   maxInflightBytes: number;
   maxQueuedReplyBytes: number;
+  /** A connection with nothing in flight and no traffic for this long is closed; 0 = never. */
+  idleTimeoutMs: number;
 }
 
 export const DEFAULT_SESSION_LIMITS: SessionLimits = {
   maxInflightRequests: 128,
-  maxInflightBytes: 128 * 1024 * 1024,
+  maxInflightBytes: 64 * 1024 * 1024,
   maxQueuedReplyBytes: 64 * 1024 * 1024,
+  idleTimeoutMs: 0,
 };
 
 /** Extents per BLOCK_STATUS chunk: 4 + 8n bytes must stay within QEMU's 1000-byte limit. */
@@ -68,6 +71,14 @@ export class Session {
   ) {
     this.flags = n.export.transmissionFlags(n.structuredReplies);
     conn.socket.on('drain', () => this.maybeResume());
+    if (limits.idleTimeoutMs > 0) {
+      conn.socket.setTimeout(limits.idleTimeoutMs);
+      conn.socket.on('timeout', () => {
+        if (this.inflight > 0 || this.pendingWrite) return; // busy, just quiet on the wire
+        conn.log.info('idle-timeout', { export: n.export.name, idleMs: limits.idleTimeoutMs, action: 'disconnect' });
+        conn.destroy();
+      });
+    }
     conn.onClose(() => this.notifyIdle());
   }
 
@@ -85,11 +96,15 @@ export class Session {
   }
 
   /** Hard disconnect; true if the connection was open. */
-  destroy(): boolean {
+  destroy(reason: string): boolean {
     if (this.conn.closed) return false;
-    this.conn.log.info('connection-dropped', { export: this.n.export.name, reason: 'handoff' });
+    this.conn.log.info('connection-dropped', { export: this.n.export.name, reason });
     this.conn.destroy();
     return true;
+  }
+
+  get remoteAddress(): string | undefined {
+    return this.conn.remoteAddress;
   }
 
   /** Stops reading new requests; resolves when in-flight ones are answered. */
