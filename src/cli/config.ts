@@ -41,6 +41,12 @@ export interface ServeConfig {
   maxConnectionsPerExport: number;
   /** Seconds of silence after which an idle connection is closed; 0 = never. */
   idleTimeout: number;
+  /** TLS: off, on (clients may upgrade with STARTTLS), or require (nothing but STARTTLS before TLS). */
+  tls: 'off' | 'on' | 'require';
+  tlsCert?: string;
+  tlsKey?: string;
+  /** CA for client certificates: when given, clients must present a certificate it signed. */
+  tlsCa?: string;
   exports: ExportConfig[];
 }
 
@@ -56,6 +62,7 @@ export const CONFIG_DEFAULTS = {
   maxConnections: 1024,
   maxConnectionsPerExport: 256,
   idleTimeout: 0,
+  tls: 'off',
 } as const;
 
 type Json = Record<string, unknown>;
@@ -71,6 +78,7 @@ const isString = (v: unknown): v is string => typeof v === 'string';
 const isBool = (v: unknown): v is boolean => typeof v === 'boolean';
 const isPort = (v: unknown): v is number => Number.isInteger(v) && (v as number) >= 0 && (v as number) <= 65535;
 const isGranularity = (v: unknown): v is number => Number.isInteger(v) && (v as number) >= 512 && ((v as number) & ((v as number) - 1)) === 0;
+const isTlsMode = (v: unknown): v is 'off' | 'on' | 'require' => v === 'off' || v === 'on' || v === 'require';
 const isCount = (v: unknown): v is number => Number.isInteger(v) && (v as number) > 0;
 const isNonNegative = (v: unknown): v is number => typeof v === 'number' && v >= 0 && Number.isFinite(v);
 const isStringList = (v: unknown): v is string[] => Array.isArray(v) && v.every((x) => typeof x === 'string');
@@ -87,7 +95,7 @@ export function loadConfigFile(file: string): Partial<ServeConfig> {
   return parseConfig(raw, file, path.dirname(path.resolve(file)));
 }
 
-const TOP_KEYS = new Set(['listen', 'port', 'socket', 'handshakeTimeout', 'adminSocket', 'metrics', 'dirtyGranularity', 'maxConnections', 'maxConnectionsPerExport', 'idleTimeout', 'exports', '$comment']);
+const TOP_KEYS = new Set(['listen', 'port', 'socket', 'handshakeTimeout', 'adminSocket', 'metrics', 'dirtyGranularity', 'maxConnections', 'maxConnectionsPerExport', 'idleTimeout', 'tls', 'tlsCert', 'tlsKey', 'tlsCa', 'exports', '$comment']);
 const EXPORT_KEYS = new Set(['name', 'path', 'readOnly', 'description', 'oldstylePort', 'incoming', 'allow', '$comment']);
 
 export function parseConfig(raw: unknown, where: string, baseDir: string): Partial<ServeConfig> {
@@ -113,6 +121,12 @@ export function parseConfig(raw: unknown, where: string, baseDir: string): Parti
   if (mce !== undefined) out.maxConnectionsPerExport = mce;
   const idle = field(o, 'idleTimeout', where, isNonNegative, 'a number of seconds (0 = never)');
   if (idle !== undefined) out.idleTimeout = idle;
+  const tlsMode = field(o, 'tls', where, isTlsMode, '"off", "on" or "require"');
+  if (tlsMode !== undefined) out.tls = tlsMode;
+  for (const k of ['tlsCert', 'tlsKey', 'tlsCa'] as const) {
+    const v = field(o, k, where, isString, 'a PEM file path');
+    if (v !== undefined) out[k] = path.resolve(baseDir, v);
+  }
   const gran = field(o, 'dirtyGranularity', where, isGranularity, 'a power of two of at least 512 bytes');
   if (gran !== undefined) out.dirtyGranularity = gran;
   const exps = field(o, 'exports', where, Array.isArray, 'an array of exports');
@@ -166,6 +180,10 @@ export function parseExportSpec(spec: string): ExportConfig {
 }
 
 export function checkConfig(c: ServeConfig): void {
+  if (!['off', 'on', 'require'].includes(c.tls)) throw new ConfigError(`--tls: expected off, on or require, got "${c.tls}"`);
+  if (c.tls !== 'off' && (!c.tlsCert || !c.tlsKey)) throw new ConfigError(`--tls ${c.tls} needs --tls-cert and --tls-key`);
+  if (c.tls === 'require' && c.exports.some((e) => e.oldstylePort !== undefined))
+    throw new ConfigError('--tls require: oldstyle ports cannot do TLS; remove them or use --tls on');
   if (c.exports.length === 0) throw new ConfigError('no exports: give an IMAGE, --export NAME=PATH, or a --config file with "exports"');
   const names = new Set<string>();
   const ports = new Set<number>();
@@ -200,6 +218,10 @@ export interface ServeArgs {
   'max-connections'?: number;
   'max-connections-per-export'?: number;
   'idle-timeout'?: number;
+  tls?: string;
+  'tls-cert'?: string;
+  'tls-key'?: string;
+  'tls-ca'?: string;
   incoming?: boolean;
   force?: boolean;
   'dirty-granularity'?: string | number;
@@ -235,6 +257,7 @@ export function serveConfigFrom(argv: ServeArgs): ServeConfig {
     maxConnections: argv['max-connections'] ?? file.maxConnections ?? CONFIG_DEFAULTS.maxConnections,
     maxConnectionsPerExport: argv['max-connections-per-export'] ?? file.maxConnectionsPerExport ?? CONFIG_DEFAULTS.maxConnectionsPerExport,
     idleTimeout: argv['idle-timeout'] ?? file.idleTimeout ?? CONFIG_DEFAULTS.idleTimeout,
+    tls: (argv.tls as ServeConfig['tls'] | undefined) ?? file.tls ?? CONFIG_DEFAULTS.tls,
     exports: [...(file.exports ?? []), ...fromArgs, ...(argv.export ?? []).map(parseExportSpec)],
   };
   const socket = argv.socket ?? file.socket;
@@ -243,6 +266,12 @@ export function serveConfigFrom(argv: ServeArgs): ServeConfig {
   if (admin !== undefined) cfg.adminSocket = admin;
   const metrics = argv.metrics ?? file.metrics;
   if (metrics !== undefined) cfg.metrics = metrics;
+  const cert = argv['tls-cert'] ? path.resolve(argv['tls-cert']) : file.tlsCert;
+  const key = argv['tls-key'] ? path.resolve(argv['tls-key']) : file.tlsKey;
+  const ca = argv['tls-ca'] ? path.resolve(argv['tls-ca']) : file.tlsCa;
+  if (cert !== undefined) cfg.tlsCert = cert;
+  if (key !== undefined) cfg.tlsKey = key;
+  if (ca !== undefined) cfg.tlsCa = ca;
   checkConfig(cfg);
   return cfg;
 }

@@ -8,6 +8,8 @@
  *   dirty tracking (marks the bitmap; write-through when the mirror is active)
  *   file (the raw image)
  */
+import * as fs from 'node:fs';
+import * as tls from 'node:tls';
 import { AdminServer } from '../admin/server.js';
 import { DirtyBitmap } from '../dirty/bitmap.js';
 import { DirtyTrackingDevice } from '../dirty/tracking-device.js';
@@ -17,6 +19,7 @@ import type { MirrorSource } from '../migration/job.js';
 import { clearIncoming, readFenced, readIncoming, writeIncoming } from '../migration/markers.js';
 import { Acl } from '../server/acl.js';
 import { Export, ExportRegistry } from '../server/export.js';
+import type { TlsPolicy } from '../server/handshake.js';
 import { DEFAULT_SERVER_OPTIONS, NbdServer } from '../server/server.js';
 import { FileDevice } from '../storage/file-device.js';
 import { buildRegistry, startMetricsServer } from '../metrics/exporter.js';
@@ -29,6 +32,27 @@ export interface RunningServer {
   controller: MigrationController;
   reload(next: ServeConfig): Promise<void>;
   stop(): Promise<void>;
+}
+
+/** Loads the certificates once at startup; a bad file stops startup with its name. */
+function tlsPolicy(cfg: ServeConfig): TlsPolicy | undefined {
+  if (cfg.tls === 'off') return undefined;
+  const read = (f: string | undefined, what: string) => {
+    try {
+      return f ? fs.readFileSync(f) : undefined;
+    } catch (e) {
+      throw new ConfigError(`${what} ${f}: ${(e as Error).message}`);
+    }
+  };
+  let secureContext: tls.SecureContext;
+  const ca = read(cfg.tlsCa, '--tls-ca');
+  try {
+    secureContext = tls.createSecureContext({ cert: read(cfg.tlsCert, '--tls-cert'), key: read(cfg.tlsKey, '--tls-key'), ca, minVersion: 'TLSv1.2' });
+  } catch (e) {
+    throw new ConfigError(`TLS certificate or key: ${(e as Error).message}`);
+  }
+  // With a CA, clients must present a certificate it signed.
+  return { mode: cfg.tls, options: { secureContext, requestCert: ca !== undefined, rejectUnauthorized: ca !== undefined } };
 }
 
 /** File descriptors passed by systemd socket activation (LISTEN_PID/LISTEN_FDS, fds from 3). */
@@ -90,6 +114,7 @@ class ServeProcess implements RunningServer {
       maxConnections: cfg.maxConnections,
       maxConnectionsPerExport: cfg.maxConnectionsPerExport,
       session: { ...DEFAULT_SERVER_OPTIONS.session, idleTimeoutMs: cfg.idleTimeout * 1000 },
+      tls: tlsPolicy(cfg),
     });
     this.controller = new MigrationController(this.sources, () => this.server.connectionsByExport());
   }

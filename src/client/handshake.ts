@@ -8,6 +8,7 @@
  * Oldstyle and plain (unfixed) newstyle servers are refused with a clear error.
  */
 import type { Socket } from 'node:net';
+import * as tls from 'node:tls';
 import * as C from '../protocol/constants.js';
 import * as codec from '../protocol/codec.js';
 import { ByteQueue } from '../util/byte-queue.js';
@@ -98,6 +99,8 @@ const isError = (type: number) => (type & 0x80000000) !== 0;
 export interface NegotiateOptions {
   exportName: string;
   metaContexts: readonly string[];
+  /** Upgrade with NBD_OPT_STARTTLS first (required: a refusal fails the handshake). */
+  tls?: tls.ConnectionOptions;
   /** For messages: which URI we are talking to. */
   label: string;
 }
@@ -106,8 +109,9 @@ export interface NegotiateOptions {
  * Runs the handshake on a connected socket. On failure the caller destroys the
  * socket; an NBD_OPT_ABORT is sent first where the protocol allows it.
  */
-export async function negotiate(socket: Socket, reader: HandshakeReader, opts: NegotiateOptions): Promise<NegotiatedExport> {
+export async function negotiate(io: { socket: Socket; reader: HandshakeReader }, opts: NegotiateOptions): Promise<NegotiatedExport> {
   const { exportName, label } = opts;
+  let { socket, reader } = io;
   const send = (b: Buffer) => socket.write(b);
   let stage = 'waiting for the greeting';
   const read = async (n: number): Promise<Buffer> => {
@@ -150,7 +154,7 @@ export async function negotiate(socket: Socket, reader: HandshakeReader, opts: N
     const payload = length > 0 ? Buffer.from(await read(length)) : Buffer.alloc(0);
     if (type === C.NBD_REP_ERR_TLS_REQD) {
       abort();
-      throw new NbdHandshakeError(`${label}: the server requires TLS, and TLS is not supported yet${serverText(payload)}`, {
+      throw new NbdHandshakeError(`${label}: the server requires TLS: use an nbds:// URI${serverText(payload)}`, {
         option,
         reply: type,
         serverMessage: payload.toString('utf8'),
@@ -160,6 +164,32 @@ export async function negotiate(socket: Socket, reader: HandshakeReader, opts: N
   };
   const unexpected = (option: number, r: OptionReply) =>
     new NbdHandshakeError(`${label}: unexpected ${replyName(r.type)} in reply to ${optionName(option)}`, { option, reply: r.type });
+
+  // -- TLS first, so that every later option is protected (proto.md "Client-side requirements")
+  if (opts.tls) {
+    stage = 'negotiating TLS (NBD_OPT_STARTTLS)';
+    send(codec.encodeOptionRequest(C.NBD_OPT_STARTTLS));
+    const r = await readReply(C.NBD_OPT_STARTTLS);
+    if (r.type !== C.NBD_REP_ACK) {
+      abort();
+      throw new NbdHandshakeError(`${label}: the server refused TLS (${replyName(r.type)})${serverText(r.payload)}`, {
+        option: C.NBD_OPT_STARTTLS,
+        reply: r.type,
+        serverMessage: r.payload.toString('utf8'),
+      });
+    }
+    if (reader.queue.length > 0) throw new NbdHandshakeError(`${label}: the server sent data before the TLS handshake`);
+    reader.detach();
+    const secure = tls.connect({ ...opts.tls, socket });
+    reader = new HandshakeReader(secure);
+    socket = secure;
+    io.socket = secure;
+    io.reader = reader;
+    await new Promise<void>((resolve, reject) => {
+      secure.once('secureConnect', resolve);
+      secure.once('error', (e) => reject(new NbdHandshakeError(`${label}: TLS handshake failed: ${e.message}`, { cause: e })));
+    });
+  }
 
   // -- structured replies
   stage = 'negotiating structured replies';

@@ -22,7 +22,10 @@
  *   emitted with the Error.
  */
 import { EventEmitter } from 'node:events';
+import * as fs from 'node:fs';
 import * as net from 'node:net';
+import * as path from 'node:path';
+import * as tls from 'node:tls';
 import * as C from '../protocol/constants.js';
 import * as codec from '../protocol/codec.js';
 import type { Extent } from '../protocol/codec.js';
@@ -64,6 +67,27 @@ const WRITE_HIGH_WATER = 1024 * 1024;
 const DISCONNECT_GRACE_MS = 5000;
 
 const STATE_MASK = C.NBD_STATE_HOLE | C.NBD_STATE_ZERO;
+
+/** node:tls options from an nbds:// URI (libnbd's tls-certificates directory layout). */
+function tlsOptions(u: NbdUri): tls.ConnectionOptions {
+  const t = u.tls!;
+  const file = (name: string) => (t.certificates ? path.join(t.certificates, name) : undefined);
+  const readIf = (f: string | undefined) => (f && fs.existsSync(f) ? fs.readFileSync(f) : undefined);
+  const ca = readIf(file('ca-cert.pem'));
+  const cert = readIf(file('client-cert.pem'));
+  const key = readIf(file('client-key.pem'));
+  if (t.certificates && !ca) throw new Error(`${formatNbdUri(u)}: ${file('ca-cert.pem')} not found (tls-certificates=)`);
+  const servername = t.hostname ?? (u.transport === 'tcp' ? u.host : 'localhost');
+  return {
+    ...(ca ? { ca } : {}),
+    ...(cert && key ? { cert, key } : {}),
+    rejectUnauthorized: t.verifyPeer,
+    // SNI takes no IP literals; the name is still checked against the certificate.
+    ...(net.isIP(servername) ? {} : { servername }),
+    checkServerIdentity: (_host, c) => tls.checkServerIdentity(servername, c),
+    minVersion: 'TLSv1.2',
+  };
+}
 
 export class NbdClient extends EventEmitter implements Device {
   /** The URI connected to, canonical form. */
@@ -159,6 +183,8 @@ export class NbdClient extends EventEmitter implements Device {
       if (!(Number.isInteger(opts[k]) && opts[k] > 0)) throw new RangeError(`${k} must be a positive integer, got ${opts[k]}`);
     }
 
+    // A bad certificate directory fails before anything is sent.
+    const tlsOpts = u.tls ? tlsOptions(u) : undefined;
     const socket =
       u.transport === 'tcp'
         ? net.connect({
@@ -190,14 +216,15 @@ export class NbdClient extends EventEmitter implements Device {
         }),
         timeout,
       ]);
+      const io = { socket: socket as net.Socket, reader };
       const n = await Promise.race([
-        negotiate(socket, reader, { exportName: u.exportName, metaContexts: opts.metaContexts, label }),
+        negotiate(io, { exportName: u.exportName, metaContexts: opts.metaContexts, label, tls: tlsOpts }),
         timeout,
       ]);
       clearTimeout(timer);
-      reader.detach();
-      const readAhead = reader.queue.length > 0 ? reader.queue.takeSlices(reader.queue.length) : [];
-      return new NbdClient(socket, n, readAhead, opts, label);
+      io.reader.detach();
+      const readAhead = io.reader.queue.length > 0 ? io.reader.queue.takeSlices(io.reader.queue.length) : [];
+      return new NbdClient(io.socket, n, readAhead, opts, label);
     } catch (e) {
       clearTimeout(timer);
       reader.detach();

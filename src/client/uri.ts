@@ -7,18 +7,32 @@
  *
  * The export name is the path without its leading '/', percent-decoded
  * ("nbd://h//disk" names "/disk", "nbd://h" and "nbd://h/" name "").
- * TLS schemes (nbds, nbds+unix) and TLS query parameters are refused: this
- * client does not speak TLS yet. Unknown query parameters are diagnosed, as
+ *   nbds://host[:port]/export?tls-certificates=DIR   TLS (STARTTLS) required
+ *
+ * TLS as libnbd reads it: DIR holds ca-cert.pem and, for client certificate
+ * authentication, client-cert.pem and client-key.pem; tls-verify-peer=false
+ * skips verifying the server; tls-hostname= overrides the name checked in its
+ * certificate (default: the host). Unknown query parameters are diagnosed, as
  * the URI spec asks.
  */
 
 export const NBD_DEFAULT_PORT = 10809;
+
+/** TLS settings of an nbds:// URI. */
+export interface NbdTlsSettings {
+  /** Directory with ca-cert.pem and optionally client-cert.pem/client-key.pem; absent: the system CAs. */
+  readonly certificates?: string;
+  readonly verifyPeer: boolean;
+  /** Name to check in the server certificate. */
+  readonly hostname?: string;
+}
 
 export interface NbdTcpUri {
   readonly transport: 'tcp';
   readonly host: string;
   readonly port: number;
   readonly exportName: string;
+  readonly tls?: NbdTlsSettings;
 }
 
 export interface NbdUnixUri {
@@ -26,6 +40,7 @@ export interface NbdUnixUri {
   /** Socket path; a leading NUL selects the Linux abstract namespace. */
   readonly socket: string;
   readonly exportName: string;
+  readonly tls?: NbdTlsSettings;
 }
 
 export type NbdUri = NbdTcpUri | NbdUnixUri;
@@ -51,6 +66,7 @@ export function parseNbdUri(uri: string): NbdUri {
   const fragment = m[5];
 
   let transport: 'tcp' | 'unix';
+  let secure = false;
   switch (scheme) {
     case 'nbd':
     case 'nbd+tcp':
@@ -61,9 +77,14 @@ export function parseNbdUri(uri: string): NbdUri {
       break;
     case 'nbds':
     case 'nbds+tcp':
+      transport = 'tcp';
+      secure = true;
+      break;
     case 'nbds+unix':
+      transport = 'unix';
+      secure = true;
+      break;
     case 'nbds+vsock':
-      return fail(`TLS not supported yet (scheme "${scheme}:" requires TLS; use nbd:// or nbd+unix://)`);
     case 'nbd+vsock':
       return fail('AF_VSOCK transport not supported (use nbd:// or nbd+unix://)');
     default:
@@ -78,8 +99,22 @@ export function parseNbdUri(uri: string): NbdUri {
 
   const params = parseQuery(query, fail);
   for (const key of params.keys()) {
-    if (key.startsWith('tls-')) fail(`TLS not supported yet (query parameter "${key}")`);
-    if (key !== 'socket') fail(`unknown query parameter "${key}"`);
+    if (key.startsWith('tls-')) {
+      if (!secure) fail(`query parameter "${key}" needs a TLS scheme (nbds://)`);
+      if (!['tls-certificates', 'tls-verify-peer', 'tls-hostname'].includes(key)) fail(`unsupported TLS query parameter "${key}"`);
+    } else if (key !== 'socket') fail(`unknown query parameter "${key}"`);
+  }
+  let tls: NbdTlsSettings | undefined;
+  if (secure) {
+    const verify = params.get('tls-verify-peer');
+    if (verify !== undefined && !['true', 'false', '1', '0'].includes(verify)) fail(`tls-verify-peer must be true or false, got "${verify}"`);
+    const certificates = params.get('tls-certificates');
+    const hostname = params.get('tls-hostname');
+    tls = {
+      verifyPeer: verify !== 'false' && verify !== '0',
+      ...(certificates ? { certificates } : {}),
+      ...(hostname ? { hostname } : {}),
+    };
   }
 
   if (transport === 'unix') {
@@ -87,14 +122,14 @@ export function parseNbdUri(uri: string): NbdUri {
     const socket = params.get('socket');
     if (socket === undefined) return fail('a nbd+unix URI needs a "socket" query parameter (nbd+unix:///export?socket=PATH)');
     if (socket === '') fail('the "socket" query parameter is empty');
-    return { transport, socket, exportName };
+    return tls ? { transport, socket, exportName, tls } : { transport, socket, exportName };
   }
 
   if (params.has('socket')) fail('the "socket" query parameter is only valid with nbd+unix://');
   if (authority === undefined || authority === '') return fail('missing host (expected nbd://host[:port]/export)');
   let hostport = authority;
   const at = hostport.lastIndexOf('@');
-  if (at >= 0) fail('user information ("user@") is only used for TLS authentication, and TLS is not supported yet');
+  if (at >= 0) fail('user information ("user@") is used for TLS-PSK authentication, which is not supported (use X.509 certificates)');
   let host: string;
   let portText: string | undefined;
   if (hostport.startsWith('[')) {
@@ -123,15 +158,16 @@ export function parseNbdUri(uri: string): NbdUri {
     port = Number(portText);
     if (port < 1 || port > 65535) fail(`port ${port} is out of range (1-65535)`);
   }
-  return { transport, host, port, exportName };
+  return tls ? { transport, host, port, exportName, tls } : { transport, host, port, exportName };
 }
 
 /** The canonical URI text for a parsed URI (for messages and logs). */
 export function formatNbdUri(u: NbdUri): string {
   const name = encodeURIComponent(u.exportName).replace(/%2F/gi, '/');
-  if (u.transport === 'unix') return `nbd+unix:///${name}?socket=${encodeURIComponent(u.socket).replace(/%2F/gi, '/')}`;
+  const s = u.tls ? 's' : '';
+  if (u.transport === 'unix') return `nbd${s}+unix:///${name}?socket=${encodeURIComponent(u.socket).replace(/%2F/gi, '/')}`;
   const host = u.host.includes(':') ? `[${u.host.replace(/%/g, '%25')}]` : u.host;
-  return `nbd://${host}${u.port === NBD_DEFAULT_PORT ? '' : `:${u.port}`}/${name}`;
+  return `nbd${s}://${host}${u.port === NBD_DEFAULT_PORT ? '' : `:${u.port}`}/${name}`;
 }
 
 function decode(s: string, what: string, fail: (why: string) => never): string {

@@ -5,6 +5,7 @@
  * needs, so a client can never make us buffer without bound.
  */
 import type { Socket } from 'node:net';
+import * as tls from 'node:tls';
 import { ByteQueue } from '../util/byte-queue.js';
 import type { Logger } from '../util/log.js';
 
@@ -26,13 +27,24 @@ export class Connection {
   /** The client's address; undefined on a Unix socket. */
   readonly remoteAddress: string | undefined;
 
+  /** The socket bytes travel on: the TCP/Unix socket, or the TLS socket after STARTTLS. */
+  socket: Socket;
+  /** Whether STARTTLS has upgraded this connection. */
+  tls = false;
+
   constructor(
     readonly id: number,
-    readonly socket: Socket,
+    socket: Socket,
     readonly log: Logger,
   ) {
+    this.socket = socket;
     this.remoteAddress = socket.remoteAddress;
     socket.setNoDelay?.(true);
+    this.attach(socket);
+    socket.on('close', () => this.markClosed());
+  }
+
+  private attach(socket: Socket): void {
     socket.on('data', (chunk: Buffer) => {
       this.input.push(chunk);
       if (this.onInput) return this.onInput();
@@ -43,8 +55,30 @@ export class Connection {
       }
       if (this.input.length > HANDSHAKE_READ_AHEAD + (this.waiter?.n ?? 0)) socket.pause();
     });
-    socket.on('error', (err) => log.debug('socket-error', { cause: err }));
-    socket.on('close', () => this.markClosed());
+    socket.on('error', (err) => this.log.debug('socket-error', { cause: err }));
+  }
+
+  /**
+   * NBD_OPT_STARTTLS was acknowledged: everything from here on is TLS. The
+   * client may not send before our ACK, so nothing may be buffered yet.
+   */
+  async startTls(options: tls.TLSSocketOptions): Promise<void> {
+    if (this.input.length > 0) throw new Error(`${this.input.length} bytes arrived before the TLS handshake`);
+    const raw = this.socket;
+    // The ACK must leave in clear text before TLS takes over the socket.
+    if (this.corked) this.uncork();
+    raw.removeAllListeners('data');
+    const secure = new tls.TLSSocket(raw, { ...options, isServer: true });
+    this.socket = secure;
+    this.tls = true;
+    this.attach(secure);
+    await new Promise<void>((resolve, reject) => {
+      secure.once('secure', resolve);
+      secure.once('error', reject);
+      secure.once('close', () => reject(new ConnectionClosed('connection closed during the TLS handshake')));
+    });
+    const peer = secure.getPeerCertificate();
+    this.log.info('tls-established', { protocol: secure.getProtocol(), cipher: secure.getCipher()?.name, clientCert: peer?.subject?.CN ?? null });
   }
 
   /** Resolves once `n` bytes are buffered; rejects if the socket closes first. */

@@ -26,6 +26,12 @@ export interface HandshakeLimits {
 
 export const DEFAULT_HANDSHAKE_LIMITS: HandshakeLimits = { maxOptions: 1024, maxOptionLength: 64 * 1024 };
 
+/** TLS as the server offers it (proto.md "TLS support"): SELECTIVETLS-like "on", or FORCEDTLS "require". */
+export interface TlsPolicy {
+  mode: 'on' | 'require';
+  options: import('node:tls').TLSSocketOptions;
+}
+
 /** The server's say on whether this connection may attach to an export now (ACL, limits): a reason to refuse, or undefined. */
 export type Admission = (exp: Export, conn: Connection) => string | undefined;
 
@@ -56,7 +62,10 @@ export async function newstyleHandshake(
   exports: ExportRegistry,
   limits: HandshakeLimits = DEFAULT_HANDSHAKE_LIMITS,
   admit: Admission = () => undefined,
+  tlsPolicy?: TlsPolicy,
 ): Promise<Negotiated | null> {
+  /** FORCEDTLS: before TLS, every option but STARTTLS and ABORT gets ERR_TLS_REQD. */
+  const tlsRequired = () => tlsPolicy?.mode === 'require' && !conn.tls;
   const refusalFor = (exp: Export, contexts: MetaContext[]) => admit(exp, conn) ?? admissionRefusal(exp, contexts);
   conn.send(codec.encodeNewstyleGreeting(C.NBD_FLAG_FIXED_NEWSTYLE | C.NBD_FLAG_NO_ZEROES));
   const clientFlags = (await conn.read(4)).readUInt32BE(0);
@@ -79,7 +88,8 @@ export async function newstyleHandshake(
     const { option, length } = head;
 
     if (option === C.NBD_OPT_EXPORT_NAME) {
-      // No way to answer an error here: an unknown name ends the connection.
+      // No way to answer an error here: an unknown name (or a missing TLS upgrade) ends the connection.
+      if (tlsRequired()) throw new HandshakeError('NBD_OPT_EXPORT_NAME without TLS, which this server requires');
       if (length > C.MAX_STRING_LENGTH) throw new HandshakeError(`export name of ${length} bytes`);
       const name = (await conn.read(length)).toString('utf8');
       const exp = exports.get(name);
@@ -97,6 +107,11 @@ export async function newstyleHandshake(
       continue;
     }
     const payload = await conn.read(length);
+
+    if (tlsRequired() && option !== C.NBD_OPT_STARTTLS && option !== C.NBD_OPT_ABORT) {
+      refuse(option, C.NBD_REP_ERR_TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first');
+      continue;
+    }
 
     switch (option) {
       case C.NBD_OPT_ABORT:
@@ -182,7 +197,24 @@ export async function newstyleHandshake(
       }
 
       case C.NBD_OPT_STARTTLS:
-        refuse(option, C.NBD_REP_ERR_UNSUP, 'TLS is not supported by this server yet');
+        if (!tlsPolicy) {
+          refuse(option, C.NBD_REP_ERR_UNSUP, 'TLS is not enabled on this server (--tls)');
+          break;
+        }
+        if (conn.tls) {
+          refuse(option, C.NBD_REP_ERR_INVALID, 'TLS is already active');
+          break;
+        }
+        if (length !== 0) {
+          refuse(option, C.NBD_REP_ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
+          break;
+        }
+        reply(option, C.NBD_REP_ACK);
+        try {
+          await conn.startTls(tlsPolicy.options);
+        } catch (e) {
+          throw new HandshakeError(`TLS handshake failed: ${(e as Error).message}`);
+        }
         break;
 
       default:

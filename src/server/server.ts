@@ -15,6 +15,7 @@ import {
   type HandshakeLimits,
   type Negotiated,
   newstyleHandshake,
+  type TlsPolicy,
   oldstyleHandshake,
 } from './handshake.js';
 import { DEFAULT_SESSION_LIMITS, Session, type SessionLimits } from './session.js';
@@ -30,6 +31,8 @@ export interface ServerOptions {
   maxConnections: number;
   /** Connections in transmission with one export; past it GO gets ERR_POLICY. */
   maxConnectionsPerExport: number;
+  /** STARTTLS support; undefined answers it ERR_UNSUP. */
+  tls?: TlsPolicy;
 }
 
 export const DEFAULT_SERVER_OPTIONS: ServerOptions = {
@@ -154,7 +157,7 @@ export class NbdServer {
         if (why) throw new HandshakeError(why);
         negotiated = oldstyleHandshake(conn, exp);
       } else {
-        negotiated = await newstyleHandshake(conn, this.exports, this.options.handshake, (exp, c) => this.admit(exp, c));
+        negotiated = await newstyleHandshake(conn, this.exports, this.options.handshake, (exp, c) => this.admit(exp, c), this.options.tls);
       }
     } catch (e) {
       if (!(e instanceof ConnectionClosed)) {

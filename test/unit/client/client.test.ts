@@ -365,7 +365,7 @@ t.test('handshake failures are clear', async (t) => {
   const cases: Array<[string, FakeOptions, RegExp]> = [
     ['missing export', { goError: { type: C.NBD_REP_ERR_UNKNOWN, message: 'no export named "disk" here' } }, /refused export "disk" \(NBD_REP_ERR_UNKNOWN in reply to NBD_OPT_GO\): no export named "disk" here/],
     ['policy', { goError: { type: C.NBD_REP_ERR_POLICY, message: 'go away' } }, /NBD_REP_ERR_POLICY.*: go away/],
-    ['TLS required', { tlsRequired: true }, /requires TLS, and TLS is not supported yet: TLS required/],
+    ['TLS required', { tlsRequired: true }, /requires TLS: use an nbds:\/\/ URI: TLS required/],
     ['oldstyle', { greeting: codec.encodeOldstyleGreeting(1 << 20, C.NBD_FLAG_HAS_FLAGS) }, /oldstyle negotiation, which is not supported/],
     ['not fixed newstyle', { handshakeFlags: 0 }, /does not support fixed newstyle/],
     ['not NBD', { greeting: Buffer.from('SSH-2.0-OpenSSH_9.2p1 Debian\r\n') }, /not an NBD server/],
@@ -407,7 +407,7 @@ t.test('connect timeout and refused connections', async (t) => {
 
   const nosock = (await NbdClient.connect('nbd+unix:///x?socket=/nonexistent/nbd.sock').catch((e) => e)) as Error;
   t.match(nosock.message, /cannot connect: .*ENOENT/);
-  await t.rejects(NbdClient.connect('nbds://127.0.0.1/x'), /TLS not supported yet/);
+  await t.rejects(NbdClient.connect('nbds://127.0.0.1:1/x?tls-certificates=/nonexistent'), /ca-cert\.pem not found/);
 });
 
 // ------------------------------------------------------------------ transmission

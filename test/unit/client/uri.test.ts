@@ -34,9 +34,20 @@ t.test('Unix socket URIs', async (t) => {
   t.throws(() => parseNbdUri('nbd://host/disk?socket=/x'), /only valid with nbd\+unix/);
 });
 
-t.test('TLS and other unsupported forms', async (t) => {
-  for (const u of ['nbds://host/disk', 'nbds+unix:///disk?socket=/x', 'NBDS://h/']) t.throws(() => parseNbdUri(u), /TLS not supported yet/, u);
-  t.throws(() => parseNbdUri('nbd://host/disk?tls-type=x509'), /TLS not supported yet/);
+t.test('TLS URIs and unsupported forms', async (t) => {
+  t.same(parseNbdUri('nbds://host:10810/disk?tls-certificates=/etc/pki/nbd'), {
+    transport: 'tcp',
+    host: 'host',
+    port: 10810,
+    exportName: 'disk',
+    tls: { verifyPeer: true, certificates: '/etc/pki/nbd' },
+  });
+  t.same(parseNbdUri('nbds+unix:///disk?socket=/x&tls-verify-peer=false').tls, { verifyPeer: false });
+  t.same(parseNbdUri('NBDS://h/').tls, { verifyPeer: true });
+  t.equal(formatNbdUri(parseNbdUri('nbds://h:10810/d?tls-certificates=/p')), 'nbds://h:10810/d');
+  t.throws(() => parseNbdUri('nbd://host/disk?tls-certificates=/p'), /needs a TLS scheme/);
+  t.throws(() => parseNbdUri('nbds://host/disk?tls-type=x509'), /unsupported TLS query parameter/);
+  t.throws(() => parseNbdUri('nbds://host/disk?tls-verify-peer=maybe'), /true or false/);
   t.throws(() => parseNbdUri('nbd://user@host/disk'), /TLS/);
   t.throws(() => parseNbdUri('nbd+vsock://1:10809/disk'), /vsock/i);
 });
