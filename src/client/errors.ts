@@ -5,20 +5,9 @@
 import * as C from '../protocol/constants.js';
 import { DeviceError } from '../storage/device.js';
 
-const ERRNO_NAMES: Readonly<Record<number, string>> = {
-  [C.NBD_EPERM]: 'EPERM',
-  [C.NBD_EIO]: 'EIO',
-  [C.NBD_ENOMEM]: 'ENOMEM',
-  [C.NBD_EINVAL]: 'EINVAL',
-  [C.NBD_ENOSPC]: 'ENOSPC',
-  [C.NBD_EOVERFLOW]: 'EOVERFLOW',
-  [C.NBD_ENOTSUP]: 'ENOTSUP',
-  [C.NBD_ESHUTDOWN]: 'ESHUTDOWN',
-};
-
 /** POSIX errno name for an NBD error value; values the spec does not define become EIO. */
 export function errnoNameForNbd(nbdErrno: number): string {
-  return ERRNO_NAMES[nbdErrno] ?? 'EIO';
+  return C.NBD_ERROR_NAMES[nbdErrno] ?? 'EIO';
 }
 
 /**

@@ -141,6 +141,18 @@ export const NBD_EOVERFLOW = 75;
 export const NBD_ENOTSUP = 95;
 export const NBD_ESHUTDOWN = 108;
 
+/** The POSIX name of each error value the spec defines. */
+export const NBD_ERROR_NAMES: Readonly<Record<number, string>> = {
+  [NBD_EPERM]: 'EPERM',
+  [NBD_EIO]: 'EIO',
+  [NBD_ENOMEM]: 'ENOMEM',
+  [NBD_EINVAL]: 'EINVAL',
+  [NBD_ENOSPC]: 'ENOSPC',
+  [NBD_EOVERFLOW]: 'EOVERFLOW',
+  [NBD_ENOTSUP]: 'ENOTSUP',
+  [NBD_ESHUTDOWN]: 'ESHUTDOWN',
+};
+
 // ---- Metadata contexts ----
 export const BASE_ALLOCATION = 'base:allocation';
 /** base:allocation status flags. */

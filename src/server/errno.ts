@@ -26,17 +26,7 @@ export function nbdErrorFor(e: unknown): number {
   return (typeof code === 'string' && MAP[code]) || C.NBD_EIO;
 }
 
-const NAMES: Readonly<Record<number, string>> = {
-  [C.NBD_EPERM]: 'EPERM',
-  [C.NBD_EIO]: 'EIO',
-  [C.NBD_ENOMEM]: 'ENOMEM',
-  [C.NBD_EINVAL]: 'EINVAL',
-  [C.NBD_ENOSPC]: 'ENOSPC',
-  [C.NBD_EOVERFLOW]: 'EOVERFLOW',
-  [C.NBD_ENOTSUP]: 'ENOTSUP',
-  [C.NBD_ESHUTDOWN]: 'ESHUTDOWN',
-};
-
+/** For logs and metrics: the error's name (only spec-defined values are ever sent). */
 export function nbdErrorName(n: number): string {
-  return NAMES[n] ?? `E${n}`;
+  return C.NBD_ERROR_NAMES[n] ?? `E${n}`;
 }
