@@ -81,6 +81,22 @@ export async function newstyleHandshake(
     conn.send(codec.encodeOptionError(option, type, why));
   };
 
+  /** Decodes an option payload, answering ERR_INVALID when it is malformed. */
+  const decodeOrRefuse = <T>(option: number, decode: () => T): T | undefined => {
+    try {
+      return decode();
+    } catch (e) {
+      refuse(option, C.NBD_REP_ERR_INVALID, (e as Error).message);
+      return undefined;
+    }
+  };
+  /** Finds the named export, answering ERR_UNKNOWN when there is none. */
+  const lookupOrRefuse = (option: number, name: string): Export | undefined => {
+    const exp = exports.get(name);
+    if (!exp) refuse(option, C.NBD_REP_ERR_UNKNOWN, `no export named "${name}"`);
+    return exp;
+  };
+
   for (let count = 0; ; count++) {
     if (count >= limits.maxOptions) throw new HandshakeError(`more than ${limits.maxOptions} options`);
     const head = codec.decodeOptionHeader(await conn.read(codec.OPTION_HEADER_LENGTH));
@@ -140,18 +156,9 @@ export async function newstyleHandshake(
 
       case C.NBD_OPT_INFO:
       case C.NBD_OPT_GO: {
-        let req: { name: string; infos: number[] };
-        try {
-          req = codec.decodeInfoRequest(payload);
-        } catch (e) {
-          refuse(option, C.NBD_REP_ERR_INVALID, (e as Error).message);
-          break;
-        }
-        const exp = exports.get(req.name);
-        if (!exp) {
-          refuse(option, C.NBD_REP_ERR_UNKNOWN, `no export named "${req.name}"`);
-          break;
-        }
+        const req = decodeOrRefuse(option, () => codec.decodeInfoRequest(payload));
+        const exp = req && lookupOrRefuse(option, req.name);
+        if (!req || !exp) break;
         const why = refusalFor(exp, contextsFor(chosen, exp));
         if (why) {
           refuse(option, C.NBD_REP_ERR_POLICY, why);
@@ -175,18 +182,9 @@ export async function newstyleHandshake(
           refuse(option, C.NBD_REP_ERR_INVALID, 'metadata contexts need NBD_OPT_STRUCTURED_REPLY first');
           break;
         }
-        let req: { name: string; queries: string[] };
-        try {
-          req = codec.decodeMetaContextRequest(payload);
-        } catch (e) {
-          refuse(option, C.NBD_REP_ERR_INVALID, (e as Error).message);
-          break;
-        }
-        const exp = exports.get(req.name);
-        if (!exp) {
-          refuse(option, C.NBD_REP_ERR_UNKNOWN, `no export named "${req.name}"`);
-          break;
-        }
+        const req = decodeOrRefuse(option, () => codec.decodeMetaContextRequest(payload));
+        const exp = req && lookupOrRefuse(option, req.name);
+        if (!req || !exp) break;
         const found = new Map<number, MetaContext>();
         const queries = listing && req.queries.length === 0 ? [''] : req.queries;
         for (const q of queries) for (const m of exp.matchContexts(q, listing)) found.set(m.id, m);
