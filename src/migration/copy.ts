@@ -129,7 +129,7 @@ export async function copyRange(
       if (n <= 0) break;
       if (e.flags & NBD_STATE_ZERO) await zeroRange(target, pos, n, opts.skipTargetZeros, stats);
       else {
-        if (opts.limiter) await opts.limiter.take(n);
+        if (opts.limiter) await opts.limiter.take(n, opts.shouldStop);
         if (opts.shouldStop?.()) throw new CopyStopped();
         const buf = Buffer.allocUnsafe(n);
         await source.read(pos, n, buf, 0);

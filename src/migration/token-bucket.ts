@@ -23,9 +23,13 @@ export class TokenBucket {
     this.tokens = Math.min(this.tokens, this.burst);
   }
 
-  /** Waits in FIFO order until `n` bytes may pass. */
-  take(n: number): Promise<void> {
-    const turn = this.queue.then(() => this.wait(n));
+  /**
+   * Waits in FIFO order until `n` bytes may pass. `cancelled` is polled while
+   * waiting: once it says yes the wait ends at once, taking nothing (so an
+   * abort is not held up by the rate limit).
+   */
+  take(n: number, cancelled?: () => boolean): Promise<void> {
+    const turn = this.queue.then(() => this.wait(n, cancelled));
     this.queue = turn;
     return turn;
   }
@@ -36,8 +40,9 @@ export class TokenBucket {
     this.last = now;
   }
 
-  private async wait(n: number): Promise<void> {
+  private async wait(n: number, cancelled?: () => boolean): Promise<void> {
     for (;;) {
+      if (cancelled?.()) return;
       this.refill();
       const need = Math.min(n, this.burst);
       if (this.tokens >= need) {
@@ -45,7 +50,7 @@ export class TokenBucket {
         return;
       }
       const ms = ((need - this.tokens) / this.rate) * 1000;
-      await new Promise((r) => setTimeout(r, Math.max(1, Math.ceil(ms))));
+      await new Promise((r) => setTimeout(r, Math.min(50, Math.max(1, Math.ceil(ms)))));
     }
   }
 }

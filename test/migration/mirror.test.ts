@@ -187,6 +187,24 @@ t.test('a fenced source refuses to be served read-write again', async (t) => {
   t.ok(ro.newstylePort > 0, 'read-only serving of a fenced image is allowed');
 });
 
+t.test('SIGTERM during a mirror aborts it cleanly: the source stays authoritative and unfenced', async (t) => {
+  const dir = await tmpDir(t);
+  const { src } = await sourceImage(dir);
+  const dst = await makeImage(path.join(dir, 'dst.img'), SIZE);
+  const port = await freePort();
+  const q = await qemuNbd(dst, 'vm1', port);
+  t.teardown(() => q.stop());
+  const { s, admin } = await sourceServer(t, dir, src);
+  await adminRequest(admin, { cmd: 'mirror', export: 'vm1', target: `nbd://127.0.0.1:${port}/vm1`, maxBandwidth: '4M' });
+  await waitForJob(admin, 'vm1', (j) => j.dataBytes > 0);
+  await s.stop();
+  t.equal(s.exited()?.code, 0, 'clean exit');
+  t.ok(s.logs.some((e) => e.event === 'mirror-state' && e.to === 'aborted'), 'the job was aborted');
+  t.notOk(fs.existsSync(`${src}.nbd-migrate-fenced`), 'not fenced');
+  const again = await serve(t, [src, '--name', 'vm1']);
+  t.ok(again.newstylePort > 0, 'the source can be served read-write again');
+});
+
 t.test('cold copy: nbd-migrate copy between a file and an NBD target, sparse-aware', async (t) => {
   const dir = await tmpDir(t);
   const { src } = await sourceImage(dir);

@@ -154,3 +154,38 @@ t.test('a flood of pipelined 32 MiB writes: memory stays bounded, another client
   t.ok(lat.length > 20, `the well-behaved client kept being served (${lat.length} round trips in 4 s)`);
   t.equal(s.exited(), undefined, 'server still running');
 });
+
+t.test('a flood of connections stalling in the handshake: refused past the limit, dropped at the timeout, memory bounded', async (t) => {
+  const dir = await tmpDir(t);
+  const img = await makeImage(path.join(dir, 'a.img'), 4 * MiB);
+  const s = await serve(t, [img, '--name', 'vm1', '--max-connections', '200', '--handshake-timeout', '2']);
+  const pid = s.proc.pid!;
+  const rssMiB = () => Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))![1]) / 1024;
+  const baseline = rssMiB();
+  const socks: net.Socket[] = [];
+  let closedByServer = 0;
+  for (let i = 0; i < 400; i++) {
+    const c = net.connect(s.newstylePort, '127.0.0.1');
+    c.on('error', () => undefined);
+    c.on('close', () => closedByServer++);
+    c.on('data', () => undefined); // read the greeting (and so see the server's close)
+    c.on('connect', () => c.write(Buffer.alloc(3))); // a partial client-flags field, then silence
+    socks.push(c);
+  }
+  await new Promise((r) => setTimeout(r, 800));
+  const peak = rssMiB();
+  t.ok(closedByServer >= 150, `connections past --max-connections are closed at once (${closedByServer} of 400)`);
+  // A well-behaved client still gets through once the stalled ones time out.
+  await new Promise((r) => setTimeout(r, 2500));
+  t.equal(closedByServer, 400, 'every stalled connection was dropped by the handshake timeout');
+  const good = await NbdClient.connect(s.uri('vm1'));
+  await good.write(0, [Buffer.alloc(4096, 7)], { fua: false });
+  const b = Buffer.alloc(4096);
+  await good.read(0, 4096, b, 0);
+  t.equal(b[4095], 7, 'a client after the storm is served');
+  await good.close();
+  for (const c of socks) c.destroy();
+  t.comment(`connection flood: RSS ${baseline.toFixed(0)} -> ${peak.toFixed(0)} MiB`);
+  t.ok(peak < baseline + 100, `RSS stays bounded (${peak.toFixed(0)} MiB)`);
+  t.ok((s.logs.filter((e) => e.event === 'handshake-timeout').length) >= 150, 'timeouts are logged');
+});
