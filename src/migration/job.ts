@@ -18,6 +18,7 @@ import { copySweep, type CopyStats, DEFAULT_COPY_OPTIONS, newCopyStats } from '.
 import type { GateDevice } from './gate-device.js';
 import { writeFenced } from './markers.js';
 import { RangeLock } from './range-lock.js';
+import { ReconnectingDevice } from './reconnecting-device.js';
 import { TokenBucket } from './token-bucket.js';
 
 export type JobState = 'created' | 'copying' | 'ready' | 'cutting-over' | 'completed' | 'aborted' | 'failed';
@@ -385,7 +386,8 @@ export class MirrorJob extends EventEmitter {
       if (this.source.bitmap.dirtyBytes() !== 0) throw new JobError('EIO', 'dirty blocks remain after the final sweep');
       await target.flush();
       if (target.contexts.has(C.MIGRATE_INCOMING_CONTEXT)) await target.request(C.NBD_CMD_MIGRATE_COMPLETE, 0, 0, 0);
-      this.source.gate.swap(target);
+      // Guests now talk to the target; a dropped connection is re-established under them.
+      this.source.gate.swap(new ReconnectingDevice(target, () => this.connectChecked(), this.opts.target));
       switched = true;
       this.source.gate.setThrottle(undefined);
     } catch (e) {

@@ -187,6 +187,31 @@ t.test('a fenced source refuses to be served read-write again', async (t) => {
   t.ok(ro.newstylePort > 0, 'read-only serving of a fenced image is allowed');
 });
 
+t.test('after cutover, the target restarting is latency, not an error, for guests forwarded through the source', async (t) => {
+  const dir = await tmpDir(t);
+  const { src, shadow } = await sourceImage(dir);
+  const dst = await makeImage(path.join(dir, 'dst.img'), SIZE);
+  const port = await freePort();
+  let q = await qemuNbd(dst, 'vm1', port);
+  t.teardown(() => q.stop());
+  const { s, admin } = await sourceServer(t, dir, src);
+  await adminRequest(admin, { cmd: 'mirror', export: 'vm1', target: `nbd://127.0.0.1:${port}/vm1`, cutover: 'auto' });
+  await waitForJob(admin, 'vm1', (j) => j.state === 'completed');
+  const writer = await startWriter(s.uri('vm1'), shadow, dir);
+  await new Promise((r) => setTimeout(r, 300));
+  await q.stop();
+  await new Promise((r) => setTimeout(r, 500));
+  q = await qemuNbd(dst, 'vm1', port);
+  await s.waitForLog((e) => e.event === 'target-reconnected', 15_000);
+  await new Promise((r) => setTimeout(r, 300));
+  const w = await writer.stop();
+  t.equal(w.errors, 0, `the writer saw no errors across the target restart (${w.writes} writes, max latency ${w.maxLatencyMs} ms)`);
+  t.ok(w.maxLatencyMs >= 400, 'it saw the outage as latency');
+  await q.stop();
+  const cmp = await compare(shadow, dst);
+  t.equal(cmp.code, 0, describeRun(cmp));
+});
+
 t.test('SIGTERM during a mirror aborts it cleanly: the source stays authoritative and unfenced', async (t) => {
   const dir = await tmpDir(t);
   const { src } = await sourceImage(dir);

@@ -12,6 +12,7 @@ import { GateDevice } from '../../../src/migration/gate-device.js';
 import { DEFAULT_MIRROR_OPTIONS, MirrorJob, type MirrorSource, type MirrorTarget } from '../../../src/migration/job.js';
 import { readFenced } from '../../../src/migration/markers.js';
 import { RangeLock } from '../../../src/migration/range-lock.js';
+import { ReconnectingDevice } from '../../../src/migration/reconnecting-device.js';
 import { TokenBucket } from '../../../src/migration/token-bucket.js';
 import { DeviceError } from '../../../src/storage/device.js';
 import { FileDevice } from '../../../src/storage/file-device.js';
@@ -249,7 +250,7 @@ t.test('mirror job: copies under concurrent writes, cuts over, fences', async (t
   t.equal(job.state, 'completed');
   t.ok(writes > 100, `writer kept writing through the job (${writes} writes)`);
   t.ok(job.status().pauseMs! >= 0);
-  t.equal(s.gate.inner, target, 'export switched to the target');
+  t.ok(s.gate.inner instanceof ReconnectingDevice, 'export switched to the target (through a reconnecting connection)');
   t.ok(readFenced(srcImg), 'local image fenced');
   // After the switch, writes go to the target only.
   await s.gate.write(31 * MiB, [Buffer.alloc(4096, 0x77)], { fua: false });
@@ -303,4 +304,31 @@ t.test('mirror job: target failures are retried from the bitmap; abort leaves th
   t.equal(s2.gate.inner, s2.tracking, 'still serving the local image');
   t.notOk(s2.tracking.writeThroughActive);
   t.equal(readFenced(path.join(dir, 's2.img')), undefined, 'not fenced');
+});
+
+t.test('after cutover, a dropped target connection is re-established under the guest', async (t) => {
+  const dir = tmpdir(t);
+  const dst = await FileDevice.open(image(dir, 'd.img', MiB), { readOnly: false });
+  t.teardown(() => dst.close());
+  const first = new FileTarget(dst);
+  const second = new FileTarget(dst);
+  first.failWrites = 1; // the connection "dies" under the first write
+  let connects = 0;
+  const dev = new ReconnectingDevice(first, async () => {
+    connects++;
+    return second;
+  }, 'file');
+  await dev.write(0, [Buffer.alloc(4096, 9)], { fua: false });
+  t.equal(connects, 1, 'reconnected once');
+  t.equal(second.writes, 1, 'the write was retried on the new connection');
+  const b = Buffer.alloc(4096);
+  await dev.read(0, 4096, b, 0);
+  t.equal(b[0], 9);
+  // An error the target itself returns is not retried.
+  const failing = new FileTarget(dst);
+  failing.write = async () => {
+    throw new DeviceError('ENOSPC', 'full');
+  };
+  const dev2 = new ReconnectingDevice(failing, async () => failing, 'file');
+  await t.rejects(dev2.write(0, [Buffer.alloc(1)], { fua: false }), { code: 'ENOSPC' });
 });
