@@ -111,14 +111,17 @@ export class Connection {
    * leave in one writev: the socket is corked at the first send and uncorked
    * in the check phase, after every I/O callback of this turn has run.
    */
-  send(buf: Buffer): boolean {
-    if (this.closed || this.socket.destroyed) return false;
+  send(buf: Buffer): boolean;
+  /** With `flushed`: called once the bytes have left for the kernel (or were dropped); returns undefined if never queued. */
+  send(buf: Buffer, flushed: () => void): boolean | undefined;
+  send(buf: Buffer, flushed?: () => void): boolean | undefined {
+    if (this.closed || this.socket.destroyed) return flushed ? undefined : false;
     if (!this.corked) {
       this.corked = true;
       this.socket.cork();
       setImmediate(this.uncork);
     }
-    return this.socket.write(buf);
+    return flushed ? this.socket.write(buf, () => flushed()) : this.socket.write(buf);
   }
 
   private corked = false;

@@ -19,6 +19,7 @@ import {
   oldstyleHandshake,
 } from './handshake.js';
 import { DEFAULT_SESSION_LIMITS, Session, type SessionLimits } from './session.js';
+import { MemoryBudget } from './memory-budget.js';
 import { ServerStats } from './stats.js';
 
 export const DEFAULT_NBD_PORT = 10809;
@@ -33,6 +34,8 @@ export interface ServerOptions {
   maxConnectionsPerExport: number;
   /** STARTTLS support; undefined answers it ERR_UNSUP. */
   tls?: TlsPolicy;
+  /** Request payload bytes held at once across all connections (see MemoryBudget). */
+  memoryBudget: number;
 }
 
 export const DEFAULT_SERVER_OPTIONS: ServerOptions = {
@@ -41,6 +44,7 @@ export const DEFAULT_SERVER_OPTIONS: ServerOptions = {
   session: DEFAULT_SESSION_LIMITS,
   maxConnections: 1024,
   maxConnectionsPerExport: 256,
+  memoryBudget: 256 * 1024 * 1024,
 };
 
 export type ListenerKind = 'newstyle' | 'oldstyle' | 'unix';
@@ -65,11 +69,14 @@ export class NbdServer {
   private nextId = 1;
   private closing = false;
   readonly stats = new ServerStats();
+  private readonly budget: MemoryBudget;
 
   constructor(
     readonly exports: ExportRegistry,
     private readonly options: ServerOptions = DEFAULT_SERVER_OPTIONS,
-  ) {}
+  ) {
+    this.budget = new MemoryBudget(options.memoryBudget);
+  }
 
   get bound(): BoundListener[] {
     return this.listeners.map((l) => l.info);
@@ -174,7 +181,7 @@ export class NbdServer {
       conn.end();
       return;
     }
-    const session = new Session(conn, negotiated, this.options.session);
+    const session = new Session(conn, negotiated, this.options.session, this.budget);
     this.sessions.add(session);
     conn.onClose(() => this.sessions.delete(session));
     session.start();

@@ -12,6 +12,7 @@ import * as codec from '../protocol/codec.js';
 import type { Connection } from './connection.js';
 import { nbdErrorFor, nbdErrorName } from './errno.js';
 import type { Negotiated } from './handshake.js';
+import { MemoryBudget } from './memory-budget.js';
 
 export interface SessionLimits {
   maxInflightRequests: number;
@@ -64,13 +65,18 @@ export class Session {
   private idleWaiters: Array<() => void> = [];
   private readonly flags: number;
 
+  private readonly onBudget = () => this.maybeResume();
+
   constructor(
     private readonly conn: Connection,
     private readonly n: Negotiated,
     private readonly limits: SessionLimits = DEFAULT_SESSION_LIMITS,
+    private readonly budget: MemoryBudget = new MemoryBudget(Number.POSITIVE_INFINITY),
   ) {
     this.flags = n.export.transmissionFlags(n.structuredReplies);
     conn.socket.on('drain', () => this.maybeResume());
+    budget.wait(this.onBudget);
+    conn.onClose(() => budget.unwait(this.onBudget));
     if (limits.idleTimeoutMs > 0) {
       conn.socket.setTimeout(limits.idleTimeoutMs);
       conn.socket.on('timeout', () => {
@@ -127,7 +133,8 @@ export class Session {
     return (
       this.inflight >= this.limits.maxInflightRequests ||
       this.inflightBytes >= this.limits.maxInflightBytes ||
-      this.conn.socket.writableLength >= this.limits.maxQueuedReplyBytes
+      this.conn.socket.writableLength >= this.limits.maxQueuedReplyBytes ||
+      this.budget.exhausted
     );
   }
 
@@ -176,6 +183,13 @@ export class Session {
   }
 
   private dispatch(h: codec.RequestHeader): void {
+    // "There is no reply to an NBD_CMD_DISC", whatever its flags: it is always a disconnect.
+    if (h.type === C.NBD_CMD_DISC) {
+      this.conn.log.debug('disconnect-requested', { flags: h.flags });
+      this.stopping = true;
+      void this.idle().then(() => this.conn.end());
+      return;
+    }
     const refusal = this.validate(h);
     if (refusal) {
       this.conn.log.info('request-refused', {
@@ -198,12 +212,9 @@ export class Session {
     }
     switch (h.type) {
       case C.NBD_CMD_WRITE:
+        // Charged now, before its payload arrives: memory for payloads being received is bounded too.
+        this.begin(h.length);
         this.pendingWrite = h; // pump() runs it once the payload is in
-        return;
-      case C.NBD_CMD_DISC:
-        this.conn.log.debug('disconnect-requested');
-        this.stopping = true;
-        void this.idle().then(() => this.conn.end());
         return;
       default:
         this.run(h);
@@ -243,17 +254,19 @@ export class Session {
   private begin(bytes: number): void {
     this.inflight++;
     this.inflightBytes += bytes;
+    this.budget.charge(bytes);
   }
 
-  private finish(bytes: number): void {
+  /** `budgetHeld`: the bytes stay charged to the server budget until their reply is flushed. */
+  private finish(bytes: number, budgetHeld = false): void {
     this.inflight--;
     this.inflightBytes -= bytes;
+    if (!budgetHeld) this.budget.release(bytes);
     if (this.inflight === 0) this.notifyIdle();
     this.maybeResume();
   }
 
   private runWrite(h: codec.RequestHeader, data: Buffer[]): void {
-    this.begin(h.length);
     const started = performance.now();
     const fua = (h.flags & C.NBD_CMD_FLAG_FUA) !== 0;
     this.n.export.device.write(h.offset, data, { fua }).then(
@@ -269,13 +282,18 @@ export class Session {
     const bytes = h.type === C.NBD_CMD_READ ? h.length : 0;
     this.begin(bytes);
     const started = performance.now();
+    let replyHoldsBudget = false;
     this.execute(h).then(
-      () => this.account(h, started),
+      (held) => {
+        replyHoldsBudget = held === true;
+        this.account(h, started);
+      },
       (e) => this.sendFailure(h, e),
-    ).finally(() => this.finish(bytes));
+    ).finally(() => this.finish(bytes, replyHoldsBudget));
   }
 
-  private async execute(h: codec.RequestHeader): Promise<void> {
+  /** Runs a request and replies; resolves true when a READ reply now holds its bytes' budget. */
+  private async execute(h: codec.RequestHeader): Promise<boolean | void> {
     const dev = this.n.export.device;
     const fua = (h.flags & C.NBD_CMD_FLAG_FUA) !== 0;
     switch (h.type) {
@@ -307,24 +325,26 @@ export class Session {
     this.sendOk(h);
   }
 
-  private async read(h: codec.RequestHeader): Promise<void> {
+  /** Reads and replies; true when the queued reply now holds the bytes' budget (released once flushed). */
+  private async read(h: codec.RequestHeader): Promise<boolean> {
     const dev = this.n.export.device;
+    let buf: Buffer;
     if (this.n.structuredReplies) {
       if (h.length === 0) {
         this.conn.send(codec.encodeStructuredNone(h.cookie));
-        return;
+        return false;
       }
       // One allocation holds the chunk header and the data; the device reads straight into it.
-      const buf = Buffer.allocUnsafe(codec.OFFSET_DATA_PREFIX + h.length);
+      buf = Buffer.allocUnsafe(codec.OFFSET_DATA_PREFIX + h.length);
       await dev.read(h.offset, h.length, buf, codec.OFFSET_DATA_PREFIX);
       codec.writeOffsetDataPrefix(buf, C.NBD_REPLY_FLAG_DONE, h.cookie, h.offset, h.length);
-      this.conn.send(buf);
-      return;
+    } else {
+      buf = Buffer.allocUnsafe(C.SIMPLE_REPLY_HEADER_LENGTH + h.length);
+      await dev.read(h.offset, h.length, buf, C.SIMPLE_REPLY_HEADER_LENGTH);
+      codec.writeSimpleReplyHeader(buf, 0, 0, h.cookie);
     }
-    const buf = Buffer.allocUnsafe(C.SIMPLE_REPLY_HEADER_LENGTH + h.length);
-    await dev.read(h.offset, h.length, buf, C.SIMPLE_REPLY_HEADER_LENGTH);
-    codec.writeSimpleReplyHeader(buf, 0, 0, h.cookie);
-    this.conn.send(buf);
+    const length = h.length;
+    return this.conn.send(buf, () => this.budget.release(length)) !== undefined;
   }
 
   private async blockStatus(h: codec.RequestHeader): Promise<void> {
