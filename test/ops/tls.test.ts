@@ -28,7 +28,7 @@ t.test('--tls require: QEMU and libnbd over TLS; clear-text clients refused', as
   t.match(plain.stderr, /TLS/, describeRun(plain));
   const list = await run('nbdinfo', ['--list', s.uri('')]);
   t.not(list.code, 0, 'even NBD_OPT_LIST needs TLS');
-  t.ok(s.logs.some((e) => e.event === 'tls-established' && e.protocol), 'TLS sessions are logged');
+  t.ok(await s.waitForLog((e) => e.event === 'tls-established' && !!e.protocol, 5000), 'TLS sessions are logged');
 });
 
 t.test('--tls-ca: client certificates are verified', async (t) => {
@@ -44,8 +44,9 @@ t.test('--tls-ca: client certificates are verified', async (t) => {
   t.equal(withCert.code, 0, describeRun(withCert));
   const without = await run('nbdinfo', [`nbds://127.0.0.1:${s.newstylePort}/vm1?tls-certificates=${certs.anonDir}`]);
   t.not(without.code, 0, 'a client without a certificate is refused');
-  t.ok(s.logs.some((e) => e.event === 'handshake-failed' && /certificate/.test(String(e.cause))), 'the reason is logged');
-  const clientCn = s.logs.find((e) => e.event === 'tls-established')?.clientCert;
+  const logged = await s.waitForLog((e) => e.event === 'handshake-failed' && /certificate/.test(String(e.cause)), 5000);
+  t.ok(logged, 'the reason is logged');
+  const clientCn = (await s.waitForLog((e) => e.event === 'tls-established', 5000)).clientCert;
   t.equal(clientCn, 'nbd-client', 'the client certificate subject is logged');
 });
 
