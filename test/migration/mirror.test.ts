@@ -224,7 +224,7 @@ t.test('SIGTERM during a mirror aborts it cleanly: the source stays authoritativ
   await waitForJob(admin, 'vm1', (j) => j.dataBytes > 0);
   await s.stop();
   t.equal(s.exited()?.code, 0, 'clean exit');
-  t.ok(s.logs.some((e) => e.event === 'mirror-state' && e.to === 'aborted'), 'the job was aborted');
+  t.ok(await s.waitForLog((e) => e.event === 'mirror-state' && e.to === 'aborted', 5000), 'the job was aborted');
   t.notOk(fs.existsSync(`${src}.nbd-migrate-fenced`), 'not fenced');
   const again = await serve(t, [src, '--name', 'vm1']);
   t.ok(again.newstylePort > 0, 'the source can be served read-write again');
