@@ -34,6 +34,9 @@ export interface RunningServer {
   stop(): Promise<void>;
 }
 
+/** How long shutdown waits for an export's final flush. */
+const SHUTDOWN_FLUSH_MS = 10_000;
+
 /** Loads the certificates once at startup; a bad file stops startup with its name. */
 function tlsPolicy(cfg: ServeConfig): TlsPolicy | undefined {
   if (cfg.tls === 'off') return undefined;
@@ -259,7 +262,14 @@ class ServeProcess implements RunningServer {
     await this.server.close();
     if (this.reaper) clearInterval(this.reaper);
     for (const oe of [...this.open.values(), ...this.retiring]) {
-      await oe.source.gate.flush().catch(() => undefined);
+      const gate = oe.source.gate;
+      // A switched export flushes its target; an unreachable target must not hold up shutdown.
+      const flushed = await Promise.race([
+        gate.flush().then(() => true, (e) => log('error', 'flush-failed', { export: oe.config.name, cause: e })),
+        new Promise<false>((r) => setTimeout(() => r(false), SHUTDOWN_FLUSH_MS).unref()),
+      ]);
+      if (flushed === false) log('error', 'flush-timeout', { export: oe.config.name, timeoutMs: SHUTDOWN_FLUSH_MS });
+      if (gate.inner !== oe.source.tracking) await gate.inner.close().catch(() => undefined);
       await oe.file.close().catch((e) => log('error', 'close-failed', { image: oe.file.path, cause: e }));
     }
     this.open.clear();

@@ -7,7 +7,7 @@
  * (EIO, ENOSPC, ...) pass through unchanged. After `giveUpMs` without a
  * connection, requests fail with the last error.
  */
-import type { Capabilities, Device, Extent, WriteOptions, ZeroOptions } from '../storage/device.js';
+import { type Capabilities, type Device, DeviceError, type Extent, type WriteOptions, type ZeroOptions } from '../storage/device.js';
 import { logger } from '../util/log.js';
 import type { MirrorTarget } from './job.js';
 
@@ -17,6 +17,8 @@ const CONNECTION_LOST = new Set(['ECONNRESET', 'EPIPE', 'ESHUTDOWN', 'ECONNREFUS
 export class ReconnectingDevice implements Device {
   private current: MirrorTarget;
   private reconnecting: Promise<MirrorTarget> | undefined;
+  /** Set by close(): no more reconnecting; waiting requests fail. */
+  private closed = false;
   private readonly log = logger({ component: 'forward' });
 
   constructor(
@@ -64,7 +66,9 @@ export class ReconnectingDevice implements Device {
     return this.retry((d) => d.cache(offset, length));
   }
 
+  /** Closes the connection; requests waiting for a reconnect fail with ESHUTDOWN. */
   close(): Promise<void> {
+    this.closed = true;
     return this.current.close();
   }
 
@@ -75,7 +79,7 @@ export class ReconnectingDevice implements Device {
       try {
         return await op(d);
       } catch (e) {
-        if (!CONNECTION_LOST.has((e as { code?: string }).code ?? '') || Date.now() > deadline) throw e;
+        if (this.closed || !CONNECTION_LOST.has((e as { code?: string }).code ?? '') || Date.now() > deadline) throw e;
         await this.reconnect(d, deadline, e);
       }
     }
@@ -89,6 +93,7 @@ export class ReconnectingDevice implements Device {
       dead.destroy();
       for (let attempt = 1; ; attempt++) {
         await new Promise((r) => setTimeout(r, Math.min(100 * 2 ** (attempt - 1), 2000)));
+        if (this.closed) throw new DeviceError('ESHUTDOWN', `${this.uri}: closed while reconnecting`);
         try {
           const next = await this.connect();
           this.current = next;
