@@ -11,6 +11,8 @@ import type { Logger } from '../util/log.js';
 
 /** The most the handshake phase buffers ahead of what it asked for. */
 const HANDSHAKE_READ_AHEAD = 64 * 1024;
+/** How long a soft close waits for the client to close its side. */
+const END_GRACE_MS = 2000;
 
 export class ConnectionClosed extends Error {
   override readonly name = 'ConnectionClosed';
@@ -148,9 +150,33 @@ export class Connection {
     this.markClosed();
   }
 
-  /** Soft close: flush what was written, then close. */
+  /**
+   * Soft close: flush what was written, then close. A client that never closes
+   * its side (or goes on sending) would hold the socket forever, so whatever
+   * it sends is discarded and the socket is destroyed after a grace period.
+   */
   end(): void {
+    this.onInput = () => this.input.clear();
+    this.input.clear();
+    this.socket.resume();
     this.socket.end();
+    setTimeout(() => this.destroy(), END_GRACE_MS).unref();
+  }
+
+  /** Resolves once queued output is below `limit` bytes (the client is reading its replies). */
+  async drained(limit: number): Promise<void> {
+    while (!this.closed && this.socket.writableLength > limit) {
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          this.socket.off('drain', done);
+          this.socket.off('close', done);
+          resolve();
+        };
+        this.socket.once('drain', done);
+        this.socket.once('close', done);
+      });
+    }
+    if (this.closed) throw new ConnectionClosed('connection closed');
   }
 
   private markClosed(): void {

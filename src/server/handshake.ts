@@ -24,6 +24,9 @@ export interface HandshakeLimits {
   maxOptionLength: number;
 }
 
+/** Option replies queued for a client before its further options wait. */
+const MAX_QUEUED_OPTION_REPLIES = 64 * 1024;
+
 export const DEFAULT_HANDSHAKE_LIMITS: HandshakeLimits = { maxOptions: 1024, maxOptionLength: 64 * 1024 };
 
 /** TLS as the server offers it (proto.md "TLS support"): SELECTIVETLS-like "on", or FORCEDTLS "require". */
@@ -93,12 +96,14 @@ export async function newstyleHandshake(
   /** Finds the named export, answering ERR_UNKNOWN when there is none. */
   const lookupOrRefuse = (option: number, name: string): Export | undefined => {
     const exp = exports.get(name);
-    if (!exp) refuse(option, C.NBD_REP_ERR_UNKNOWN, `no export named "${name}"`);
+    if (!exp) refuse(option, C.NBD_REP_ERR_UNKNOWN, `no export named ${quoted(name)}`);
     return exp;
   };
 
   for (let count = 0; ; count++) {
     if (count >= limits.maxOptions) throw new HandshakeError(`more than ${limits.maxOptions} options`);
+    // A client that sends options but never reads the replies is not read from until it does.
+    await conn.drained(MAX_QUEUED_OPTION_REPLIES);
     const head = codec.decodeOptionHeader(await conn.read(codec.OPTION_HEADER_LENGTH));
     if (head.magic !== C.NBD_IHAVEOPT) throw new HandshakeError(`bad option magic 0x${head.magic.toString(16)}`);
     const { option, length } = head;
@@ -109,7 +114,7 @@ export async function newstyleHandshake(
       if (length > C.MAX_STRING_LENGTH) throw new HandshakeError(`export name of ${length} bytes`);
       const name = (await conn.read(length)).toString('utf8');
       const exp = exports.get(name);
-      if (!exp) throw new HandshakeError(`NBD_OPT_EXPORT_NAME for unknown export "${name}"`);
+      if (!exp) throw new HandshakeError(`NBD_OPT_EXPORT_NAME for unknown export ${quoted(name)}`);
       const why = refusalFor(exp, contextsFor(chosen, exp));
       if (why) throw new HandshakeError(why);
       conn.send(codec.encodeExportNameReply(exp.size, exp.transmissionFlags(structuredReplies), noZeroes));
@@ -226,6 +231,11 @@ function admissionRefusal(exp: Export, contexts: MetaContext[]): string | undefi
   if (exp.incoming && !contexts.some((m) => m.name === C.MIGRATE_INCOMING_CONTEXT))
     return `export "${exp.name}" is receiving a migration and holds a half-copied disk; it opens to clients when the migration completes`;
   return undefined;
+}
+
+/** A client-chosen name for messages and logs, cut short: a 4 KiB name per refusal would flood both. */
+function quoted(name: string): string {
+  return name.length <= 64 ? JSON.stringify(name) : `${JSON.stringify(name.slice(0, 64))}... (${Buffer.byteLength(name)} bytes)`;
 }
 
 function contextsFor(chosen: { exportName: string; contexts: MetaContext[] } | undefined, exp: Export): MetaContext[] {

@@ -29,6 +29,9 @@ export const DEFAULT_SESSION_LIMITS: SessionLimits = {
   idleTimeoutMs: 0,
 };
 
+/** A WRITE payload that receives nothing for this long ends the connection (its memory is charged meanwhile). */
+const PAYLOAD_STALL_MS = 30_000;
+
 /** Extents per BLOCK_STATUS chunk: 4 + 8n bytes must stay within QEMU's 1000-byte limit. */
 const MAX_EXTENTS_PER_CHUNK = Math.floor((C.MAX_NON_DATA_PAYLOAD - 4) / 8);
 
@@ -66,6 +69,20 @@ export class Session {
   private readonly flags: number;
 
   private readonly onBudget = () => this.maybeResume();
+  private payloadTimer: NodeJS.Timeout | undefined;
+  private payloadSeen = -1;
+
+  /** Disconnects a client whose WRITE payload makes no progress for PAYLOAD_STALL_MS. */
+  private armPayloadTimer(buffered: number): void {
+    if (buffered === this.payloadSeen && this.payloadTimer) return;
+    this.payloadSeen = buffered;
+    clearTimeout(this.payloadTimer);
+    this.payloadTimer = setTimeout(() => {
+      this.conn.log.warn('payload-stalled', { export: this.n.export.name, waitedMs: PAYLOAD_STALL_MS, action: 'disconnect' });
+      this.conn.destroy();
+    }, PAYLOAD_STALL_MS);
+    this.payloadTimer.unref();
+  }
 
   constructor(
     private readonly conn: Connection,
@@ -76,7 +93,14 @@ export class Session {
     this.flags = n.export.transmissionFlags(n.structuredReplies);
     conn.socket.on('drain', () => this.maybeResume());
     budget.wait(this.onBudget);
-    conn.onClose(() => budget.unwait(this.onBudget));
+    conn.onClose(() => {
+      budget.unwait(this.onBudget);
+      // A WRITE whose payload never came gives its memory back.
+      const h = this.pendingWrite;
+      this.pendingWrite = undefined;
+      if (h) this.finish(h.length);
+      clearTimeout(this.payloadTimer);
+    });
     if (limits.idleTimeoutMs > 0) {
       conn.socket.setTimeout(limits.idleTimeoutMs);
       conn.socket.on('timeout', () => {
@@ -160,7 +184,13 @@ export class Session {
       }
       if (this.pendingWrite) {
         const h = this.pendingWrite;
-        if (input.length < h.length) return; // more payload to come; reading stays on
+        if (input.length < h.length) {
+          // More payload to come; reading stays on. A payload that stops arriving is not waited for forever.
+          this.armPayloadTimer(input.length);
+          return;
+        }
+        clearTimeout(this.payloadTimer);
+        this.payloadTimer = undefined;
         this.pendingWrite = undefined;
         this.runWrite(h, input.takeSlices(h.length));
         continue;

@@ -9,7 +9,7 @@
 // Environment:
 //   FUZZ_SEED         campaign seed (default 0x5eed); case i is fully determined by (seed, i)
 //   FUZZ_CASES        stop after this many cases
-//   FUZZ_SECONDS      stop after this many seconds of storm (default 12 when FUZZ_CASES is unset)
+//   FUZZ_SECONDS      stop after this many seconds of storm (default 10 when FUZZ_CASES is unset)
 //   FUZZ_CONCURRENCY  cases in flight at once (default 4)
 //   FUZZ_ONLY         comma-separated case indices to replay (e.g. from a report)
 //   FUZZ_REPORT       write the findings and statistics as JSON to this path
@@ -29,7 +29,7 @@ const num = (v: string | undefined): number | undefined => (v === undefined || v
 const seed = num(env.FUZZ_SEED) ?? 0x5eed;
 const only = env.FUZZ_ONLY ? env.FUZZ_ONLY.split(',').map((s) => Number(s.trim())) : undefined;
 const cases = num(env.FUZZ_CASES);
-const seconds = num(env.FUZZ_SECONDS) ?? (cases === undefined && !only ? 12 : undefined);
+const seconds = num(env.FUZZ_SECONDS) ?? (cases === undefined && !only ? 10 : undefined);
 const concurrency = num(env.FUZZ_CONCURRENCY) ?? 4;
 const minimiseSeconds = num(env.FUZZ_MINIMISE) ?? 20;
 const rssLimitMiB = num(env.FUZZ_RSS_MIB) ?? 400;

@@ -197,6 +197,8 @@ export class SessionChecker {
         byCookie: Map<bigint, PendingReq[]>;
         reqs: PendingReq[];
         disc: boolean;
+        /** The DISC request, once parsed. */
+        discReq?: { cookie: bigint; flags: number; offset: bigint; length: number };
         /** Bytes were sent after DISC or a bad magic: the server may reset, losing queued replies. */
         trailing: boolean;
         /** Partial structured reply being read. */
@@ -236,6 +238,11 @@ export class SessionChecker {
     if (owed) return this.closed;
     if (this.closeExpected) return this.closed;
     return true;
+  }
+
+  /** The handshake is over on our side: only the server's close (at its timeout, or now) is owed. */
+  awaitingClose(): 'now' | 'timeout' | undefined {
+    return this.phase === 'await-close' ? this.closeExpected : undefined;
   }
 
   inHandshake(): boolean {
@@ -719,6 +726,8 @@ export class SessionChecker {
       if (this.client.readUInt32BE(0) & ~C.KNOWN_CLIENT_FLAGS) return true;
       return this.closeAheadInOptions(4, 0);
     }
+    // While a GO is answered, what follows it is either more options (GO refused) or requests.
+    if (this.phase === 'option-replies' && this.opt?.option === C.NBD_OPT_GO && this.closeAheadInTransmission(this.cur)) return true;
     return this.closeAheadInOptions(this.cur, this.optionsSeen);
   }
 
@@ -800,6 +809,7 @@ export class SessionChecker {
       this.cur += C.REQUEST_HEADER_LENGTH;
       if (type === C.NBD_CMD_DISC) {
         tx.disc = true;
+        tx.discReq = { cookie, flags, offset, length };
         this.closeExpected = 'now';
         if (this.cur < b.length) {
           // The client broke "MUST NOT send anything after DISC"; the server may
@@ -893,6 +903,11 @@ export class SessionChecker {
   }
 
   private findReq(cookie: bigint): PendingReq | undefined {
+    const d = this.tx!.discReq;
+    if (d && d.cookie === cookie && !this.tx!.byCookie.get(cookie)?.some((r) => !r.done)) {
+      this.fatal('reply-to-disc', `server answered NBD_CMD_DISC (flags 0x${d.flags.toString(16)}, offset ${d.offset}, length ${d.length}) instead of closing: "There is no reply to an NBD_CMD_DISC"`);
+      return undefined;
+    }
     const list = this.tx!.byCookie.get(cookie);
     if (list && list.length > 1) {
       // A cookie reused while in flight: replies cannot be matched to requests.

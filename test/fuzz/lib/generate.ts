@@ -34,6 +34,8 @@ export interface CaseSpec {
   finish: Finish;
   /** After sending, do not read replies for this long (back-pressure on the server). */
   pauseReadMs: number;
+  /** Keep sending after the server closed its side (half-open connection). */
+  sendAfterClose?: boolean;
 }
 
 // ---------------------------------------------------------------- dictionaries
@@ -639,6 +641,7 @@ export function generateCase(seed: number, index: number, ctx: GenContext): Case
     [2, 'slowloris'],
     [2, 'backpressure'],
     [1, 'max-options'],
+    [2, 'after-close'],
   ]);
   switch (kind) {
     case 'valid': {
@@ -739,6 +742,23 @@ export function generateCase(seed: number, index: number, ctx: GenContext): Case
       }
       const segs = [...h.segments, ...reqs];
       return { index, gen: 'backpressure', target: h.target, bytes: concat(segs), segments: segs, plan: [], finish: 'wait', pauseReadMs: rng.range(300, 2000) };
+    }
+    case 'after-close': {
+      // The client ends the session (DISC, or ABORT in the handshake) and keeps sending:
+      // the server must drop the connection, not keep it half-open or buffer what follows.
+      const h = validHandshake(rng);
+      const abort = h.target !== 'oldstyle' && rng.chance(0.4);
+      const segs = abort
+        ? [...h.segments.slice(0, 1 + rng.int(h.segments.length - 1)), option(C.NBD_OPT_ABORT)]
+        : [...h.segments, ...genRequests(rng, rng.range(0, 3), sizeFor(h), isStructured(h)).filter((r) => r.bytes.readUInt16BE(6) !== C.NBD_CMD_DISC), request({ flags: 0, type: C.NBD_CMD_DISC, cookie: 0xd15cn, offset: 0n, length: 0 })];
+      const head = concat(segs);
+      const more = rng.pick([64 * 1024, 256 * 1024, 1 * MiB, 40 * MiB]);
+      const plan: Array<[number, number]> = [[head.length, 0]];
+      // The big variant is spread over about 5 s, so that a server that keeps reading (past a grace period) shows it.
+      const piece = more > MiB ? MiB : 64 * 1024;
+      for (let left = more; left > 0; left -= piece) plan.push([Math.min(piece, left), left === more ? 200 : more > MiB ? 125 : 0]);
+      const bytes = Buffer.concat([head, payloadBytes(rng, Math.min(more, POOL.length)), more > POOL.length ? Buffer.alloc(more - POOL.length, 0x41) : Buffer.alloc(0)]);
+      return { index, gen: `after-close(${abort ? 'abort' : 'disc'},${more})`, target: h.target, bytes, segments: undefined, plan, finish: 'wait', pauseReadMs: 0, sendAfterClose: true };
     }
     default: {
       // max-options: around the 1024-option bound, then GO.
