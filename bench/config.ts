@@ -10,12 +10,30 @@
  *   BENCH_IMAGE_SIZE=1G                  image size (K/M/G suffixes, binary)
  *   BENCH_OUT=bench/results/latest.json  where the JSON results go
  *   BENCH_NBD_MIGRATE=/path/bin/nbd-migrate  another build of the server (e.g. a baseline checkout)
+ *   BENCH_SUITES=fio,mirror              which suites (default: both); the rest only matter to one suite
+ *
+ * The mirror suite (mirror.ts):
+ *   BENCH_MIRROR_ROWS=copy,cutover,bitmap  which mirror rows (default: all three)
+ *   BENCH_COPY_METHODS=nbd-migrate-mirror,qemu-img  which copiers (default: all but the *-tiz ones)
+ *   BENCH_COPY_REPEAT=5  BENCH_COPY_SIZE=2G  samples per copier / image size (half data, half holes)
+ *   BENCH_MIRROR_REPEAT=3                rounds of the cutover and bitmap rows
+ *   BENCH_CUTOVER_RUNTIME=20  BENCH_CUTOVER_IODEPTH=16  BENCH_CUTOVER_SIZE=1G  the fio load during cutover
+ *   BENCH_CUTOVER_TARGET=qemu-nbd        or nbd-migrate (serve --incoming), or nbdkit (file plugin)
+ *   BENCH_BITMAP_SIZE=1T                 the big sparse image of the bitmap row (compared with 1G)
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { JOBS, type JobName } from './jobs.js';
+import { COPY_METHOD_NAMES, DEFAULT_COPY_METHODS, type CopyMethodName } from './copyspeed.js';
 import { SERVER_NAMES, type ServerName } from './servers.js';
+
+export const SUITE_NAMES = ['fio', 'mirror'] as const;
+export type SuiteName = (typeof SUITE_NAMES)[number];
+export const MIRROR_ROW_NAMES = ['copy', 'cutover', 'bitmap'] as const;
+export type MirrorRowName = (typeof MIRROR_ROW_NAMES)[number];
+export const CUTOVER_TARGETS = ['qemu-nbd', 'nbd-migrate', 'nbdkit'] as const;
+export type CutoverTarget = (typeof CUTOVER_TARGETS)[number];
 
 export class BenchConfigError extends Error {
   override readonly name = 'BenchConfigError';
@@ -32,6 +50,21 @@ export interface BenchConfig {
   imageSize: number;
   outFile: string;
   nbdMigrateBin: string;
+  suites: SuiteName[];
+  mirror: MirrorConfig;
+}
+
+export interface MirrorConfig {
+  rows: MirrorRowName[];
+  copyMethods: CopyMethodName[];
+  copyRepeat: number;
+  copySize: number;
+  repeat: number;
+  cutoverRuntimeSec: number;
+  cutoverIodepth: number;
+  cutoverSize: number;
+  cutoverTarget: CutoverTarget;
+  bitmapSize: number;
 }
 
 /** The checkout root: the nearest directory above this file whose package.json is nbd-migrate's (works from bench/ and dist/bench/). */
@@ -46,13 +79,20 @@ export function findRepoRoot(): string {
   }
 }
 
-function list<T extends string>(env: string, value: string | undefined, valid: readonly T[]): T[] {
-  if (value === undefined || value.trim() === '') return [...valid];
+function list<T extends string>(env: string, value: string | undefined, valid: readonly T[], dflt: readonly T[] = valid): T[] {
+  if (value === undefined || value.trim() === '') return [...dflt];
   const picked = value.split(',').map((s) => s.trim()).filter((s) => s !== '');
   for (const p of picked)
     if (!(valid as readonly string[]).includes(p)) throw new BenchConfigError(`${env}: unknown "${p}" (choose from ${valid.join(', ')})`);
   // Keep the canonical order, drop duplicates.
   return valid.filter((v) => picked.includes(v));
+}
+
+function oneOf<T extends string>(env: string, value: string | undefined, valid: readonly T[]): T {
+  if (value === undefined || value.trim() === '') return valid[0]!;
+  const v = value.trim();
+  if (!(valid as readonly string[]).includes(v)) throw new BenchConfigError(`${env}: unknown "${v}" (choose one of ${valid.join(', ')})`);
+  return v as T;
 }
 
 function number(env: string, value: string | undefined, dflt: number, min: number, integer: boolean): number {
@@ -63,12 +103,12 @@ function number(env: string, value: string | undefined, dflt: number, min: numbe
   return n;
 }
 
-const SIZE_UNITS: Record<string, number> = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3 };
+const SIZE_UNITS: Record<string, number> = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 };
 
-/** "1G", "512M", "4194304" -> bytes (binary units); at least 64 MiB so 1M sequential runs have room. */
+/** "1G", "512M", "1T", "4194304" -> bytes (binary units); at least 64 MiB so 1M sequential runs have room. */
 export function parseSize(env: string, value: string | undefined, dflt: number): number {
   if (value === undefined || value.trim() === '') return dflt;
-  const m = /^\s*(\d+)\s*([KMG]?)(?:i?B)?\s*$/i.exec(value);
+  const m = /^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$/i.exec(value);
   const unit = m ? SIZE_UNITS[m[2]!.toUpperCase()] : undefined;
   if (!m || unit === undefined) throw new BenchConfigError(`${env}: expected a size like 1G or 512M, got "${value}"`);
   const bytes = Number(m[1]) * unit;
@@ -95,5 +135,18 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): BenchConfig {
     imageSize: parseSize('BENCH_IMAGE_SIZE', env.BENCH_IMAGE_SIZE, 1024 ** 3),
     outFile,
     nbdMigrateBin,
+    suites: list('BENCH_SUITES', env.BENCH_SUITES, SUITE_NAMES),
+    mirror: {
+      rows: list('BENCH_MIRROR_ROWS', env.BENCH_MIRROR_ROWS, MIRROR_ROW_NAMES),
+      copyMethods: list('BENCH_COPY_METHODS', env.BENCH_COPY_METHODS, COPY_METHOD_NAMES, DEFAULT_COPY_METHODS),
+      copyRepeat: number('BENCH_COPY_REPEAT', env.BENCH_COPY_REPEAT, 5, 1, true),
+      copySize: parseSize('BENCH_COPY_SIZE', env.BENCH_COPY_SIZE, 2 * 1024 ** 3),
+      repeat: number('BENCH_MIRROR_REPEAT', env.BENCH_MIRROR_REPEAT, 3, 1, true),
+      cutoverRuntimeSec: number('BENCH_CUTOVER_RUNTIME', env.BENCH_CUTOVER_RUNTIME, 20, 10, true),
+      cutoverIodepth: number('BENCH_CUTOVER_IODEPTH', env.BENCH_CUTOVER_IODEPTH, 16, 1, true),
+      cutoverSize: parseSize('BENCH_CUTOVER_SIZE', env.BENCH_CUTOVER_SIZE, 1024 ** 3),
+      cutoverTarget: oneOf('BENCH_CUTOVER_TARGET', env.BENCH_CUTOVER_TARGET, CUTOVER_TARGETS),
+      bitmapSize: parseSize('BENCH_BITMAP_SIZE', env.BENCH_BITMAP_SIZE, 1024 ** 4),
+    },
   };
 }

@@ -70,11 +70,12 @@ export interface RunResult {
 /** Children started by run() that are still alive, so an interrupt can end them. */
 export const runningCommands = new Set<ChildProcess>();
 
-/** Runs a command to completion (SIGKILL after timeoutMs); never rejects on exit status. */
-export function run(cmd: string, args: string[], timeoutMs: number, cwd?: string): Promise<RunResult> {
+/** Runs a command to completion (SIGKILL after timeoutMs); never rejects on exit status. `onSpawn` gets the child (to signal it). */
+export function run(cmd: string, args: string[], timeoutMs: number, cwd?: string, onSpawn?: (child: ChildProcess) => void): Promise<RunResult> {
   return new Promise((resolve, reject) => {
     const child = spawn(cmd, args, { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
     runningCommands.add(child);
+    onSpawn?.(child);
     const out: Buffer[] = [];
     const err: Buffer[] = [];
     child.stdout.on('data', (b: Buffer) => out.push(b));
@@ -149,3 +150,29 @@ export function cpuBetween(a: CpuSnapshot, b: CpuSnapshot): { procPct: number | 
     hostPct: a.host && b.host && b.host.total > a.host.total ? ((b.host.busy - a.host.busy) / (b.host.total - a.host.total)) * 100 : null,
   };
 }
+
+/**
+ * CPU seconds (user+system) of this process's children that have exited and
+ * been reaped (cutime + cstime of /proc/self/stat): the difference around one
+ * short-lived command is that command's CPU use, every thread included.
+ */
+export function reapedChildrenCpuSeconds(): number | undefined {
+  let stat: string;
+  try {
+    stat = fs.readFileSync('/proc/self/stat', 'utf8');
+  } catch {
+    return undefined;
+  }
+  const rest = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  // cutime and cstime are fields 16 and 17 of the whole line.
+  const cutime = Number(rest[13]);
+  const cstime = Number(rest[14]);
+  return Number.isFinite(cutime) && Number.isFinite(cstime) ? (cutime + cstime) / CLK_TCK : undefined;
+}
+
+/** Thrown when Ctrl-C (or SIGTERM) asked the benchmark to stop. */
+export class Interrupted extends Error {
+  override readonly name = 'Interrupted';
+}
+
+export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));

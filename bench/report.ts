@@ -108,7 +108,7 @@ export function fmtValue(v: number | null, unit: Row['unit']): string {
 const fmtPct = (v: number | null): string => (v === null ? '-' : `${Math.round(v)}%`);
 
 /** The first `leftCols` columns left-aligned, the others right-aligned, two spaces apart. */
-function table(rows: string[][], leftCols = 1): string {
+export function table(rows: string[][], leftCols = 1): string {
   const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length)));
   return rows
     .map((r) => r.map((c, i) => (i < leftCols ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ').trimEnd())

@@ -2,7 +2,12 @@
  * `npm run bench`: nbd-migrate against qemu-nbd and nbdkit's file plugin,
  * serving the same random-filled raw image on tmpfs over 127.0.0.1, measured
  * with the same fio nbd-engine jobs. Prints a table of medians and ratios,
- * writes the samples as JSON. A benchmark, not a test: it asserts nothing.
+ * writes the samples as JSON. A benchmark, not a test: it asserts nothing
+ * (except that the mirror suite's copies equal their source: a mismatch makes
+ * the run exit 1).
+ *
+ * Two suites (BENCH_SUITES): "fio" (below) and "mirror" (mirror.ts: copy
+ * speed against nbdcopy and qemu-img, cutover pause under load, bitmap memory).
  *
  * Each sample starts the server fresh, runs one fio job, and stops it. Servers
  * are interleaved job by job, and the server order rotates every round, so
@@ -15,15 +20,15 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { BenchConfigError, loadConfig, type BenchConfig } from './config.js';
 import { FioError, runFio, type FioResult, type FioSettings } from './fio.js';
-import { createImage, removeImage } from './image.js';
+import { createImage, removeBenchFiles, removeImage } from './image.js';
 import { jobByName, type JobName } from './jobs.js';
-import { cpuBetween, cpuSnapshot, firstLine, runningCommands, which, type CpuSnapshot } from './proc.js';
+import { COPY_METHOD_TOOLS, copyCommand } from './copyspeed.js';
+import { cutoverFioArgs } from './cutover.js';
+import { killDaemonsSync, qemuNbdTargetArgs, removeSocketDir, runningDaemons } from './daemon.js';
+import { estimateMirrorSec, formatMirrorResults, runMirrorSuite, type MirrorResults } from './mirror.js';
+import { cpuBetween, cpuSnapshot, firstLine, Interrupted, runningCommands, which, type CpuSnapshot } from './proc.js';
 import { fmtValue, formatResults, summarise, unitOf, valueOf, type Sample } from './report.js';
 import { freePort, runningServers, SERVER_TOOLS, serverCommand, startServer, type ServerName } from './servers.js';
-
-class Interrupted extends Error {
-  override readonly name = 'Interrupted';
-}
 
 /** Seconds of overhead per sample besides fio's runtime (server start/stop, fio start), for the time estimate. */
 const SAMPLE_OVERHEAD_SEC = 1;
@@ -40,20 +45,34 @@ function fail(message: string, code = 2): never {
 
 /** The tools this run needs, by path; exits naming the Debian package of any that is missing. */
 function requireTools(cfg: BenchConfig): { fio: string } {
-  const needed: { cmd: string; pkg: string }[] = [{ cmd: 'fio', pkg: 'fio' }];
-  for (const s of cfg.servers) if (s !== 'nbd-migrate') needed.push(SERVER_TOOLS[s]);
-  const missing = needed.filter((t) => !which(t.cmd));
+  const fioSuite = cfg.suites.includes('fio');
+  const mirror = cfg.suites.includes('mirror') ? cfg.mirror.rows : [];
+  const needed: { cmd: string; pkg: string; why: string }[] = [];
+  if (fioSuite || mirror.includes('cutover')) needed.push({ cmd: 'fio', pkg: 'fio', why: '' });
+  if (fioSuite) for (const s of cfg.servers) if (s !== 'nbd-migrate') needed.push({ ...SERVER_TOOLS[s], why: 'or leave that server out with BENCH_SERVERS=...' });
+  if (mirror.includes('copy') || (mirror.includes('cutover') && cfg.mirror.cutoverTarget === 'qemu-nbd'))
+    needed.push({ cmd: 'qemu-nbd', pkg: 'qemu-utils', why: 'the mirror target; or BENCH_SUITES=fio' });
+  if (mirror.includes('cutover') && cfg.mirror.cutoverTarget === 'nbdkit') needed.push({ cmd: 'nbdkit', pkg: 'nbdkit', why: 'the cutover target; or BENCH_CUTOVER_TARGET=qemu-nbd' });
+  if (mirror.includes('copy')) {
+    needed.push({ cmd: 'qemu-img', pkg: 'qemu-utils', why: 'qemu-img compare verifies the copies; or BENCH_SUITES=fio' });
+    for (const m of cfg.mirror.copyMethods) {
+      const t = COPY_METHOD_TOOLS[m];
+      if (t) needed.push({ ...t, why: 'or leave that copier out with BENCH_COPY_METHODS=...' });
+    }
+  }
+  const missing = needed.filter((t, i) => needed.findIndex((u) => u.cmd === t.cmd) === i && !which(t.cmd));
   if (missing.length)
     fail(
-      missing.map((t) => `${t.cmd} not found on PATH; install the Debian package "${t.pkg}" (apt-get install ${t.pkg})`).join('\n       ') +
-        (missing.some((t) => t.cmd !== 'fio') ? '\n       (or leave that server out with BENCH_SERVERS=...)' : ''),
+      missing
+        .map((t) => `${t.cmd} not found on PATH; install the Debian package "${t.pkg}" (apt-get install ${t.pkg})${t.why ? `\n       (${t.why})` : ''}`)
+        .join('\n       '),
     );
-  if (cfg.servers.includes('nbd-migrate')) {
+  if ((fioSuite && cfg.servers.includes('nbd-migrate')) || mirror.length > 0) {
     if (!fs.existsSync(cfg.nbdMigrateBin)) fail(`nbd-migrate not found at ${cfg.nbdMigrateBin}`);
     const main = path.join(path.dirname(cfg.nbdMigrateBin), '..', 'dist', 'src', 'cli', 'main.js');
     if (!fs.existsSync(main)) fail(`nbd-migrate is not built (${main} is missing); run \`npm run build\` first`);
   }
-  return { fio: which('fio')! };
+  return { fio: which('fio') ?? 'fio' };
 }
 
 function gitDescribe(repoRoot: string): { commit: string | null; dirty: boolean | null } {
@@ -117,6 +136,9 @@ async function measure(cfg: BenchConfig, fio: string, image: string, server: Ser
 async function cleanUp(): Promise<void> {
   for (const c of runningCommands) c.kill('SIGKILL');
   await Promise.all([...runningServers].map((s) => s.stop()));
+  await Promise.all([...runningDaemons].map((d) => d.stop(2000)));
+  removeSocketDir();
+  removeBenchFiles();
   if (imagePath) {
     removeImage(imagePath);
     imagePath = undefined;
@@ -133,6 +155,9 @@ function cleanUpSync(): void {
       /* already gone */
     }
   }
+  killDaemonsSync();
+  removeSocketDir();
+  removeBenchFiles();
   if (imagePath) removeImage(imagePath);
 }
 
@@ -160,55 +185,76 @@ async function main(): Promise<void> {
   process.on('SIGTERM', onSignal);
   process.on('exit', cleanUpSync);
 
-  const total = cfg.repeat * cfg.jobs.length * cfg.servers.length;
-  const estimate = total * (cfg.runtimeSec + cfg.rampSec + SAMPLE_OVERHEAD_SEC);
+  const fioSuite = cfg.suites.includes('fio');
+  const mirrorSuite = cfg.suites.includes('mirror') && cfg.mirror.rows.length > 0;
+  const total = fioSuite ? cfg.repeat * cfg.jobs.length * cfg.servers.length : 0;
+  const estimate = total * (cfg.runtimeSec + cfg.rampSec + SAMPLE_OVERHEAD_SEC) + (mirrorSuite ? estimateMirrorSec(cfg.mirror) : 0);
   const gib = cfg.imageSize / 1024 ** 3;
-  const header =
-    `nbd-migrate benchmark: fio ${cfg.jobs.join(', ')} via the nbd engine (1 connection, iodepth ${cfg.iodepth}, ` +
-    `${cfg.runtimeSec} s + ${cfg.rampSec} s ramp) against ${cfg.servers.join(', ')}; ` +
-    `${gib >= 1 ? `${gib} GiB` : `${cfg.imageSize / 1024 ** 2} MiB`} random raw image on tmpfs; ${os.cpus().length} CPUs`;
-  process.stderr.write(`${header}\n${total} runs, about ${Math.ceil(estimate / 60)} min\n`);
+  const header = fioSuite
+    ? `nbd-migrate benchmark: fio ${cfg.jobs.join(', ')} via the nbd engine (1 connection, iodepth ${cfg.iodepth}, ` +
+      `${cfg.runtimeSec} s + ${cfg.rampSec} s ramp) against ${cfg.servers.join(', ')}; ` +
+      `${gib >= 1 ? `${gib} GiB` : `${cfg.imageSize / 1024 ** 2} MiB`} random raw image on tmpfs; ${os.cpus().length} CPUs`
+    : `nbd-migrate benchmark: mirror suite only (${cfg.mirror.rows.join(', ')}); ${os.cpus().length} CPUs`;
+  const runs = [fioSuite ? `${total} fio runs` : '', mirrorSuite ? `mirror rows ${cfg.mirror.rows.join(', ')}` : ''].filter(Boolean).join(' + ');
+  process.stderr.write(`${header}\n${runs}, about ${Math.ceil(estimate / 60)} min\n`);
 
   const t0 = Date.now();
-  imagePath = createImage(cfg.imageSize);
-  process.stderr.write(`image ${imagePath} written in ${((Date.now() - t0) / 1000).toFixed(1)} s\n`);
   const loadBefore = os.loadavg();
-
   const samples: Sample[] = [];
+  const mirror: MirrorResults = { mismatches: [] };
+  const partial = () => {
+    if (samples.length) process.stdout.write(formatResults(summarise(samples, cfg.jobs, cfg.servers), samples, cfg.servers, cfg.repeat) + '\n');
+    if (mirror.copy || mirror.cutover || mirror.bitmap) process.stdout.write('\n' + formatMirrorResults(mirror) + '\n');
+  };
+
   let n = 0;
   try {
-    for (let round = 1; round <= cfg.repeat; round++) {
-      const order = rotate(cfg.servers, round - 1);
-      for (const job of cfg.jobs) {
-        for (const server of order) {
-          if (interrupted) throw new Interrupted();
-          const s = await measure(cfg, fio, imagePath, server, job, round);
-          samples.push(s);
-          n++;
-          const what = s.ok
-            ? `${fmtValue(s.value, unitOf(job)).padStart(7)} ${unitOf(job)}` +
-              (s.serverCpuPct === null ? '' : `  server cpu ${Math.round(s.serverCpuPct)}%`)
-            : `FAILED: ${s.error.split('\n')[0]}`;
-          process.stderr.write(`[${String(n).padStart(String(total).length)}/${total}] round ${round} ${job.padEnd(9)} ${server.padEnd(11)} ${what}\n`);
+    if (fioSuite) {
+      imagePath = createImage(cfg.imageSize);
+      process.stderr.write(`image ${imagePath} written in ${((Date.now() - t0) / 1000).toFixed(1)} s\n`);
+      for (let round = 1; round <= cfg.repeat; round++) {
+        const order = rotate(cfg.servers, round - 1);
+        for (const job of cfg.jobs) {
+          for (const server of order) {
+            if (interrupted) throw new Interrupted();
+            const s = await measure(cfg, fio, imagePath, server, job, round);
+            samples.push(s);
+            n++;
+            const what = s.ok
+              ? `${fmtValue(s.value, unitOf(job)).padStart(7)} ${unitOf(job)}` +
+                (s.serverCpuPct === null ? '' : `  server cpu ${Math.round(s.serverCpuPct)}%`)
+              : `FAILED: ${s.error.split('\n')[0]}`;
+            process.stderr.write(`[${String(n).padStart(String(total).length)}/${total}] round ${round} ${job.padEnd(9)} ${server.padEnd(11)} ${what}\n`);
+          }
         }
       }
+      // The fio image is not needed by the mirror suite: free the tmpfs space now.
+      removeImage(imagePath);
+      imagePath = undefined;
+    }
+    if (mirrorSuite) {
+      await runMirrorSuite(
+        { cfg, fio, stopRequested: () => interrupted, progress: (line) => process.stderr.write(line + '\n') },
+        mirror,
+      );
     }
   } catch (e) {
     await cleanUp();
     if (e instanceof Interrupted || interrupted) {
-      if (samples.length) {
-        process.stdout.write(`\n(interrupted after ${samples.length}/${total} runs; partial results, nothing written)\n`);
-        process.stdout.write(formatResults(summarise(samples, cfg.jobs, cfg.servers), samples, cfg.servers, cfg.repeat) + '\n');
+      if (samples.length || mirror.copy || mirror.cutover || mirror.bitmap) {
+        process.stdout.write(`\n(interrupted${fioSuite ? ` after ${samples.length}/${total} fio runs` : ''}; partial results, nothing written)\n`);
+        partial();
       }
       process.exit(130);
     }
-    fail(e instanceof Error ? e.message : String(e), 1);
+    fail(e instanceof Error ? (e.stack ?? e.message) : String(e), 1);
   }
   await cleanUp();
 
   const rows = summarise(samples, cfg.jobs, cfg.servers);
   process.stdout.write(`\n${header}\n`);
-  process.stdout.write(formatResults(rows, samples, cfg.servers, cfg.repeat) + '\n');
+  if (fioSuite) process.stdout.write(formatResults(rows, samples, cfg.servers, cfg.repeat) + '\n');
+  if (mirrorSuite) process.stdout.write((fioSuite ? '\n' : '') + formatMirrorResults(mirror) + '\n');
 
   const placeholder = { image: 'IMAGE', port: 0, nbdMigrateBin: cfg.nbdMigrateBin, repoRoot: cfg.repoRoot };
   const doc = {
@@ -222,8 +268,11 @@ async function main(): Promise<void> {
       fio: firstLine(fio, ['--version']) ?? null,
       qemuNbd: firstLine('qemu-nbd', ['--version']) ?? null,
       nbdkit: firstLine('nbdkit', ['--version']) ?? null,
+      qemuImg: firstLine('qemu-img', ['--version']) ?? null,
+      nbdcopy: firstLine('nbdcopy', ['--version']) ?? null,
     },
     settings: {
+      suites: cfg.suites,
       servers: cfg.servers,
       jobs: cfg.jobs,
       repeat: cfg.repeat,
@@ -233,16 +282,30 @@ async function main(): Promise<void> {
       iodepth: cfg.iodepth,
       imageSize: cfg.imageSize,
       image: 'random data on tmpfs',
-      units: { bw: 'MB/s = 10^6 bytes/s', iops: 'IO/s' },
+      units: { bw: 'MB/s = 10^6 bytes/s', iops: 'IO/s', copy: 'seconds, wall clock', latency: 'ms' },
       commands: Object.fromEntries(cfg.servers.map((s) => [s, serverCommand(s, placeholder)])),
+      mirror: {
+        ...cfg.mirror,
+        commands: {
+          target: { cmd: 'qemu-nbd', args: qemuNbdTargetArgs('DST', 'vm1', 0) },
+          source: { cmd: 'node', args: [cfg.nbdMigrateBin, 'serve', 'SRC', '--name', 'vm1', '--listen', '127.0.0.1', '--port', '0', '--admin-socket', 'SOCK', '--log-format', 'json'] },
+          copiers: Object.fromEntries(cfg.mirror.copyMethods.map((m) => [m, copyCommand(m, 'SRC', 'nbd://127.0.0.1:PORT/vm1', cfg.nbdMigrateBin) ?? 'admin socket: {"cmd":"mirror","export":"vm1","target":"nbd://127.0.0.1:PORT/vm1","cutover":"auto"}'])),
+          cutoverFio: ['fio', ...cutoverFioArgs('nbd://127.0.0.1:PORT/vm1', cfg.mirror.cutoverRuntimeSec, cfg.mirror.cutoverIodepth, 'LOGDIR/cut')],
+        },
+      },
     },
     rows,
     samples,
+    mirror: mirrorSuite ? mirror : null,
   };
   fs.mkdirSync(path.dirname(cfg.outFile), { recursive: true });
   fs.writeFileSync(cfg.outFile, JSON.stringify(doc, null, 2) + '\n');
   const rel = path.relative(process.cwd(), cfg.outFile);
   process.stdout.write(`\nresults: ${rel && !rel.startsWith('..') ? rel : cfg.outFile}\n`);
+  if (mirror.mismatches.length) {
+    process.stderr.write(`bench: ${mirror.mismatches.length} copy verification failure(s):\n${mirror.mismatches.map((x) => `  ${x}`).join('\n')}\n`);
+    process.exit(1);
+  }
 }
 
 await main();

@@ -80,7 +80,7 @@ export function freePort(): Promise<number> {
 }
 
 /** True if something on the port speaks NBD: the server's greeting starts with "NBDMAGIC". */
-function probeNbd(port: number, timeoutMs: number): Promise<boolean> {
+export function probeNbd(port: number, timeoutMs: number): Promise<boolean> {
   return new Promise((resolve) => {
     const sock = net.connect({ host: HOST, port });
     let got = Buffer.alloc(0);

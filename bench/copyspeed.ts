@@ -1,0 +1,191 @@
+/**
+ * Mirror row "copy": how long each copier takes to move a half-allocated raw
+ * image (on tmpfs) to a qemu-nbd target serving a fresh sparse file (on
+ * tmpfs) over 127.0.0.1, wall clock.
+ *
+ *  - nbd-migrate-mirror: the source served by `nbd-migrate serve --admin-socket`
+ *    (started before the clock), then `{"cmd":"mirror",...,"cutover":"auto"}`;
+ *    timed from sending that command until the job's status says completed
+ *    (which includes its final flush of the target and the switch).
+ *  - nbd-migrate-copy: `nbd-migrate copy SRC URI --no-progress` (same engine, no server).
+ *  - nbdcopy: `nbdcopy --flush SRC URI` (--flush: the others all flush the
+ *    target at the end, so nbdcopy does too; on tmpfs it costs next to nothing).
+ *  - qemu-img: `qemu-img convert -n -f raw -O raw SRC URI` (-n: the target exists).
+ *  - nbdcopy-tiz / qemu-img-tiz: the same with --target-is-zero.
+ *
+ * Holes: the target is fresh and sparse, so it already reads as zeros. Told
+ * nothing, nbdcopy and qemu-img write zeros over the source's holes (cheap
+ * WRITE_ZEROES requests); nbd-migrate asks the target's block status and
+ * skips holes that already read as zero, finding out by itself what
+ * --target-is-zero asserts. The plain rows (the default) are each tool's
+ * behaviour given the same facts; the opt-in -tiz rows show the other tools
+ * when told the target is zero (on this tmpfs target it made no difference). Every copier's output is compared with the source (`qemu-img compare`)
+ * once per method, outside the timing; a mismatch is reported loudly.
+ */
+import * as fs from 'node:fs';
+import { benchPath, createHalfAllocatedImage, createSparseFile } from './image.js';
+import type { BenchConfig } from './config.js';
+import { adminSocketPath, startNbdMigrate, startQemuNbdTarget, type NbdMigrateServer, type QemuNbdTarget } from './daemon.js';
+import { MIRROR_EXPORT, MirrorBenchError, removeMarkers, startMirror, stopPair, waitForState, removeImageAndMarkers } from './mirrorjob.js';
+import { Interrupted, processCpuSeconds, reapedChildrenCpuSeconds, run } from './proc.js';
+
+export const COPY_METHOD_NAMES = ['nbd-migrate-mirror', 'nbd-migrate-copy', 'nbdcopy', 'qemu-img', 'nbdcopy-tiz', 'qemu-img-tiz'] as const;
+export type CopyMethodName = (typeof COPY_METHOD_NAMES)[number];
+/** The --target-is-zero variants are opt-in: measured here they copy no faster (zeroing holes on a sparse qemu-nbd target is cheap). */
+export const DEFAULT_COPY_METHODS: readonly CopyMethodName[] = ['nbd-migrate-mirror', 'nbd-migrate-copy', 'nbdcopy', 'qemu-img'];
+
+/** Printed names. */
+export const COPY_METHOD_LABELS: Record<CopyMethodName, string> = {
+  'nbd-migrate-mirror': 'nbd-migrate mirror',
+  'nbd-migrate-copy': 'nbd-migrate copy',
+  nbdcopy: 'nbdcopy',
+  'qemu-img': 'qemu-img convert',
+  'nbdcopy-tiz': 'nbdcopy --target-is-zero',
+  'qemu-img-tiz': 'qemu-img convert --target-is-zero',
+};
+
+/** The external tool each method needs, and its Debian package. */
+export const COPY_METHOD_TOOLS: Record<CopyMethodName, { cmd: string; pkg: string } | undefined> = {
+  'nbd-migrate-mirror': undefined,
+  'nbd-migrate-copy': undefined,
+  nbdcopy: { cmd: 'nbdcopy', pkg: 'libnbd-bin' },
+  'qemu-img': { cmd: 'qemu-img', pkg: 'qemu-utils' },
+  'nbdcopy-tiz': { cmd: 'nbdcopy', pkg: 'libnbd-bin' },
+  'qemu-img-tiz': { cmd: 'qemu-img', pkg: 'qemu-utils' },
+};
+
+/** The command a one-shot copier runs (undefined for the mirror, which is driven over the admin socket). */
+export function copyCommand(method: CopyMethodName, src: string, uri: string, nbdMigrateBin: string): { cmd: string; args: string[] } | undefined {
+  switch (method) {
+    case 'nbd-migrate-mirror':
+      return undefined;
+    case 'nbd-migrate-copy':
+      return { cmd: process.execPath, args: [nbdMigrateBin, 'copy', src, uri, '--no-progress'] };
+    case 'nbdcopy':
+      return { cmd: 'nbdcopy', args: ['--flush', src, uri] };
+    case 'nbdcopy-tiz':
+      return { cmd: 'nbdcopy', args: ['--flush', '--target-is-zero', src, uri] };
+    case 'qemu-img':
+      return { cmd: 'qemu-img', args: ['convert', '-n', '-f', 'raw', '-O', 'raw', src, uri] };
+    case 'qemu-img-tiz':
+      return { cmd: 'qemu-img', args: ['convert', '-n', '--target-is-zero', '-f', 'raw', '-O', 'raw', src, uri] };
+  }
+}
+
+interface CopySampleBase {
+  round: number;
+  method: CopyMethodName;
+}
+
+export interface GoodCopySample extends CopySampleBase {
+  ok: true;
+  seconds: number;
+  /** CPU seconds of the copier (the one-shot command, or the source server for the mirror). */
+  copierCpuSec: number | null;
+  /** CPU seconds of the qemu-nbd target during the copy. */
+  targetCpuSec: number | null;
+  /** Mirror only: the job's own figures. */
+  mirror?: { dataBytes: number; zeroBytes: number; skippedBytes: number; pauseMs: number | null; passes: number; sourceHungOnSigterm: boolean };
+  /** true/false once compared with the source; null when not compared this round. */
+  verified: boolean | null;
+  /** Where a target that differs from the source was kept. */
+  keptTarget?: string;
+}
+
+export interface FailedCopySample extends CopySampleBase {
+  ok: false;
+  error: string;
+}
+
+export type CopySample = GoodCopySample | FailedCopySample;
+
+export interface CopyContext {
+  cfg: BenchConfig;
+  stopRequested: () => boolean;
+  progress: (line: string) => void;
+}
+
+/** Creates the source image of the copy row; the caller removes it. */
+export function createCopySource(size: number): string {
+  return createHalfAllocatedImage(benchPath('copy-src'), size);
+}
+
+/** `qemu-img compare` of the two raw files: true if identical (exit 0), false if they differ (1); throws otherwise. */
+export async function compareImages(a: string, b: string): Promise<boolean> {
+  const r = await run('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', a, b], 300_000);
+  if (r.code === 0) return true;
+  if (r.code === 1) return false;
+  throw new MirrorBenchError(`qemu-img compare ${a} ${b} exited ${r.code ?? r.signal}: ${r.stderr.trim()}`);
+}
+
+/** One timed copy with a fresh target; verifies the result if `verify`. */
+export async function measureCopy(ctx: CopyContext, src: string, method: CopyMethodName, round: number, verify: boolean): Promise<CopySample> {
+  const { cfg } = ctx;
+  const dst = benchPath('copy-dst');
+  removeImageAndMarkers(dst);
+  createSparseFile(dst, cfg.mirror.copySize);
+  let target: QemuNbdTarget | undefined;
+  let source: NbdMigrateServer | undefined;
+  let sourceHung = false;
+  try {
+    target = await startQemuNbdTarget(dst, MIRROR_EXPORT, cfg.repoRoot);
+    if (ctx.stopRequested()) throw new Interrupted();
+    const cpuTarget0 = processCpuSeconds(target.daemon.pid);
+    let seconds: number;
+    let copierCpuSec: number | null = null;
+    let mirror: GoodCopySample['mirror'];
+    const cmd = copyCommand(method, src, target.uri, cfg.nbdMigrateBin);
+    if (!cmd) {
+      removeMarkers(src);
+      const sock = adminSocketPath('copy-src');
+      source = await startNbdMigrate({ bin: cfg.nbdMigrateBin, repoRoot: cfg.repoRoot, image: src, name: MIRROR_EXPORT, adminSocket: sock, label: 'nbd-migrate source' });
+      const cpu0 = processCpuSeconds(source.daemon.pid);
+      const t0 = performance.now();
+      await startMirror(sock, target.uri, 'auto');
+      const done = await waitForState(source.daemon, sock, ['completed'], t0 + 300_000, ctx.stopRequested);
+      seconds = (done.at - t0) / 1000;
+      const cpu1 = processCpuSeconds(source.daemon.pid);
+      copierCpuSec = cpu0 !== undefined && cpu1 !== undefined ? cpu1 - cpu0 : null;
+      const s = done.status;
+      mirror = { dataBytes: s.dataBytes, zeroBytes: s.zeroBytes, skippedBytes: s.skippedBytes, pauseMs: s.pauseMs, passes: s.pass, sourceHungOnSigterm: false };
+    } else {
+      const cpu0 = reapedChildrenCpuSeconds();
+      const t0 = performance.now();
+      const r = await run(cmd.cmd, cmd.args, 300_000, cfg.repoRoot);
+      seconds = (performance.now() - t0) / 1000;
+      const cpu1 = reapedChildrenCpuSeconds();
+      if (ctx.stopRequested()) throw new Interrupted();
+      if (r.timedOut || r.code !== 0)
+        throw new MirrorBenchError(
+          `${r.timedOut ? 'timed out' : `exited ${r.code ?? r.signal}`}\n  command: ${cmd.cmd} ${cmd.args.join(' ')}\n  stderr: ${r.stderr.trim().slice(-2000) || '(empty)'}`,
+        );
+      copierCpuSec = cpu0 !== undefined && cpu1 !== undefined ? cpu1 - cpu0 : null;
+    }
+    const cpuTarget1 = processCpuSeconds(target.daemon.pid);
+    const targetCpuSec = cpuTarget0 !== undefined && cpuTarget1 !== undefined ? cpuTarget1 - cpuTarget0 : null;
+    ({ sourceHung } = await stopPair(source?.daemon, target.daemon));
+    if (mirror) mirror.sourceHungOnSigterm = sourceHung;
+    source = undefined;
+    target = undefined;
+    let verified: boolean | null = null;
+    let keptTarget: string | undefined;
+    if (verify) {
+      verified = await compareImages(src, dst);
+      if (!verified) {
+        // Kept for inspection (and named in the report), not silently deleted.
+        keptTarget = benchPath(`MISMATCH-${method}`);
+        fs.renameSync(dst, keptTarget);
+        ctx.progress(`!!! ${COPY_METHOD_LABELS[method]}: the copy DIFFERS from the source; kept as ${keptTarget} (qemu-img compare -f raw -F raw ${src} ${keptTarget})`);
+      }
+    }
+    return { round, method, ok: true, seconds, copierCpuSec, targetCpuSec, mirror, verified, keptTarget };
+  } catch (e) {
+    if (e instanceof Interrupted || ctx.stopRequested()) throw e;
+    if (!(e instanceof Error)) throw e;
+    return { round, method, ok: false, error: e.message };
+  } finally {
+    await stopPair(source?.daemon, target?.daemon);
+    if (fs.existsSync(dst)) removeImageAndMarkers(dst);
+    removeMarkers(src);
+  }
+}
