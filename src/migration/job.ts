@@ -291,7 +291,8 @@ export class MirrorJob extends EventEmitter {
       for (;;) {
         if (this.abortRequested) return this.finishAborted();
         const target = this.target!;
-        this.pass++;
+        // A sweep is a pass only when there is something to copy (a synchronised job idles here).
+        if (this.pass === 0 || this.source.bitmap.dirtyBlocks() > 0) this.pass++;
         const before = this.stats.dataBytes + this.stats.zeroBytes;
         const t0 = performance.now();
         this.sweepStart = { t: t0, bytes: before };
