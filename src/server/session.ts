@@ -217,6 +217,8 @@ export class Session {
     if (h.type === C.NBD_CMD_DISC) {
       this.conn.log.debug('disconnect-requested', { flags: h.flags });
       this.stopping = true;
+      this.conn.socket.pause(); // nothing after DISC is read; end() discards what comes
+      this.conn.input.clear();
       void this.idle().then(() => this.conn.end());
       return;
     }
