@@ -103,7 +103,7 @@ export class Connection {
   async discard(n: number): Promise<void> {
     let left = n;
     while (left > 0) {
-      left -= this.input.skip(left);
+      left -= this.input.drop(left);
       if (left > 0) await this.need(1);
     }
   }

@@ -175,7 +175,7 @@ export class Session {
     const input = this.conn.input;
     while (!this.stopping && !this.conn.closed) {
       if (this.discardLeft > 0) {
-        this.discardLeft -= input.skip(this.discardLeft);
+        this.discardLeft -= input.drop(this.discardLeft);
         if (this.discardLeft > 0) return;
         const d = this.drainingRefusal;
         this.drainingRefusal = undefined;
@@ -202,7 +202,7 @@ export class Session {
       }
       if (input.length < C.REQUEST_HEADER_LENGTH) return;
       const h = codec.decodeRequestHeader(input.peek(C.REQUEST_HEADER_LENGTH));
-      input.skip(C.REQUEST_HEADER_LENGTH);
+      input.drop(C.REQUEST_HEADER_LENGTH);
       if (h.magic !== C.NBD_REQUEST_MAGIC) {
         this.conn.log.warn('protocol-violation', { cause: `bad request magic 0x${h.magic.toString(16)}`, action: 'disconnect' });
         this.conn.destroy();

@@ -43,7 +43,7 @@ export class ByteQueue {
   /** Consumes `n` bytes and returns them as one Buffer (a view when possible). */
   take(n: number): Buffer {
     const b = this.peek(n);
-    this.skip(n);
+    this.drop(n);
     return b;
   }
 
@@ -71,7 +71,7 @@ export class ByteQueue {
   }
 
   /** Discards up to `n` bytes; returns how many were discarded. */
-  skip(n: number): number {
+  drop(n: number): number {
     let left = Math.min(n, this.total);
     const done = left;
     while (left > 0) {

@@ -106,10 +106,10 @@ class InQueue {
   }
   take(n: number): Buffer {
     const b = Buffer.from(this.peek(n));
-    this.skip(n);
+    this.drop(n);
     return b;
   }
-  skip(n: number): void {
+  drop(n: number): void {
     let left = n;
     this.length -= n;
     while (left > 0) {
@@ -546,7 +546,7 @@ export class SessionChecker {
       return false;
     }
     if (this.q.length < 20 + len) return false;
-    this.q.skip(20);
+    this.q.drop(20);
     const data = this.q.take(len);
     if (option !== o.option) this.violate('bad-option-reply', `reply names option ${option}, the request was ${optName(o.option)} (${o.option})`);
 
@@ -940,7 +940,7 @@ export class SessionChecker {
     }
     const dataLen = req.type === C.NBD_CMD_READ && error === 0 ? req.length : 0;
     if (this.q.length < 16 + dataLen) return false;
-    this.q.skip(16 + dataLen);
+    this.q.drop(16 + dataLen);
     if (this.structured && req.type === C.NBD_CMD_READ) this.violate('simple-reply-to-read', `simple reply to READ (cookie ${cookie}) with structured replies negotiated`);
     if (this.structured && req.type === C.NBD_CMD_BLOCK_STATUS && error === 0)
       this.violate('bad-block-status', `simple success reply to BLOCK_STATUS (cookie ${cookie})`);
@@ -978,12 +978,12 @@ export class SessionChecker {
       if (this.q.length < 28) return false;
       if (this.q.length < 20 + len) return false;
       const off = this.q.peek(28).readBigUInt64BE(20);
-      this.q.skip(20 + len);
+      this.q.drop(20 + len);
       this.content(req, off, BigInt(len - 8), 'OFFSET_DATA');
     } else {
       if (len > C.MAX_NON_DATA_PAYLOAD) this.violate('oversized-chunk', `${type === C.NBD_REPLY_TYPE_BLOCK_STATUS ? 'BLOCK_STATUS' : `type ${type}`} chunk of ${len} bytes (QEMU drops the connection above ${C.MAX_NON_DATA_PAYLOAD})`);
       if (this.q.length < 20 + len) return false;
-      this.q.skip(20);
+      this.q.drop(20);
       const p = this.q.take(len);
       this.chunkPayload(req, type, p);
     }

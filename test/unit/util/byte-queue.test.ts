@@ -24,30 +24,30 @@ t.test('peek within one chunk is a view, across chunks a copy', async (t) => {
   t.throws(() => q.peek(9), RangeError);
 });
 
-t.test('take, skip and takeSlices consume in order', async (t) => {
+t.test('take, drop and takeSlices consume in order', async (t) => {
   const q = q3();
   t.equal(q.take(2).toString(), 'ab');
-  t.equal(q.skip(2), 2);
+  t.equal(q.drop(2), 2);
   const slices = q.takeSlices(3);
   t.same(slices.map((s) => s.toString()), ['efg'], 'payload as a slice of the chunk it arrived in');
   t.equal(q.length, 1);
   t.equal(q.take(1).toString(), 'h');
   t.equal(q.length, 0);
-  t.equal(q.skip(10), 0, 'skip on empty queue');
+  t.equal(q.drop(10), 0, 'drop on empty queue');
 });
 
 t.test('takeSlices spanning chunks returns the original chunk memory', async (t) => {
   const q = q3();
-  q.skip(1);
+  q.drop(1);
   const s = q.takeSlices(6);
   t.same(s.map((b) => b.toString()), ['bc', 'defg']);
   t.equal(Buffer.concat(s).toString(), 'bcdefg');
   t.equal(q.take(1).toString(), 'h');
 });
 
-t.test('skip more than buffered discards what is there', async (t) => {
+t.test('drop more than buffered discards what is there', async (t) => {
   const q = q3();
-  t.equal(q.skip(100), 8);
+  t.equal(q.drop(100), 8);
   t.equal(q.length, 0);
   q.push(Buffer.from('z'));
   t.equal(q.take(1).toString(), 'z');
