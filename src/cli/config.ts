@@ -41,6 +41,8 @@ export interface ServeConfig {
   maxConnectionsPerExport: number;
   /** Seconds of silence after which an idle connection is closed; 0 = never. */
   idleTimeout: number;
+  /** Seconds SIGTERM lets connections drain (in-flight requests finish) before closing them. */
+  shutdownTimeout: number;
   /** TLS: off, on (clients may upgrade with STARTTLS), or require (nothing but STARTTLS before TLS). */
   tls: 'off' | 'on' | 'require';
   tlsCert?: string;
@@ -62,6 +64,7 @@ export const CONFIG_DEFAULTS = {
   maxConnections: 1024,
   maxConnectionsPerExport: 256,
   idleTimeout: 0,
+  shutdownTimeout: 10,
   tls: 'off',
 } as const;
 
@@ -95,7 +98,7 @@ export function loadConfigFile(file: string): Partial<ServeConfig> {
   return parseConfig(raw, file, path.dirname(path.resolve(file)));
 }
 
-const TOP_KEYS = new Set(['listen', 'port', 'socket', 'handshakeTimeout', 'adminSocket', 'metrics', 'dirtyGranularity', 'maxConnections', 'maxConnectionsPerExport', 'idleTimeout', 'tls', 'tlsCert', 'tlsKey', 'tlsCa', 'exports', '$comment']);
+const TOP_KEYS = new Set(['listen', 'port', 'socket', 'handshakeTimeout', 'adminSocket', 'metrics', 'dirtyGranularity', 'maxConnections', 'maxConnectionsPerExport', 'idleTimeout', 'shutdownTimeout', 'tls', 'tlsCert', 'tlsKey', 'tlsCa', 'exports', '$comment']);
 const EXPORT_KEYS = new Set(['name', 'path', 'readOnly', 'description', 'oldstylePort', 'incoming', 'allow', '$comment']);
 
 export function parseConfig(raw: unknown, where: string, baseDir: string): Partial<ServeConfig> {
@@ -121,6 +124,8 @@ export function parseConfig(raw: unknown, where: string, baseDir: string): Parti
   if (mce !== undefined) out.maxConnectionsPerExport = mce;
   const idle = field(o, 'idleTimeout', where, isNonNegative, 'a number of seconds (0 = never)');
   if (idle !== undefined) out.idleTimeout = idle;
+  const st = field(o, 'shutdownTimeout', where, isNonNegative, 'a number of seconds');
+  if (st !== undefined) out.shutdownTimeout = st;
   const tlsMode = field(o, 'tls', where, isTlsMode, '"off", "on" or "require"');
   if (tlsMode !== undefined) out.tls = tlsMode;
   for (const k of ['tlsCert', 'tlsKey', 'tlsCa'] as const) {
@@ -218,6 +223,7 @@ export interface ServeArgs {
   'max-connections'?: number;
   'max-connections-per-export'?: number;
   'idle-timeout'?: number;
+  'shutdown-timeout'?: number;
   tls?: string;
   'tls-cert'?: string;
   'tls-key'?: string;
@@ -257,6 +263,7 @@ export function serveConfigFrom(argv: ServeArgs): ServeConfig {
     maxConnections: argv['max-connections'] ?? file.maxConnections ?? CONFIG_DEFAULTS.maxConnections,
     maxConnectionsPerExport: argv['max-connections-per-export'] ?? file.maxConnectionsPerExport ?? CONFIG_DEFAULTS.maxConnectionsPerExport,
     idleTimeout: argv['idle-timeout'] ?? file.idleTimeout ?? CONFIG_DEFAULTS.idleTimeout,
+    shutdownTimeout: argv['shutdown-timeout'] ?? file.shutdownTimeout ?? CONFIG_DEFAULTS.shutdownTimeout,
     tls: (argv.tls as ServeConfig['tls'] | undefined) ?? file.tls ?? CONFIG_DEFAULTS.tls,
     exports: [...(file.exports ?? []), ...fromArgs, ...(argv.export ?? []).map(parseExportSpec)],
   };

@@ -53,6 +53,7 @@ async function demo(argv: { port?: number; listen?: string }): Promise<void> {
     maxConnections: CONFIG_DEFAULTS.maxConnections,
     maxConnectionsPerExport: CONFIG_DEFAULTS.maxConnectionsPerExport,
     idleTimeout: CONFIG_DEFAULTS.idleTimeout,
+    shutdownTimeout: CONFIG_DEFAULTS.shutdownTimeout,
     tls: CONFIG_DEFAULTS.tls,
     force: false,
     exports: [{ name: 'demo', path: image, readOnly: false, description: 'nbd-migrate demo image' }],
@@ -87,6 +88,7 @@ export async function main(args: string[]): Promise<void> {
           .option('max-connections', { type: 'number', describe: `Connections open at once, all listeners (default ${CONFIG_DEFAULTS.maxConnections})` })
           .option('max-connections-per-export', { type: 'number', describe: `Connections per export (default ${CONFIG_DEFAULTS.maxConnectionsPerExport})` })
           .option('idle-timeout', { type: 'number', describe: 'Close connections idle this many seconds (default 0: never)' })
+          .option('shutdown-timeout', { type: 'number', describe: `On SIGTERM, seconds in-flight requests may take before connections are closed (default ${CONFIG_DEFAULTS.shutdownTimeout})` })
           .option('tls', { choices: ['off', 'on', 'require'], describe: 'STARTTLS: off (default), on (clients may upgrade), require (nothing else before TLS)' })
           .option('tls-cert', { type: 'string', describe: 'Server certificate (PEM)' })
           .option('tls-key', { type: 'string', describe: 'Server private key (PEM)' })

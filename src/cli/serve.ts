@@ -36,6 +36,8 @@ export interface RunningServer {
 
 /** How long shutdown waits for an export's final flush. */
 const SHUTDOWN_FLUSH_MS = 10_000;
+/** Beyond the drain and the flush, what else shutdown may take before the process is made to exit. */
+const SHUTDOWN_SLACK_MS = 10_000;
 
 /** Loads the certificates once at startup; a bad file stops startup with its name. */
 function tlsPolicy(cfg: ServeConfig): TlsPolicy | undefined {
@@ -259,7 +261,7 @@ class ServeProcess implements RunningServer {
     await this.metrics?.close();
     // Mirrors not yet switched are aborted: the source stays authoritative. A cutover in progress finishes.
     await Promise.all(this.controller.running().map((j) => (j.state === 'cutting-over' ? j.finished() : j.abort().catch(() => undefined))));
-    await this.server.close();
+    await this.server.close(this.cfg.shutdownTimeout * 1000);
     if (this.reaper) clearInterval(this.reaper);
     for (const oe of [...this.open.values(), ...this.retiring]) {
       const gate = oe.source.gate;
@@ -350,13 +352,32 @@ export async function serveUntilSignal(cfg: ServeConfig, reread?: () => ServeCon
   await new Promise<void>((resolve) => {
     let stopping = false;
     const onSignal = (sig: NodeJS.Signals) => {
-      if (stopping) return;
+      if (stopping) return log('info', 'shutdown-in-progress', { signal: sig });
       stopping = true;
-      log('info', 'shutdown', { signal: sig });
-      running.stop().then(resolve, (e) => {
-        log('error', 'shutdown-failed', { cause: e });
-        resolve();
-      });
+      log('info', 'shutdown', { signal: sig, shutdownTimeoutMs: cfg.shutdownTimeout * 1000 });
+      // The drain and the final flushes are each bounded; this is the backstop for anything else
+      // (a mirror abort or cutover that does not end), so the process exits well within systemd's TimeoutStopSec.
+      const limitMs = cfg.shutdownTimeout * 1000 + SHUTDOWN_FLUSH_MS + SHUTDOWN_SLACK_MS;
+      setTimeout(() => {
+        log('error', 'shutdown-forced', { afterMs: limitMs, cause: 'shutdown did not finish in time' });
+        process.exit(1);
+      }, limitMs).unref();
+      running.stop().then(
+        () => {
+          log('info', 'stopped');
+          // Everything is flushed and closed: a handle left open must not keep the process alive.
+          setTimeout(() => {
+            log('warn', 'exit-forced', { cause: 'handles still open after shutdown' });
+            process.exit(0);
+          }, 1000).unref();
+          resolve();
+        },
+        (e) => {
+          log('error', 'shutdown-failed', { cause: e });
+          process.exitCode = 1;
+          resolve();
+        },
+      );
     };
     process.on('SIGTERM', onSignal);
     process.on('SIGINT', onSignal);

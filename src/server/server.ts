@@ -23,6 +23,8 @@ import { MemoryBudget } from './memory-budget.js';
 import { ServerStats } from './stats.js';
 
 export const DEFAULT_NBD_PORT = 10809;
+/** How long shutdown lets connections drain before closing them (--shutdown-timeout). */
+export const DEFAULT_SHUTDOWN_TIMEOUT_MS = 10_000;
 
 export interface ServerOptions {
   handshakeTimeoutMs: number;
@@ -66,6 +68,8 @@ export class NbdServer {
   private readonly listeners: Array<{ server: net.Server; info: BoundListener }> = [];
   private readonly connections = new Set<Connection>();
   private readonly sessions = new Set<Session>();
+  /** Connections past the handshake (shutdown drains these; the others are simply closed). */
+  private readonly transmitting = new WeakSet<Connection>();
   private nextId = 1;
   private closing = false;
   readonly stats = new ServerStats();
@@ -181,8 +185,13 @@ export class NbdServer {
       conn.end();
       return;
     }
+    if (this.closing) {
+      conn.destroy(); // negotiated while shutdown began: nothing in flight yet
+      return;
+    }
     const session = new Session(conn, negotiated, this.options.session, this.budget);
     this.sessions.add(session);
+    this.transmitting.add(conn);
     conn.onClose(() => this.sessions.delete(session));
     session.start();
   }
@@ -235,12 +244,31 @@ export class NbdServer {
     return m;
   }
 
-  /** Stops listening, lets in-flight requests finish, then closes every connection. */
-  async close(): Promise<void> {
+  /**
+   * Shutdown: stops accepting, drops connections still negotiating, lets
+   * in-flight requests finish while new ones get NBD_ESHUTDOWN, closes each
+   * connection once it has nothing in flight, and after `drainTimeoutMs`
+   * hard-closes whatever is left. Bounded: never waits on a client.
+   */
+  async close(drainTimeoutMs = DEFAULT_SHUTDOWN_TIMEOUT_MS): Promise<void> {
     this.closing = true;
-    await Promise.all(this.listeners.map((l) => new Promise<void>((r) => l.server.close(() => r()))));
-    await Promise.all([...this.sessions].map((s) => s.shutdown()));
+    // net.Server.close() calls back only once all its connections are gone, so it is awaited last.
+    const listenersClosed = Promise.all(this.listeners.map((l) => new Promise<void>((r) => l.server.close(() => r()))));
+    for (const c of this.connections) if (!this.transmitting.has(c)) c.destroy();
+    const sessions = [...this.sessions];
+    log.info('shutdown-draining', { connections: sessions.length, timeoutMs: drainTimeoutMs });
+    const allClosed = () => Promise.all([...this.connections].map((c) => new Promise<void>((r) => c.onClose(r))));
+    const drained = Promise.all(sessions.map((s) => s.shutdown())).then(allClosed);
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = await Promise.race([
+      drained.then(() => false),
+      new Promise<true>((r) => (timer = setTimeout(() => r(true), drainTimeoutMs))),
+    ]);
+    clearTimeout(timer);
+    if (timedOut)
+      log.warn('shutdown-timeout', { timeoutMs: drainTimeoutMs, connections: this.connections.size, action: 'disconnect' });
     for (const c of this.connections) c.destroy();
+    await listenersClosed;
   }
 }
 

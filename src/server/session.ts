@@ -63,8 +63,10 @@ export class Session {
   /** A WRITE whose header is parsed and whose payload is still arriving. */
   private pendingWrite: codec.RequestHeader | undefined;
   private paused = false;
-  /** DISC received or server shutting down: read nothing more, close once idle. */
+  /** DISC received: read nothing more, close once idle. */
   private stopping = false;
+  /** The server is shutting down: new requests are refused with ESHUTDOWN. */
+  private shuttingDown = false;
   private idleWaiters: Array<() => void> = [];
   private readonly flags: number;
 
@@ -137,11 +139,19 @@ export class Session {
     return this.conn.remoteAddress;
   }
 
-  /** Stops reading new requests; resolves when in-flight ones are answered. */
+  /**
+   * Server shutdown (proto.md, "Terminating the transmission phase"): requests
+   * in flight finish; any request that arrives from now on is answered
+   * NBD_ESHUTDOWN, on which the client must soft-disconnect. Once nothing is in
+   * flight the connection is closed softly (replies flushed first). Resolves then.
+   */
   async shutdown(): Promise<void> {
-    this.stopping = true;
-    this.conn.socket.pause();
+    this.shuttingDown = true;
     await this.idle();
+    if (!this.conn.closed) {
+      this.conn.log.info('connection-dropped', { export: this.n.export.name, reason: 'shutdown' });
+      this.conn.end();
+    }
   }
 
   private idle(): Promise<void> {
@@ -255,6 +265,7 @@ export class Session {
 
   /** The one place a request is checked; the error values follow proto.md "Error values". */
   private validate(h: codec.RequestHeader): Refusal | undefined {
+    if (this.shuttingDown) return { error: C.NBD_ESHUTDOWN, message: 'the server is shutting down' };
     const exp = this.n.export;
     const allowed = ALLOWED_FLAGS[h.type];
     if (allowed === undefined) return { error: C.NBD_EINVAL, message: `unknown command ${h.type}` };
