@@ -10,6 +10,7 @@
  */
 import * as fs from 'node:fs';
 import * as net from 'node:net';
+import * as path from 'node:path';
 import { logger } from '../util/log.js';
 
 export type Handler = (args: Record<string, unknown>) => unknown;
@@ -42,6 +43,8 @@ export class AdminServer {
     } catch {
       /* none */
     }
+    // Outside systemd (whose RuntimeDirectory makes it) the default's /run/nbd-migrate may not exist yet.
+    fs.mkdirSync(path.dirname(this.path), { recursive: true, mode: 0o700 });
     const server = net.createServer((s) => this.accept(s));
     // Created 0600 from the start: the umask covers the window between bind and chmod.
     const old = process.umask(0o177);

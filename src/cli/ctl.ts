@@ -5,10 +5,11 @@ import type { Argv } from 'yargs';
 import { adminRequest } from '../admin/server.js';
 import type { ExportStatus } from '../migration/controller.js';
 import type { JobStatus } from '../migration/job.js';
+import { DEFAULT_ADMIN_SOCKET } from '../util/paths.js';
 import { formatBytes } from '../util/units.js';
 import { ProgressBar } from './progress.js';
 
-const DEFAULT_SOCKET = '/run/nbd-migrate.sock';
+const DEFAULT_SOCKET = DEFAULT_ADMIN_SOCKET;
 
 type Out = (s: string) => void;
 const out: Out = (s) => process.stdout.write(s + '\n');

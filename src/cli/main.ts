@@ -7,7 +7,7 @@ import * as path from 'node:path';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { configureLog, log, type Level } from '../util/log.js';
-import { projectRoot } from '../util/paths.js';
+import { DEFAULT_ADMIN_SOCKET, projectRoot } from '../util/paths.js';
 import { CONFIG_DEFAULTS, ConfigError, serveConfigFrom, type ServeArgs } from './config.js';
 import { copyCommand } from './copy.js';
 import { ctlCommand } from './ctl.js';
@@ -83,7 +83,7 @@ export async function main(args: string[]): Promise<void> {
           .option('socket', { type: 'string', describe: 'Also serve newstyle on this Unix socket (nbd+unix:///NAME?socket=PATH)' })
           .option('read-only', { type: 'boolean', describe: 'Serve the IMAGE arguments read-only' })
           .option('handshake-timeout', { type: 'number', describe: `Seconds a client may take to negotiate (default ${CONFIG_DEFAULTS.handshakeTimeout})` })
-          .option('admin-socket', { type: 'string', describe: 'Admin socket (JSON lines, mode 0600) for `nbd-migrate ctl`: mirror, status, cutover, abort' })
+          .option('admin-socket', { type: 'string', describe: `Admin socket (JSON lines, mode 0600) for \`nbd-migrate ctl\`: mirror, status, cutover, abort (ctl's default, and the systemd unit's: ${DEFAULT_ADMIN_SOCKET})` })
           .option('allow', { type: 'string', array: true, describe: 'Client address or CIDR allowed to attach to the IMAGE exports (repeatable; IPv4/IPv6); default: everyone' })
           .option('max-connections', { type: 'number', describe: `Connections open at once, all listeners (default ${CONFIG_DEFAULTS.maxConnections})` })
           .option('max-connections-per-export', { type: 'number', describe: `Connections per export (default ${CONFIG_DEFAULTS.maxConnectionsPerExport})` })

@@ -2,6 +2,12 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
+/**
+ * Where the admin socket lives by default: what the shipped systemd unit passes to
+ * `serve --admin-socket` (its RuntimeDirectory is /run/nbd-migrate) and what `ctl` connects to.
+ */
+export const DEFAULT_ADMIN_SOCKET = '/run/nbd-migrate/admin.sock';
+
 /** The checkout's root: the nearest directory above this file with our package.json (works from src/ and dist/src/). */
 export const projectRoot: string = (() => {
   let dir = path.dirname(fileURLToPath(import.meta.url));
