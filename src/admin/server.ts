@@ -16,6 +16,8 @@ import { logger } from '../util/log.js';
 export type Handler = (args: Record<string, unknown>) => unknown;
 
 const MAX_LINE = 64 * 1024;
+/** Distinguishes the private bind names of admin servers in one process. */
+let tmpSeq = 0;
 const log = logger({ component: 'admin' });
 
 export class AdminError extends Error {
@@ -31,6 +33,8 @@ export class AdminError extends Error {
 export class AdminServer {
   private server: net.Server | undefined;
   private readonly clients = new Set<net.Socket>();
+  /** The socket file this server created (dev/inode at bind), the only one close() may remove. */
+  private created: { dev: number; ino: number } | undefined;
 
   constructor(
     readonly path: string,
@@ -38,20 +42,21 @@ export class AdminServer {
   ) {}
 
   async listen(): Promise<void> {
-    try {
-      fs.unlinkSync(this.path); // a stale socket; a live server would hold the image locks anyway
-    } catch {
-      /* none */
-    }
     // Outside systemd (whose RuntimeDirectory makes it) the default's /run/nbd-migrate may not exist yet.
     fs.mkdirSync(path.dirname(this.path), { recursive: true, mode: 0o700 });
+    await this.claimPath();
     const server = net.createServer((s) => this.accept(s));
+    // Bound under a private name, then hard-linked into place: link() never replaces an existing
+    // file, so a server that started meanwhile keeps its socket; and the unlink libuv does when the
+    // server closes hits only the private name, never whatever then sits at this.path.
+    const tmp = path.join(path.dirname(this.path), `.nbdm-${process.pid}-${tmpSeq++}`);
+    fs.rmSync(tmp, { force: true });
     // Created 0600 from the start: the umask covers the window between bind and chmod.
     const old = process.umask(0o177);
     try {
       await new Promise<void>((resolve, reject) => {
         server.once('error', reject);
-        server.listen(this.path, () => {
+        server.listen(tmp, () => {
           server.off('error', reject);
           resolve();
         });
@@ -59,9 +64,49 @@ export class AdminServer {
     } finally {
       process.umask(old);
     }
+    try {
+      fs.linkSync(tmp, this.path);
+    } catch (e) {
+      await new Promise<void>((r) => server.close(() => r()));
+      if ((e as { code?: string }).code === 'EEXIST') throw inUse(this.path);
+      throw new AdminError((e as { code?: string }).code ?? 'EIO', `cannot create the admin socket ${this.path}: ${(e as Error).message}`);
+    } finally {
+      fs.rmSync(tmp, { force: true });
+    }
     fs.chmodSync(this.path, 0o600);
+    const st = fs.statSync(this.path);
+    this.created = { dev: st.dev, ino: st.ino };
     this.server = server;
     log.info('listening', { listener: 'admin', path: this.path });
+  }
+
+  /**
+   * Makes way for our socket: nothing there is fine; a socket nobody answers on
+   * (ECONNREFUSED) is a dead server's and is removed; a live server's socket,
+   * or anything that is not a socket, stops startup.
+   */
+  private async claimPath(): Promise<void> {
+    let st: fs.Stats;
+    try {
+      st = fs.lstatSync(this.path);
+    } catch (e) {
+      if ((e as { code?: string }).code === 'ENOENT') return;
+      throw new AdminError((e as { code?: string }).code ?? 'EIO', `cannot check the admin socket ${this.path}: ${(e as Error).message}`);
+    }
+    if (!st.isSocket()) throw new AdminError('EEXIST', `admin socket ${this.path} exists and is not a socket; refusing to replace it`);
+    const refused = await new Promise<string | undefined>((resolve) => {
+      const probe = net.connect(this.path);
+      probe.once('connect', () => {
+        probe.destroy();
+        resolve(undefined);
+      });
+      probe.once('error', (e) => resolve((e as { code?: string }).code ?? 'EIO'));
+    });
+    if (refused === undefined) throw inUse(this.path);
+    if (refused === 'ENOENT') return; // gone meanwhile
+    if (refused !== 'ECONNREFUSED') throw new AdminError(refused, `cannot check the admin socket ${this.path}: connect failed with ${refused}`);
+    log.info('stale-socket-removed', { path: this.path, cause: 'no server answers on it (ECONNREFUSED)' });
+    fs.unlinkSync(this.path);
   }
 
   private accept(socket: net.Socket): void {
@@ -120,7 +165,26 @@ export class AdminServer {
     for (const c of this.clients) c.destroy();
     if (this.server) await new Promise<void>((r) => this.server!.close(() => r()));
     this.server = undefined;
+    // Only the socket this process created: a file since put there by someone else stays.
+    const created = this.created;
+    this.created = undefined;
+    if (!created) return;
+    let st: fs.Stats | undefined;
+    try {
+      st = fs.lstatSync(this.path);
+    } catch {
+      return; // already gone
+    }
+    if (st.dev === created.dev && st.ino === created.ino) fs.rmSync(this.path, { force: true });
+    else log.warn('admin-socket-kept', { path: this.path, cause: 'the file there is no longer the socket this server created' });
   }
+}
+
+function inUse(p: string): AdminError {
+  return new AdminError(
+    'EADDRINUSE',
+    `admin socket ${p} is in use by a running server; refusing to start (stop that server, or give this one another --admin-socket)`,
+  );
 }
 
 /** One request over the admin socket; resolves with the result or rejects with the server's error. */

@@ -335,9 +335,17 @@ export function adminHandlers(c: MigrationController): Record<string, (a: Record
 
 /** Serves until a termination signal, then shuts down cleanly; SIGHUP re-reads the configuration. */
 export async function serveUntilSignal(cfg: ServeConfig, reread?: () => ServeConfig): Promise<void> {
+  // The handlers are in place before startup logs "ready": a signal sent right after it must
+  // get a clean shutdown (or reload), not the default action, which kills the process.
+  let early: NodeJS.Signals | undefined;
+  let onSignal = (sig: NodeJS.Signals): void => void (early ??= sig);
+  let onHup = () => log('info', 'reload-ignored', { cause: 'still starting' });
+  process.on('SIGTERM', (sig) => onSignal(sig));
+  process.on('SIGINT', (sig) => onSignal(sig));
+  process.on('SIGHUP', () => onHup());
   const running = await startServe(cfg);
   let reloading = Promise.resolve();
-  process.on('SIGHUP', () => {
+  onHup = () => {
     reloading = reloading.then(async () => {
       if (!reread) return log('info', 'reload-ignored', { cause: 'nothing to re-read' });
       let next: ServeConfig;
@@ -348,10 +356,10 @@ export async function serveUntilSignal(cfg: ServeConfig, reread?: () => ServeCon
       }
       await running.reload(next);
     });
-  });
+  };
   await new Promise<void>((resolve) => {
     let stopping = false;
-    const onSignal = (sig: NodeJS.Signals) => {
+    onSignal = (sig: NodeJS.Signals) => {
       if (stopping) return log('info', 'shutdown-in-progress', { signal: sig });
       stopping = true;
       log('info', 'shutdown', { signal: sig, shutdownTimeoutMs: cfg.shutdownTimeout * 1000 });
@@ -379,7 +387,6 @@ export async function serveUntilSignal(cfg: ServeConfig, reread?: () => ServeCon
         },
       );
     };
-    process.on('SIGTERM', onSignal);
-    process.on('SIGINT', onSignal);
+    if (early) onSignal(early);
   });
 }
