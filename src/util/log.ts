@@ -40,11 +40,14 @@ export function log(level: Level, event: string, fields: Fields = {}): void {
   if (!isLevelEnabled(level)) return;
   if (config.format === 'json') {
     const rec: Fields = { time: new Date().toISOString(), level, event };
-    for (const [k, v] of Object.entries(fields)) rec[k] = serialise(v);
+    for (const [k, v] of Object.entries(fields)) if (v !== undefined) rec[k] = serialise(v);
     config.sink(JSON.stringify(rec));
     return;
   }
-  const parts = Object.entries(fields).map(([k, v]) => `${k}=${JSON.stringify(serialise(v))}`);
+  // Fields that do not apply (undefined) are left out, as JSON.stringify leaves them out of JSON lines.
+  const parts = Object.entries(fields)
+    .filter(([, v]) => v !== undefined)
+    .map(([k, v]) => `${k}=${JSON.stringify(serialise(v))}`);
   config.sink(`${new Date().toISOString()} ${level.toUpperCase().padEnd(5)} ${event}${parts.length ? ' ' + parts.join(' ') : ''}`);
 }
 
