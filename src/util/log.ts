@@ -30,7 +30,8 @@ export function isLevelEnabled(level: Level): boolean {
 function serialise(v: unknown): unknown {
   if (v instanceof Error) {
     const e = v as Error & { code?: string };
-    return e.code ? `${e.code}: ${e.message}` : e.message;
+    // Node's fs errors (and the native addon's, shaped like them) already begin "ENOSPC: ...".
+    return e.code && !e.message.startsWith(`${e.code}:`) ? `${e.code}: ${e.message}` : e.message;
   }
   if (typeof v === 'bigint') return v.toString();
   return v;

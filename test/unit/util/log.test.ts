@@ -25,3 +25,24 @@ t.test('text logs leave out fields that are undefined (as JSON lines do)', async
   const [withNull] = capture('text', () => log('info', 'tls-established', { clientCert: null }));
   t.match(withNull!, /clientCert=null/);
 });
+
+t.test('an errno error is logged with its code once, not "ENOSPC: ENOSPC: ..."', async (t) => {
+  const { DeviceError } = await import('../../../src/storage/device.js');
+  let fsError: Error | undefined;
+  try {
+    (await import('node:fs')).readFileSync('/nonexistent/nbd-migrate-test');
+  } catch (e) {
+    fsError = e as Error;
+  }
+  // Node's own error, and the storage layer's DeviceError wrapping it (as toDeviceError does).
+  const wrapped = new DeviceError('ENOSPC', 'ENOSPC: no space left on device, write');
+  const [a, b] = capture('json', () => {
+    log('warn', 'request-failed', { cause: fsError });
+    log('warn', 'request-failed', { cause: wrapped });
+  });
+  t.equal(JSON.parse(a!).cause, "ENOENT: no such file or directory, open '/nonexistent/nbd-migrate-test'");
+  t.equal(JSON.parse(b!).cause, 'ENOSPC: no space left on device, write');
+  // A message that does not carry its code still gets it.
+  const [c] = capture('json', () => log('error', 'x', { cause: new DeviceError('EWOULDBLOCK', 'cannot lock disk.img: held by pid 7') }));
+  t.equal(JSON.parse(c!).cause, 'EWOULDBLOCK: cannot lock disk.img: held by pid 7');
+});
