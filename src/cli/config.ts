@@ -87,6 +87,29 @@ const isNonNegative = (v: unknown): v is number => typeof v === 'number' && v >=
 const isStringList = (v: unknown): v is string[] => Array.isArray(v) && v.every((x) => typeof x === 'string');
 const isPositive = (v: unknown): v is number => typeof v === 'number' && v > 0 && Number.isFinite(v);
 
+const NUMERIC = {
+  port: [isPort, 'a port number 0-65535'],
+  count: [isCount, 'a positive integer'],
+  seconds: [isNonNegative, 'a number of seconds'],
+  'positive-seconds': [isPositive, 'a number of seconds above 0'],
+} as const;
+
+function numeric(option: string, kind: keyof typeof NUMERIC, v: unknown): number {
+  const [ok, what] = NUMERIC[kind];
+  const n = typeof v === 'number' ? v : typeof v === 'string' && v.trim() !== '' ? Number(v) : NaN;
+  if (!ok(n)) throw new ConfigError(`--${option}: expected ${what}, got ${JSON.stringify(v)}`);
+  return n;
+}
+
+/**
+ * yargs `coerce` for a numeric option. yargs' own `type: 'number'` turns "abc" into NaN
+ * and loses the text, so the check is done here: a bad value names its option.
+ */
+export const numericArg = (option: string, kind: keyof typeof NUMERIC) => (v: unknown): number => numeric(option, kind, v);
+/** The same for a repeatable option. */
+export const numericArgs = (option: string, kind: keyof typeof NUMERIC) => (v: unknown): number[] =>
+  (Array.isArray(v) ? v : [v]).map((x) => numeric(option, kind, x));
+
 /** Parses and checks a config file; relative image paths are taken from the file's directory. */
 export function loadConfigFile(file: string): Partial<ServeConfig> {
   let raw: unknown;

@@ -8,7 +8,7 @@ import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { configureLog, log, type Level } from '../util/log.js';
 import { DEFAULT_ADMIN_SOCKET, projectRoot } from '../util/paths.js';
-import { CONFIG_DEFAULTS, ConfigError, serveConfigFrom, type ServeArgs } from './config.js';
+import { CONFIG_DEFAULTS, ConfigError, numericArg, numericArgs, serveConfigFrom, type ServeArgs } from './config.js';
 import { copyCommand } from './copy.js';
 import { ctlCommand } from './ctl.js';
 import { serveUntilSignal } from './serve.js';
@@ -78,17 +78,17 @@ export async function main(args: string[]): Promise<void> {
           .option('export', { type: 'string', array: true, describe: 'Another export: NAME=PATH[,oldstyle-port=N][,read-only][,incoming][,allow=CIDR]...[,description=TEXT] (repeatable)' })
           .option('config', { type: 'string', describe: 'JSON config file (see config/); command-line options override it' })
           .option('listen', { type: 'string', describe: `Address for newstyle TCP (default ${CONFIG_DEFAULTS.listen})` })
-          .option('port', { type: 'number', describe: `Port for newstyle TCP (default ${CONFIG_DEFAULTS.port}; 0 picks a free one)` })
-          .option('oldstyle-port', { type: 'number', array: true, describe: 'Also serve the IMAGE at the same position with oldstyle negotiation on this port' })
+          .option('port', { coerce: numericArg('port', 'port'), describe: `Port for newstyle TCP (default ${CONFIG_DEFAULTS.port}; 0 picks a free one)` })
+          .option('oldstyle-port', { coerce: numericArgs('oldstyle-port', 'port'), array: true, describe: 'Also serve the IMAGE at the same position with oldstyle negotiation on this port' })
           .option('socket', { type: 'string', describe: 'Also serve newstyle on this Unix socket (nbd+unix:///NAME?socket=PATH)' })
           .option('read-only', { type: 'boolean', describe: 'Serve the IMAGE arguments read-only' })
-          .option('handshake-timeout', { type: 'number', describe: `Seconds a client may take to negotiate (default ${CONFIG_DEFAULTS.handshakeTimeout})` })
+          .option('handshake-timeout', { coerce: numericArg('handshake-timeout', 'positive-seconds'), describe: `Seconds a client may take to negotiate (default ${CONFIG_DEFAULTS.handshakeTimeout})` })
           .option('admin-socket', { type: 'string', describe: `Admin socket (JSON lines, mode 0600) for \`nbd-migrate ctl\`: mirror, status, cutover, abort (ctl's default, and the systemd unit's: ${DEFAULT_ADMIN_SOCKET})` })
           .option('allow', { type: 'string', array: true, describe: 'Client address or CIDR allowed to attach to the IMAGE exports (repeatable; IPv4/IPv6); default: everyone' })
-          .option('max-connections', { type: 'number', describe: `Connections open at once, all listeners (default ${CONFIG_DEFAULTS.maxConnections})` })
-          .option('max-connections-per-export', { type: 'number', describe: `Connections per export (default ${CONFIG_DEFAULTS.maxConnectionsPerExport})` })
-          .option('idle-timeout', { type: 'number', describe: 'Close connections idle this many seconds (default 0: never)' })
-          .option('shutdown-timeout', { type: 'number', describe: `On SIGTERM, seconds in-flight requests may take before connections are closed (default ${CONFIG_DEFAULTS.shutdownTimeout})` })
+          .option('max-connections', { coerce: numericArg('max-connections', 'count'), describe: `Connections open at once, all listeners (default ${CONFIG_DEFAULTS.maxConnections})` })
+          .option('max-connections-per-export', { coerce: numericArg('max-connections-per-export', 'count'), describe: `Connections per export (default ${CONFIG_DEFAULTS.maxConnectionsPerExport})` })
+          .option('idle-timeout', { coerce: numericArg('idle-timeout', 'seconds'), describe: 'Close connections idle this many seconds (default 0: never)' })
+          .option('shutdown-timeout', { coerce: numericArg('shutdown-timeout', 'seconds'), describe: `On SIGTERM, seconds in-flight requests may take before connections are closed (default ${CONFIG_DEFAULTS.shutdownTimeout})` })
           .option('tls', { choices: ['off', 'on', 'require'], describe: 'STARTTLS: off (default), on (clients may upgrade), require (nothing else before TLS)' })
           .option('tls-cert', { type: 'string', describe: 'Server certificate (PEM)' })
           .option('tls-key', { type: 'string', describe: 'Server private key (PEM)' })
@@ -105,7 +105,7 @@ export async function main(args: string[]): Promise<void> {
     .command(
       'demo',
       'Serve a sparse 1 GiB demo image (created on first run in var/) as export "demo"',
-      (y) => y.option('port', { type: 'number', describe: 'Newstyle port (default 10809)' }).option('listen', { type: 'string' }),
+      (y) => y.option('port', { coerce: numericArg('port', 'port'), describe: 'Newstyle port (default 10809)' }).option('listen', { type: 'string' }),
       async (argv) => demo(argv),
     )
     .command('ctl', 'Control a running server through its admin socket (mirror, status, cutover, abort, set-speed)', (y) => ctlCommand(y))
