@@ -33,6 +33,8 @@ export interface NegotiatedExport {
   transmissionFlags: number;
   structuredReplies: boolean;
   contexts: Map<string, number>;
+  /** Context names the server listed for `listMetaContexts` (empty without structured replies or on refusal). */
+  listedContexts: string[];
   blockSize: BlockSize;
   /** Whether the server reported block sizes (NBD_INFO_BLOCK_SIZE). */
   blockSizeReported: boolean;
@@ -99,6 +101,8 @@ const isError = (type: number) => (type & 0x80000000) !== 0;
 export interface NegotiateOptions {
   exportName: string;
   metaContexts: readonly string[];
+  /** NBD_OPT_LIST_META_CONTEXT queries sent before selecting (what the server offers, e.g. "nbd-migrate:"). */
+  listMetaContexts?: readonly string[];
   /** Upgrade with NBD_OPT_STARTTLS first (required: a refusal fails the handshake). */
   tls?: tls.ConnectionOptions;
   /** For messages: which URI we are talking to. */
@@ -202,7 +206,27 @@ export async function negotiate(io: { socket: Socket; reader: HandshakeReader },
     // Any refusal (ERR_UNSUP from nbd-server, ERR_POLICY, ...): simple replies only.
   }
 
-  // -- metadata contexts
+  // -- metadata contexts: what is offered (when asked), then what we select
+  const listedContexts: string[] = [];
+  if (structuredReplies && opts.listMetaContexts && opts.listMetaContexts.length > 0) {
+    stage = 'listing metadata contexts';
+    send(codec.encodeOptionRequest(C.NBD_OPT_LIST_META_CONTEXT, codec.encodeMetaContextRequest(exportName, [...opts.listMetaContexts])));
+    for (;;) {
+      const r = await readReply(C.NBD_OPT_LIST_META_CONTEXT);
+      if (r.type === C.NBD_REP_ACK) break;
+      if (r.type === C.NBD_REP_META_CONTEXT) {
+        if (r.payload.length < 4) throw new NbdHandshakeError(`${label}: NBD_REP_META_CONTEXT reply of ${r.payload.length} bytes`);
+        listedContexts.push(r.payload.toString('utf8', 4));
+        continue;
+      }
+      if (isError(r.type)) {
+        // Tolerated: the server lists nothing (an unknown export is reported by NBD_OPT_GO below).
+        listedContexts.length = 0;
+        break;
+      }
+      throw unexpected(C.NBD_OPT_LIST_META_CONTEXT, r);
+    }
+  }
   const contexts = new Map<string, number>();
   if (structuredReplies && opts.metaContexts.length > 0) {
     stage = 'selecting metadata contexts';
@@ -277,6 +301,7 @@ export async function negotiate(io: { socket: Socket; reader: HandshakeReader },
       transmissionFlags: flags,
       structuredReplies,
       contexts,
+      listedContexts,
       blockSize: blockSize ?? DEFAULT_BLOCK_SIZE,
       blockSizeReported: blockSize !== undefined,
       via,

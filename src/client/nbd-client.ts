@@ -48,6 +48,13 @@ export interface NbdClientOptions {
   connectTimeoutMs?: number;
   /** Metadata contexts to select when structured replies are available (default ['base:allocation']). */
   metaContexts?: readonly string[];
+  /** NBD_OPT_LIST_META_CONTEXT queries whose answers are kept in `listedContexts` (default none). */
+  listMetaContexts?: readonly string[];
+  /**
+   * With requests outstanding and no reply for this long, the connection is
+   * dropped: everything pending rejects with ETIMEDOUT (default 0: never).
+   */
+  requestTimeoutMs?: number;
 }
 
 const DEFAULTS = {
@@ -55,6 +62,8 @@ const DEFAULTS = {
   maxInflightBytes: 64 * 1024 * 1024,
   connectTimeoutMs: 10_000,
   metaContexts: [C.BASE_ALLOCATION] as readonly string[],
+  listMetaContexts: [] as readonly string[],
+  requestTimeoutMs: 0,
 };
 
 /** TRIM / WRITE_ZEROES / CACHE are split at this (qemu refuses requests of 2 GiB and more). */
@@ -98,6 +107,8 @@ export class NbdClient extends EventEmitter implements Device {
   readonly exportName: string;
   /** Negotiated metadata contexts: name -> id. */
   readonly contexts: ReadonlyMap<string, number>;
+  /** Context names the server listed for the `listMetaContexts` queries. */
+  readonly listedContexts: readonly string[];
   /** As reported by the server (NBD_INFO_BLOCK_SIZE), else { 1, 4096, 32 MiB }. */
   readonly blockSize: BlockSize;
   readonly readOnly: boolean;
@@ -128,16 +139,22 @@ export class NbdClient extends EventEmitter implements Device {
   private zeroBuffer: Buffer | undefined;
   /** Device operations in progress (close() waits for them). */
   private busy = 0;
+  /** Last sign of life while requests were outstanding: a reply byte, a drained write, or the first send. */
+  private lastProgress = 0;
+  private readonly requestTimeoutMs: number;
+  private watchdog: NodeJS.Timeout | undefined;
 
   /** Use NbdClient.connect(). */
   private constructor(
     private readonly socket: net.Socket,
     n: NegotiatedExport,
     readAhead: Buffer[],
-    opts: Required<Pick<NbdClientOptions, 'maxInflightRequests' | 'maxInflightBytes'>>,
+    opts: Required<Pick<NbdClientOptions, 'maxInflightRequests' | 'maxInflightBytes' | 'requestTimeoutMs'>>,
     uri: string,
   ) {
     super();
+    this.requestTimeoutMs = opts.requestTimeoutMs;
+    this.listedContexts = n.listedContexts;
     this.uri = uri;
     this.size = n.size;
     this.transmissionFlags = n.transmissionFlags;
@@ -159,6 +176,7 @@ export class NbdClient extends EventEmitter implements Device {
     });
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('drain', () => {
+      this.lastProgress = performance.now();
       this.writeBlocked = false;
       this.pump();
     });
@@ -182,6 +200,8 @@ export class NbdClient extends EventEmitter implements Device {
     for (const k of ['maxInflightRequests', 'maxInflightBytes', 'connectTimeoutMs'] as const) {
       if (!(Number.isInteger(opts[k]) && opts[k] > 0)) throw new RangeError(`${k} must be a positive integer, got ${opts[k]}`);
     }
+    if (!(Number.isInteger(opts.requestTimeoutMs) && opts.requestTimeoutMs >= 0))
+      throw new RangeError(`requestTimeoutMs must be a non-negative integer, got ${opts.requestTimeoutMs}`);
 
     // A bad certificate directory fails before anything is sent.
     const tlsOpts = u.tls ? tlsOptions(u) : undefined;
@@ -218,7 +238,7 @@ export class NbdClient extends EventEmitter implements Device {
       ]);
       const io = { socket: socket as net.Socket, reader };
       const n = await Promise.race([
-        negotiate(io, { exportName: u.exportName, metaContexts: opts.metaContexts, label, tls: tlsOpts }),
+        negotiate(io, { exportName: u.exportName, metaContexts: opts.metaContexts, listMetaContexts: opts.listMetaContexts, label, tls: tlsOpts }),
         timeout,
       ]);
       clearTimeout(timer);
@@ -557,6 +577,10 @@ export class NbdClient extends EventEmitter implements Device {
   }
 
   private send(req: PendingRequest): void {
+    if (this.inflight.size === 0) {
+      this.lastProgress = performance.now();
+      this.armWatchdog();
+    }
     req.cookie = this.nextCookie++;
     this.inflight.set(req.cookie, req);
     this.inflightBytes += req.bytes;
@@ -576,6 +600,7 @@ export class NbdClient extends EventEmitter implements Device {
 
   private onData(chunk: Buffer): void {
     if (this.dead) return;
+    this.lastProgress = performance.now();
     try {
       this.parser.push(chunk);
     } catch (e) {
@@ -657,17 +682,48 @@ export class NbdClient extends EventEmitter implements Device {
     this.fail(this.lastSocketError ?? new Error('the server closed the connection'));
   }
 
+  /**
+   * Watches outstanding requests while there are any: a connection that makes
+   * no progress for requestTimeoutMs (a frozen server, a silent network
+   * partition) is dropped, so callers see ETIMEDOUT instead of waiting forever.
+   */
+  private armWatchdog(): void {
+    if (this.requestTimeoutMs === 0 || this.watchdog || this.dead) return;
+    const every = Math.max(10, Math.min(1000, Math.floor(this.requestTimeoutMs / 4)));
+    this.watchdog = setInterval(() => {
+      if (this.dead || (this.inflight.size === 0 && this.queueHead === this.queue.length)) {
+        clearInterval(this.watchdog);
+        this.watchdog = undefined;
+        return;
+      }
+      const quiet = performance.now() - this.lastProgress;
+      if (this.inflight.size > 0 && quiet > this.requestTimeoutMs) {
+        const oldest = this.inflight.values().next().value as PendingRequest;
+        this.fail(
+          new Error(`no reply from the server for ${Math.round(quiet)} ms with ${this.inflight.size} request(s) outstanding ` +
+            `(oldest: ${C.COMMAND_NAMES[oldest.type] ?? oldest.type} ${oldest.offset}+${oldest.length}); timeout ${this.requestTimeoutMs} ms`),
+          'ETIMEDOUT',
+        );
+      }
+    }, every);
+    this.watchdog.unref();
+  }
+
   /** The connection died unexpectedly: everything pending rejects, 'close' carries the reason. */
-  private fail(reason: Error): void {
+  private fail(reason: Error, code = 'ECONNRESET'): void {
     if (this.dead) return;
     this.dead = reason;
-    this.deadCode = 'ECONNRESET';
+    this.deadCode = code;
     this.socket.destroy();
     this.rejectAll();
     this.emitClose(reason);
   }
 
   private rejectAll(): void {
+    if (this.watchdog) {
+      clearInterval(this.watchdog);
+      this.watchdog = undefined;
+    }
     const reqs = [...this.inflight.values(), ...this.queue.slice(this.queueHead)];
     this.inflight.clear();
     this.inflightBytes = 0;

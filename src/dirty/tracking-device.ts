@@ -8,7 +8,11 @@
  * In active (write-through) mode the guest's change also goes to the mirror
  * target, under a range lock shared with the copy engine; then the block is
  * marked only if the target write fails, so the mirror converges even while
- * the guest keeps writing.
+ * the guest keeps writing. A target write slower than `timeoutMs` does not
+ * hold the guest: its range is marked dirty, the guest is answered after its
+ * local write, and `onSlow` is told (the job then drops write-through). The
+ * range stays locked until the late target write settles, so a later copy of
+ * the same blocks cannot be overtaken by it.
  */
 import type { Capabilities, Device, Extent, WriteOptions, ZeroOptions } from '../storage/device.js';
 import type { RangeLock } from '../migration/range-lock.js';
@@ -19,6 +23,10 @@ export interface WriteThrough {
   locks: RangeLock;
   /** Told about each failed target write (the range is already re-marked dirty). */
   onError(e: unknown): void;
+  /** How long a guest write waits for the target's answer (default: as long as it takes). */
+  timeoutMs?: number;
+  /** Told when a target write took longer than timeoutMs (the range is already marked dirty). */
+  onSlow?(): void;
 }
 
 export class DirtyTrackingDevice implements Device {
@@ -92,21 +100,35 @@ export class DirtyTrackingDevice implements Device {
     }
     const release = await wt.locks.acquire(offset, length);
     try {
-      try {
-        await op(this.inner);
-      } catch (e) {
-        this.bitmap.mark(offset, length);
-        throw e;
-      }
-      try {
-        await op(wt.target);
-      } catch (e) {
+      await op(this.inner);
+    } catch (e) {
+      this.bitmap.mark(offset, length);
+      release();
+      throw e;
+    }
+    const remote = op(wt.target).then(
+      () => true,
+      (e) => {
         // The guest's write is safe locally; the mirror catches up from the bitmap.
         this.bitmap.mark(offset, length);
         wt.onError(e);
-      }
-    } finally {
+        return true;
+      },
+    );
+    if (wt.timeoutMs === undefined) {
+      await remote;
       release();
+      return;
     }
+    let timer: NodeJS.Timeout | undefined;
+    const inTime = await Promise.race([remote, new Promise<false>((r) => (timer = setTimeout(() => r(false), wt.timeoutMs)))]);
+    clearTimeout(timer);
+    if (inTime) {
+      release();
+      return;
+    }
+    this.bitmap.mark(offset, length);
+    wt.onSlow?.();
+    void remote.finally(release);
   }
 }

@@ -47,7 +47,11 @@ export class MigrationController extends EventEmitter {
     const existing = this.jobs.get(exportName);
     if (existing && !existing.isFinal) throw new JobError('EBUSY', `a mirror of "${exportName}" is already ${existing.state}`);
     if (existing?.state === 'completed') throw new JobError('EINVAL', `export "${exportName}" was already migrated to ${existing.status().target}`);
-    const job = new MirrorJob(src, { ...DEFAULT_MIRROR_OPTIONS, ...opts });
+    const job = new MirrorJob(src, {
+      ...DEFAULT_MIRROR_OPTIONS,
+      localExportIds: () => new Set([...this.sources.values()].map((s) => s.exportId)),
+      ...opts,
+    });
     job.on('state', (to: string, from: string) => this.emit('job-state', exportName, to, from));
     job.on('progress', (s: JobStatus) => this.emit('job-progress', s));
     this.jobs.set(exportName, job); // claimed before the await: a concurrent mirror is refused

@@ -15,6 +15,7 @@ import { NBD_STATE_ZERO } from '../protocol/constants.js';
 import type { Device } from '../storage/device.js';
 import type { DirtyBitmap } from '../dirty/bitmap.js';
 import type { RangeLock } from './range-lock.js';
+import { targetErrorKind } from './target-errors.js';
 import type { TokenBucket } from './token-bucket.js';
 
 export interface CopyOptions {
@@ -26,9 +27,33 @@ export interface CopyOptions {
   skipTargetZeros: boolean;
   /** Checked between chunks: stop the sweep early. */
   shouldStop?: () => boolean;
+  /**
+   * A target request that fails with an error that may pass (EIO; see
+   * target-errors.ts) is sent again on the same connection, up to this many
+   * times with a short backoff (default 0). Lost connections and permanent
+   * errors are never retried here.
+   */
+  retries?: number;
+  /** Told about each retried request. */
+  onRetry?: (e: unknown, attempt: number) => void;
 }
 
-export const DEFAULT_COPY_OPTIONS: CopyOptions = { chunkBytes: 4 * 1024 * 1024, maxInflight: 8, skipTargetZeros: false };
+export const DEFAULT_COPY_OPTIONS: CopyOptions = { chunkBytes: 4 * 1024 * 1024, maxInflight: 8, skipTargetZeros: false, retries: 0 };
+
+type TargetOpts = Pick<CopyOptions, 'limiter' | 'skipTargetZeros' | 'shouldStop' | 'retries' | 'onRetry'>;
+
+/** Runs one target request, retrying transient target errors (bounded). */
+async function onTarget<T>(opts: TargetOpts, op: () => Promise<T>): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await op();
+    } catch (e) {
+      if (attempt > (opts.retries ?? 0) || targetErrorKind(e) !== 'transient' || opts.shouldStop?.()) throw e;
+      opts.onRetry?.(e, attempt);
+      await new Promise((r) => setTimeout(r, Math.min(20 * 2 ** (attempt - 1), 1000)));
+    }
+  }
+}
 
 export interface CopyStats {
   /** Bytes of data read and written. */
@@ -116,7 +141,7 @@ export async function copyRange(
   target: Device,
   offset: number,
   length: number,
-  opts: Pick<CopyOptions, 'limiter' | 'skipTargetZeros' | 'shouldStop'>,
+  opts: TargetOpts,
   stats: CopyStats,
 ): Promise<void> {
   const end = offset + length;
@@ -127,13 +152,13 @@ export async function copyRange(
     for (const e of extents) {
       const n = Math.min(e.length, end - pos);
       if (n <= 0) break;
-      if (e.flags & NBD_STATE_ZERO) await zeroRange(target, pos, n, opts.skipTargetZeros, stats);
+      if (e.flags & NBD_STATE_ZERO) await zeroRange(target, pos, n, opts, stats);
       else {
         if (opts.limiter) await opts.limiter.take(n, opts.shouldStop);
         if (opts.shouldStop?.()) throw new CopyStopped();
         const buf = Buffer.allocUnsafe(n);
         await source.read(pos, n, buf, 0);
-        await target.write(pos, [buf], { fua: false });
+        await onTarget(opts, () => target.write(pos, [buf], { fua: false }));
         stats.dataBytes += n;
       }
       pos += n;
@@ -141,24 +166,32 @@ export async function copyRange(
   }
 }
 
-async function zeroRange(target: Device, offset: number, length: number, skipTargetZeros: boolean, stats: CopyStats): Promise<void> {
-  if (!skipTargetZeros) {
-    await target.zero(offset, length, { fua: false, noHole: false, fast: false });
-    stats.zeroBytes += length;
-    return;
-  }
+/**
+ * Zeroes a hole on the target. Zeroing costs the target as much as data does,
+ * so it pays the rate limit like data, in pieces no larger than the limiter's
+ * burst; where the target already reads as zero (first sweep) nothing is sent.
+ */
+async function zeroRange(target: Device, offset: number, length: number, opts: TargetOpts, stats: CopyStats): Promise<void> {
+  const zero = async (pos: number, n: number) => {
+    const piece = opts.limiter ? Math.max(64 * 1024, Math.floor(opts.limiter.burstBytes)) : n;
+    for (let at = pos; at < pos + n; at += piece) {
+      const len = Math.min(piece, pos + n - at);
+      if (opts.limiter) await opts.limiter.take(len, opts.shouldStop);
+      if (opts.shouldStop?.()) throw new CopyStopped();
+      await onTarget(opts, () => target.zero(at, len, { fua: false, noHole: false, fast: false }));
+      stats.zeroBytes += len;
+    }
+  };
+  if (!opts.skipTargetZeros) return zero(offset, length);
   const end = offset + length;
   let pos = offset;
   while (pos < end) {
-    const extents = await target.extents(pos, end - pos, EXTENT_BATCH);
+    const extents = await onTarget(opts, () => target.extents(pos, end - pos, EXTENT_BATCH));
     for (const e of extents) {
       const n = Math.min(e.length, end - pos);
       if (n <= 0) break;
       if (e.flags & NBD_STATE_ZERO) stats.skippedBytes += n;
-      else {
-        await target.zero(pos, n, { fua: false, noHole: false, fast: false });
-        stats.zeroBytes += n;
-      }
+      else await zero(pos, n);
       pos += n;
     }
   }

@@ -10,9 +10,7 @@
 import { type Capabilities, type Device, DeviceError, type Extent, type WriteOptions, type ZeroOptions } from '../storage/device.js';
 import { logger } from '../util/log.js';
 import type { MirrorTarget } from './job.js';
-
-/** Errors that mean "the connection is gone", not "the target said no". */
-const CONNECTION_LOST = new Set(['ECONNRESET', 'EPIPE', 'ESHUTDOWN', 'ECONNREFUSED', 'ETIMEDOUT', 'EUNREACHABLE']);
+import { CONNECTION_LOST } from './target-errors.js';
 
 export class ReconnectingDevice implements Device {
   private current: MirrorTarget;

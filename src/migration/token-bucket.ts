@@ -13,6 +13,11 @@ export class TokenBucket {
     this.tokens = this.burst;
   }
 
+  /** Largest amount let through without waiting (callers split big operations to this). */
+  get burstBytes(): number {
+    return this.burst;
+  }
+
   private get burst(): number {
     return Math.max(this.rate / 4, 64 * 1024);
   }

@@ -3,6 +3,7 @@
  * connection to an export shares one Device, which is what makes the
  * CAN_MULTI_CONN promise hold (a flush anywhere covers every completed write).
  */
+import { randomBytes } from 'node:crypto';
 import * as C from '../protocol/constants.js';
 import type { Extent } from '../protocol/codec.js';
 import type { Capabilities, Device } from '../storage/device.js';
@@ -20,12 +21,38 @@ export interface MetaContext {
   extents(offset: number, length: number, max: number): Promise<Extent[]>;
 }
 
+/** An export receiving a migration (migration/incoming.ts): who owns it and what it reports. */
+export interface IncomingState {
+  readonly exportId: string;
+  readonly boundJob: string | undefined;
+  refusal(jobId: string, takeover: boolean): string | undefined;
+  bind(jobId: string, takeover: boolean, peer: string): void;
+  complete(jobId: string): void;
+  release(jobId: string): void;
+  freeBytes(): number;
+  allocatedBytes(): number;
+}
+
+/** The migration job a connection's chosen contexts name (`nbd-migrate:incoming:<job>`), and whether it takes over. */
+export function incomingJobOf(contexts: readonly MetaContext[]): { jobId: string; takeover: boolean } | undefined {
+  const m = contexts.find((c) => c.name.startsWith(C.MIGRATE_INCOMING_JOB_PREFIX));
+  if (!m) return undefined;
+  return { jobId: m.name.slice(C.MIGRATE_INCOMING_JOB_PREFIX.length), takeover: contexts.some((c) => c.name === C.MIGRATE_TAKEOVER_CONTEXT) };
+}
+
+/** Job ids: what a source may put after `nbd-migrate:incoming:`. */
+const JOB_ID = /^[0-9a-f]{8,64}$/;
+
+export const newExportId = (): string => randomBytes(16).toString('hex');
+
 export interface ExportOptions {
   name: string;
   description?: string;
   device: Device;
-  /** The export receives a migration: only the migration source may attach until it completes. */
-  incoming?: { onComplete(): Promise<void> };
+  /** The export's identity (default: a new random one). */
+  id?: string;
+  /** The export receives a migration: only the job bound to it may attach until it completes. */
+  incoming?: IncomingState;
   /** Client addresses allowed to attach; undefined admits all. */
   acl?: Acl;
 }
@@ -35,6 +62,8 @@ export class Export {
   readonly description: string | undefined;
   readonly device: Device;
   readonly caps: Capabilities;
+  /** Identity readable by clients as the `nbd-migrate:export-id:<id>` context. */
+  readonly id: string;
   /** Request counters, shared by every connection to this export. */
   readonly stats = new ExportStats();
   /** Client addresses allowed to attach (changeable at runtime); undefined admits all. */
@@ -47,29 +76,69 @@ export class Export {
     this.device = opts.device;
     this.caps = opts.device.capabilities();
     this.incomingState = opts.incoming;
+    this.id = opts.incoming?.exportId ?? opts.id ?? newExportId();
     this.acl = opts.acl;
   }
 
-  /** Offered contexts. The incoming context exists only while a migration is being received. */
+  /** Offered contexts (the ones a listing shows). The incoming ones exist only while a migration is being received. */
   get metaContexts(): readonly MetaContext[] {
     const device = this.device;
-    const all: MetaContext[] = [{ id: 1, name: C.BASE_ALLOCATION, extents: (o, l, m) => device.extents(o, l, m) }];
-    if (this.incomingState)
-      all.push({ id: 2, name: C.MIGRATE_INCOMING_CONTEXT, extents: (_o, l) => Promise.resolve([{ length: l, flags: 0 }]) });
+    const flat = (name: string, id: number): MetaContext => ({ id, name, extents: (_o, l) => Promise.resolve([{ length: l, flags: 0 }]) });
+    const all: MetaContext[] = [
+      { id: 1, name: C.BASE_ALLOCATION, extents: (o, l, m) => device.extents(o, l, m) },
+      flat(C.EXPORT_ID_CONTEXT_PREFIX + this.id, 3),
+    ];
+    const inc = this.incomingState;
+    if (inc) {
+      all.push(flat(C.MIGRATE_INCOMING_CONTEXT, 2), flat(C.MIGRATE_TAKEOVER_CONTEXT, 4));
+      // Facts for the source's pre-checks; read when listed, so they are current.
+      try {
+        all.push(flat(C.FREE_BYTES_CONTEXT_PREFIX + inc.freeBytes(), 5), flat(C.ALLOCATED_BYTES_CONTEXT_PREFIX + inc.allocatedBytes(), 6));
+      } catch {
+        /* statfs failed: the source then cannot check space and says so */
+      }
+    }
     return all;
+  }
+
+  /** The receiving side of a migration, while there is one. */
+  get incomingMigration(): IncomingState | undefined {
+    return this.incomingState;
   }
 
   get incoming(): boolean {
     return this.incomingState !== undefined;
   }
 
-  /** The migration source says the copy is complete and flushed: open the export to everyone. */
-  async completeIncoming(): Promise<void> {
+  /** Why a connection that chose `contexts` may not attach, by the migration rules (undefined: it may). */
+  incomingRefusal(contexts: readonly MetaContext[]): string | undefined {
+    const inc = this.incomingState;
+    if (!inc) return undefined;
+    const job = incomingJobOf(contexts);
+    if (!job)
+      return `export "${this.name}" is receiving a migration and holds a half-copied disk; it opens to clients when the migration completes`;
+    return inc.refusal(job.jobId, job.takeover);
+  }
+
+  /** A connection that chose `contexts` entered transmission: the job it names binds the destination. */
+  attached(contexts: readonly MetaContext[], peer: string): void {
+    const job = incomingJobOf(contexts);
+    if (job) this.incomingState?.bind(job.jobId, job.takeover, peer);
+  }
+
+  /** The bound migration source says the copy is complete and flushed: open the export to everyone. */
+  async completeIncoming(jobId: string): Promise<void> {
     const state = this.incomingState;
-    if (!state) return;
+    if (!state) return; // already complete: the same job repeating itself after a failed cutover
+    if (state.boundJob !== jobId) throw new Error(`job ${jobId} is not the job bound to export "${this.name}"`);
     await this.device.flush();
-    await state.onComplete();
+    state.complete(jobId);
     this.incomingState = undefined;
+  }
+
+  /** The bound source aborted its job: let another bind. */
+  releaseIncoming(jobId: string): void {
+    this.incomingState?.release(jobId);
   }
 
   get size(): number {
@@ -96,9 +165,18 @@ export class Export {
     return f;
   }
 
-  /** Contexts matching a LIST query ("" lists all, "base:" lists the base namespace) or a SET query (exact). */
+  /**
+   * Contexts matching a LIST query ("" lists all, a namespace such as "base:"
+   * lists it) or a SET query (exact, and on an incoming export
+   * `nbd-migrate:incoming:<job id>`, which names the job attaching).
+   */
   matchContexts(query: string, listing: boolean): MetaContext[] {
     if (listing && (query === '' || query.endsWith(':'))) return this.metaContexts.filter((m) => m.name.startsWith(query));
+    if (!listing && this.incomingState && query.startsWith(C.MIGRATE_INCOMING_JOB_PREFIX)) {
+      const job = query.slice(C.MIGRATE_INCOMING_JOB_PREFIX.length);
+      if (!JOB_ID.test(job)) return [];
+      return [{ id: 2, name: query, extents: (_o, l) => Promise.resolve([{ length: l, flags: 0 }]) }];
+    }
     return this.metaContexts.filter((m) => m.name === query);
   }
 }

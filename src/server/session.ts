@@ -12,6 +12,7 @@ import * as codec from '../protocol/codec.js';
 import type { Connection } from './connection.js';
 import { nbdErrorFor, nbdErrorName } from './errno.js';
 import type { Negotiated } from './handshake.js';
+import { incomingJobOf } from './export.js';
 import { MemoryBudget } from './memory-budget.js';
 
 export interface SessionLimits {
@@ -46,6 +47,7 @@ const ALLOWED_FLAGS: Readonly<Record<number, number>> = {
   [C.NBD_CMD_WRITE_ZEROES]: C.NBD_CMD_FLAG_FUA | C.NBD_CMD_FLAG_NO_HOLE | C.NBD_CMD_FLAG_FAST_ZERO,
   [C.NBD_CMD_BLOCK_STATUS]: C.NBD_CMD_FLAG_FUA | C.NBD_CMD_FLAG_REQ_ONE,
   [C.NBD_CMD_MIGRATE_COMPLETE]: 0,
+  [C.NBD_CMD_MIGRATE_RELEASE]: 0,
 };
 
 interface Refusal {
@@ -285,7 +287,7 @@ export class Session {
       const error = h.type === C.NBD_CMD_WRITE || h.type === C.NBD_CMD_WRITE_ZEROES ? C.NBD_ENOSPC : C.NBD_EINVAL;
       return { error, message: `range ${h.offset}+${h.length} is beyond the end of the ${exp.size}-byte export` };
     }
-    if (h.type === C.NBD_CMD_MIGRATE_COMPLETE && !this.n.metaContexts.some((m) => m.name === C.MIGRATE_INCOMING_CONTEXT))
+    if ((h.type === C.NBD_CMD_MIGRATE_COMPLETE || h.type === C.NBD_CMD_MIGRATE_RELEASE) && !incomingJobOf(this.n.metaContexts))
       return { error: C.NBD_EINVAL, message: `unknown command ${h.type}` };
     if (h.type === C.NBD_CMD_BLOCK_STATUS) {
       if (this.n.metaContexts.length === 0) return { error: C.NBD_EINVAL, message: 'no metadata context was negotiated' };
@@ -361,8 +363,11 @@ export class Session {
       case C.NBD_CMD_BLOCK_STATUS:
         return this.blockStatus(h);
       case C.NBD_CMD_MIGRATE_COMPLETE:
-        await this.n.export.completeIncoming();
+        await this.n.export.completeIncoming(incomingJobOf(this.n.metaContexts)!.jobId);
         this.conn.log.info('migration-received', { export: this.n.export.name });
+        break;
+      case C.NBD_CMD_MIGRATE_RELEASE:
+        this.n.export.releaseIncoming(incomingJobOf(this.n.metaContexts)!.jobId);
         break;
     }
     this.sendOk(h);
