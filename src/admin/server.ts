@@ -25,6 +25,8 @@ export class AdminError extends Error {
   constructor(
     readonly code: string,
     message: string,
+    /** The server answered with this error (as opposed to: could not be reached, or no reply). */
+    readonly refused = false,
   ) {
     super(message);
   }
@@ -207,7 +209,7 @@ export async function adminRequest(path: string, request: Record<string, unknown
       try {
         const msg = JSON.parse(buf.slice(0, nl)) as { ok: boolean; result?: unknown; error?: { code: string; message: string } };
         if (msg.ok) resolve(msg.result);
-        else reject(new AdminError(msg.error?.code ?? 'EIO', msg.error?.message ?? 'unknown error'));
+        else reject(new AdminError(msg.error?.code ?? 'EIO', msg.error?.message ?? 'unknown error', true));
       } catch (e) {
         reject(e);
       }

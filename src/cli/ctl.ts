@@ -2,7 +2,7 @@
  * `nbd-migrate ctl`: the operator's side of the admin socket.
  */
 import type { Argv } from 'yargs';
-import { adminRequest } from '../admin/server.js';
+import { AdminError, adminRequest } from '../admin/server.js';
 import type { ExportStatus } from '../migration/controller.js';
 import type { JobStatus } from '../migration/job.js';
 import { DEFAULT_ADMIN_SOCKET } from '../util/paths.js';
@@ -10,6 +10,25 @@ import { formatBytes } from '../util/units.js';
 import { ProgressBar } from './progress.js';
 
 const DEFAULT_SOCKET = DEFAULT_ADMIN_SOCKET;
+
+/** Set once the ctl command is being run: its failures are reported by ctlErrorLine. */
+export let ctlRunning = false;
+
+/**
+ * A ctl failure as the operator sees it: one line (no stack), what went wrong and, when the
+ * server could not be reached, the likely reason. The caller exits non-zero.
+ */
+export function ctlErrorLine(e: unknown): string {
+  const err = e as Error & { code?: string };
+  if (err instanceof AdminError && err.refused) return `nbd-migrate ctl: the server refused: ${err.code}: ${err.message}`;
+  const hint: Record<string, string> = {
+    ENOENT: '(no server listens there: check serve --admin-socket, or pass ctl --socket)',
+    ECONNREFUSED: '(nothing answers: the server that made it is gone)',
+    EACCES: '(the admin socket is mode 0600: run ctl as its owner, normally root)',
+  };
+  const why = err.code && hint[err.code] ? ` ${hint[err.code]}` : '';
+  return `nbd-migrate ctl: ${err?.message ?? String(e)}${why}`;
+}
 
 type Out = (s: string) => void;
 const out: Out = (s) => process.stdout.write(s + '\n');
@@ -61,6 +80,7 @@ function printStatus(st: { exports: ExportStatus[]; jobs: JobStatus[] }): void {
 }
 
 export function ctlCommand(y: Argv): Argv {
+  ctlRunning = true; // yargs builds only the command it runs
   return y
     .option('socket', { type: 'string', default: DEFAULT_SOCKET, describe: 'The server\'s admin socket (serve --admin-socket)' })
     .command(

@@ -6,11 +6,11 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { configureLog, log, type Level } from '../util/log.js';
+import { configureLog, isLevelEnabled, log, type Level } from '../util/log.js';
 import { DEFAULT_ADMIN_SOCKET, projectRoot } from '../util/paths.js';
 import { CONFIG_DEFAULTS, ConfigError, numericArg, numericArgs, serveConfigFrom, type ServeArgs } from './config.js';
 import { copyCommand } from './copy.js';
-import { ctlCommand } from './ctl.js';
+import { ctlCommand, ctlErrorLine, ctlRunning } from './ctl.js';
 import { serveUntilSignal } from './serve.js';
 import { parseSize } from '../util/units.js';
 
@@ -136,7 +136,14 @@ export async function main(args: string[]): Promise<void> {
 
 main(hideBin(process.argv)).catch((e: unknown) => {
   const err = e as Error;
-  log('error', 'fatal', { cause: err.message });
-  if (!(err instanceof ConfigError) && process.stderr.isTTY) process.stderr.write(`${err.stack}\n`);
+  if (ctlRunning) {
+    // ctl is an operator's command: one plain line, never a log record or a stack.
+    process.stderr.write(`${ctlErrorLine(err)}\n`);
+    if (isLevelEnabled('debug')) process.stderr.write(`${err?.stack}\n`);
+    process.exit(1);
+  }
+  log('error', 'fatal', { cause: err?.message ?? String(e) });
+  // The one line above says what is wrong; the stack is for debugging.
+  if (!(err instanceof ConfigError) && isLevelEnabled('debug')) process.stderr.write(`${err?.stack}\n`);
   process.exit(1);
 });

@@ -1,8 +1,8 @@
 // Operator-facing CLI errors: one clear line that names what is wrong, and a non-zero exit.
 import t from 'tap';
 import * as path from 'node:path';
-import { CLI, makeImage, MiB, tmpDir } from '../helpers/server.js';
-import { describeRun, run } from '../helpers/tools.js';
+import { CLI, makeImage, MiB, serve, tmpDir } from '../helpers/server.js';
+import { describeRun, requireTool, run } from '../helpers/tools.js';
 
 const cli = (args: string[]) => run('/usr/bin/env', ['-u', 'NODE_OPTIONS', process.execPath, CLI, ...args], { timeoutMs: 30_000 });
 
@@ -27,4 +27,36 @@ t.test('a bad numeric option value is refused naming the option, before anything
   }
   const ok = await cli(['serve', '--help']);
   t.match(ok.stdout, /--port\b/, 'the options are still listed in --help');
+});
+
+/** The lines a command wrote, without empty ones (a pty ends lines with CR LF). */
+const lines = (text: string) => text.split(/\r?\n/).filter((l) => l.trim() !== '');
+
+t.test('ctl reports a failure in one plain line and exits non-zero (pipe and TTY)', async (t) => {
+  const dir = await tmpDir(t);
+  const missing = path.join(dir, 'no-server.sock');
+
+  // No server there: said in one line, with the path and what to check; no log record, no stack.
+  const r = await cli(['ctl', '--socket', missing, 'status']);
+  t.equal(r.code, 1, `exit 1\n${describeRun(r)}`);
+  t.same(lines(r.stderr).length, 1, `one line on stderr\n${r.stderr}`);
+  t.match(r.stderr, `nbd-migrate ctl: cannot reach the admin socket ${missing}`);
+  t.match(r.stderr, /no server listens there/);
+  t.notMatch(r.stderr, /^\s+at |"event"/m, 'no stack trace, no JSON log record');
+
+  // A command the server refuses: its error code and message.
+  const img = await makeImage(path.join(dir, 'disk.img'), MiB);
+  const admin = path.join(dir, 'admin.sock');
+  await serve(t, [img, '--name', 'vm1', '--admin-socket', admin]);
+  const refused = await cli(['ctl', '--socket', admin, 'abort', 'nosuch']);
+  t.equal(refused.code, 1, `exit 1\n${describeRun(refused)}`);
+  t.same(lines(refused.stderr).length, 1, `one line on stderr\n${refused.stderr}`);
+  t.match(refused.stderr, /^nbd-migrate ctl: the server refused: ENOENT: .*nosuch/);
+
+  // On a terminal (script(1) gives the command a pty): still one line, no stack.
+  const script = await requireTool('script', 'bsdutils');
+  const cmd = ['/usr/bin/env', '-u', 'NODE_OPTIONS', process.execPath, CLI, 'ctl', '--socket', missing, 'status'].join(' ');
+  const tty = await run(script, ['-qec', cmd, '/dev/null'], { timeoutMs: 30_000 });
+  t.equal(tty.code, 1, `exit 1 on a TTY\n${describeRun(tty)}`);
+  t.same(lines(tty.stdout), [`nbd-migrate ctl: cannot reach the admin socket ${missing}: connect ENOENT ${missing} (no server listens there: check serve --admin-socket, or pass ctl --socket)`], 'one line on the terminal, no stack trace');
 });
