@@ -118,7 +118,7 @@ export async function newstyleHandshake(
       const why = refusalFor(exp, contextsFor(chosen, exp));
       if (why) throw new HandshakeError(why);
       conn.send(codec.encodeExportNameReply(exp.size, exp.transmissionFlags(structuredReplies), noZeroes));
-      return { export: exp, structuredReplies, metaContexts: contextsFor(chosen, exp) };
+      return enter(conn, { export: exp, structuredReplies, metaContexts: contextsFor(chosen, exp) });
     }
 
     if (length > limits.maxOptionLength) {
@@ -176,7 +176,7 @@ export async function newstyleHandshake(
         // Sent whether asked or not: our constraints are ones any client already meets.
         reply(option, C.NBD_REP_INFO, codec.encodeInfoBlockSize(BLOCK_SIZE_MINIMUM, BLOCK_SIZE_PREFERRED, C.MAX_PAYLOAD));
         reply(option, C.NBD_REP_ACK);
-        if (option === C.NBD_OPT_GO) return { export: exp, structuredReplies, metaContexts: contextsFor(chosen, exp) };
+        if (option === C.NBD_OPT_GO) return enter(conn, { export: exp, structuredReplies, metaContexts: contextsFor(chosen, exp) });
         break;
       }
 
@@ -226,11 +226,15 @@ export async function newstyleHandshake(
   }
 }
 
-/** Why a client may not attach to this export now, if it may not. */
+/** Why a client may not attach to this export now, if it may not: the migration rules of an incoming export. */
 function admissionRefusal(exp: Export, contexts: MetaContext[]): string | undefined {
-  if (exp.incoming && !contexts.some((m) => m.name === C.MIGRATE_INCOMING_CONTEXT))
-    return `export "${exp.name}" is receiving a migration and holds a half-copied disk; it opens to clients when the migration completes`;
-  return undefined;
+  return exp.incomingRefusal(contexts);
+}
+
+/** The connection enters transmission with `exp`: a migration source attaching binds the destination. */
+function enter(conn: Connection, n: Negotiated): Negotiated {
+  n.export.attached(n.metaContexts, conn.remoteAddress ?? 'unix socket');
+  return n;
 }
 
 /** A client-chosen name for messages and logs, cut short: a 4 KiB name per refusal would flood both. */
