@@ -18,6 +18,21 @@ export class ConnectionClosed extends Error {
   override readonly name = 'ConnectionClosed';
 }
 
+/**
+ * Why the peer's certificate chain failed verification against the context's CAs
+ * (OpenSSL's result: DEPTH_ZERO_SELF_SIGNED_CERT, CERT_HAS_EXPIRED, ...), or undefined
+ * if it passed. Node keeps this result on the TLS handle and exposes it publicly
+ * (`authorized`) only for sockets a tls.Server made; a socket upgraded after
+ * STARTTLS reads it where tls.Server does. Fails closed if that is ever missing.
+ */
+function peerVerifyError(socket: tls.TLSSocket): { code: string; message: string } | undefined {
+  const handle = (socket as unknown as { ssl?: { verifyError?: () => (Error & { code?: string }) | null } }).ssl;
+  if (typeof handle?.verifyError !== 'function') return { code: 'VERIFY_RESULT_UNAVAILABLE', message: 'this Node.js does not expose the certificate verification result' };
+  if (!socket.getPeerX509Certificate()) return { code: 'NO_CLIENT_CERTIFICATE', message: 'the client sent no certificate' };
+  const e = handle.verifyError();
+  return e ? { code: e.code ?? 'CERT_VERIFY_FAILED', message: e.message } : undefined;
+}
+
 export class Connection {
   readonly input = new ByteQueue();
   closed = false;
@@ -71,16 +86,35 @@ export class Connection {
     if (this.corked) this.uncork();
     raw.removeAllListeners('data');
     const secure = new tls.TLSSocket(raw, { ...options, isServer: true });
+    // The certificate checked below is the one the session keeps: no renegotiation.
+    secure.disableRenegotiation();
     this.socket = secure;
     this.tls = true;
     this.attach(secure);
     await new Promise<void>((resolve, reject) => {
       secure.once('secure', resolve);
-      secure.once('error', reject);
+      secure.once('error', (e: Error & { code?: string }) => {
+        // OpenSSL itself refuses a client that sends no certificate when one is required.
+        if (e.code === 'ERR_SSL_PEER_DID_NOT_RETURN_A_CERTIFICATE')
+          this.log.warn('tls-refused', { authorizationError: 'NO_CLIENT_CERTIFICATE', cause: e, clientCert: null, action: 'disconnect' });
+        reject(e);
+      });
       secure.once('close', () => reject(new ConnectionClosed('connection closed during the TLS handshake')));
     });
     const peer = secure.getPeerCertificate();
-    this.log.info('tls-established', { protocol: secure.getProtocol(), cipher: secure.getCipher()?.name, clientCert: peer?.subject?.CN ?? null });
+    const clientCert = peer?.subject?.CN ?? null;
+    if (options.requestCert) {
+      // A TLSSocket made outside a tls.Server only asks for a certificate (and with
+      // rejectUnauthorized insists that one is sent); nothing checks it. Do what tls.Server does.
+      const failed = peerVerifyError(secure);
+      secure.authorized = !failed;
+      if (failed && options.rejectUnauthorized) {
+        this.log.warn('tls-refused', { authorizationError: failed.code, cause: failed.message, clientCert, action: 'disconnect' });
+        secure.destroy();
+        throw new Error(`client certificate refused: ${failed.code}: ${failed.message}`);
+      }
+    }
+    this.log.info('tls-established', { protocol: secure.getProtocol(), cipher: secure.getCipher()?.name, clientCert, authorized: secure.authorized });
   }
 
   /** Resolves once `n` bytes are buffered; rejects if the socket closes first. */
