@@ -333,6 +333,25 @@ export function adminHandlers(c: MigrationController): Record<string, (a: Record
   };
 }
 
+/** What SIGHUP does not re-apply: listeners, admin socket, metrics, TLS and limits are set up once, at startup. */
+const RESTART_ONLY = [
+  'listen', 'port', 'socket', 'adminSocket', 'metrics', 'tls', 'tlsCert', 'tlsKey', 'tlsCa',
+  'handshakeTimeout', 'maxConnections', 'maxConnectionsPerExport', 'idleTimeout', 'shutdownTimeout', 'dirtyGranularity',
+] as const;
+
+/** A reload that changes settings only a restart applies says so, naming them, instead of ignoring them silently. */
+function warnRestartNeeded(running: ServeConfig, next: ServeConfig): void {
+  const changes: Record<string, { running: unknown; configured: unknown }> = {};
+  for (const k of RESTART_ONLY) if (running[k] !== next[k]) changes[k] = { running: running[k] ?? null, configured: next[k] ?? null };
+  const changed = Object.keys(changes);
+  if (changed.length === 0) return;
+  log('warn', 'reload-restart-needed', {
+    changed,
+    changes,
+    cause: `${changed.join(', ')} changed in the configuration, but SIGHUP only re-reads exports; restart nbd-migrate to apply ${changed.length > 1 ? 'them' : 'it'}`,
+  });
+}
+
 /** Serves until a termination signal, then shuts down cleanly; SIGHUP re-reads the configuration. */
 export async function serveUntilSignal(cfg: ServeConfig, reread?: () => ServeConfig): Promise<void> {
   // The handlers are in place before startup logs "ready": a signal sent right after it must
@@ -354,6 +373,7 @@ export async function serveUntilSignal(cfg: ServeConfig, reread?: () => ServeCon
       } catch (e) {
         return log('error', 'reload-failed', { cause: e, effect: 'the running configuration stays' });
       }
+      warnRestartNeeded(cfg, next);
       await running.reload(next);
     });
   };
