@@ -1,7 +1,7 @@
 // nbd-migrate native storage helpers: the Linux calls Node's fs does not expose.
 // fallocate (punch hole / zero range) and the SEEK_DATA/SEEK_HOLE walk are
 // blocking syscalls, so they run on the libuv thread pool (AsyncWorker);
-// flock is non-blocking (LOCK_NB) and runs inline.
+// flock and the OFD byte-range locks (fcntl) are non-blocking and run inline.
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
@@ -219,10 +219,84 @@ Napi::Value Flock(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// The byte offsets of a lockBytes/checkLockBytes call (a JS array of numbers).
+bool ByteList(Napi::Env env, const Napi::Value& v, std::vector<off_t>* out) {
+  if (!v.IsArray()) {
+    Napi::TypeError::New(env, "expected an array of byte offsets").ThrowAsJavaScriptException();
+    return false;
+  }
+  Napi::Array a = v.As<Napi::Array>();
+  for (uint32_t i = 0; i < a.Length(); i++) out->push_back(static_cast<off_t>(a.Get(i).As<Napi::Number>().Int64Value()));
+  return true;
+}
+
+// lockBytes(fd, bytes[], lock): open-file-description (OFD) byte-range locks, one byte each,
+// the kind QEMU's file-posix driver uses for image locking: a shared (read) lock per byte
+// when `lock`, else unlock. Non-blocking (F_OFD_SETLK). Throws EAGAIN/EACCES when another
+// open file holds a conflicting (write) lock, EINVAL where the kernel has no OFD locks;
+// the error's `byte` is the offset that failed (earlier ones stay locked).
+// OFD locks belong to the open file, not the process: they go when its last fd closes.
+Napi::Value LockBytes(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  std::vector<off_t> bytes;
+  if (!ByteList(env, info[1], &bytes)) return env.Undefined();
+  bool lock = info[2].ToBoolean().Value();
+  for (off_t b : bytes) {
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = lock ? F_RDLCK : F_UNLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = b;
+    fl.l_len = 1;
+    int r;
+    do {
+      r = fcntl(fd, F_OFD_SETLK, &fl);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) {
+      Napi::Error e = ErrnoError(env, errno, "fcntl(F_OFD_SETLK)");
+      e.Set("byte", Napi::Number::New(env, static_cast<double>(b)));
+      e.ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
+  }
+  return env.Undefined();
+}
+
+// checkLockBytes(fd, bytes[]) -> the first byte that another open file holds locked
+// (F_OFD_GETLK asking for a write lock: any other holder conflicts; our own locks on
+// this fd's open file never do), or -1 when none is.
+Napi::Value CheckLockBytes(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  std::vector<off_t> bytes;
+  if (!ByteList(env, info[1], &bytes)) return env.Undefined();
+  for (off_t b : bytes) {
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = b;
+    fl.l_len = 1;
+    int r;
+    do {
+      r = fcntl(fd, F_OFD_GETLK, &fl);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) {
+      ErrnoError(env, errno, "fcntl(F_OFD_GETLK)").ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
+    if (fl.l_type != F_UNLCK) return Napi::Number::New(env, static_cast<double>(b));
+  }
+  return Napi::Number::New(env, -1);
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("fallocate", Napi::Function::New(env, Fallocate));
   exports.Set("extents", Napi::Function::New(env, Extents));
   exports.Set("flock", Napi::Function::New(env, Flock));
+  exports.Set("lockBytes", Napi::Function::New(env, LockBytes));
+  exports.Set("checkLockBytes", Napi::Function::New(env, CheckLockBytes));
   exports.Set("preadNowait", Napi::Function::New(env, PreadNowait));
   exports.Set("memoryBacked", Napi::Function::New(env, MemoryBacked));
   exports.Set("pwritevNowait", Napi::Function::New(env, PwritevNowait));

@@ -22,6 +22,7 @@ import { Export, ExportRegistry } from '../server/export.js';
 import type { TlsPolicy } from '../server/handshake.js';
 import { DEFAULT_SERVER_OPTIONS, NbdServer } from '../server/server.js';
 import { FileDevice } from '../storage/file-device.js';
+import { ImageLockConflict } from '../storage/native.js';
 import { buildRegistry, startMetricsServer } from '../metrics/exporter.js';
 import { log } from '../util/log.js';
 import { parseDurationMs, parseSize } from '../util/units.js';
@@ -134,6 +135,8 @@ class ServeProcess implements RunningServer {
       const code = (err as { code?: string }).code;
       if (code === 'EWOULDBLOCK')
         throw new Error(`export "${e.name}": ${e.path} is already in use by another server (it holds the image lock)`, { cause: err });
+      if (err instanceof ImageLockConflict)
+        throw new Error(`export "${e.name}": ${e.path} is in use: ${err.holder}; not serving it`, { cause: err });
       throw new Error(`export "${e.name}": cannot open ${e.path}: ${(err as Error).message}`, { cause: err });
     }
     const bitmap = new DirtyBitmap(file.size, this.cfg.dirtyGranularity);

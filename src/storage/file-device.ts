@@ -9,7 +9,10 @@ import { promisify } from 'node:util';
 import { NBD_STATE_HOLE, NBD_STATE_ZERO } from '../protocol/constants.js';
 import { logger, type Logger } from '../util/log.js';
 import { type Capabilities, type Device, DeviceError, type Extent, type WriteOptions, type ZeroOptions } from './device.js';
-import { sparseOps, type SparseOps } from './native.js';
+import { ImageLockConflict, sparseOps, type SparseOps } from './native.js';
+
+/** The fallback's missing QEMU locks are said once per process, not per image. */
+let warnedNoQemuLocks = false;
 
 const read = promisify(fs.read);
 const writev = promisify(fs.writev);
@@ -41,7 +44,11 @@ const ZERO_CHUNK = Buffer.alloc(1024 * 1024);
 
 export interface FileDeviceOptions {
   readOnly: boolean;
-  /** Take the advisory lock (exclusive for read-write, shared for read-only). */
+  /**
+   * Take the image locks: flock (exclusive for read-write, shared for read-only), which
+   * keeps other nbd-migrate servers off, and QEMU's OFD byte-range locks, which QEMU,
+   * qemu-img, qemu-io and qemu-nbd honour (see qemuLockBytes in native.ts).
+   */
   lock?: boolean;
   /** Sparse-file operations to use instead of the process-wide choice (tests run both). */
   ops?: SparseOps;
@@ -83,7 +90,24 @@ export class FileDevice implements Device {
     try {
       const st = await promisify(fs.fstat)(fd);
       if (!st.isFile()) throw new DeviceError('EINVAL', `${path} is not a regular file (block devices are not supported yet)`);
-      if (opts.lock !== false) ops.lock(fd, path, !opts.readOnly);
+      if (opts.lock !== false) {
+        ops.lock(fd, path, !opts.readOnly);
+        let qemuLocked: boolean;
+        try {
+          qemuLocked = ops.qemuLock(fd, path, !opts.readOnly);
+        } catch (e) {
+          if (e instanceof ImageLockConflict) log.warn('image-lock-conflict', { byte: e.byte, holder: e.holder, readOnly: opts.readOnly });
+          ops.unlock(path);
+          throw e;
+        }
+        if (!qemuLocked && !warnedNoQemuLocks) {
+          warnedNoQemuLocks = true;
+          log.warn('image-lock-degraded', {
+            reason: ops.kind === 'native' ? 'no OFD locks on this kernel or file system' : 'QEMU-compatible image locks need the native addon',
+            effect: 'QEMU, qemu-img, qemu-io and qemu-nbd are not kept off served images (other nbd-migrate servers still are)',
+          });
+        }
+      }
       return new FileDevice(path, fd, st.size, opts.readOnly, ops, log);
     } catch (e) {
       fs.closeSync(fd);

@@ -1,13 +1,83 @@
 /**
- * The sparse-file syscalls Node's fs lacks (fallocate, SEEK_DATA/SEEK_HOLE, flock),
- * from the native addon when it loads, or a pure-JS fallback with the same shape.
- * NBD_MIGRATE_NATIVE=0 forces the fallback, so both paths can be tested.
+ * The sparse-file syscalls Node's fs lacks (fallocate, SEEK_DATA/SEEK_HOLE, flock,
+ * OFD byte-range locks), from the native addon when it loads, or a pure-JS fallback
+ * with the same shape. NBD_MIGRATE_NATIVE=0 forces the fallback, so both paths can be tested.
  */
 import { createRequire } from 'node:module';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { projectRoot } from '../util/paths.js';
 import { DeviceError } from './device.js';
+
+/**
+ * QEMU's image locking (block/file-posix.c), which QEMU, qemu-img, qemu-io and qemu-nbd
+ * all honour: a block-layer permission is bit i (include/block/block-common.h), and an
+ * open image holds a shared OFD lock on byte 100 + i for each permission it holds and on
+ * byte 200 + i for each permission it does not share with others. Before it counts as
+ * open it tests (F_OFD_GETLK, write lock) byte 200 + i for each permission it holds
+ * (someone refuses to share it) and byte 100 + i for each one it does not share
+ * (someone holds it). Bits past RESIZE (0x10 was GRAPH_MOD, gone since QEMU 6.2) are unused.
+ */
+export const QEMU_PERM = { consistentRead: 0x01, write: 0x02, writeUnchanged: 0x04, resize: 0x08 } as const;
+const QEMU_PERM_NAMES = ['consistent read', 'write', 'write unchanged', 'resize'] as const;
+export const QEMU_LOCK_PERM_BASE = 100;
+export const QEMU_LOCK_SHARED_BASE = 200;
+
+/**
+ * What nbd-migrate holds, in QEMU's terms, as a guest disk with share-rw=off does:
+ * read-write holds consistent read and write; read-only holds consistent read. Neither
+ * shares write (a served disk changing under its clients is corruption) nor resize (the
+ * size is read once at open); consistent read and write-unchanged are shared. The
+ * read-write export never resizes, so it does not claim resize.
+ */
+export function qemuPermissions(exclusive: boolean): { hold: number; unshared: number } {
+  return {
+    hold: QEMU_PERM.consistentRead | (exclusive ? QEMU_PERM.write : 0),
+    unshared: QEMU_PERM.write | QEMU_PERM.resize,
+  };
+}
+
+/** The bytes to lock and the bytes to test for the permissions `qemuPermissions` gives. */
+export function qemuLockBytes(exclusive: boolean): { lock: number[]; test: number[] } {
+  const { hold, unshared } = qemuPermissions(exclusive);
+  const lock: number[] = [];
+  const test: number[] = [];
+  for (let i = 0; i < QEMU_PERM_NAMES.length; i++) {
+    if (hold & (1 << i)) lock.push(QEMU_LOCK_PERM_BASE + i);
+    if (unshared & (1 << i)) lock.push(QEMU_LOCK_SHARED_BASE + i);
+  }
+  // Someone holding what we do not share first: "holds it for writing" is the clearer
+  // report when the other side both writes and refuses to share writing (a QEMU guest).
+  for (let i = 0; i < QEMU_PERM_NAMES.length; i++) if (unshared & (1 << i)) test.push(QEMU_LOCK_PERM_BASE + i);
+  for (let i = 0; i < QEMU_PERM_NAMES.length; i++) if (hold & (1 << i)) test.push(QEMU_LOCK_SHARED_BASE + i);
+  return { lock, test };
+}
+
+/** What another process's lock on a QEMU lock byte means, for operators. */
+export function qemuLockHolder(byte: number): string {
+  if (byte >= QEMU_LOCK_SHARED_BASE) {
+    const perm = QEMU_PERM_NAMES[byte - QEMU_LOCK_SHARED_BASE] ?? `permission ${byte - QEMU_LOCK_SHARED_BASE}`;
+    return `another process (for example QEMU) has it open and does not share "${perm}" access`;
+  }
+  const perm = QEMU_PERM_NAMES[byte - QEMU_LOCK_PERM_BASE] ?? `permission ${byte - QEMU_LOCK_PERM_BASE}`;
+  if (perm === 'write') return 'another process (for example QEMU) holds it for writing';
+  return `another process (for example QEMU) holds it for "${perm}"`;
+}
+
+/** Another process holds QEMU image locks that conflict with ours (see qemuLockBytes). */
+export class ImageLockConflict extends DeviceError {
+  constructor(
+    readonly imagePath: string,
+    /** The lock byte found held: QEMU_LOCK_PERM_BASE + bit or QEMU_LOCK_SHARED_BASE + bit. */
+    readonly byte: number,
+  ) {
+    super('EBUSY', `${imagePath} is in use: ${qemuLockHolder(byte)} (QEMU image lock byte ${byte})`);
+  }
+
+  get holder(): string {
+    return qemuLockHolder(this.byte);
+  }
+}
 
 export interface SparseOps {
   readonly kind: 'native' | 'fallback';
@@ -19,6 +89,14 @@ export interface SparseOps {
   runs(fd: number, offset: number, length: number, maxRuns: number): Promise<Array<{ length: number; hole: boolean }>>;
   /** Takes an advisory whole-file lock or throws DeviceError('EWOULDBLOCK'). Released when the fd closes. */
   lock(fd: number, imagePath: string, exclusive: boolean): void;
+  /**
+   * Takes QEMU's image locks (OFD byte-range locks, see qemuLockBytes) so QEMU, qemu-img,
+   * qemu-io and qemu-nbd see the image in use, or throws ImageLockConflict when one of them
+   * already holds it in a way ours conflicts with. The locks go when the fd closes.
+   * Returns false (taking nothing) where they cannot be had: the fallback, or a kernel or
+   * file system without OFD locks.
+   */
+  qemuLock(fd: number, imagePath: string, exclusive: boolean): boolean;
   /** Releases what lock() took that does not go away with the fd (the fallback's lock file). */
   unlock(imagePath: string): void;
   /**
@@ -37,6 +115,8 @@ interface Binding {
   fallocate(fd: number, mode: number, offset: number, length: number, cb: (err: Error | null) => void): void;
   extents(fd: number, offset: number, length: number, maxRuns: number, cb: (err: Error | null, runs?: number[]) => void): void;
   flock(fd: number, exclusive: boolean): void;
+  lockBytes(fd: number, bytes: readonly number[], lock: boolean): void;
+  checkLockBytes(fd: number, bytes: readonly number[]): number;
   preadNowait(fd: number, buf: Buffer, at: number, length: number, position: number, memoryBacked: boolean): number;
   memoryBacked(fd: number): boolean;
   pwritevNowait(fd: number, bufs: readonly Buffer[], position: number, memoryBacked: boolean): number;
@@ -79,8 +159,30 @@ function nativeOps(b: Binding): SparseOps {
         throw new DeviceError(code, `cannot lock ${imagePath}: ${err.message}`, { cause: err });
       }
     },
+    qemuLock(fd, imagePath, exclusive) {
+      const { lock, test } = qemuLockBytes(exclusive);
+      // As QEMU does: take ours first, then test theirs. Two openers racing both see
+      // the other's locks and both refuse; neither can miss the other.
+      try {
+        b.lockBytes(fd, lock, true);
+      } catch (e) {
+        const err = e as Error & { code?: string; byte?: number };
+        b.lockBytes(fd, lock, false);
+        // Only another open file's write lock conflicts with a read lock (QEMU itself never keeps one).
+        if (err.code === 'EAGAIN' || err.code === 'EACCES') throw new ImageLockConflict(imagePath, err.byte ?? lock[0]!);
+        // No OFD locks here (EINVAL: kernel before 3.15; ENOLCK/EOPNOTSUPP: some network file systems).
+        if (err.code === 'EINVAL' || err.code === 'ENOLCK' || err.code === 'EOPNOTSUPP' || err.code === 'ENOSYS') return false;
+        throw new DeviceError(err.code ?? 'EIO', `cannot take the QEMU image locks on ${imagePath}: ${err.message}`, { cause: err });
+      }
+      const held = b.checkLockBytes(fd, test);
+      if (held >= 0) {
+        b.lockBytes(fd, lock, false);
+        throw new ImageLockConflict(imagePath, held);
+      }
+      return true;
+    },
     unlock() {
-      /* flock goes with the fd */
+      /* flock and the OFD locks go with the fd */
     },
     readCached: (fd, into, at, length, position, memoryBacked) => b.preadNowait(fd, into, at, length, position, memoryBacked),
     memoryBacked: (fd) => b.memoryBacked(fd),
@@ -102,6 +204,8 @@ export const fallbackOps: SparseOps = {
   runs: (_fd, _offset, length) => Promise.resolve([{ length, hole: false }]),
   readCached: () => -1,
   memoryBacked: () => false,
+  // Node's fs has no fcntl: QEMU's locks need the addon. FileDevice warns once.
+  qemuLock: () => false,
   writeCached: () => -2,
   lock(_fd, imagePath, exclusive) {
     // Without flock, only exclusive (read-write) opens are guarded; readers share freely.
