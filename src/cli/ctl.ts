@@ -106,6 +106,10 @@ export function ctlCommand(y: Argv): Argv {
           .option('converge', { choices: ['active', 'throttle'], default: 'active', describe: 'When the guest outpaces the copy: write-through to both sides, or throttle guest writes' })
           .option('handoff', { choices: ['forward', 'disconnect'], default: 'forward', describe: 'After cutover: keep guests connected and forward to the target, or disconnect them' })
           .option('max-retries', { type: 'number', default: 10, describe: 'Consecutive target failures before the job fails' })
+          .option('target-timeout', { type: 'string', default: '30s', describe: 'A target that answers nothing for this long is dropped and reconnected' })
+          .option('cutover-timeout', { type: 'string', default: '5s', describe: 'A cutover not done within this fails; guests go on with the local image' })
+          .option('force', { type: 'boolean', default: false, describe: 'Mirror onto a live nbd-migrate export, or take over a destination bound to another job (the copy starts again)' })
+          .option('require-space', { type: 'boolean', default: false, describe: 'Refuse a destination that cannot hold the full virtual size (default: warn)' })
           .option('wait', { type: 'boolean', describe: 'Draw progress until the job completes (or is ready, with manual cutover)' }),
       async (a) => {
         const req: Record<string, unknown> = {
@@ -117,6 +121,10 @@ export function ctlCommand(y: Argv): Argv {
           converge: a.converge,
           handoff: a.handoff,
           maxRetries: a['max-retries'],
+          targetTimeout: a['target-timeout'],
+          cutoverTimeout: a['cutover-timeout'],
+          force: a.force,
+          requireSpace: a['require-space'],
         };
         if (a['max-bandwidth']) req.maxBandwidth = a['max-bandwidth'];
         await adminRequest(a.socket as string, req);

@@ -16,9 +16,10 @@ import { DirtyTrackingDevice } from '../dirty/tracking-device.js';
 import { MigrationController } from '../migration/controller.js';
 import { GateDevice } from '../migration/gate-device.js';
 import type { MirrorSource } from '../migration/job.js';
-import { clearIncoming, readFenced, readIncoming, writeIncoming } from '../migration/markers.js';
+import { IncomingMigration } from '../migration/incoming.js';
+import { readFenced, readIncoming, readReceived, writeIncoming } from '../migration/markers.js';
 import { Acl } from '../server/acl.js';
-import { Export, ExportRegistry } from '../server/export.js';
+import { Export, ExportRegistry, newExportId } from '../server/export.js';
 import type { TlsPolicy } from '../server/handshake.js';
 import { DEFAULT_SERVER_OPTIONS, NbdServer } from '../server/server.js';
 import { FileDevice } from '../storage/file-device.js';
@@ -142,15 +143,23 @@ class ServeProcess implements RunningServer {
     const bitmap = new DirtyBitmap(file.size, this.cfg.dirtyGranularity);
     const tracking = new DirtyTrackingDevice(file, bitmap);
     const gate = new GateDevice(tracking);
-    let incoming: { onComplete(): Promise<void> } | undefined;
-    if (e.incoming) {
-      if (!readIncoming(e.path)) writeIncoming(e.path, { export: e.name, since: new Date().toISOString() });
-      incoming = {
-        onComplete: async () => {
-          clearIncoming(e.path);
-          log('info', 'incoming-complete', { export: e.name, image: e.path });
-        },
-      };
+    const received = readReceived(e.path);
+    let incoming: IncomingMigration | undefined;
+    if (e.incoming && received) {
+      // A completed destination is the live disk now: never re-marked half-copied.
+      log('warn', 'incoming-already-complete', {
+        export: e.name,
+        image: e.path,
+        job: received.job,
+        completedAt: received.time,
+        effect: 'served as a normal export; --incoming is ignored (remove the .nbd-migrate-received marker to receive a new migration into it)',
+      });
+    } else if (e.incoming) {
+      const marker = readIncoming(e.path);
+      const exportId = marker?.exportId ?? newExportId();
+      const m = { export: e.name, since: new Date().toISOString(), ...marker, exportId };
+      if (!marker?.exportId) writeIncoming(e.path, m);
+      incoming = new IncomingMigration(e.path, m, () => this.server.disconnectExport(e.name));
     }
     const source: MirrorSource = {
       name: e.name,
@@ -159,13 +168,16 @@ class ServeProcess implements RunningServer {
       gate,
       tracking,
       bitmap,
+      exportId: '',
       disconnectClients: () => this.server.disconnectExport(e.name),
     };
     const oe: OpenExport = { config: e, file, source };
-    this.registry.add(new Export({ name: e.name, description: e.description, device: gate, incoming, acl: e.allow ? Acl.parse(e.allow) : undefined }));
+    const exp = new Export({ name: e.name, description: e.description, device: gate, incoming, id: received?.exportId, acl: e.allow ? Acl.parse(e.allow) : undefined });
+    source.exportId = exp.id;
+    this.registry.add(exp);
     this.sources.set(e.name, source);
     this.open.set(e.name, oe);
-    log('info', 'export-added', { export: e.name, image: e.path, size: file.size, readOnly: e.readOnly, incoming: e.incoming ?? false, storage: file.sparseKind });
+    log('info', 'export-added', { export: e.name, image: e.path, size: file.size, readOnly: e.readOnly, incoming: incoming !== undefined, exportId: exp.id, storage: file.sparseKind });
     if (e.oldstylePort !== undefined) await this.server.listenOldstyle(e.name, this.cfg.listen, e.oldstylePort);
     return oe;
   }
@@ -301,6 +313,11 @@ function oneOf<T extends string>(args: Record<string, unknown>, key: string, all
   return v as T;
 }
 
+function positive(ms: number, key: string): number {
+  if (!(ms > 0)) throw Object.assign(new Error(`"${key}" must be more than 0`), { code: 'EINVAL' });
+  return ms;
+}
+
 function invalid<T>(fn: () => T): T {
   try {
     return fn();
@@ -327,6 +344,15 @@ export function adminHandlers(c: MigrationController): Record<string, (a: Record
         if (!Number.isInteger(a.maxRetries) || (a.maxRetries as number) < 0)
           throw Object.assign(new Error('"maxRetries" must be a non-negative integer'), { code: 'EINVAL' });
         opts.maxRetries = a.maxRetries as number;
+      }
+      if (a.targetTimeout !== undefined) opts.targetTimeoutMs = positive(invalid(() => parseDurationMs(a.targetTimeout, 'targetTimeout')), 'targetTimeout');
+      if (a.cutoverTimeout !== undefined) opts.cutoverTimeoutMs = positive(invalid(() => parseDurationMs(a.cutoverTimeout, 'cutoverTimeout')), 'cutoverTimeout');
+      if (a.writeThroughTimeout !== undefined)
+        opts.writeThroughTimeoutMs = positive(invalid(() => parseDurationMs(a.writeThroughTimeout, 'writeThroughTimeout')), 'writeThroughTimeout');
+      for (const k of ['force', 'requireSpace'] as const) {
+        if (a[k] === undefined) continue;
+        if (typeof a[k] !== 'boolean') throw Object.assign(new Error(`"${k}" must be true or false`), { code: 'EINVAL' });
+        opts[k] = a[k] as boolean;
       }
       return c.mirror(str(a, 'export'), opts);
     },

@@ -33,6 +33,8 @@ export interface MirrorTarget extends Device {
   readonly contexts: ReadonlyMap<string, number>;
   /** What the target listed in the nbd-migrate: namespace (its identity, whether it receives a migration, its space). */
   readonly listedContexts?: readonly string[];
+  /** The connection is gone (the server closed it, or it failed). */
+  readonly closed?: boolean;
   /** A bare command (used for NBD_CMD_MIGRATE_COMPLETE and _RELEASE). */
   request(type: number, flags: number, offset: number, length: number): Promise<void>;
   destroy(): void;
@@ -384,11 +386,16 @@ export class MirrorJob extends EventEmitter {
     try {
       await this.checkTarget(client, first);
     } catch (e) {
+      // Attaching bound an nbd-migrate destination to this job: let it go again, since the job never starts.
+      if (first && client.contexts.has(C.MIGRATE_INCOMING_JOB_PREFIX + this.jobId))
+        await client.request(C.NBD_CMD_MIGRATE_RELEASE, 0, 0, 0).catch(() => undefined);
       client.destroy();
       throw e;
     }
     client.on('close', (err?: Error) => {
-      if (err) this.log.warn('target-connection-lost', { cause: err });
+      if (!err) return;
+      this.log.warn('target-connection-lost', { cause: err });
+      this.poke(); // an idle, synchronised job notices at once, not at its next write
     });
     return client;
   }
@@ -478,6 +485,10 @@ export class MirrorJob extends EventEmitter {
       for (;;) {
         if (this.abortRequested) return await this.finishAborted();
         const target = this.target!;
+        if (target.closed) {
+          await this.recover(new JobError('ECONNRESET', `the connection to ${this.opts.target} was closed`));
+          continue;
+        }
         // A sweep is a pass only when there is something to copy (a synchronised job idles here).
         if (this.pass === 0 || this.source.bitmap.dirtyBlocks() > 0) this.pass++;
         const before = this.stats.dataBytes + this.stats.zeroBytes;

@@ -21,7 +21,7 @@ export async function freePort(): Promise<number> {
   });
 }
 
-async function waitForPort(port: number, timeoutMs: number): Promise<void> {
+export async function waitForPort(port: number, timeoutMs: number): Promise<void> {
   const end = Date.now() + timeoutMs;
   for (;;) {
     const ok = await new Promise<boolean>((resolve) => {
@@ -50,6 +50,24 @@ export async function qemuNbd(img: string, name: string, port: number, extra: st
   const proc = spawn('qemu-nbd', ['-f', 'raw', '-x', name, '-b', '127.0.0.1', '-p', String(port), '--persistent', '--shared=8', ...extra, img], {
     stdio: ['ignore', 'ignore', 'pipe'],
   });
+  let err = '';
+  proc.stderr!.on('data', (b: Buffer) => (err += b.toString()));
+  const exited = new Promise<void>((r) => proc.once('exit', () => r()));
+  await waitForPort(port, 10_000);
+  return {
+    proc,
+    stderr: () => err,
+    stop: async () => {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+      await exited;
+    },
+  };
+}
+
+/** nbdkit serving `plugin ARGS` on 127.0.0.1:port in the foreground (filters as `--filter=NAME` in args). */
+export async function nbdkit(port: number, args: string[]): Promise<Proc> {
+  await requireTool('nbdkit', 'nbdkit');
+  const proc = spawn('nbdkit', ['-f', '-i', '127.0.0.1', '-p', String(port), ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';
   proc.stderr!.on('data', (b: Buffer) => (err += b.toString()));
   const exited = new Promise<void>((r) => proc.once('exit', () => r()));
