@@ -7,7 +7,7 @@ import type { ExportStatus } from '../migration/controller.js';
 import type { JobStatus } from '../migration/job.js';
 import { DEFAULT_ADMIN_SOCKET } from '../util/paths.js';
 import { formatBytes } from '../util/units.js';
-import { ProgressBar } from './progress.js';
+import { ProgressBar, type ProgressFigures } from './progress.js';
 
 const DEFAULT_SOCKET = DEFAULT_ADMIN_SOCKET;
 
@@ -33,21 +33,32 @@ export function ctlErrorLine(e: unknown): string {
 type Out = (s: string) => void;
 const out: Out = (s) => process.stdout.write(s + '\n');
 
+/**
+ * What the progress line shows of a job: one measure of progress (the bytes
+ * in sync, from the bitmap, where every block starts dirty), so it never jumps
+ * between measures when a failed sweep is retried; no ETA while the target is
+ * away.
+ */
+export function progressFigures(s: JobStatus): ProgressFigures {
+  let state = s.state + (s.convergence !== 'none' ? ` (${s.convergence})` : '');
+  if (s.retrying) state += `, target unreachable: retrying (attempt ${s.retries})`;
+  return {
+    done: Math.max(0, s.size - s.dirtyBytes),
+    total: s.size,
+    dirty: s.dirtyBytes,
+    rate: s.retrying ? 0 : s.rate,
+    etaSeconds: s.retrying ? null : s.etaSeconds,
+    pass: s.pass,
+    state,
+  };
+}
+
 /** Follows a job until it is final (or ready, under manual cutover); true when it ended well. */
 export async function waitForJob(socket: string, exportName: string, untilReady: boolean): Promise<JobStatus> {
   const bar = new ProgressBar();
   for (;;) {
     const s = (await adminRequest(socket, { cmd: 'status', export: exportName })) as JobStatus;
-    const firstSweep = s.pass <= 1 && s.state === 'copying';
-    bar.draw({
-      done: firstSweep ? s.bytesCopied : s.size - s.dirtyBytes,
-      total: s.size,
-      dirty: s.dirtyBytes,
-      rate: s.rate,
-      etaSeconds: s.etaSeconds,
-      pass: s.pass,
-      state: s.state + (s.convergence !== 'none' ? ` (${s.convergence})` : ''),
-    });
+    bar.draw(progressFigures(s));
     const final = s.state === 'completed' || s.state === 'aborted' || s.state === 'failed';
     if (final || (untilReady && s.state === 'ready')) {
       bar.end(
