@@ -13,6 +13,8 @@ import type { Logger } from '../util/log.js';
 const HANDSHAKE_READ_AHEAD = 64 * 1024;
 /** How long a soft close waits for the client to close its side. */
 const END_GRACE_MS = 2000;
+/** During a soft close, output that makes no progress for this long (a client that stopped reading) ends the connection. */
+const END_OUTPUT_STALL_MS = 30_000;
 
 export class ConnectionClosed extends Error {
   override readonly name = 'ConnectionClosed';
@@ -188,13 +190,35 @@ export class Connection {
    * Soft close: flush what was written, then close. A client that never closes
    * its side (or goes on sending) would hold the socket forever, so whatever
    * it sends is discarded and the socket is destroyed after a grace period.
+   * The grace period starts once our last bytes have left for the kernel, so
+   * a slow reader still gets every reply; output that stops moving for
+   * END_OUTPUT_STALL_MS (a client that no longer reads) ends it as well.
    */
   end(): void {
     this.onInput = () => this.input.clear();
     this.input.clear();
     this.socket.resume();
     this.socket.end();
-    setTimeout(() => this.destroy(), END_GRACE_MS).unref();
+    const grace = () => setTimeout(() => this.destroy(), END_GRACE_MS).unref();
+    if (this.socket.writableFinished) {
+      grace();
+      return;
+    }
+    this.socket.once('finish', grace);
+    let left = this.socket.writableLength;
+    let movedAt = Date.now();
+    const watch = setInterval(() => {
+      if (this.closed || this.socket.writableFinished) return clearInterval(watch);
+      if (this.socket.writableLength < left) {
+        left = this.socket.writableLength;
+        movedAt = Date.now();
+      } else if (Date.now() - movedAt >= END_OUTPUT_STALL_MS) {
+        clearInterval(watch);
+        this.log.warn('output-stalled', { unsentBytes: left, waitedMs: END_OUTPUT_STALL_MS, action: 'disconnect' });
+        this.destroy();
+      }
+    }, END_GRACE_MS);
+    watch.unref();
   }
 
   /** Resolves once queued output is below `limit` bytes (the client is reading its replies). */
