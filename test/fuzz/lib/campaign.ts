@@ -76,7 +76,7 @@ export interface CampaignResult {
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
-function signatureOf(kind: string, detail: string): string {
+export function signatureOf(kind: string, detail: string): string {
   return `${kind}: ${detail.replace(/0x[0-9a-f]+/gi, 'X').replace(/\d+/g, 'N').replace(/"[^"]*"/g, '"…"').slice(0, 160)}`;
 }
 
@@ -85,7 +85,7 @@ function sha(path: string): string {
 }
 
 /** What each of a process's descriptors points at (sockets with their address and TCP state). */
-function fdTargets(pid: number): Map<string, string> {
+export function fdTargets(pid: number): Map<string, string> {
   const out = new Map<string, string>();
   const sockets = new Map<string, string>();
   for (const f of ['tcp', 'tcp6', 'unix']) {
@@ -115,7 +115,7 @@ function fdTargets(pid: number): Map<string, string> {
   return out;
 }
 
-function procStatus(pid: number): { rssMiB: number; fds: number } | undefined {
+export function procStatus(pid: number): { rssMiB: number; fds: number } | undefined {
   try {
     const st = readFileSync(`/proc/${pid}/status`, 'utf8');
     const m = /VmRSS:\s+(\d+)\s+kB/.exec(st);
@@ -199,6 +199,8 @@ export function checkerConfig(target: Target): CheckerConfig {
     maxOptionLength: 64 * 1024,
     maxPayload: C.MAX_PAYLOAD,
     contexts: [C.BASE_ALLOCATION],
+    // Every nbd-migrate export also lists its identity (nbd-migrate:export-id:<32 hex digits>).
+    extraContexts: /^nbd-migrate:export-id:[0-9a-f]{32}$/,
   };
 }
 
@@ -339,11 +341,13 @@ export async function runCase(spec: CaseSpec, ep: Endpoint, handshakeTimeoutS: n
     sock.destroy();
     await closedP;
   }
+  // The server's FIN leaves our half-open side open (allowHalfOpen): close it, or every case leaks a socket in CLOSE_WAIT.
+  sock.destroy();
   return { violations: [...checker.violations, ...extra], outcome, ms: Date.now() - t0, sent: at };
 }
 
 /** The well-behaved client: its own export, a shadow copy, read-back checks and periodic fresh connections. */
-class GoodClient {
+export class GoodClient {
   ops = 0;
   reconnects = 0;
   private failures = 0;
@@ -431,6 +435,53 @@ class GoodClient {
       }
     }
   }
+}
+
+/**
+ * Shrinks a finding's case while it still shows the same signature: whole
+ * messages first, then byte ranges of shrinking size. Delivery-dependent cases
+ * (a plan of pieces and delays) are kept as generated. Sets `f.minimal`.
+ */
+export async function minimiseFinding(
+  f: Finding,
+  spec: CaseSpec,
+  v: Violation,
+  replay: (spec: CaseSpec) => Promise<CaseOutcome>,
+  o: { seconds: number; log: (line: string) => void; alive: () => boolean },
+): Promise<void> {
+  const sig = signatureOf(v.kind, v.detail);
+  const reproduces = async (bytes: Buffer, finish = spec.finish, plan = spec.plan): Promise<boolean> => {
+    if (!o.alive()) return false;
+    const r = await replay({ ...spec, bytes, plan, finish });
+    return r.violations.some((x) => signatureOf(x.kind, x.detail) === sig);
+  };
+  const until = Date.now() + o.seconds * 1000;
+  let bytes = spec.bytes;
+  let plan = spec.plan;
+  if (plan.length && (await reproduces(bytes, spec.finish, []))) plan = [];
+  if (plan.length) {
+    if (!(await reproduces(bytes, spec.finish, plan))) return;
+    f.minimal = { target: spec.target, bytes: bytes.toString('hex'), finish: spec.finish };
+    return; // delivery-dependent: kept as generated
+  }
+  if (!(await reproduces(bytes))) return;
+  if (spec.segments) {
+    let segs = [...spec.segments];
+    for (let i = segs.length - 1; i >= 0 && Date.now() < until; i--) {
+      const cand = [...segs.slice(0, i), ...segs.slice(i + 1)];
+      const b = Buffer.concat(cand.map((s) => s.bytes));
+      if (await reproduces(b)) segs = cand;
+    }
+    bytes = Buffer.concat(segs.map((s) => s.bytes));
+  }
+  for (let chunk = Math.max(1, bytes.length >> 1); chunk >= 1 && Date.now() < until; chunk >>= 1) {
+    for (let at = bytes.length - chunk; at >= 0 && Date.now() < until; at -= chunk) {
+      const cand = Buffer.concat([bytes.subarray(0, at), bytes.subarray(at + chunk)]);
+      if (await reproduces(cand)) bytes = cand;
+    }
+  }
+  f.minimal = { target: spec.target, bytes: bytes.toString('hex'), finish: spec.finish };
+  o.log(`  minimised to ${bytes.length} bytes (${spec.target}, finish ${spec.finish}): ${bytes.toString('hex').slice(0, 400)}`);
 }
 
 /** Runs the whole campaign. Findings are returned, not asserted. */
@@ -606,42 +657,8 @@ export async function runCampaign(t: Teardownable, opts: CampaignOptions): Promi
     }
   };
 
-  const minimise = async (f: Finding, spec: CaseSpec, v: Violation) => {
-    const sig = signatureOf(v.kind, v.detail);
-    const reproduces = async (bytes: Buffer, finish = spec.finish, plan = spec.plan): Promise<boolean> => {
-      if (srv.exited()) return false;
-      const o = await runCase({ ...spec, bytes, plan, finish }, ep, opts.handshakeTimeoutS);
-      return o.violations.some((x) => signatureOf(x.kind, x.detail) === sig);
-    };
-    const until = Date.now() + opts.minimiseSeconds * 1000;
-    let bytes = spec.bytes;
-    let plan = spec.plan;
-    if (plan.length && (await reproduces(bytes, spec.finish, []))) plan = [];
-    if (plan.length) {
-      if (!(await reproduces(bytes, spec.finish, plan))) return;
-      f.minimal = { target: spec.target, bytes: bytes.toString('hex'), finish: spec.finish };
-      return; // delivery-dependent: kept as generated
-    }
-    if (!(await reproduces(bytes))) return;
-    // Whole messages first, then byte ranges of shrinking size, then the tail.
-    if (spec.segments) {
-      let segs = [...spec.segments];
-      for (let i = segs.length - 1; i >= 0 && Date.now() < until; i--) {
-        const cand = [...segs.slice(0, i), ...segs.slice(i + 1)];
-        const b = Buffer.concat(cand.map((s) => s.bytes));
-        if (await reproduces(b)) segs = cand;
-      }
-      bytes = Buffer.concat(segs.map((s) => s.bytes));
-    }
-    for (let chunk = Math.max(1, bytes.length >> 1); chunk >= 1 && Date.now() < until; chunk >>= 1) {
-      for (let at = bytes.length - chunk; at >= 0 && Date.now() < until; at -= chunk) {
-        const cand = Buffer.concat([bytes.subarray(0, at), bytes.subarray(at + chunk)]);
-        if (await reproduces(cand)) bytes = cand;
-      }
-    }
-    f.minimal = { target: spec.target, bytes: bytes.toString('hex'), finish: spec.finish };
-    opts.log(`  minimised to ${bytes.length} bytes (${spec.target}, finish ${spec.finish}): ${bytes.toString('hex').slice(0, 400)}`);
-  };
+  const minimise = (f: Finding, spec: CaseSpec, v: Violation) =>
+    minimiseFinding(f, spec, v, (s) => runCase(s, ep, opts.handshakeTimeoutS), { seconds: opts.minimiseSeconds, log: opts.log, alive: () => !srv.exited() });
 
   await Promise.all(Array.from({ length: opts.concurrency }, () => worker()));
   res.seconds = (Date.now() - start) / 1000;

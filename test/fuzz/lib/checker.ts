@@ -37,6 +37,8 @@ export interface CheckerConfig {
   maxPayload: number;
   /** Metadata contexts the server offers on every export. */
   contexts: string[];
+  /** Further contexts it may offer (and list with an empty query) besides those: the server's own namespace. */
+  extraContexts?: RegExp;
 }
 
 export interface Violation {
@@ -593,7 +595,7 @@ export class SessionChecker {
         {
           const id = data.readUInt32BE(0);
           const name = data.toString('utf8', 4);
-          if (!this.cfg.contexts.includes(name)) this.violate('bad-meta-context', `server offered unknown context "${name}"`);
+          if (!this.cfg.contexts.includes(name) && !this.cfg.extraContexts?.test(name)) this.violate('bad-meta-context', `server offered unknown context "${name}"`);
           if (o.option === C.NBD_OPT_SET_META_CONTEXT) {
             if (!o.queries!.includes(name)) this.violate('bad-meta-context', `SET_META_CONTEXT selected "${name}", not among the queries ${JSON.stringify(o.queries)}`);
             if (o.metas.has(id)) this.violate('bad-meta-context', `context id ${id} given twice`);
@@ -657,7 +659,7 @@ export class SessionChecker {
         return true;
       case C.NBD_OPT_LIST_META_CONTEXT:
         if (o.queries!.length === 0) {
-          const got = [...o.metas.values()].sort();
+          const got = [...o.metas.values()].filter((n) => this.cfg.contexts.includes(n) || !this.cfg.extraContexts?.test(n)).sort();
           if (JSON.stringify(got) !== JSON.stringify([...this.cfg.contexts].sort()))
             this.violate('bad-meta-context', `LIST_META_CONTEXT with no query listed ${JSON.stringify(got)}`);
         }
