@@ -1,5 +1,5 @@
-// An in-memory Device (src/storage/device.ts) for tests: the bytes in 4 KiB
-// pages (allocated on first write) and an allocation map of those pages, so
+// An in-memory Device (src/storage/device.ts) for tests: the bytes in 64 KiB
+// pieces (allocated on first write) and an allocation map of 4 KiB pages, so
 // base:allocation has holes and data to report the way a sparse file does (a
 // page is a hole until written; TRIM and WRITE_ZEROES without NO_HOLE punch
 // the pages they cover whole).
@@ -14,6 +14,8 @@ import { NBD_STATE_HOLE, NBD_STATE_ZERO } from '../../src/protocol/constants.js'
 import { type Capabilities, type Device, DeviceError, type Extent, type WriteOptions, type ZeroOptions } from '../../src/storage/device.js';
 
 export const PAGE = 4096;
+/** Bytes are stored in pieces this large (fewer, larger allocations than one per page). */
+const PIECE = 64 * 1024;
 
 export type DeviceOp = 'read' | 'write' | 'flush' | 'trim' | 'zero' | 'extents' | 'cache';
 
@@ -26,8 +28,8 @@ export interface MemoryDeviceOptions {
 }
 
 export class MemoryDevice implements Device {
-  /** The bytes, one Buffer per 4 KiB page; undefined reads as zeros (so zeroing and trimming cost no memory traffic). */
-  private readonly pages: Array<Buffer | undefined>;
+  /** The bytes, one Buffer per 64 KiB piece; undefined reads as zeros (so zeroing and trimming cost no memory traffic). */
+  private readonly pieces: Array<Buffer | undefined>;
   /** 1 where the page holds data, 0 where it is a hole (base:allocation). */
   readonly allocated: Uint8Array;
   /** Operations done, by kind (what reached the device, failed or not). */
@@ -40,17 +42,17 @@ export class MemoryDevice implements Device {
     readonly size: number,
     private readonly opts: MemoryDeviceOptions = {},
   ) {
-    this.pages = new Array<Buffer | undefined>(Math.ceil(size / PAGE));
-    this.allocated = new Uint8Array(this.pages.length);
+    this.pieces = new Array<Buffer | undefined>(Math.ceil(size / PIECE));
+    this.allocated = new Uint8Array(Math.ceil(size / PAGE));
   }
 
   /** A device holding `content` (every page that is not all zeros allocated). */
   static from(content: Buffer, opts: MemoryDeviceOptions = {}): MemoryDevice {
     const d = new MemoryDevice(content.length, opts);
-    for (let p = 0; p < d.pages.length; p++) {
+    for (let p = 0; p < d.allocated.length; p++) {
       const s = content.subarray(p * PAGE, Math.min(d.size, (p + 1) * PAGE));
       if (s.some((b) => b !== 0)) {
-        d.page(p).set(s);
+        d.piece(Math.floor((p * PAGE) / PIECE)).set(s, (p * PAGE) % PIECE);
         d.allocated[p] = 1;
       }
     }
@@ -99,10 +101,10 @@ export class MemoryDevice implements Device {
     let pos = offset;
     for (const b of data) {
       for (let done = 0; done < b.length; ) {
-        const p = Math.floor(pos / PAGE);
-        const inPage = pos - p * PAGE;
-        const n = Math.min(PAGE - inPage, b.length - done);
-        b.copy(this.page(p), inPage, done, done + n);
+        const p = Math.floor(pos / PIECE);
+        const inPiece = pos - p * PIECE;
+        const n = Math.min(PIECE - inPiece, b.length - done);
+        b.copy(this.piece(p), inPiece, done, done + n);
         done += n;
         pos += n;
       }
@@ -158,15 +160,20 @@ export class MemoryDevice implements Device {
 
   /** Pages the allocation map calls holes hold no bytes (a consistency check for tests). */
   holesAreZero(): boolean {
-    for (let p = 0; p < this.pages.length; p++) if (!this.allocated[p] && this.pages[p]?.some((b) => b !== 0)) return false;
+    for (let p = 0; p < this.allocated.length; p++) {
+      if (this.allocated[p]) continue;
+      const b = this.pieces[Math.floor((p * PAGE) / PIECE)];
+      const at = (p * PAGE) % PIECE;
+      if (b && b.subarray(at, at + PAGE).some((x) => x !== 0)) return false;
+    }
     return true;
   }
 
-  private page(p: number): Buffer {
-    let b = this.pages[p];
+  private piece(p: number): Buffer {
+    let b = this.pieces[p];
     if (!b) {
-      b = Buffer.alloc(Math.min(PAGE, this.size - p * PAGE));
-      this.pages[p] = b;
+      b = Buffer.alloc(Math.min(PIECE, this.size - p * PIECE));
+      this.pieces[p] = b;
     }
     return b;
   }
@@ -174,27 +181,27 @@ export class MemoryDevice implements Device {
   private copyOut(offset: number, length: number, into: Buffer, at: number): void {
     for (let done = 0; done < length; ) {
       const pos = offset + done;
-      const p = Math.floor(pos / PAGE);
-      const inPage = pos - p * PAGE;
-      const n = Math.min(PAGE - inPage, length - done);
-      const b = this.pages[p];
-      if (b) b.copy(into, at + done, inPage, inPage + n);
+      const p = Math.floor(pos / PIECE);
+      const inPiece = pos - p * PIECE;
+      const n = Math.min(PIECE - inPiece, length - done);
+      const b = this.pieces[p];
+      if (b) b.copy(into, at + done, inPiece, inPiece + n);
       else into.fill(0, at + done, at + done + n);
       done += n;
     }
   }
 
-  /** Reads as zeros from now on: whole pages are dropped, partial ones zeroed. */
+  /** Reads as zeros from now on: whole pieces are dropped, partial ones zeroed. */
   private clear(offset: number, length: number): void {
     for (let done = 0; done < length; ) {
       const pos = offset + done;
-      const p = Math.floor(pos / PAGE);
-      const inPage = pos - p * PAGE;
-      const n = Math.min(PAGE - inPage, length - done);
-      const b = this.pages[p];
+      const p = Math.floor(pos / PIECE);
+      const inPiece = pos - p * PIECE;
+      const n = Math.min(PIECE - inPiece, length - done);
+      const b = this.pieces[p];
       if (b) {
-        if (n === b.length) this.pages[p] = undefined;
-        else b.fill(0, inPage, inPage + n);
+        if (n === b.length) this.pieces[p] = undefined;
+        else b.fill(0, inPiece, inPiece + n);
       }
       done += n;
     }

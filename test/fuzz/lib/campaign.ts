@@ -233,7 +233,12 @@ export async function runCase(spec: CaseSpec, ep: Endpoint, handshakeTimeoutS: n
   let closedAt = 0;
   let clientClosed = false;
   sock.on('error', () => {});
-  sock.on('data', (d: Buffer) => checker.feed(d));
+  // The wait for the server's answers wakes on what can change the verdict: its bytes and its close.
+  let wake: (() => void) | undefined;
+  sock.on('data', (d: Buffer) => {
+    checker.feed(d);
+    if (wake && (checker.settled() || checker.awaitingClose())) wake();
+  });
   const closedP = new Promise<void>((resolve) => {
     const onClose = () => {
       if (closed) return;
@@ -241,6 +246,7 @@ export async function runCase(spec: CaseSpec, ep: Endpoint, handshakeTimeoutS: n
       closedAt = Date.now();
       checker.serverClosed({ clientInitiated: clientClosed, elapsedMs: closedAt - t0, handshakeTimeoutMs: hsMs });
       resolve();
+      wake?.();
     };
     sock.on('end', onClose); // the server's FIN
     sock.on('close', onClose);
@@ -332,7 +338,15 @@ export async function runCase(spec: CaseSpec, ep: Endpoint, handshakeTimeoutS: n
       extra.push({ kind: 'hang', detail: `nothing for ${now - sentAt} ms after the last byte was sent, waiting for ${checker.waitingFor()}` });
       break;
     }
-    await sleep(checker.closeExpected || checker.inHandshake() ? 25 : 5);
+    // Until the server sends or closes, or the next deadline above passes.
+    const next = Math.min(limit, checker.inHandshake() ? t0 + hsMs + 5000 : Infinity) + 1 - now;
+    let timer: NodeJS.Timeout | undefined;
+    await new Promise<void>((r) => {
+      wake = r;
+      timer = setTimeout(r, Math.max(1, next));
+    });
+    wake = undefined;
+    clearTimeout(timer);
   }
   let outcome = checker.outcome;
   if (!closed) {

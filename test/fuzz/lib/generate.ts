@@ -91,6 +91,14 @@ function payloadBytes(rng: Rng, n: number): Buffer {
   return Buffer.alloc(n, 0x5a);
 }
 
+/** `n` bytes of 0x41, shared between cases (only ever copied from). */
+const FILL_41 = new Map<number, Buffer>();
+function fill41(n: number): Buffer {
+  let b = FILL_41.get(n);
+  if (!b) FILL_41.set(n, (b = Buffer.alloc(n, 0x41)));
+  return b;
+}
+
 // ---------------------------------------------------------------- builders
 
 function pickName(rng: Rng): string | Buffer {
@@ -757,7 +765,7 @@ export function generateCase(seed: number, index: number, ctx: GenContext): Case
       // The big variant is spread over about 5 s, so that a server that keeps reading (past a grace period) shows it.
       const piece = more > MiB ? MiB : 64 * 1024;
       for (let left = more; left > 0; left -= piece) plan.push([Math.min(piece, left), left === more ? 200 : more > MiB ? 125 : 0]);
-      const bytes = Buffer.concat([head, payloadBytes(rng, Math.min(more, POOL.length)), more > POOL.length ? Buffer.alloc(more - POOL.length, 0x41) : Buffer.alloc(0)]);
+      const bytes = Buffer.concat([head, payloadBytes(rng, Math.min(more, POOL.length)), more > POOL.length ? fill41(more - POOL.length) : Buffer.alloc(0)]);
       return { index, gen: `after-close(${abort ? 'abort' : 'disc'},${more})`, target: h.target, bytes, segments: undefined, plan, finish: 'wait', pauseReadMs: 0, sendAfterClose: true };
     }
     default: {
