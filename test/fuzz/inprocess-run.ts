@@ -51,6 +51,7 @@ process.stdout.write(
     perSecond: Number((r.cases / Math.max(0.001, r.seconds)).toFixed(1)),
     eventLoopUtilisation: r.eventLoopUtilisation,
     cpuSeconds: r.cpuSeconds,
+    stalledSeconds: r.stalledSeconds,
     mibSent: Number((r.bytesSent / 1048576).toFixed(0)),
     rssMaxMiB: Math.round(r.rssMaxMiB),
     goodOps: r.goodOps,

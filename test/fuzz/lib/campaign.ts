@@ -76,6 +76,35 @@ export interface CampaignResult {
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
+/**
+ * Time this process could not run (its event loop was late: a long task, GC,
+ * or a machine too busy to schedule it), summed. Deadlines that the server
+ * must meet ("closes within 5 s of its handshake timeout", "answers within
+ * 20 s") are measured on `runningClock()`, which stops while this process is
+ * stalled: with the server in this process (the in-process engine) it is
+ * stalled too, and a busy machine stalls both.
+ */
+let stalledTotal = 0;
+let stallTicker: NodeJS.Timeout | undefined;
+const STALL_TICK_MS = 50;
+function runningClock(): number {
+  if (!stallTicker) {
+    let last = performance.now();
+    stallTicker = setInterval(() => {
+      const now = performance.now();
+      const late = now - last - STALL_TICK_MS;
+      if (late > 10) stalledTotal += late;
+      last = now;
+    }, STALL_TICK_MS).unref();
+  }
+  return Date.now() - stalledTotal;
+}
+
+/** Milliseconds of stall so far (see runningClock). */
+export function stalledMs(): number {
+  return stalledTotal;
+}
+
 export function signatureOf(kind: string, detail: string): string {
   return `${kind}: ${detail.replace(/0x[0-9a-f]+/gi, 'X').replace(/\d+/g, 'N').replace(/"[^"]*"/g, '"…"').slice(0, 160)}`;
 }
@@ -223,6 +252,7 @@ export async function runCase(spec: CaseSpec, ep: Endpoint, handshakeTimeoutS: n
   const checker = new SessionChecker(spec.bytes, checkerConfig(spec.target));
   const extra: Violation[] = [];
   const t0 = Date.now();
+  const v0 = runningClock();
   // allowHalfOpen: the client does not answer the server's FIN with its own, as a
   // raw client need not; what the server does with a half-open connection is tested too.
   const sock =
@@ -231,6 +261,7 @@ export async function runCase(spec: CaseSpec, ep: Endpoint, handshakeTimeoutS: n
       : net.connect({ host: '127.0.0.1', port: spec.target === 'oldstyle' ? ep.oldstylePort : ep.port, allowHalfOpen: true });
   let closed = false;
   let closedAt = 0;
+  let vClosedAt = 0;
   let clientClosed = false;
   sock.on('error', () => {});
   // The wait for the server's answers wakes on what can change the verdict: its bytes and its close.
@@ -244,6 +275,7 @@ export async function runCase(spec: CaseSpec, ep: Endpoint, handshakeTimeoutS: n
       if (closed) return;
       closed = true;
       closedAt = Date.now();
+      vClosedAt = runningClock();
       checker.serverClosed({ clientInitiated: clientClosed, elapsedMs: closedAt - t0, handshakeTimeoutMs: hsMs });
       resolve();
       wake?.();
@@ -278,7 +310,7 @@ export async function runCase(spec: CaseSpec, ep: Endpoint, handshakeTimeoutS: n
     if (closed && !spec.sendAfterClose) break;
     if (sock.destroyed) break;
     // Bytes the server still takes well after its own FIN (closing within a grace period is fine).
-    if (closed && Date.now() - closedAt > 3000) sentAfterClose += n;
+    if (closed && runningClock() - vClosedAt > 3000) sentAfterClose += n;
     const piece = spec.bytes.subarray(at, at + n);
     at += n;
     if (piece.length === 0) continue;
@@ -302,6 +334,7 @@ export async function runCase(spec: CaseSpec, ep: Endpoint, handshakeTimeoutS: n
     }
   }
   const sentAt = Date.now();
+  const vSentAt = runningClock();
   if (spec.sendAfterClose && sentAfterClose > 8 * MiB && !sock.destroyed)
     extra.push({ kind: 'reads-after-close', detail: `the server closed its side (${checker.outcome}) yet, from 3 s after that on, took ${(sentAfterClose / MiB).toFixed(0)} MiB more from the client without closing the connection` });
 
@@ -328,18 +361,20 @@ export async function runCase(spec: CaseSpec, ep: Endpoint, handshakeTimeoutS: n
   for (;;) {
     if (checker.settled() || closed) break;
     if (checker.awaitingClose() === 'timeout' && spec.index % 4 !== 0) break;
-    const now = Date.now();
-    if (checker.inHandshake() && now - t0 > hsMs + 5000) {
-      extra.push({ kind: 'handshake-timeout-not-enforced', detail: `handshake still open ${now - t0} ms after connecting (timeout ${hsMs} ms), waiting for ${checker.waitingFor()}` });
+    // Deadlines run on the clock that stops while this process is stalled (see runningClock).
+    const now = runningClock();
+    const stalled = Date.now() - t0 - (now - v0);
+    if (checker.inHandshake() && now - v0 > hsMs + 5000) {
+      extra.push({ kind: 'handshake-timeout-not-enforced', detail: `handshake still open ${now - v0} ms after connecting (timeout ${hsMs} ms; ${stalled} ms more while stalled), waiting for ${checker.waitingFor()}` });
       break;
     }
-    const limit = checker.closeExpected === 'timeout' ? t0 + hsMs + 5000 : Math.max(sentAt, t0 + spec.pauseReadMs) + 20_000;
+    const limit = checker.closeExpected === 'timeout' ? v0 + hsMs + 5000 : Math.max(vSentAt, v0 + spec.pauseReadMs) + 20_000;
     if (now > limit) {
-      extra.push({ kind: 'hang', detail: `nothing for ${now - sentAt} ms after the last byte was sent, waiting for ${checker.waitingFor()}` });
+      extra.push({ kind: 'hang', detail: `nothing for ${now - vSentAt} ms after the last byte was sent (${stalled} ms more while stalled), waiting for ${checker.waitingFor()}` });
       break;
     }
     // Until the server sends or closes, or the next deadline above passes.
-    const next = Math.min(limit, checker.inHandshake() ? t0 + hsMs + 5000 : Infinity) + 1 - now;
+    const next = Math.min(limit, checker.inHandshake() ? v0 + hsMs + 5000 : Infinity) + 1 - now;
     let timer: NodeJS.Timeout | undefined;
     await new Promise<void>((r) => {
       wake = r;

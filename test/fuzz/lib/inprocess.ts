@@ -33,7 +33,7 @@ import { DEFAULT_SERVER_OPTIONS, NbdServer } from '../../../src/server/server.js
 import { configureLog } from '../../../src/util/log.js';
 import { MemoryDevice } from '../../helpers/memory-device.js';
 import type { Teardownable } from '../../helpers/server.js';
-import { type CampaignResult, type CaseOutcome, type Endpoint, fdTargets, type Finding, GoodClient, minimiseFinding, procStatus, runCase, signatureOf } from './campaign.js';
+import { type CampaignResult, type CaseOutcome, type Endpoint, fdTargets, type Finding, GoodClient, minimiseFinding, procStatus, runCase, signatureOf, stalledMs } from './campaign.js';
 import { FUZZ_EXPORTS, generateCase, loadCorpus, type CaseSpec, type GenContext } from './generate.js';
 import { Rng } from './prng.js';
 
@@ -63,6 +63,8 @@ export interface InProcessResult extends CampaignResult {
   eventLoopUtilisation: number;
   /** CPU time (user + system) the process used during the storm. */
   cpuSeconds: number;
+  /** Time the process's event loop was stalled (late by more than 10 ms) during the storm. */
+  stalledSeconds: number;
 }
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
@@ -136,6 +138,7 @@ export async function runInProcessCampaign(t: Teardownable, opts: InProcessOptio
     end: first,
     eventLoopUtilisation: 0,
     cpuSeconds: 0,
+    stalledSeconds: 0,
   };
   const inflight = new Map<number, CaseSpec>();
 
@@ -211,6 +214,7 @@ export async function runInProcessCampaign(t: Teardownable, opts: InProcessOptio
   const start = Date.now();
   const elu0 = performance.eventLoopUtilization();
   const cpu0 = process.cpuUsage();
+  const stall0 = stalledMs();
   const deadline = opts.seconds ? start + opts.seconds * 1000 : Infinity;
   const indices = opts.only;
   let next = 0;
@@ -250,7 +254,7 @@ export async function runInProcessCampaign(t: Teardownable, opts: InProcessOptio
       if (Date.now() - lastProgress > 30_000) {
         lastProgress = Date.now();
         const s = (Date.now() - start) / 1000;
-        opts.log(`${res.cases} cases (up to index ${res.end}), ${s.toFixed(0)} s, ${(res.cases / s).toFixed(0)}/s, event loop ${(performance.eventLoopUtilization(elu0).utilization * 100).toFixed(0)}% busy, RSS max ${res.rssMaxMiB.toFixed(0)} MiB, good ops ${good?.ops ?? 0}, findings ${findings.size}`);
+        opts.log(`${res.cases} cases (up to index ${res.end}), ${s.toFixed(0)} s, ${(res.cases / s).toFixed(0)}/s, event loop ${(performance.eventLoopUtilization(elu0).utilization * 100).toFixed(0)}% busy, stalled ${((stalledMs() - stall0) / 1000).toFixed(0)} s, RSS max ${res.rssMaxMiB.toFixed(0)} MiB, good ops ${good?.ops ?? 0}, findings ${findings.size}`);
       }
     }
   };
@@ -259,6 +263,7 @@ export async function runInProcessCampaign(t: Teardownable, opts: InProcessOptio
   res.eventLoopUtilisation = Number(performance.eventLoopUtilization(elu0).utilization.toFixed(3));
   const cpu = process.cpuUsage(cpu0);
   res.cpuSeconds = Number(((cpu.user + cpu.system) / 1e6).toFixed(1));
+  res.stalledSeconds = Number(((stalledMs() - stall0) / 1000).toFixed(1));
 
   // ---- after the storm
   if (good) {
