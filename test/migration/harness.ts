@@ -44,12 +44,10 @@ export interface Proc {
   stop(): Promise<void>;
 }
 
-/** qemu-nbd serving `img` as export `name` on 127.0.0.1:port, persistent (survives client disconnects). */
-export async function qemuNbd(img: string, name: string, port: number, extra: string[] = []): Promise<Proc> {
-  await requireTool('qemu-nbd', 'qemu-utils');
-  const proc = spawn('qemu-nbd', ['-f', 'raw', '-x', name, '-b', '127.0.0.1', '-p', String(port), '--persistent', '--shared=8', ...extra, img], {
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
+/** A peer server process listening on 127.0.0.1:port; stop() kills it and waits for the exit. */
+async function startPeer(cmd: string, debPackage: string, args: string[], port: number): Promise<Proc> {
+  await requireTool(cmd, debPackage);
+  const proc = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';
   proc.stderr!.on('data', (b: Buffer) => (err += b.toString()));
   const exited = new Promise<void>((r) => proc.once('exit', () => r()));
@@ -64,22 +62,14 @@ export async function qemuNbd(img: string, name: string, port: number, extra: st
   };
 }
 
+/** qemu-nbd serving `img` as export `name` on 127.0.0.1:port, persistent (survives client disconnects). */
+export function qemuNbd(img: string, name: string, port: number, extra: string[] = []): Promise<Proc> {
+  return startPeer('qemu-nbd', 'qemu-utils', ['-f', 'raw', '-x', name, '-b', '127.0.0.1', '-p', String(port), '--persistent', '--shared=8', ...extra, img], port);
+}
+
 /** nbdkit serving `plugin ARGS` on 127.0.0.1:port in the foreground (filters as `--filter=NAME` in args). */
-export async function nbdkit(port: number, args: string[]): Promise<Proc> {
-  await requireTool('nbdkit', 'nbdkit');
-  const proc = spawn('nbdkit', ['-f', '-i', '127.0.0.1', '-p', String(port), ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
-  let err = '';
-  proc.stderr!.on('data', (b: Buffer) => (err += b.toString()));
-  const exited = new Promise<void>((r) => proc.once('exit', () => r()));
-  await waitForPort(port, 10_000);
-  return {
-    proc,
-    stderr: () => err,
-    stop: async () => {
-      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
-      await exited;
-    },
-  };
+export function nbdkit(port: number, args: string[]): Promise<Proc> {
+  return startPeer('nbdkit', 'nbdkit', ['-f', '-i', '127.0.0.1', '-p', String(port), ...args], port);
 }
 
 export interface Writer {

@@ -25,6 +25,18 @@ async function source(t: Tap, dir: string, name = 'src', extra: string[] = []) {
 const mirror = (admin: string, target: string, extra: Record<string, unknown> = {}) =>
   adminRequest(admin, { cmd: 'mirror', export: 'vm1', target, ...extra }) as Promise<JobStatus>;
 
+/** A qemu-nbd target on an empty image; the teardown thaws it first, should a test have frozen it. */
+async function qemuTarget(t: Tap, dir: string) {
+  const dst = await makeImage(path.join(dir, 'dst.img'), SIZE);
+  const port = await freePort();
+  const q = await qemuNbd(dst, 'vm1', port);
+  t.teardown(async () => {
+    q.proc.kill('SIGCONT');
+    await q.stop();
+  });
+  return { dst, port, q };
+}
+
 /** Resolves with how long `p` took, in ms. */
 async function timed<T>(p: Promise<T>): Promise<{ ms: number; value: T }> {
   const t0 = performance.now();
@@ -147,13 +159,7 @@ t.test('a foreign target: its data is reported, and zeroing pays the rate limit'
 t.test('a frozen target: guest writes and a cutover stay bounded, guests go back to the local image', async (t) => {
   const dir = await tmpDir(t);
   const { admin, s, img } = await source(t, dir);
-  const dst = await makeImage(path.join(dir, 'dst.img'), SIZE);
-  const port = await freePort();
-  const q = await qemuNbd(dst, 'vm1', port);
-  t.teardown(async () => {
-    q.proc.kill('SIGCONT');
-    await q.stop();
-  });
+  const { dst, port, q } = await qemuTarget(t, dir);
   await mirror(admin, `nbd://127.0.0.1:${port}/vm1`, { cutover: 'manual', cutoverTimeout: '2s' });
   await waitForJob(admin, 'vm1', (j) => j.state === 'ready' && j.convergence === 'active');
   q.proc.kill('SIGSTOP');
@@ -184,13 +190,7 @@ t.test('a frozen target: guest writes and a cutover stay bounded, guests go back
 t.test('--target-timeout turns a frozen target into a reconnect; the job resumes on thaw', async (t) => {
   const dir = await tmpDir(t);
   const { admin, img } = await source(t, dir);
-  const dst = await makeImage(path.join(dir, 'dst.img'), SIZE);
-  const port = await freePort();
-  const q = await qemuNbd(dst, 'vm1', port);
-  t.teardown(async () => {
-    q.proc.kill('SIGCONT');
-    await q.stop();
-  });
+  const { dst, port, q } = await qemuTarget(t, dir);
   await mirror(admin, `nbd://127.0.0.1:${port}/vm1`, { cutover: 'auto', targetTimeout: '2s', maxBandwidth: '8M' });
   await waitForJob(admin, 'vm1', (j) => j.dataBytes > 0);
   q.proc.kill('SIGSTOP');
@@ -209,13 +209,7 @@ t.test('abort returns within 5 s with the target frozen mid-copy', async (t) => 
   const dir = await tmpDir(t);
   const { admin, img } = await source(t, dir);
   const before = sha(img);
-  const dst = await makeImage(path.join(dir, 'dst.img'), SIZE);
-  const port = await freePort();
-  const q = await qemuNbd(dst, 'vm1', port);
-  t.teardown(async () => {
-    q.proc.kill('SIGCONT');
-    await q.stop();
-  });
+  const { dst, port, q } = await qemuTarget(t, dir);
   await mirror(admin, `nbd://127.0.0.1:${port}/vm1`, { maxBandwidth: '4M' });
   await waitForJob(admin, 'vm1', (j) => j.dataBytes > 0);
   q.proc.kill('SIGSTOP');
