@@ -438,12 +438,23 @@ export class GoodClient {
     }
   }
 
+  /** A connection within `ms`; one that comes later is closed (else it stays open, unused, forever). */
+  private async connect(what: string, ms: number): Promise<NbdClient> {
+    const p = NbdClient.connect(this.uri());
+    try {
+      return await this.timed(what, p, ms);
+    } catch (e) {
+      p.then((c) => c.close().catch(() => undefined), () => undefined);
+      throw e;
+    }
+  }
+
   private async loop(): Promise<void> {
     const rng = new Rng(0x600d);
     let lastReconnect = Date.now();
     while (!this.stopFlag) {
       try {
-        if (!this.client || this.client.closed) this.client = await this.timed('connect', NbdClient.connect(this.uri()), 10_000);
+        if (!this.client || this.client.closed) this.client = await this.connect('connect', 10_000);
         const c = this.client;
         const len = rng.range(1, 256 * 1024);
         const off = rng.int(this.shadow.length - len + 1);
@@ -465,7 +476,7 @@ export class GoodClient {
         if (Date.now() - lastReconnect > 2000) {
           lastReconnect = Date.now();
           const t0 = Date.now();
-          const c2 = await this.timed('fresh connect', NbdClient.connect(this.uri()), 5000);
+          const c2 = await this.connect('fresh connect', 5000);
           const into = Buffer.alloc(4096);
           const o = rng.int(this.shadow.length - 4096);
           await this.timed('fresh read', c2.read(o, 4096, into, 0), 5000);
