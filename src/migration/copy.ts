@@ -14,9 +14,9 @@
 import { NBD_STATE_ZERO } from '../protocol/constants.js';
 import type { Device } from '../storage/device.js';
 import type { DirtyBitmap } from '../dirty/bitmap.js';
-import type { RangeLock } from './range-lock.js';
+import type { RangeLock } from '../util/range-lock.js';
 import { targetErrorKind } from './target-errors.js';
-import type { TokenBucket } from './token-bucket.js';
+import type { TokenBucket } from '../util/token-bucket.js';
 
 export interface CopyOptions {
   chunkBytes: number;

@@ -1,4 +1,4 @@
-// Property tests: RangeLock (src/migration/range-lock.ts) under random
+// Property tests: RangeLock (src/util/range-lock.ts) under random
 // schedules of acquirers, each starting after a random number of event-loop
 // steps (microtasks or macrotasks), holding a random range for a random number
 // of steps, then releasing. Checked:
@@ -11,7 +11,7 @@
 
 import t from 'tap';
 import fc from 'fast-check';
-import { RangeLock } from '../../../src/migration/range-lock.js';
+import { RangeLock } from '../../../src/util/range-lock.js';
 import { checkProperty, fcParams } from './fc.js';
 
 interface Task {
