@@ -11,6 +11,7 @@
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
+import { errorCode, NbdMigrateError } from '../util/errors.js';
 import { logger } from '../util/log.js';
 
 export type Handler = (args: Record<string, unknown>) => unknown;
@@ -20,15 +21,14 @@ const MAX_LINE = 64 * 1024;
 let tmpSeq = 0;
 const log = logger({ component: 'admin' });
 
-export class AdminError extends Error {
-  override readonly name = 'AdminError';
-  constructor(
-    readonly code: string,
-    message: string,
-    /** The server answered with this error (as opposed to: could not be reached, or no reply). */
-    readonly refused = false,
-  ) {
-    super(message);
+/** The admin socket could not be set up or reached, or (refused) the server answered a request with an error. */
+export class AdminError extends NbdMigrateError {
+  override readonly name: string = 'AdminError';
+  /** The server answered with this error (as opposed to: could not be reached, or no reply). */
+  readonly refused: boolean;
+  constructor(code: string, message: string, options?: { cause?: unknown; refused?: boolean }) {
+    super(code, message, options);
+    this.refused = options?.refused ?? false;
   }
 }
 
@@ -71,7 +71,7 @@ export class AdminServer {
     } catch (e) {
       await new Promise<void>((r) => server.close(() => r()));
       if ((e as { code?: string }).code === 'EEXIST') throw inUse(this.path);
-      throw new AdminError((e as { code?: string }).code ?? 'EIO', `cannot create the admin socket ${this.path}: ${(e as Error).message}`);
+      throw new AdminError(errorCode(e) ?? 'EIO', `cannot create the admin socket ${this.path}: ${(e as Error).message}`, { cause: e });
     } finally {
       fs.rmSync(tmp, { force: true });
     }
@@ -93,7 +93,7 @@ export class AdminServer {
       st = fs.lstatSync(this.path);
     } catch (e) {
       if ((e as { code?: string }).code === 'ENOENT') return;
-      throw new AdminError((e as { code?: string }).code ?? 'EIO', `cannot check the admin socket ${this.path}: ${(e as Error).message}`);
+      throw new AdminError(errorCode(e) ?? 'EIO', `cannot check the admin socket ${this.path}: ${(e as Error).message}`, { cause: e });
     }
     if (!st.isSocket()) throw new AdminError('EEXIST', `admin socket ${this.path} exists and is not a socket; refusing to replace it`);
     const refused = await new Promise<string | undefined>((resolve) => {
@@ -209,14 +209,14 @@ export async function adminRequest(path: string, request: Record<string, unknown
       try {
         const msg = JSON.parse(buf.slice(0, nl)) as { ok: boolean; result?: unknown; error?: { code: string; message: string } };
         if (msg.ok) resolve(msg.result);
-        else reject(new AdminError(msg.error?.code ?? 'EIO', msg.error?.message ?? 'unknown error', true));
+        else reject(new AdminError(msg.error?.code ?? 'EIO', msg.error?.message ?? 'unknown error', { refused: true }));
       } catch (e) {
         reject(e);
       }
     });
     s.on('error', (e) => {
       clearTimeout(timer);
-      reject(new AdminError((e as { code?: string }).code ?? 'EIO', `cannot reach the admin socket ${path}: ${e.message}`));
+      reject(new AdminError(errorCode(e) ?? 'EIO', `cannot reach the admin socket ${path}: ${e.message}`, { cause: e }));
     });
   });
 }

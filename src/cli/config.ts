@@ -6,6 +6,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Acl } from '../server/acl.js';
+import { NbdMigrateError } from '../util/errors.js';
 import { parseSize } from '../util/units.js';
 
 export interface ExportConfig {
@@ -52,8 +53,12 @@ export interface ServeConfig {
   exports: ExportConfig[];
 }
 
-export class ConfigError extends Error {
-  override readonly name = 'ConfigError';
+/** A configuration (file, option or export) that cannot be served; the message names the field. */
+export class ConfigError extends NbdMigrateError {
+  override readonly name: string = 'ConfigError';
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('EINVAL', message, options);
+  }
 }
 
 export const CONFIG_DEFAULTS = {

@@ -4,6 +4,41 @@
  */
 import * as C from '../protocol/constants.js';
 import { DeviceError } from '../storage/device.js';
+import { errorCode } from '../util/errors.js';
+
+/**
+ * What a failed request to a server means, in one place: the copy engine, the
+ * mirror job and the post-cutover forwarding device all decide by it.
+ * - connection: the connection is gone (or timed out); reconnect and go on;
+ * - permanent: the server refused in a way that will not pass (no space, read-only,
+ *   a request it calls invalid): fail fast with the reason;
+ * - transient: the server answered an error that may pass (EIO): retry the request.
+ */
+export type TargetErrorKind = 'connection' | 'permanent' | 'transient';
+
+/** Errors that mean "the connection is gone", not "the server said no". */
+export const CONNECTION_LOST: ReadonlySet<string> = new Set(['ECONNRESET', 'EPIPE', 'ESHUTDOWN', 'ECONNREFUSED', 'ETIMEDOUT', 'EUNREACHABLE']);
+/** Errors that retrying will not cure. */
+export const PERMANENT: ReadonlySet<string> = new Set(['ENOSPC', 'EPERM', 'EROFS', 'EDQUOT', 'EFBIG', 'EINVAL', 'EOVERFLOW', 'ENOTSUP']);
+
+/** The connection is gone (reset, closed, timed out, unreachable): reconnecting may cure it. */
+export function isConnectionLost(e: unknown): boolean {
+  const code = errorCode(e);
+  return code !== undefined && CONNECTION_LOST.has(code);
+}
+
+/** The server refused in a way retrying will not cure (by code, or an error marked `permanent`). */
+export function isPermanent(e: unknown): boolean {
+  if (isConnectionLost(e)) return false;
+  const code = errorCode(e);
+  return (code !== undefined && PERMANENT.has(code)) || (e as { permanent?: unknown } | null | undefined)?.permanent === true;
+}
+
+export function targetErrorKind(e: unknown): TargetErrorKind {
+  if (isConnectionLost(e)) return 'connection';
+  if (isPermanent(e)) return 'permanent';
+  return 'transient';
+}
 
 /** POSIX errno name for an NBD error value; values the spec does not define become EIO. */
 export function errnoNameForNbd(nbdErrno: number): string {

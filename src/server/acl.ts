@@ -4,10 +4,13 @@
  * are local and not subject to address lists (the socket's file mode governs).
  */
 import * as net from 'node:net';
+import { NbdMigrateError } from '../util/errors.js';
 
-export class AclError extends Error {
-  override readonly name = 'AclError';
-  readonly code = 'EINVAL';
+export class AclError extends NbdMigrateError {
+  override readonly name: string = 'AclError';
+  constructor(message: string) {
+    super('EINVAL', message);
+  }
 }
 
 export class Acl {

@@ -5,6 +5,7 @@
  */
 import * as fs from 'node:fs';
 import * as net from 'node:net';
+import { NbdMigrateError } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import { Connection, ConnectionClosed } from './connection.js';
 import type { Acl } from './acl.js';
@@ -213,7 +214,7 @@ export class NbdServer {
   /** Replaces an export's address list and disconnects attached clients it no longer allows. */
   setAcl(exportName: string, acl: Acl | undefined): number {
     const exp = this.exports.get(exportName);
-    if (!exp || exp.name !== exportName) throw Object.assign(new Error(`no export named "${exportName}"`), { code: 'ENOENT' });
+    if (!exp || exp.name !== exportName) throw new NbdMigrateError('ENOENT', `no export named "${exportName}"`);
     exp.acl = acl;
     let dropped = 0;
     for (const s of this.sessions)

@@ -34,6 +34,7 @@ export interface ZeroOptions extends WriteOptions {
 /** One run of the base:allocation map; `flags` are NBD_STATE_HOLE / NBD_STATE_ZERO bits. */
 export type { Extent } from '../protocol/codec.js';
 import type { Extent } from '../protocol/codec.js';
+import { NbdMigrateError } from '../util/errors.js';
 
 export interface Device {
   /** Size in bytes, fixed for the device's life. */
@@ -53,13 +54,6 @@ export interface Device {
 }
 
 /** An error from a device, carrying a POSIX errno name (`code`) for the one errno -> NBD mapping. */
-export class DeviceError extends Error {
-  override readonly name = 'DeviceError';
-  constructor(
-    readonly code: string,
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-  }
+export class DeviceError extends NbdMigrateError {
+  override readonly name: string = 'DeviceError';
 }
