@@ -10,6 +10,7 @@
  */
 import * as fs from 'node:fs';
 import * as tls from 'node:tls';
+import { adminHandlers } from '../admin/commands.js';
 import { AdminServer } from '../admin/server.js';
 import { DirtyBitmap } from '../dirty/bitmap.js';
 import { DirtyTrackingDevice } from '../dirty/tracking-device.js';
@@ -26,7 +27,6 @@ import { FileDevice } from '../storage/file-device.js';
 import { ImageLockConflict } from '../storage/native.js';
 import { buildRegistry, startMetricsServer } from '../metrics/exporter.js';
 import { log } from '../util/log.js';
-import { parseDurationMs, parseSize } from '../util/units.js';
 import { ConfigError, type ExportConfig, type ServeConfig } from './config.js';
 
 export interface RunningServer {
@@ -220,16 +220,7 @@ class ServeProcess implements RunningServer {
       } else await this.server.listenNewstyle(this.cfg.listen, this.cfg.port);
       if (this.cfg.socket) await this.server.listenUnix(this.cfg.socket);
       if (this.cfg.adminSocket) {
-        this.admin = new AdminServer(this.cfg.adminSocket, {
-          ...adminHandlers(this.controller),
-          'set-acl': (a) => {
-            const allow = a.allow;
-            if (allow !== null && !(Array.isArray(allow) && allow.every((x) => typeof x === 'string')))
-              throw Object.assign(new Error('"allow" must be a list of addresses/CIDRs, or null to admit everyone'), { code: 'EINVAL' });
-            const acl = allow === null ? undefined : Acl.parse(allow as string[]);
-            return { disconnected: this.server.setAcl(str(a, 'export'), acl) };
-          },
-        });
+        this.admin = new AdminServer(this.cfg.adminSocket, adminHandlers({ controller: this.controller, server: this.server }));
         await this.admin.listen();
       }
       if (this.cfg.metrics)
@@ -298,68 +289,6 @@ export async function startServe(cfg: ServeConfig): Promise<RunningServer> {
   const p = new ServeProcess(cfg);
   await p.start();
   return p;
-}
-
-function str(args: Record<string, unknown>, key: string): string {
-  const v = args[key];
-  if (typeof v !== 'string' || v === '') throw Object.assign(new Error(`"${key}" must be a non-empty string`), { code: 'EINVAL' });
-  return v;
-}
-
-function oneOf<T extends string>(args: Record<string, unknown>, key: string, allowed: readonly T[]): T | undefined {
-  const v = args[key];
-  if (v === undefined) return undefined;
-  if (!allowed.includes(v as T)) throw Object.assign(new Error(`"${key}" must be one of ${allowed.join(', ')}`), { code: 'EINVAL' });
-  return v as T;
-}
-
-function positive(ms: number, key: string): number {
-  if (!(ms > 0)) throw Object.assign(new Error(`"${key}" must be more than 0`), { code: 'EINVAL' });
-  return ms;
-}
-
-function invalid<T>(fn: () => T): T {
-  try {
-    return fn();
-  } catch (e) {
-    throw Object.assign(e as Error, { code: 'EINVAL' });
-  }
-}
-
-/** The admin socket's commands (documented in the README). */
-export function adminHandlers(c: MigrationController): Record<string, (a: Record<string, unknown>) => unknown> {
-  return {
-    status: (a) => (a.export === undefined ? c.status() : c.jobStatus(str(a, 'export'))),
-    mirror: (a) => {
-      const opts: Parameters<MigrationController['mirror']>[1] = { target: str(a, 'target') };
-      if (a.maxBandwidth !== undefined) opts.maxBandwidth = invalid(() => parseSize(a.maxBandwidth, 'maxBandwidth')) || undefined;
-      if (a.maxDowntime !== undefined) opts.maxDowntimeMs = invalid(() => parseDurationMs(a.maxDowntime, 'maxDowntime'));
-      const cutover = oneOf(a, 'cutover', ['auto', 'manual'] as const);
-      if (cutover) opts.cutover = cutover;
-      const converge = oneOf(a, 'converge', ['active', 'throttle'] as const);
-      if (converge) opts.converge = converge;
-      const handoff = oneOf(a, 'handoff', ['forward', 'disconnect'] as const);
-      if (handoff) opts.handoff = handoff;
-      if (a.maxRetries !== undefined) {
-        if (!Number.isInteger(a.maxRetries) || (a.maxRetries as number) < 0)
-          throw Object.assign(new Error('"maxRetries" must be a non-negative integer'), { code: 'EINVAL' });
-        opts.maxRetries = a.maxRetries as number;
-      }
-      if (a.targetTimeout !== undefined) opts.targetTimeoutMs = positive(invalid(() => parseDurationMs(a.targetTimeout, 'targetTimeout')), 'targetTimeout');
-      if (a.cutoverTimeout !== undefined) opts.cutoverTimeoutMs = positive(invalid(() => parseDurationMs(a.cutoverTimeout, 'cutoverTimeout')), 'cutoverTimeout');
-      if (a.writeThroughTimeout !== undefined)
-        opts.writeThroughTimeoutMs = positive(invalid(() => parseDurationMs(a.writeThroughTimeout, 'writeThroughTimeout')), 'writeThroughTimeout');
-      for (const k of ['force', 'requireSpace'] as const) {
-        if (a[k] === undefined) continue;
-        if (typeof a[k] !== 'boolean') throw Object.assign(new Error(`"${k}" must be true or false`), { code: 'EINVAL' });
-        opts[k] = a[k] as boolean;
-      }
-      return c.mirror(str(a, 'export'), opts);
-    },
-    cutover: (a) => c.cutover(str(a, 'export')),
-    abort: (a) => c.abort(str(a, 'export')),
-    'set-speed': (a) => c.setSpeed(str(a, 'export'), invalid(() => parseSize(a.rate, 'rate')) || undefined),
-  };
 }
 
 /** What SIGHUP does not re-apply: listeners, admin socket, metrics, TLS and limits are set up once, at startup. */

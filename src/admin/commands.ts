@@ -1,0 +1,128 @@
+/**
+ * The admin socket's commands, one entry each: the name (its key), what it
+ * does, the arguments it accepts (checked by ./args.ts before the handler
+ * runs), and the handler. `ctl` (src/cli/ctl.ts) builds its subcommands'
+ * options from these entries, and test/unit/admin/commands.test.ts holds the
+ * table, ctl and the README's "Admin socket protocol" section to each other.
+ * A new command is one entry here and one line in ctl (or 'socket-only').
+ */
+import type { MigrationController } from '../migration/controller.js';
+import { Acl } from '../server/acl.js';
+import type { NbdServer } from '../server/server.js';
+import { type Args, checkArgs, type Schema } from './args.js';
+import type { Handler } from './server.js';
+
+/** What the commands act on; serve passes its own. */
+export interface AdminContext {
+  readonly controller: MigrationController;
+  readonly server: Pick<NbdServer, 'setAcl'>;
+}
+
+export interface AdminCommand<S extends Schema = Schema> {
+  /** One line: what the command does (ctl's help). */
+  readonly summary: string;
+  readonly args: S;
+  /** Runs with the checked arguments; its result is the reply's "result", a thrown error's code the reply's error code. */
+  run(ctx: AdminContext, args: Args<S>): unknown;
+}
+
+function command<const S extends Schema>(c: AdminCommand<S>): AdminCommand<S> {
+  return c;
+}
+
+const exportArg = { kind: 'string', required: true, doc: 'The export' } as const;
+
+type MirrorOpts = Parameters<MigrationController['mirror']>[1];
+
+/** The commands, in the order `known:` lists them in an unknown command's reply. */
+export const ADMIN_COMMANDS = {
+  status: command({
+    summary: 'Exports, dirty data and mirror jobs',
+    args: { export: { kind: 'string', doc: 'Only this export\'s mirror job' } },
+    run: ({ controller }, a) => (a.export === undefined ? controller.status() : controller.jobStatus(a.export)),
+  }),
+  mirror: command({
+    summary: 'Start mirroring an export to an NBD target (nbd://HOST[:PORT]/NAME or nbd+unix:///NAME?socket=PATH)',
+    // Checked in this order (export last), as before the table: the first bad field is the one reported.
+    args: {
+      target: { kind: 'string', required: true, doc: 'The NBD target (nbd://HOST[:PORT]/NAME or nbd+unix:///NAME?socket=PATH)' },
+      maxBandwidth: { kind: 'size', doc: 'Copy rate limit, e.g. 200M (bytes/s, binary units)' },
+      maxDowntime: { kind: 'duration', doc: 'Ready when the dirty data left can be copied within this' },
+      cutover: { kind: 'enum', values: ['auto', 'manual'], doc: 'Switch as soon as ready (auto) or on `ctl cutover` (manual)' },
+      converge: {
+        kind: 'enum',
+        values: ['active', 'throttle'],
+        doc: 'When the guest outpaces the copy: write-through to both sides, or throttle guest writes',
+      },
+      handoff: {
+        kind: 'enum',
+        values: ['forward', 'disconnect'],
+        doc: 'After cutover: keep guests connected and forward to the target, or disconnect them',
+      },
+      maxRetries: { kind: 'integer', doc: 'Consecutive target failures before the job fails' },
+      targetTimeout: { kind: 'duration', positive: true, doc: 'A target that answers nothing for this long is dropped and reconnected' },
+      cutoverTimeout: { kind: 'duration', positive: true, doc: 'A cutover not done within this fails; guests go on with the local image' },
+      writeThroughTimeout: {
+        kind: 'duration',
+        positive: true,
+        doc: 'A guest write the target has not taken within this is left to the background copy',
+      },
+      force: {
+        kind: 'boolean',
+        doc: 'Mirror onto a live nbd-migrate export, or take over a destination bound to another job (the copy starts again)',
+      },
+      requireSpace: { kind: 'boolean', doc: 'Refuse a destination that cannot hold the full virtual size (default: warn)' },
+      export: exportArg,
+    },
+    run: ({ controller }, a) => {
+      const opts: MirrorOpts = { target: a.target };
+      // Only what was given: an option set to undefined would override the job's default.
+      if (a.maxBandwidth !== undefined) opts.maxBandwidth = a.maxBandwidth || undefined; // 0: unlimited
+      if (a.maxDowntime !== undefined) opts.maxDowntimeMs = a.maxDowntime;
+      if (a.cutover !== undefined) opts.cutover = a.cutover;
+      if (a.converge !== undefined) opts.converge = a.converge;
+      if (a.handoff !== undefined) opts.handoff = a.handoff;
+      if (a.maxRetries !== undefined) opts.maxRetries = a.maxRetries;
+      if (a.targetTimeout !== undefined) opts.targetTimeoutMs = a.targetTimeout;
+      if (a.cutoverTimeout !== undefined) opts.cutoverTimeoutMs = a.cutoverTimeout;
+      if (a.writeThroughTimeout !== undefined) opts.writeThroughTimeoutMs = a.writeThroughTimeout;
+      if (a.force !== undefined) opts.force = a.force;
+      if (a.requireSpace !== undefined) opts.requireSpace = a.requireSpace;
+      return controller.mirror(a.export, opts);
+    },
+  }),
+  cutover: command({
+    summary: 'Switch a ready mirror to its target',
+    args: { export: exportArg },
+    run: ({ controller }, a) => controller.cutover(a.export),
+  }),
+  abort: command({
+    summary: 'Stop a mirror before the switch; the source stays as it was',
+    args: { export: exportArg },
+    run: ({ controller }, a) => controller.abort(a.export),
+  }),
+  'set-speed': command({
+    summary: 'Change the copy rate limit (0 = unlimited)',
+    args: { export: exportArg, rate: { kind: 'size', required: true, doc: 'The new limit, e.g. 500M (bytes/s); 0 lifts it' } },
+    run: ({ controller }, a) => controller.setSpeed(a.export, a.rate || undefined),
+  }),
+  'set-acl': command({
+    summary: 'Replace an export\'s client address list; connected clients it no longer admits are disconnected',
+    // allow before export, as before the table.
+    args: {
+      allow: { kind: 'list', required: true, of: 'addresses/CIDRs', orNull: 'to admit everyone', doc: 'Addresses and CIDRs admitted, or null for everyone' },
+      export: exportArg,
+    },
+    run: ({ server }, a) => ({ disconnected: server.setAcl(a.export, a.allow === null ? undefined : Acl.parse(a.allow)) }),
+  }),
+} as const;
+
+export type AdminCommandName = keyof typeof ADMIN_COMMANDS;
+
+/** The table as the admin socket runs it: each request's arguments are checked, then its handler runs on `ctx`. */
+export function adminHandlers(ctx: AdminContext): Record<AdminCommandName, Handler> {
+  const handlers = {} as Record<AdminCommandName, Handler>;
+  for (const [name, c] of Object.entries(ADMIN_COMMANDS) as [AdminCommandName, AdminCommand][])
+    handlers[name] = (request) => c.run(ctx, checkArgs(c.args, request));
+  return handlers;
+}
