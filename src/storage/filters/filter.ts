@@ -1,0 +1,61 @@
+/**
+ * The pass-through filter every storage filter extends: each method forwards
+ * to `next`, the device below, so a filter overrides only the calls it
+ * changes (nbdkit's server/filters.c falls through to the next backend the
+ * same way wherever a filter leaves a callback unset). A filter knows only
+ * what is below it; buildStack (../stack.ts) puts the layers in order.
+ */
+import type { Capabilities, Device, Extent, WriteOptions, ZeroOptions } from '../device.js';
+
+export class Filter<Next extends Device = Device> implements Device {
+  constructor(protected next: Next) {}
+
+  /** Asked of the layer below every time: a layer that switches devices changes it. */
+  get size(): number {
+    return this.next.size;
+  }
+
+  /** Asked of the layer below every time, never cached: what is below may change. */
+  capabilities(): Capabilities {
+    return this.next.capabilities();
+  }
+
+  read(offset: number, length: number, into: Buffer, at: number): Promise<void> {
+    return this.next.read(offset, length, into, at);
+  }
+
+  write(offset: number, data: readonly Buffer[], opts: WriteOptions): Promise<void> {
+    return this.next.write(offset, data, opts);
+  }
+
+  flush(): Promise<void> {
+    return this.next.flush();
+  }
+
+  trim(offset: number, length: number, opts: WriteOptions): Promise<void> {
+    return this.next.trim(offset, length, opts);
+  }
+
+  zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+    return this.next.zero(offset, length, opts);
+  }
+
+  extents(offset: number, length: number, maxExtents: number): Promise<Extent[]> {
+    return this.next.extents(offset, length, maxExtents);
+  }
+
+  cache(offset: number, length: number): Promise<void> {
+    return this.next.cache(offset, length);
+  }
+
+  close(): Promise<void> {
+    return this.next.close();
+  }
+}
+
+/** Bytes in a write's buffers (they are never joined). */
+export function byteLength(data: readonly Buffer[]): number {
+  let n = 0;
+  for (const b of data) n += b.length;
+  return n;
+}
