@@ -3,19 +3,15 @@
  * binds the listeners and the admin socket, serves until SIGTERM/SIGINT, then
  * aborts unfinished mirrors, drains in-flight requests, flushes, and closes.
  *
- * Device stack per export, top to bottom:
- *   gate (cutover hold, guest throttle; swaps to the target at cutover)
- *   dirty tracking (marks the bitmap; write-through when the mirror is active)
- *   file (the raw image)
+ * Each export's device stack is built by buildStack (src/storage/stack.ts)
+ * over its image.
  */
 import * as fs from 'node:fs';
 import * as tls from 'node:tls';
 import { adminHandlers } from '../admin/commands.js';
 import { AdminServer } from '../admin/server.js';
-import { DirtyBitmap } from '../dirty/bitmap.js';
-import { DirtyTrackingDevice } from '../dirty/tracking-device.js';
 import { MigrationController } from '../migration/controller.js';
-import { GateDevice } from '../migration/gate-device.js';
+import { GateDevice, trackingView } from '../migration/gate-device.js';
 import type { MirrorSource } from '../migration/job.js';
 import { IncomingMigration } from '../migration/incoming.js';
 import { readFenced, readIncoming, readReceived, writeIncoming } from '../migration/markers.js';
@@ -25,6 +21,7 @@ import type { TlsPolicy } from '../server/handshake.js';
 import { DEFAULT_SERVER_OPTIONS, NbdServer } from '../server/server.js';
 import { FileDevice } from '../storage/file-device.js';
 import { ImageLockConflict } from '../storage/native.js';
+import { buildStack, type Stack } from '../storage/stack.js';
 import { buildRegistry, startMetricsServer } from '../metrics/exporter.js';
 import { log } from '../util/log.js';
 import { ConfigError, type ExportConfig, type ServeConfig } from './config.js';
@@ -94,6 +91,7 @@ function checkMarkers(e: ExportConfig, force: boolean): void {
 interface OpenExport {
   config: ExportConfig;
   file: FileDevice;
+  stack: Stack;
   source: MirrorSource;
 }
 
@@ -140,9 +138,7 @@ class ServeProcess implements RunningServer {
         throw new Error(`export "${e.name}": ${e.path} is in use: ${err.holder}; not serving it`, { cause: err });
       throw new Error(`export "${e.name}": cannot open ${e.path}: ${(err as Error).message}`, { cause: err });
     }
-    const bitmap = new DirtyBitmap(file.size, this.cfg.dirtyGranularity);
-    const tracking = new DirtyTrackingDevice(file, bitmap);
-    const gate = new GateDevice(tracking);
+    const stack = buildStack({ local: file, dirtyGranularity: this.cfg.dirtyGranularity });
     const received = readReceived(e.path);
     let incoming: IncomingMigration | undefined;
     if (e.incoming && received) {
@@ -165,14 +161,14 @@ class ServeProcess implements RunningServer {
       name: e.name,
       image: e.path,
       size: file.size,
-      gate,
-      tracking,
-      bitmap,
+      gate: new GateDevice(stack),
+      tracking: trackingView(stack),
+      bitmap: stack.bitmap,
       exportId: '',
       disconnectClients: () => this.server.disconnectExport(e.name),
     };
-    const oe: OpenExport = { config: e, file, source };
-    const exp = new Export({ name: e.name, description: e.description, device: gate, incoming, id: received?.exportId, acl: e.allow ? Acl.parse(e.allow) : undefined });
+    const oe: OpenExport = { config: e, file, stack, source };
+    const exp = new Export({ name: e.name, description: e.description, device: stack.device, incoming, id: received?.exportId, acl: e.allow ? Acl.parse(e.allow) : undefined });
     source.exportId = exp.id;
     this.registry.add(exp);
     this.sources.set(e.name, source);
@@ -201,7 +197,7 @@ class ServeProcess implements RunningServer {
     for (const oe of [...this.retiring]) {
       if ((conns.get(oe.config.name) ?? 0) > 0) continue;
       this.retiring.delete(oe);
-      await oe.source.gate.flush().catch(() => undefined);
+      await oe.stack.device.flush().catch(() => undefined);
       await oe.file.close().catch((e) => log('error', 'close-failed', { image: oe.file.path, cause: e }));
     }
     if (this.retiring.size === 0 && this.reaper) {
@@ -270,14 +266,13 @@ class ServeProcess implements RunningServer {
     await this.server.close(this.cfg.shutdownTimeout * 1000);
     if (this.reaper) clearInterval(this.reaper);
     for (const oe of [...this.open.values(), ...this.retiring]) {
-      const gate = oe.source.gate;
       // A switched export flushes its target; an unreachable target must not hold up shutdown.
       const flushed = await Promise.race([
-        gate.flush().then(() => true, (e) => log('error', 'flush-failed', { export: oe.config.name, cause: e })),
+        oe.stack.device.flush().then(() => true, (e) => log('error', 'flush-failed', { export: oe.config.name, cause: e })),
         new Promise<false>((r) => setTimeout(() => r(false), SHUTDOWN_FLUSH_MS).unref()),
       ]);
       if (flushed === false) log('error', 'flush-timeout', { export: oe.config.name, timeoutMs: SHUTDOWN_FLUSH_MS });
-      if (gate.inner !== oe.source.tracking) await gate.inner.close().catch(() => undefined);
+      await oe.stack.switch.target?.close().catch(() => undefined);
       await oe.file.close().catch((e) => log('error', 'close-failed', { image: oe.file.path, cause: e }));
     }
     this.open.clear();

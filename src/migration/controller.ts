@@ -76,7 +76,7 @@ export class MigrationController extends EventEmitter {
       dirtyBlocks: s.bitmap.dirtyBlocks(),
       granularity: s.bitmap.granularity,
       bitmapBytes: s.bitmap.memoryBytes(),
-      backend: (s.gate.inner === s.tracking ? 'local' : 'target') as ExportStatus['backend'],
+      backend: (s.gate.switched ? 'target' : 'local') as ExportStatus['backend'],
     }));
     return { exports, jobs: [...this.jobs.values()].map((j) => j.status()) };
   }

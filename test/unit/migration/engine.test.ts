@@ -6,16 +6,16 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { DirtyBitmap } from '../../../src/dirty/bitmap.js';
-import { DirtyTrackingDevice } from '../../../src/dirty/tracking-device.js';
 import { copySweep, newCopyStats } from '../../../src/migration/copy.js';
-import { GateDevice } from '../../../src/migration/gate-device.js';
+import { GateDevice, trackingView } from '../../../src/migration/gate-device.js';
 import { DEFAULT_MIRROR_OPTIONS, MirrorJob, type MirrorSource, type MirrorTarget } from '../../../src/migration/job.js';
 import { readFenced } from '../../../src/migration/markers.js';
-import { RangeLock } from '../../../src/migration/range-lock.js';
+import { RangeLock } from '../../../src/util/range-lock.js';
 import { ReconnectingDevice } from '../../../src/migration/reconnecting-device.js';
-import { TokenBucket } from '../../../src/migration/token-bucket.js';
+import { TokenBucket } from '../../../src/util/token-bucket.js';
 import { DeviceError } from '../../../src/storage/device.js';
 import { FileDevice } from '../../../src/storage/file-device.js';
+import { buildStack } from '../../../src/storage/stack.js';
 
 const MiB = 1024 * 1024;
 
@@ -83,10 +83,12 @@ class FileTarget extends EventEmitter implements MirrorTarget {
 
 async function sourceStack(img: string, granularity = 64 * 1024) {
   const file = await FileDevice.open(img, { readOnly: false });
-  const bitmap = new DirtyBitmap(file.size, granularity);
-  const tracking = new DirtyTrackingDevice(file, bitmap);
-  const gate = new GateDevice(tracking);
-  const src: MirrorSource = { name: 'vm', image: img, size: file.size, gate, tracking, bitmap, disconnectClients: () => undefined };
+  const stack = buildStack({ local: file, dirtyGranularity: granularity });
+  const bitmap = stack.bitmap;
+  // The local branch below the switch: write-through over dirty tracking over the file.
+  const tracking = stack.writeThrough;
+  const gate = new GateDevice(stack);
+  const src: MirrorSource = { name: 'vm', image: img, size: file.size, gate, tracking: trackingView(stack), bitmap, disconnectClients: () => undefined };
   return { file, bitmap, tracking, gate, src };
 }
 
