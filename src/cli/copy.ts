@@ -4,8 +4,8 @@
  * WRITE_ZEROES, or nothing where the destination already reads as zero).
  */
 import * as fs from 'node:fs';
-import { NbdClient } from '../client/nbd-client.js';
 import { DirtyBitmap } from '../dirty/bitmap.js';
+import { connectPlain } from '../migration/connector.js';
 import { copySweep, DEFAULT_COPY_OPTIONS, newCopyStats } from '../migration/copy.js';
 import { TokenBucket } from '../migration/token-bucket.js';
 import type { Device } from '../storage/device.js';
@@ -16,7 +16,7 @@ import { ProgressBar } from './progress.js';
 const isUri = (s: string) => /^nbd(\+unix)?:\/\//.test(s) || /^nbds/.test(s);
 
 async function open(spec: string, readOnly: boolean, createSize?: number): Promise<Device> {
-  if (isUri(spec)) return NbdClient.connect(spec);
+  if (isUri(spec)) return connectPlain(spec);
   if (createSize !== undefined && !fs.existsSync(spec)) {
     const fd = fs.openSync(spec, 'wx');
     fs.ftruncateSync(fd, createSize);

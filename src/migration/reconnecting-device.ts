@@ -9,19 +9,19 @@
  */
 import { type Capabilities, type Device, DeviceError, type Extent, type WriteOptions, type ZeroOptions } from '../storage/device.js';
 import { logger } from '../util/log.js';
-import type { MirrorTarget } from './job.js';
+import type { Target } from './target.js';
 import { CONNECTION_LOST } from './target-errors.js';
 
 export class ReconnectingDevice implements Device {
-  private current: MirrorTarget;
-  private reconnecting: Promise<MirrorTarget> | undefined;
+  private current: Target;
+  private reconnecting: Promise<Target> | undefined;
   /** Set by close(): no more reconnecting; waiting requests fail. */
   private closed = false;
   private readonly log = logger({ component: 'forward' });
 
   constructor(
-    first: MirrorTarget,
-    private readonly connect: () => Promise<MirrorTarget>,
+    first: Target,
+    private readonly connect: () => Promise<Target>,
     readonly uri: string,
     private readonly giveUpMs = 120_000,
   ) {
@@ -84,7 +84,7 @@ export class ReconnectingDevice implements Device {
   }
 
   /** One reconnect at a time; every request that saw the old connection die waits for it. */
-  private reconnect(dead: MirrorTarget, deadline: number, cause: unknown): Promise<MirrorTarget> {
+  private reconnect(dead: Target, deadline: number, cause: unknown): Promise<Target> {
     if (this.current !== dead) return Promise.resolve(this.current);
     this.reconnecting ??= (async () => {
       this.log.warn('target-connection-lost', { target: this.uri, cause, action: 'reconnect; guest requests wait' });

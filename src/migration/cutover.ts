@@ -1,0 +1,86 @@
+/**
+ * The switch, bounded by `limitMs` and escapable by an abort. While guests
+ * are held: copy the rest, flush the target, write the fence marker (synced),
+ * tell an nbd-migrate destination it is complete, and only then swap the
+ * export to the target. Any failure (or the bound, or an abort) releases
+ * guests to the local image, unfenced: no guest ever writes to the target
+ * while the source could still be served read-write.
+ */
+import * as C from '../protocol/constants.js';
+import type { Logger } from '../util/log.js';
+import { abortion, type TargetConnector } from './connector.js';
+import { type CopyOptions, type CopyStats, copySweep } from './copy.js';
+import { JobError } from './errors.js';
+import { clearFenced, writeFenced } from './markers.js';
+import { ReconnectingDevice } from './reconnecting-device.js';
+import type { MirrorSource } from './source.js';
+import type { Target } from './target.js';
+
+export interface CutoverContext {
+  source: MirrorSource;
+  target: Target;
+  connector: TargetConnector;
+  limitMs: number;
+  signal: AbortSignal;
+  /** Copy options for the final sweep; `shouldStop` is the cutover's. */
+  copyOptions: (shouldStop: () => boolean) => CopyOptions;
+  stats: CopyStats;
+  log: Logger;
+}
+
+export interface CutoverOutcome {
+  switched: boolean;
+  /** Why it did not switch. */
+  failure?: unknown;
+  /** How long guest writes were held, ms. */
+  pauseMs: number;
+}
+
+export async function cutover(ctx: CutoverContext): Promise<CutoverOutcome> {
+  const { source, target, connector } = ctx;
+  const t0 = performance.now();
+  let timer: NodeJS.Timeout | undefined;
+  const expired = new Promise<never>((_r, reject) => {
+    timer = setTimeout(() => reject(new JobError('ETIMEDOUT', `the cutover did not finish within ${ctx.limitMs} ms (--cutover-timeout)`)), ctx.limitMs);
+  });
+  const escape = Promise.race([expired, abortion(ctx.signal)]);
+  escape.catch(() => undefined);
+  const bounded = <T>(p: Promise<T>): Promise<T> => Promise.race([p, escape]);
+  let stop = false;
+  let switched = false;
+  let fenced = false;
+  let failure: unknown;
+  try {
+    await bounded(source.gate.hold());
+    // No guest write runs now: write-through is moot, and one sweep empties the bitmap.
+    source.tracking.setWriteThrough(undefined);
+    await bounded(copySweep(source.tracking.inner, target, source.bitmap, ctx.copyOptions(() => stop), ctx.stats));
+    if (source.bitmap.dirtyBytes() !== 0) throw new JobError('EIO', 'dirty blocks remain after the final sweep');
+    await bounded(target.flush());
+    // Fenced before any guest can reach the target: a restart must never serve this image read-write again.
+    writeFenced(source.image, { export: source.name, target: connector.uri, time: new Date().toISOString() });
+    fenced = true;
+    if (connector.boundOn(target)) await bounded(target.request(C.NBD_CMD_MIGRATE_COMPLETE, 0, 0, 0));
+    // Guests now talk to the target; a dropped connection is re-established under them.
+    source.gate.swap(new ReconnectingDevice(target, () => connector.connect(false), connector.uri));
+    switched = true;
+    source.gate.setThrottle(undefined);
+  } catch (e) {
+    failure = e;
+    stop = true;
+    // Requests still out to a slow or frozen target fail now; their ranges are dirty again.
+    target.destroy();
+    if (fenced) {
+      try {
+        clearFenced(source.image);
+      } catch (err) {
+        ctx.log.error('unfence-failed', { image: source.image, cause: err, effect: 'the image is still served; a restart will refuse it without --force' });
+      }
+    }
+    ctx.log.warn('cutover-failed', { cause: e, effect: 'guests stay on the local image; copying resumes' });
+  } finally {
+    clearTimeout(timer);
+    source.gate.release();
+  }
+  return { switched, failure, pauseMs: Math.round((performance.now() - t0) * 100) / 100 };
+}

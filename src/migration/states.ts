@@ -1,0 +1,63 @@
+/** A mirror job's states, the transitions between them, and what status reports. */
+import type { TargetKind } from './connector.js';
+
+export type JobState = 'created' | 'copying' | 'ready' | 'cutting-over' | 'completed' | 'aborted' | 'failed';
+export type ConvergeMode = 'active' | 'throttle';
+
+/**
+ * The job's states and the only ways between them (libnbd's state machine as
+ * data is the model). `setState` refuses anything else: a bug, not a state.
+ */
+export const TRANSITIONS: Readonly<Record<JobState, readonly JobState[]>> = {
+  created: ['copying'],
+  copying: ['ready', 'aborted', 'failed'],
+  ready: ['cutting-over', 'aborted', 'failed'],
+  'cutting-over': ['completed', 'ready'],
+  completed: [],
+  aborted: [],
+  failed: [],
+};
+
+export interface JobStatus {
+  export: string;
+  target: string;
+  /** This job's identity (binds an --incoming destination). */
+  jobId: string;
+  /** What the target is: an nbd-migrate destination, a live nbd-migrate export (--force), or another server. */
+  targetKind: TargetKind | null;
+  /** Data the target already held when the job started (other servers; null when unknown). */
+  targetDataBytes: number | null;
+  /** Free space the destination reported (nbd-migrate --incoming only). */
+  targetFreeBytes: number | null;
+  /** Allocated data of the source when the job started. */
+  sourceDataBytes: number | null;
+  state: JobState;
+  pass: number;
+  size: number;
+  /** Bytes written or zeroed on the target so far (all sweeps). */
+  bytesCopied: number;
+  dataBytes: number;
+  zeroBytes: number;
+  skippedBytes: number;
+  dirtyBytes: number;
+  dirtyBlocks: number;
+  granularity: number;
+  /** Measured copy rate, bytes/s. */
+  rate: number;
+  /** Seconds until the first sweep completes (or until dirty data is copied). */
+  etaSeconds: number | null;
+  maxBandwidth: number | null;
+  cutover: 'auto' | 'manual';
+  maxDowntimeMs: number;
+  /** What keeps the mirror converging now: none yet, write-through, or guest throttling. */
+  convergence: 'none' | 'active' | 'throttle';
+  throttleRate: number | null;
+  retries: number;
+  /** The target is unreachable and the job is reconnecting. */
+  retrying: boolean;
+  /** Guest write pause measured at cutover. */
+  pauseMs: number | null;
+  startedAt: string;
+  finishedAt: string | null;
+  error: string | null;
+}
