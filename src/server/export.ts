@@ -61,7 +61,6 @@ export class Export {
   readonly name: string;
   readonly description: string | undefined;
   readonly device: Device;
-  readonly caps: Capabilities;
   /** Identity readable by clients as the `nbd-migrate:export-id:<id>` context. */
   readonly id: string;
   /** Request counters, shared by every connection to this export. */
@@ -74,7 +73,6 @@ export class Export {
     this.name = opts.name;
     this.description = opts.description;
     this.device = opts.device;
-    this.caps = opts.device.capabilities();
     this.incomingState = opts.incoming;
     this.id = opts.incoming?.exportId ?? opts.id ?? newExportId();
     this.acl = opts.acl;
@@ -143,6 +141,11 @@ export class Export {
 
   get size(): number {
     return this.device.size;
+  }
+
+  /** Asked of the device each time, never cached: the stack below may switch (cutover). */
+  get caps(): Capabilities {
+    return this.device.capabilities();
   }
 
   get readOnly(): boolean {

@@ -4,7 +4,7 @@
  * layer only knows the layer below it (the nbdkit plugin/filter idea).
  */
 
-/** What a device can do; asked once when an export is opened. */
+/** What a device can do; asked whenever needed (per connection, per request), never cached: a stack's switch changes it. */
 export interface Capabilities {
   readonly canWrite: boolean;
   readonly canFlush: boolean;
