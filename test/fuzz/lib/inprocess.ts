@@ -2,7 +2,7 @@
 // oracle (checker.ts) and the same client side of a case (campaign.ts runCase)
 // as the over-the-wire campaign, but the server is an NbdServer built in this
 // process over in-memory devices (test/helpers/memory-device.ts) with the
-// device stack `serve` builds (gate over dirty tracking over the image), on
+// device stack `serve` builds (src/storage/stack.ts), on
 // its real listeners bound to loopback and to a Unix socket in a temporary
 // directory. Nothing is spawned and nothing touches a disk, and many cases run
 // at once, so it runs hundreds of cases a second where the campaign runs tens.
@@ -25,11 +25,9 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { NbdClient } from '../../../src/client/nbd-client.js';
-import { DirtyBitmap } from '../../../src/dirty/bitmap.js';
-import { DirtyTrackingDevice } from '../../../src/dirty/tracking-device.js';
-import { GateDevice } from '../../../src/migration/gate-device.js';
 import { Export, ExportRegistry } from '../../../src/server/export.js';
 import { DEFAULT_SERVER_OPTIONS, NbdServer } from '../../../src/server/server.js';
+import { buildStack } from '../../../src/storage/stack.js';
 import { configureLog } from '../../../src/util/log.js';
 import { MemoryDevice } from '../../helpers/memory-device.js';
 import type { Teardownable } from '../../helpers/server.js';
@@ -89,8 +87,8 @@ export async function startInProcessServer(handshakeTimeoutS: number): Promise<I
   const good = new MemoryDevice(FUZZ_EXPORTS.good.size);
   vm1.modified = 0;
   const registry = new ExportRegistry();
-  // The stack `serve` builds for each export: the cutover gate over dirty tracking over the image.
-  const stack = (d: MemoryDevice) => new GateDevice(new DirtyTrackingDevice(d, new DirtyBitmap(d.size)));
+  // The stack `serve` builds for each export (throttle, cutover gate, switch, write-through, dirty tracking) over the image.
+  const stack = (d: MemoryDevice) => buildStack({ local: d }).device;
   registry.add(new Export({ name: 'vm1', device: stack(vm1) }));
   registry.add(new Export({ name: 'ro', device: stack(ro) }));
   registry.add(new Export({ name: 'good', device: stack(good) }));

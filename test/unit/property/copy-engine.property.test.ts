@@ -2,8 +2,9 @@
 // the plainest model there is, the source itself. A random sparse source
 // (data, allocated zeros, holes) behind a DirtyTrackingDevice, a target full
 // of garbage (or holes, or both), the bitmap all dirty; sweeps run while
-// random guest writes, trims and zeroes go through the tracking device (some
-// runs in write-through mode under the shared range lock), every device
+// random guest writes, trims and zeroes go through the export's device stack
+// (src/storage/stack.ts: dirty tracking, and in some runs write-through under
+// the range lock it shares with the copy), every device
 // operation on both sides takes a random number of event-loop steps, and the
 // target fails some requests (transient EIO, or a lost connection) with
 // retries on or off. Checked:
@@ -16,11 +17,10 @@
 
 import t from 'tap';
 import fc from 'fast-check';
-import { DirtyBitmap } from '../../../src/dirty/bitmap.js';
-import { DirtyTrackingDevice } from '../../../src/dirty/tracking-device.js';
 import { copySweep, newCopyStats } from '../../../src/migration/copy.js';
 import { RangeLock } from '../../../src/migration/range-lock.js';
-import { DeviceError, type Device } from '../../../src/storage/device.js';
+import { DeviceError } from '../../../src/storage/device.js';
+import { buildStack } from '../../../src/storage/stack.js';
 import { MemoryDevice, type DeviceOp } from '../../helpers/memory-device.js';
 import { Rng } from '../../fuzz/lib/prng.js';
 import { checkProperty, fcParams } from './fc.js';
@@ -131,11 +131,13 @@ async function run(s: Scenario): Promise<void> {
   }
   armed = true;
 
-  const bitmap = new DirtyBitmap(s.size, s.granularity);
+  // The export's stack over the source: guests write through its top; the copy reads the image below it.
+  const stack = buildStack({ local: source, dirtyGranularity: s.granularity });
+  const bitmap = stack.bitmap;
   bitmap.markAll();
-  const tracking = new DirtyTrackingDevice(source, bitmap);
+  const tracking = stack.device;
   const locks = s.locks ? new RangeLock() : undefined;
-  if (s.writeThrough) tracking.setWriteThrough({ target, locks: locks!, onError: () => undefined });
+  if (s.writeThrough) stack.writeThrough.setWriteThrough({ target, locks: locks!, onError: () => undefined });
 
   let guestDone = false;
   const guest = Promise.all(
@@ -159,7 +161,7 @@ async function run(s: Scenario): Promise<void> {
     if (sweep > 200) throw new Error(`no convergence after 200 sweeps: ${bitmap.dirtyBlocks()} blocks still dirty`);
     try {
       await copySweep(
-        source,
+        stack.local,
         target,
         bitmap,
         { chunkBytes: s.chunkBlocks * s.granularity, maxInflight: s.maxInflight, locks, skipTargetZeros: sweep === 0 && s.skipTargetZerosFirst, retries: s.retries },
