@@ -14,6 +14,7 @@ import { nbdErrorFor, nbdErrorName } from './errno.js';
 import type { Negotiated } from './handshake.js';
 import { incomingJobOf } from './export.js';
 import { MemoryBudget } from './memory-budget.js';
+import { validateRequest, type Refusal, type RequestContext } from './validate.js';
 
 export interface SessionLimits {
   maxInflightRequests: number;
@@ -36,41 +37,37 @@ const PAYLOAD_STALL_MS = 30_000;
 /** Extents per BLOCK_STATUS chunk: 4 + 8n bytes must stay within QEMU's 1000-byte limit. */
 const MAX_EXTENTS_PER_CHUNK = Math.floor((C.MAX_NON_DATA_PAYLOAD - 4) / 8);
 
-/** Flags each command accepts (before negotiation-dependent checks). */
-const ALLOWED_FLAGS: Readonly<Record<number, number>> = {
-  [C.NBD_CMD_READ]: C.NBD_CMD_FLAG_FUA | C.NBD_CMD_FLAG_DF,
-  [C.NBD_CMD_WRITE]: C.NBD_CMD_FLAG_FUA,
-  [C.NBD_CMD_DISC]: C.NBD_CMD_FLAG_FUA,
-  [C.NBD_CMD_FLUSH]: C.NBD_CMD_FLAG_FUA,
-  [C.NBD_CMD_TRIM]: C.NBD_CMD_FLAG_FUA,
-  [C.NBD_CMD_CACHE]: C.NBD_CMD_FLAG_FUA,
-  [C.NBD_CMD_WRITE_ZEROES]: C.NBD_CMD_FLAG_FUA | C.NBD_CMD_FLAG_NO_HOLE | C.NBD_CMD_FLAG_FAST_ZERO,
-  [C.NBD_CMD_BLOCK_STATUS]: C.NBD_CMD_FLAG_FUA | C.NBD_CMD_FLAG_REQ_ONE,
-  [C.NBD_CMD_MIGRATE_COMPLETE]: 0,
-  [C.NBD_CMD_MIGRATE_RELEASE]: 0,
-};
+/** What the session reads next. */
+type Input =
+  | { readonly kind: 'header' }
+  /** Nothing: a bound is reached, the socket is paused until it clears (maybeResume). */
+  | { readonly kind: 'paused' }
+  /** The payload of a WRITE that runs once it is in (its bytes are charged already). */
+  | { readonly kind: 'payload'; readonly h: codec.RequestHeader }
+  /** The payload of a refused WRITE, dropped; the refusal is sent once it is gone (libnbd matches replies to fully sent requests). */
+  | { readonly kind: 'discard'; readonly h: codec.RequestHeader; readonly refusal: Refusal; left: number };
 
-interface Refusal {
-  error: number;
-  message: string;
-}
+/** Where the session is in its life (proto.md "Terminating the transmission phase"). */
+type Phase =
+  | { readonly kind: 'serving'; input: Input }
+  /** Server shutdown: every request read from now on is refused with ESHUTDOWN; a soft close follows once idle. */
+  | { readonly kind: 'shutting-down'; input: Input }
+  /** NBD_CMD_DISC received: nothing more is read; a soft close follows once idle. */
+  | { readonly kind: 'disconnecting' }
+  /** The connection is gone. */
+  | { readonly kind: 'closed' };
+
+const HEADER: Input = { kind: 'header' };
+const PAUSED: Input = { kind: 'paused' };
 
 export class Session {
   private inflight = 0;
   private inflightBytes = 0;
-  /** Bytes of a refused WRITE's payload still to be read and dropped. */
-  private discardLeft = 0;
-  /** The refused WRITE being drained: answered only once its payload is gone (libnbd matches replies to fully sent requests). */
-  private drainingRefusal: { h: codec.RequestHeader; refusal: Refusal } | undefined;
-  /** A WRITE whose header is parsed and whose payload is still arriving. */
-  private pendingWrite: codec.RequestHeader | undefined;
-  private paused = false;
-  /** DISC received: read nothing more, close once idle. */
-  private stopping = false;
-  /** The server is shutting down: new requests are refused with ESHUTDOWN. */
-  private shuttingDown = false;
+  private phase: Phase = { kind: 'serving', input: HEADER };
   private idleWaiters: Array<() => void> = [];
   private readonly flags: number;
+  /** The migration job this connection named (nbd-migrate's own commands act for it). */
+  private readonly incomingJob: { jobId: string } | undefined;
 
   private readonly onBudget = () => this.maybeResume();
   private payloadTimer: NodeJS.Timeout | undefined;
@@ -95,25 +92,37 @@ export class Session {
     private readonly budget: MemoryBudget = new MemoryBudget(Number.POSITIVE_INFINITY),
   ) {
     this.flags = n.export.transmissionFlags(n.structuredReplies);
+    this.incomingJob = incomingJobOf(n.metaContexts);
     conn.socket.on('drain', () => this.maybeResume());
     budget.wait(this.onBudget);
     conn.onClose(() => {
       budget.unwait(this.onBudget);
+      const input = this.input;
+      this.phase = { kind: 'closed' };
       // A WRITE whose payload never came gives its memory back.
-      const h = this.pendingWrite;
-      this.pendingWrite = undefined;
-      if (h) this.finish(h.length);
+      if (input?.kind === 'payload') this.finish(input.h.length);
       clearTimeout(this.payloadTimer);
     });
     if (limits.idleTimeoutMs > 0) {
       conn.socket.setTimeout(limits.idleTimeoutMs);
       conn.socket.on('timeout', () => {
-        if (this.inflight > 0 || this.pendingWrite) return; // busy, just quiet on the wire
+        if (this.inflight > 0 || this.input?.kind === 'payload') return; // busy, just quiet on the wire
         conn.log.info('idle-timeout', { export: n.export.name, idleMs: limits.idleTimeoutMs, action: 'disconnect' });
         conn.destroy();
       });
     }
     conn.onClose(() => this.notifyIdle());
+  }
+
+  /** What is read next; undefined once nothing more is read. */
+  private get input(): Input | undefined {
+    const p = this.phase;
+    return p.kind === 'serving' || p.kind === 'shutting-down' ? p.input : undefined;
+  }
+
+  private setInput(input: Input): void {
+    const p = this.phase;
+    if (p.kind === 'serving' || p.kind === 'shutting-down') p.input = input;
   }
 
   get exportName(): string {
@@ -148,7 +157,7 @@ export class Session {
    * flight the connection is closed softly (replies flushed first). Resolves then.
    */
   async shutdown(): Promise<void> {
-    this.shuttingDown = true;
+    if (this.phase.kind === 'serving') this.phase = { kind: 'shutting-down', input: this.phase.input };
     await this.idle();
     if (!this.conn.closed) {
       this.conn.log.info('connection-dropped', { export: this.n.export.name, reason: 'shutdown' });
@@ -175,8 +184,8 @@ export class Session {
   }
 
   private maybeResume(): void {
-    if (this.paused && !this.stopping && !this.throttled()) {
-      this.paused = false;
+    if (this.input?.kind === 'paused' && !this.throttled()) {
+      this.setInput(HEADER);
       this.conn.socket.resume();
       this.pump();
     }
@@ -185,17 +194,19 @@ export class Session {
   /** Parses as many complete requests as the input holds. */
   private pump(): void {
     const input = this.conn.input;
-    while (!this.stopping && !this.conn.closed) {
-      if (this.discardLeft > 0) {
-        this.discardLeft -= input.drop(this.discardLeft);
-        if (this.discardLeft > 0) return;
-        const d = this.drainingRefusal;
-        this.drainingRefusal = undefined;
-        if (d) this.sendError(d.h, d.refusal.error, d.refusal.message);
+    while (!this.conn.closed) {
+      const next = this.input;
+      // Nothing read after DISC; and once paused only maybeResume() reads on.
+      if (next === undefined || next.kind === 'paused') return;
+      if (next.kind === 'discard') {
+        next.left -= input.drop(next.left);
+        if (next.left > 0) return;
+        this.setInput(HEADER);
+        this.sendError(next.h, next.refusal.error, next.refusal.message);
         continue;
       }
-      if (this.pendingWrite) {
-        const h = this.pendingWrite;
+      if (next.kind === 'payload') {
+        const h = next.h;
         if (input.length < h.length) {
           // More payload to come; reading stays on. A payload that stops arriving is not waited for forever.
           this.armPayloadTimer(input.length);
@@ -203,12 +214,12 @@ export class Session {
         }
         clearTimeout(this.payloadTimer);
         this.payloadTimer = undefined;
-        this.pendingWrite = undefined;
+        this.setInput(HEADER);
         this.runWrite(h, input.takeSlices(h.length));
         continue;
       }
       if (this.throttled()) {
-        this.paused = true;
+        this.setInput(PAUSED);
         this.conn.socket.pause();
         return;
       }
@@ -228,13 +239,13 @@ export class Session {
     // "There is no reply to an NBD_CMD_DISC", whatever its flags: it is always a disconnect.
     if (h.type === C.NBD_CMD_DISC) {
       this.conn.log.debug('disconnect-requested', { flags: h.flags });
-      this.stopping = true;
+      this.phase = { kind: 'disconnecting' };
       this.conn.socket.pause(); // nothing after DISC is read; end() discards what comes
       this.conn.input.clear();
       void this.idle().then(() => this.conn.end());
       return;
     }
-    const refusal = this.validate(h);
+    const refusal = validateRequest(h, this.requestContext());
     if (refusal) {
       this.conn.log.info('request-refused', {
         command: C.COMMAND_NAMES[h.type] ?? h.type,
@@ -247,8 +258,7 @@ export class Session {
       this.n.export.stats.op(h.type).error(nbdErrorName(refusal.error));
       // The payload of a refused WRITE is drained so the stream stays in sync, then answered.
       if (h.type === C.NBD_CMD_WRITE && h.length > 0) {
-        this.discardLeft = h.length;
-        this.drainingRefusal = { h, refusal };
+        this.setInput({ kind: 'discard', h, refusal, left: h.length });
         return;
       }
       this.sendError(h, refusal.error, refusal.message);
@@ -258,42 +268,26 @@ export class Session {
       case C.NBD_CMD_WRITE:
         // Charged now, before its payload arrives: memory for payloads being received is bounded too.
         this.begin(h.length);
-        this.pendingWrite = h; // pump() runs it once the payload is in
+        this.setInput({ kind: 'payload', h }); // pump() runs it once the payload is in
         return;
       default:
         this.run(h);
     }
   }
 
-  /** The one place a request is checked; the error values follow proto.md "Error values". */
-  private validate(h: codec.RequestHeader): Refusal | undefined {
-    if (this.shuttingDown) return { error: C.NBD_ESHUTDOWN, message: 'the server is shutting down' };
+  /** What validateRequest() needs; the export's size and writability are read as they are now. */
+  private requestContext(): RequestContext {
     const exp = this.n.export;
-    const allowed = ALLOWED_FLAGS[h.type];
-    if (allowed === undefined) return { error: C.NBD_EINVAL, message: `unknown command ${h.type}` };
-    let valid = allowed;
-    if (!(this.flags & C.NBD_FLAG_SEND_FUA)) valid &= ~C.NBD_CMD_FLAG_FUA;
-    if (!(this.flags & C.NBD_FLAG_SEND_FAST_ZERO)) valid &= ~C.NBD_CMD_FLAG_FAST_ZERO;
-    if (!this.n.structuredReplies) valid &= ~C.NBD_CMD_FLAG_DF;
-    if (h.flags & ~valid) return { error: C.NBD_EINVAL, message: `flags 0x${h.flags.toString(16)} not valid for ${C.COMMAND_NAMES[h.type]}` };
-
-    const writes = h.type === C.NBD_CMD_WRITE || h.type === C.NBD_CMD_TRIM || h.type === C.NBD_CMD_WRITE_ZEROES;
-    if (writes && exp.readOnly) return { error: C.NBD_EPERM, message: `export "${exp.name}" is read-only` };
-
-    if ((h.type === C.NBD_CMD_READ || h.type === C.NBD_CMD_WRITE) && h.length > C.MAX_PAYLOAD)
-      return { error: C.NBD_EINVAL, message: `${h.length} bytes is over the ${C.MAX_PAYLOAD}-byte maximum block size` };
-
-    if (h.type !== C.NBD_CMD_FLUSH && h.type !== C.NBD_CMD_DISC && h.offset + h.length > exp.size) {
-      const error = h.type === C.NBD_CMD_WRITE || h.type === C.NBD_CMD_WRITE_ZEROES ? C.NBD_ENOSPC : C.NBD_EINVAL;
-      return { error, message: `range ${h.offset}+${h.length} is beyond the end of the ${exp.size}-byte export` };
-    }
-    if ((h.type === C.NBD_CMD_MIGRATE_COMPLETE || h.type === C.NBD_CMD_MIGRATE_RELEASE) && !incomingJobOf(this.n.metaContexts))
-      return { error: C.NBD_EINVAL, message: `unknown command ${h.type}` };
-    if (h.type === C.NBD_CMD_BLOCK_STATUS) {
-      if (this.n.metaContexts.length === 0) return { error: C.NBD_EINVAL, message: 'no metadata context was negotiated' };
-      if (h.length === 0) return { error: C.NBD_EINVAL, message: 'block status of zero length' };
-    }
-    return undefined;
+    return {
+      transmissionFlags: this.flags,
+      structuredReplies: this.n.structuredReplies,
+      exportName: exp.name,
+      readOnly: exp.readOnly,
+      size: exp.size,
+      metaContexts: this.n.metaContexts.length,
+      incomingJob: this.incomingJob !== undefined,
+      shuttingDown: this.phase.kind === 'shutting-down',
+    };
   }
 
   private begin(bytes: number): void {
@@ -363,11 +357,11 @@ export class Session {
       case C.NBD_CMD_BLOCK_STATUS:
         return this.blockStatus(h);
       case C.NBD_CMD_MIGRATE_COMPLETE:
-        await this.n.export.completeIncoming(incomingJobOf(this.n.metaContexts)!.jobId);
+        await this.n.export.completeIncoming(this.incomingJob!.jobId);
         this.conn.log.info('migration-received', { export: this.n.export.name });
         break;
       case C.NBD_CMD_MIGRATE_RELEASE:
-        this.n.export.releaseIncoming(incomingJobOf(this.n.metaContexts)!.jobId);
+        this.n.export.releaseIncoming(this.incomingJob!.jobId);
         break;
     }
     this.sendOk(h);
@@ -409,7 +403,7 @@ export class Session {
   }
 
   private sendFailure(h: codec.RequestHeader, e: unknown): void {
-    const error = nbdErrorFor(e);
+    const error = nbdErrorFor(e, h.flags);
     this.account(h, 0, error);
     this.conn.log.warn('request-failed', {
       command: C.COMMAND_NAMES[h.type] ?? h.type,
