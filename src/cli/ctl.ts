@@ -1,7 +1,9 @@
 /**
  * `nbd-migrate ctl`: the operator's side of the admin socket.
  */
-import type { Argv } from 'yargs';
+import type { Arguments, Argv, Options } from 'yargs';
+import type { ArgSpec } from '../admin/args.js';
+import { ADMIN_COMMANDS, type AdminCommand, type AdminCommandName } from '../admin/commands.js';
 import { AdminError, adminRequest } from '../admin/server.js';
 import type { ExportStatus } from '../migration/controller.js';
 import type { JobStatus } from '../migration/job.js';
@@ -90,91 +92,136 @@ function printStatus(st: { exports: ExportStatus[]; jobs: JobStatus[] }): void {
   if (st.jobs.length === 0) out('no mirror jobs');
 }
 
+/** One ctl subcommand: which table arguments are positionals, what ctl sends by default, and what it prints. */
+export interface CtlSubcommand {
+  /** Table arguments given as positionals, in order: `<name>` required, `[name]` optional. */
+  readonly positionals?: string;
+  /** Values sent for table arguments the operator did not give (and shown in --help). */
+  readonly defaults?: Readonly<Record<string, unknown>>;
+  /** ctl's own options, never sent. */
+  readonly local?: Readonly<Record<string, Options>>;
+  /** Sends `request` (the table arguments given, or defaulted) and reports the reply. */
+  run(socket: string, request: Record<string, unknown>, a: Arguments): Promise<void>;
+}
+
+/**
+ * A ctl subcommand for every admin command, or 'socket-only'. The options come
+ * from the command's table entry (src/admin/commands.ts): an argument the table
+ * gains is a ctl option at once (camelCase as --kebab-case).
+ */
+export const CTL_SUBCOMMANDS: { readonly [K in AdminCommandName]: CtlSubcommand | 'socket-only' } = {
+  status: {
+    positionals: '[export]',
+    local: { json: { type: 'boolean', describe: 'Print the raw JSON reply' } },
+    run: async (socket, req, a) => {
+      const r = await adminRequest(socket, req);
+      if (a.json || a.export) out(JSON.stringify(r, null, 2));
+      else printStatus(r as { exports: ExportStatus[]; jobs: JobStatus[] });
+    },
+  },
+  mirror: {
+    positionals: '<export> <target>',
+    defaults: {
+      cutover: 'manual',
+      maxDowntime: '50ms',
+      converge: 'active',
+      handoff: 'forward',
+      maxRetries: 10,
+      targetTimeout: '30s',
+      cutoverTimeout: '5s',
+      force: false,
+      requireSpace: false,
+    },
+    local: { wait: { type: 'boolean', describe: 'Draw progress until the job completes (or is ready, with manual cutover)' } },
+    run: async (socket, req, a) => {
+      await adminRequest(socket, req);
+      out(`mirror of ${a.export} to ${a.target} started`);
+      if (a.wait) {
+        const s = await waitForJob(socket, a.export as string, a.cutover === 'manual');
+        if (s.state === 'failed' || s.state === 'aborted') process.exitCode = 1;
+      }
+    },
+  },
+  cutover: {
+    positionals: '<export>',
+    local: { wait: { type: 'boolean', default: true } },
+    run: async (socket, req, a) => {
+      await adminRequest(socket, req);
+      if (a.wait) {
+        const s = await waitForJob(socket, a.export as string, false);
+        if (s.state !== 'completed') process.exitCode = 1;
+      } else out('cutover requested');
+    },
+  },
+  abort: {
+    positionals: '<export>',
+    run: async (socket, req, a) => {
+      await adminRequest(socket, req);
+      out(`mirror of ${a.export} aborted`);
+    },
+  },
+  'set-speed': {
+    positionals: '<export> <rate>',
+    run: async (socket, req, a) => {
+      await adminRequest(socket, req);
+      out(`speed of ${a.export} set to ${a.rate}`);
+    },
+  },
+  'set-acl': 'socket-only',
+};
+
+/** The table arguments a subcommand takes as positionals, in order. */
+export function ctlPositionals(sub: CtlSubcommand): { name: string; required: boolean }[] {
+  return [...(sub.positionals ?? '').matchAll(/([<[])(\w+)[>\]]/g)].map((m) => ({ name: m[2]!, required: m[1] === '<' }));
+}
+
+/** `maxBandwidth` -> `max-bandwidth`: the ctl option of a table argument. */
+export function ctlOptionName(arg: string): string {
+  return arg.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+}
+
+/** A table argument as a yargs option (or positional): sizes and durations stay strings, for the server to parse. */
+function yargsOption(spec: ArgSpec, dflt: unknown): Options {
+  const o: Options = { describe: spec.doc };
+  if (spec.kind === 'enum') o.choices = [...spec.values];
+  else if (spec.kind === 'boolean') o.type = 'boolean';
+  else if (spec.kind === 'integer') o.type = 'number';
+  else o.type = 'string';
+  if (spec.kind === 'list') o.array = true;
+  if (dflt !== undefined) o.default = dflt;
+  return o;
+}
+
+/** The ctl subcommands, as yargs commands built from the admin table. */
 export function ctlCommand(y: Argv): Argv {
   ctlRunning = true; // yargs builds only the command it runs
-  return y
-    .option('socket', { type: 'string', default: DEFAULT_SOCKET, describe: 'The server\'s admin socket (serve --admin-socket)' })
-    .command(
-      'status [export]',
-      'Exports, dirty data and mirror jobs',
-      (y) => y.positional('export', { type: 'string' }).option('json', { type: 'boolean', describe: 'Print the raw JSON reply' }),
-      async (a) => {
-        const r = await adminRequest(a.socket as string, a.export ? { cmd: 'status', export: a.export } : { cmd: 'status' });
-        if (a.json || a.export) out(JSON.stringify(r, null, 2));
-        else printStatus(r as { exports: ExportStatus[]; jobs: JobStatus[] });
+  y = y.option('socket', { type: 'string', default: DEFAULT_SOCKET, describe: 'The server\'s admin socket (serve --admin-socket)' });
+  const names: string[] = [];
+  for (const name of Object.keys(ADMIN_COMMANDS) as AdminCommandName[]) {
+    const sub = CTL_SUBCOMMANDS[name];
+    if (sub === 'socket-only') continue;
+    names.push(name);
+    const { summary, args } = ADMIN_COMMANDS[name] as AdminCommand;
+    const positionals = ctlPositionals(sub);
+    y = y.command(
+      [name, ...positionals.map((p) => (p.required ? `<${ctlOptionName(p.name)}>` : `[${ctlOptionName(p.name)}]`))].join(' '),
+      summary,
+      (c) => {
+        for (const p of positionals) c = c.positional(ctlOptionName(p.name), { type: 'string', describe: args[p.name]?.doc, demandOption: p.required || undefined });
+        for (const [arg, spec] of Object.entries(args))
+          if (!positionals.some((p) => p.name === arg)) c = c.option(ctlOptionName(arg), yargsOption(spec, sub.defaults?.[arg]));
+        for (const [opt, o] of Object.entries(sub.local ?? {})) c = c.option(opt, o);
+        return c;
       },
-    )
-    .command(
-      'mirror <export> <target>',
-      'Start mirroring an export to an NBD target (nbd://HOST[:PORT]/NAME or nbd+unix:///NAME?socket=PATH)',
-      (y) =>
-        y
-          .positional('export', { type: 'string', demandOption: true })
-          .positional('target', { type: 'string', demandOption: true })
-          .option('max-bandwidth', { type: 'string', describe: 'Copy rate limit, e.g. 200M (bytes/s, binary units)' })
-          .option('cutover', { choices: ['auto', 'manual'], default: 'manual', describe: 'Switch as soon as ready (auto) or on `ctl cutover` (manual)' })
-          .option('max-downtime', { type: 'string', default: '50ms', describe: 'Ready when the dirty data left can be copied within this' })
-          .option('converge', { choices: ['active', 'throttle'], default: 'active', describe: 'When the guest outpaces the copy: write-through to both sides, or throttle guest writes' })
-          .option('handoff', { choices: ['forward', 'disconnect'], default: 'forward', describe: 'After cutover: keep guests connected and forward to the target, or disconnect them' })
-          .option('max-retries', { type: 'number', default: 10, describe: 'Consecutive target failures before the job fails' })
-          .option('target-timeout', { type: 'string', default: '30s', describe: 'A target that answers nothing for this long is dropped and reconnected' })
-          .option('cutover-timeout', { type: 'string', default: '5s', describe: 'A cutover not done within this fails; guests go on with the local image' })
-          .option('force', { type: 'boolean', default: false, describe: 'Mirror onto a live nbd-migrate export, or take over a destination bound to another job (the copy starts again)' })
-          .option('require-space', { type: 'boolean', default: false, describe: 'Refuse a destination that cannot hold the full virtual size (default: warn)' })
-          .option('wait', { type: 'boolean', describe: 'Draw progress until the job completes (or is ready, with manual cutover)' }),
       async (a) => {
-        const req: Record<string, unknown> = {
-          cmd: 'mirror',
-          export: a.export,
-          target: a.target,
-          cutover: a.cutover,
-          maxDowntime: a['max-downtime'],
-          converge: a.converge,
-          handoff: a.handoff,
-          maxRetries: a['max-retries'],
-          targetTimeout: a['target-timeout'],
-          cutoverTimeout: a['cutover-timeout'],
-          force: a.force,
-          requireSpace: a['require-space'],
-        };
-        if (a['max-bandwidth']) req.maxBandwidth = a['max-bandwidth'];
-        await adminRequest(a.socket as string, req);
-        out(`mirror of ${a.export} to ${a.target} started`);
-        if (a.wait) {
-          const s = await waitForJob(a.socket as string, a.export as string, a.cutover === 'manual');
-          if (s.state === 'failed' || s.state === 'aborted') process.exitCode = 1;
+        const req: Record<string, unknown> = { cmd: name };
+        for (const arg of Object.keys(args)) {
+          const v = a[ctlOptionName(arg)];
+          if (v !== undefined && v !== '') req[arg] = v;
         }
+        await sub.run(a.socket as string, req, a);
       },
-    )
-    .command(
-      'cutover <export>',
-      'Switch a ready mirror to its target',
-      (y) => y.positional('export', { type: 'string', demandOption: true }).option('wait', { type: 'boolean', default: true }),
-      async (a) => {
-        await adminRequest(a.socket as string, { cmd: 'cutover', export: a.export });
-        if (a.wait) {
-          const s = await waitForJob(a.socket as string, a.export as string, false);
-          if (s.state !== 'completed') process.exitCode = 1;
-        } else out('cutover requested');
-      },
-    )
-    .command(
-      'abort <export>',
-      'Stop a mirror before the switch; the source stays as it was',
-      (y) => y.positional('export', { type: 'string', demandOption: true }),
-      async (a) => {
-        await adminRequest(a.socket as string, { cmd: 'abort', export: a.export });
-        out(`mirror of ${a.export} aborted`);
-      },
-    )
-    .command(
-      'set-speed <export> <rate>',
-      'Change the copy rate limit (0 = unlimited)',
-      (y) => y.positional('export', { type: 'string', demandOption: true }).positional('rate', { type: 'string', demandOption: true }),
-      async (a) => {
-        await adminRequest(a.socket as string, { cmd: 'set-speed', export: a.export, rate: a.rate });
-        out(`speed of ${a.export} set to ${a.rate}`);
-      },
-    )
-    .demandCommand(1, 'Give a ctl command: status, mirror, cutover, abort, set-speed');
+    );
+  }
+  return y.demandCommand(1, `Give a ctl command: ${names.join(', ')}`);
 }
