@@ -424,23 +424,32 @@ export class GoodClient {
     return this.shadow;
   }
 
+  /** `p` within `ms` on the stall-aware clock (see runningClock): a starved machine is not the server's fault. */
   private async timed<T>(what: string, p: Promise<T>, ms = 15_000): Promise<T> {
+    const v0 = runningClock();
+    let settled = false;
     let timer: NodeJS.Timeout | undefined;
-    try {
-      return await Promise.race([
-        p,
-        new Promise<never>((_r, rej) => {
-          timer = setTimeout(() => rej(new Error(`${what} took over ${ms} ms`)), ms);
-        }),
-      ]);
-    } finally {
+    const tracked = p.finally(() => {
+      settled = true;
       clearTimeout(timer);
-    }
+    });
+    const bound = new Promise<never>((_r, rej) => {
+      const check = () => {
+        if (settled) return;
+        const left = ms - (runningClock() - v0);
+        if (left <= 0) rej(new Error(`${what} took over ${ms} ms (not counting stalls)`));
+        else timer = setTimeout(check, Math.min(left + 1, 1000));
+      };
+      check();
+    });
+    bound.catch(() => undefined);
+    return Promise.race([tracked, bound]);
   }
 
   /** A connection within `ms`; one that comes later is closed (else it stays open, unused, forever). */
   private async connect(what: string, ms: number): Promise<NbdClient> {
-    const p = NbdClient.connect(this.uri());
+    // Its own connect timeout counts stalls; the bound here does not.
+    const p = NbdClient.connect(this.uri(), { connectTimeoutMs: 120_000 });
     try {
       return await this.timed(what, p, ms);
     } catch (e) {
