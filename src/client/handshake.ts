@@ -315,9 +315,9 @@ function serverText(payload: Buffer): string {
 }
 
 function readSize(b: Buffer, at: number, label: string): number {
-  const hi = b.readUInt32BE(at);
-  if (hi >= 0x200000) throw new NbdHandshakeError(`${label}: export size ${b.readBigUInt64BE(at)} is too large`);
-  return hi * 0x100000000 + b.readUInt32BE(at + 4);
+  const size = codec.readU64(b, at);
+  if (!Number.isFinite(size)) throw new NbdHandshakeError(`${label}: export size ${b.readBigUInt64BE(at)} is too large`);
+  return size;
 }
 
 const isPow2 = (n: number) => n > 0 && (n & (n - 1)) === 0;

@@ -10,20 +10,21 @@
  * throws NbdProtocolError: the caller must drop the connection.
  */
 import * as C from '../protocol/constants.js';
-import type { Extent } from '../protocol/codec.js';
+import { cookieText, cookieToNumber, readU64, type Cookie, type Extent } from '../protocol/codec.js';
+import {
+  chunkProblem,
+  decodeBlockStatus,
+  decodeChunkHeader,
+  decodeErrorChunk,
+  decodeOffsetHole,
+  decodeSimpleReplyHeader,
+  errorChunkProblem,
+  type ReplyError,
+} from '../protocol/replies.js';
 import { ByteQueue } from '../util/byte-queue.js';
 import { NbdProtocolError } from './errors.js';
 
-/** Largest non-data chunk payload accepted (block status for a 4 GiB range of 4 KiB extents is 8 MiB). */
-export const MAX_CHUNK_PAYLOAD = 16 * 1024 * 1024;
-
-/** An error reported for a request, from a simple reply or an error chunk. */
-export interface ReplyError {
-  nbdErrno: number;
-  message?: string;
-  /** NBD_REPLY_TYPE_ERROR_OFFSET: where it happened. */
-  offset?: number;
-}
+export { MAX_CHUNK_PAYLOAD, type ReplyError } from '../protocol/replies.js';
 
 /** A request on the wire (or queued to go on it), as the parser needs to see it. */
 export class PendingRequest {
@@ -112,16 +113,6 @@ type State =
 
 const HEADER: State = { kind: 'header' };
 
-function readU64(b: Buffer, at: number): number {
-  const hi = b.readUInt32BE(at);
-  if (hi >= 0x200000) return Number.POSITIVE_INFINITY;
-  return hi * 0x100000000 + b.readUInt32BE(at + 4);
-}
-
-function cookieText(hi: number, lo: number): string {
-  return `0x${hi.toString(16).padStart(8, '0')}${lo.toString(16).padStart(8, '0')}`;
-}
-
 export class ReplyParser {
   readonly input = new ByteQueue();
   private state: State = HEADER;
@@ -195,9 +186,8 @@ export class ReplyParser {
     const magic = q.peek(4).readUInt32BE(0);
     if (magic === C.NBD_SIMPLE_REPLY_MAGIC) {
       if (q.length < C.SIMPLE_REPLY_HEADER_LENGTH) return false;
-      const h = q.take(C.SIMPLE_REPLY_HEADER_LENGTH);
-      const error = h.readUInt32BE(4);
-      const req = this.find(h.readUInt32BE(8), h.readUInt32BE(12));
+      const { error, cookie } = decodeSimpleReplyHeader(q.take(C.SIMPLE_REPLY_HEADER_LENGTH));
+      const req = this.find(cookie);
       req.simple = true;
       if (error !== 0) {
         // No payload follows an error, whatever the command.
@@ -221,53 +211,28 @@ export class ReplyParser {
     if (magic !== C.NBD_STRUCTURED_REPLY_MAGIC) throw new NbdProtocolError(`bad reply magic 0x${magic.toString(16).padStart(8, '0')}`);
     if (!this.structured) throw new NbdProtocolError('structured reply chunk, but structured replies were not negotiated');
     if (q.length < C.STRUCTURED_REPLY_HEADER_LENGTH) return false;
-    const h = q.take(C.STRUCTURED_REPLY_HEADER_LENGTH);
-    const flags = h.readUInt16BE(4);
-    const type = h.readUInt16BE(6);
-    const req = this.find(h.readUInt32BE(8), h.readUInt32BE(12));
-    const length = h.readUInt32BE(16);
-    const done = (flags & C.NBD_REPLY_FLAG_DONE) !== 0;
-    const bad = (why: string) => new NbdProtocolError(`${why} (chunk type ${type}, length ${length}, for ${C.COMMAND_NAMES[req.type] ?? `command ${req.type}`})`);
-    switch (type) {
-      case C.NBD_REPLY_TYPE_NONE:
-        if (length !== 0) throw bad('NONE chunk with a payload');
-        if (!done) throw bad('NONE chunk without the DONE flag');
-        this.sink.done(req);
-        return true;
-      case C.NBD_REPLY_TYPE_OFFSET_DATA:
-        if (req.type !== C.NBD_CMD_READ) throw bad('OFFSET_DATA chunk for a command other than READ');
-        if (length < 9) throw bad('OFFSET_DATA chunk shorter than 9 bytes');
-        this.state = { kind: 'data-offset', req, flags, dataLength: length - 8 };
-        return true;
-      case C.NBD_REPLY_TYPE_OFFSET_HOLE:
-        if (req.type !== C.NBD_CMD_READ) throw bad('OFFSET_HOLE chunk for a command other than READ');
-        if (length !== 12) throw bad('OFFSET_HOLE chunk not 12 bytes long');
-        break;
-      case C.NBD_REPLY_TYPE_BLOCK_STATUS:
-        if (req.type !== C.NBD_CMD_BLOCK_STATUS) throw bad('BLOCK_STATUS chunk for a command other than BLOCK_STATUS');
-        if (length < 12 || (length - 4) % 8 !== 0) throw bad('BLOCK_STATUS chunk length is not 4 + 8n (n > 0)');
-        if (length > MAX_CHUNK_PAYLOAD) throw bad('BLOCK_STATUS chunk too large');
-        break;
-      default:
-        if (!(type & 0x8000)) throw bad('unknown chunk type');
-        if (length < 6) throw bad('error chunk shorter than 6 bytes');
-        if (length > MAX_CHUNK_PAYLOAD) throw bad('error chunk too large');
-    }
-    this.state = { kind: 'payload', req, flags, type, length };
+    const h = decodeChunkHeader(q.take(C.STRUCTURED_REPLY_HEADER_LENGTH));
+    const { flags, type, length } = h;
+    const req = this.find(h.cookie);
+    const problem = chunkProblem(h, req.type);
+    if (problem)
+      throw new NbdProtocolError(`${problem} (chunk type ${type}, length ${length}, for ${C.COMMAND_NAMES[req.type] ?? `command ${req.type}`})`);
+    if (type === C.NBD_REPLY_TYPE_NONE) this.sink.done(req);
+    else if (type === C.NBD_REPLY_TYPE_OFFSET_DATA) this.state = { kind: 'data-offset', req, flags, dataLength: length - 8 };
+    else this.state = { kind: 'payload', req, flags, type, length };
     return true;
   }
 
-  private find(hi: number, lo: number): PendingRequest {
-    const req = hi < 0x200000 ? this.sink.lookup(hi * 0x100000000 + lo) : undefined;
-    if (!req) throw new NbdProtocolError(`reply for unknown cookie ${cookieText(hi, lo)}`);
+  private find(cookie: Cookie): PendingRequest {
+    const req = this.sink.lookup(cookieToNumber(cookie));
+    if (!req) throw new NbdProtocolError(`reply for unknown cookie ${cookieText(cookie)}`);
     return req;
   }
 
   private chunkPayload(req: PendingRequest, type: number, p: Buffer): void {
     switch (type) {
       case C.NBD_REPLY_TYPE_OFFSET_HOLE: {
-        const off = readU64(p, 0);
-        const size = p.readUInt32BE(8);
+        const { offset: off, size } = decodeOffsetHole(p);
         const rel = off - req.offset;
         if (size === 0) throw new NbdProtocolError('OFFSET_HOLE chunk of size 0');
         if (!(rel >= 0 && rel + size <= req.length))
@@ -277,25 +242,16 @@ export class ReplyParser {
         return;
       }
       case C.NBD_REPLY_TYPE_BLOCK_STATUS: {
-        const id = p.readUInt32BE(0);
-        const extents: Extent[] = [];
-        for (let at = 4; at < p.length; at += 8) extents.push({ length: p.readUInt32BE(at), flags: p.readUInt32BE(at + 4) });
+        const { contextId: id, extents } = decodeBlockStatus(p);
         req.statuses ??= new Map();
         if (req.statuses.has(id)) throw new NbdProtocolError(`two BLOCK_STATUS chunks for metadata context ${id} in one reply`);
         req.statuses.set(id, extents);
         return;
       }
       default: {
-        // Every error chunk type starts with error(4) and message length(2).
-        const nbdErrno = p.readUInt32BE(0);
-        const msgLength = p.readUInt16BE(4);
-        const tail = type === C.NBD_REPLY_TYPE_ERROR_OFFSET ? 8 : 0;
-        if (6 + msgLength + tail > p.length) throw new NbdProtocolError(`error chunk message of ${msgLength} bytes overruns the ${p.length}-byte chunk`);
-        const message = p.toString('utf8', 6, 6 + msgLength);
-        const error: ReplyError = { nbdErrno: nbdErrno === 0 ? C.NBD_EIO : nbdErrno };
-        if (message) error.message = message;
-        if (tail) error.offset = readU64(p, 6 + msgLength);
-        req.error ??= error;
+        const problem = errorChunkProblem(type, p);
+        if (problem) throw new NbdProtocolError(problem);
+        req.error ??= decodeErrorChunk(type, p);
       }
     }
   }

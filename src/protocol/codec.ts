@@ -14,12 +14,34 @@ export function cookieToBigInt(c: Cookie): bigint {
   return (BigInt(c.hi) << 32n) | BigInt(c.lo);
 }
 
-/** Offsets beyond 2^53 cannot be valid for any real image; they decode as Infinity so range checks fail. */
-function readU64AsNumber(buf: Buffer, at: number): number {
-  const hi = buf.readUInt32BE(at);
-  const lo = buf.readUInt32BE(at + 4);
+/**
+ * A 64-bit value from its two 32-bit halves, as a number. Values beyond 2^53
+ * cannot be a valid offset, size or cookie of ours; they become Infinity, so
+ * range checks and lookups fail instead of wrapping.
+ */
+export function u64FromHalves(hi: number, lo: number): number {
   if (hi >= 0x200000) return Number.POSITIVE_INFINITY;
   return hi * 0x100000000 + lo;
+}
+
+/** The one 64-bit big-endian read: Infinity beyond 2^53 (see u64FromHalves). */
+export function readU64(buf: Buffer, at: number): number {
+  return u64FromHalves(buf.readUInt32BE(at), buf.readUInt32BE(at + 4));
+}
+
+/** A client's numeric cookie (a counter below 2^53) as the two halves on the wire. */
+export function cookieFromNumber(n: number): Cookie {
+  return { hi: Math.floor(n / 0x100000000), lo: n >>> 0 };
+}
+
+/** A cookie as a number (Infinity beyond 2^53: no cookie we sent). */
+export function cookieToNumber(c: Cookie): number {
+  return u64FromHalves(c.hi, c.lo);
+}
+
+/** A cookie for messages: 16 hex digits. */
+export function cookieText(c: Cookie): string {
+  return `0x${c.hi.toString(16).padStart(8, '0')}${c.lo.toString(16).padStart(8, '0')}`;
 }
 
 function writeU64(buf: Buffer, value: number, at: number): void {
@@ -240,7 +262,7 @@ export function decodeRequestHeader(b: Buffer, at = 0): RequestHeader {
     flags: b.readUInt16BE(at + 4),
     type: b.readUInt16BE(at + 6),
     cookie: { hi: b.readUInt32BE(at + 8), lo: b.readUInt32BE(at + 12) },
-    offset: readU64AsNumber(b, at + 16),
+    offset: readU64(b, at + 16),
     length: b.readUInt32BE(at + 24),
   };
 }
