@@ -100,6 +100,20 @@ function runningClock(): number {
   return Date.now() - stalledTotal;
 }
 
+/** Resolves once runningClock() reaches `deadline`; `cancel` lets it go. */
+function runningUntil(deadline: number): { done: Promise<void>; cancel: () => void } {
+  let timer: NodeJS.Timeout | undefined;
+  const done = new Promise<void>((resolve) => {
+    const check = () => {
+      const left = deadline - runningClock();
+      if (left <= 0) resolve();
+      else timer = setTimeout(check, Math.min(left + 1, 1000));
+    };
+    check();
+  });
+  return { done, cancel: () => clearTimeout(timer) };
+}
+
 /** Milliseconds of stall so far (see runningClock). */
 export function stalledMs(): number {
   return stalledTotal;
@@ -300,7 +314,7 @@ export async function runCase(spec: CaseSpec, ep: Endpoint, handshakeTimeoutS: n
   }
 
   // Send, piece by piece, without ever blocking past a deadline.
-  const sendDeadline = t0 + 30_000;
+  const sendDeadline = v0 + 30_000;
   const plan = spec.plan.length ? spec.plan : [[spec.bytes.length, 0] as [number, number]];
   let at = 0;
   let sentAfterClose = 0;
@@ -316,14 +330,14 @@ export async function runCase(spec: CaseSpec, ep: Endpoint, handshakeTimeoutS: n
     if (piece.length === 0) continue;
     if (!sock.write(piece)) {
       let onDrain: (() => void) | undefined;
-      let timer: NodeJS.Timeout | undefined;
+      const deadline = runningUntil(spec.sendAfterClose && closed ? Math.min(sendDeadline, vClosedAt + 5000) : sendDeadline);
       const drained = await Promise.race([
         new Promise<boolean>((r) => sock.once('drain', (onDrain = () => r(true)))),
         spec.sendAfterClose ? fullyClosedP : closedP.then(() => true),
-        new Promise<boolean>((r) => (timer = setTimeout(() => r(false), Math.max(0, (spec.sendAfterClose && closed ? Math.min(sendDeadline, closedAt + 5000) : sendDeadline) - Date.now())))),
+        deadline.done.then(() => false),
       ]);
       if (onDrain) sock.off('drain', onDrain);
-      clearTimeout(timer);
+      deadline.cancel();
       if (!drained) {
         // The server stopped reading. Legitimate only where it stops on purpose, and then it must close.
         if (!checker.closeExpected) extra.push({ kind: 'send-stalled', detail: `server stopped reading after ${at - n} of ${spec.bytes.length} bytes (waiting for ${checker.waitingFor()})` });
@@ -349,7 +363,9 @@ export async function runCase(spec: CaseSpec, ep: Endpoint, handshakeTimeoutS: n
     clientClosed = true;
     sock.end();
     // The server first runs what it already received (on a slow disk, FLUSH and FUA take a while).
-    const ok = await Promise.race([closedP.then(() => true), sleep(20_000).then(() => false)]);
+    const deadline = runningUntil(runningClock() + 20_000);
+    const ok = await Promise.race([closedP.then(() => true), deadline.done.then(() => false)]);
+    deadline.cancel();
     if (!ok) extra.push({ kind: 'no-close-after-fin', detail: 'server kept the connection open 20 s after the client half-closed it' });
     sock.destroy();
     return { violations: [...checker.violations, ...extra], outcome: 'fin', ms: Date.now() - t0, sent: at };
