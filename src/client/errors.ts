@@ -4,7 +4,7 @@
  */
 import * as C from '../protocol/constants.js';
 import { DeviceError } from '../storage/device.js';
-import { errorCode } from '../util/errors.js';
+import { errorCode, NbdMigrateError } from '../util/errors.js';
 
 /**
  * What a failed request to a server means, in one place: the copy engine, the
@@ -61,9 +61,12 @@ export class NbdRequestError extends DeviceError {
   }
 }
 
-/** Negotiation failed: the server refused an option, closed the connection, or is not a usable NBD server. */
-export class NbdHandshakeError extends Error {
-  override readonly name = 'NbdHandshakeError';
+/**
+ * Negotiation failed: the server refused an option, closed the connection, or is not a usable NBD server.
+ * Code EHANDSHAKE: neither "connection lost" nor "permanent" (see targetErrorKind); what went wrong is in the message and details.
+ */
+export class NbdHandshakeError extends NbdMigrateError {
+  override readonly name: string = 'NbdHandshakeError';
   constructor(
     message: string,
     readonly details: {
@@ -76,13 +79,16 @@ export class NbdHandshakeError extends Error {
       cause?: unknown;
     } = {},
   ) {
-    super(message, details.cause === undefined ? undefined : { cause: details.cause });
+    super('EHANDSHAKE', message, details.cause === undefined ? undefined : { cause: details.cause });
   }
 }
 
-/** The server broke the protocol in the transmission phase: the connection is dropped. */
-export class NbdProtocolError extends Error {
-  override readonly name = 'NbdProtocolError';
+/** The server broke the protocol in the transmission phase: the connection is dropped (its requests fail with ECONNRESET). */
+export class NbdProtocolError extends NbdMigrateError {
+  override readonly name: string = 'NbdProtocolError';
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('EPROTO', message, options);
+  }
 }
 
 const OPTION_NAMES: Readonly<Record<number, string>> = {

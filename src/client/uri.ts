@@ -15,6 +15,7 @@
  * certificate (default: the host). Unknown query parameters are diagnosed, as
  * the URI spec asks.
  */
+import { NbdMigrateError } from '../util/errors.js';
 
 export const NBD_DEFAULT_PORT = 10809;
 
@@ -45,8 +46,11 @@ export interface NbdUnixUri {
 
 export type NbdUri = NbdTcpUri | NbdUnixUri;
 
-export class NbdUriError extends Error {
-  override readonly name = 'NbdUriError';
+export class NbdUriError extends NbdMigrateError {
+  override readonly name: string = 'NbdUriError';
+  constructor(message: string) {
+    super('EINVAL', message);
+  }
 }
 
 /** RFC 3986 appendix B, with the authority made optional. */
