@@ -14,7 +14,6 @@ import { byteLength, Filter } from './filter.js';
 
 /** The hold the throttle waits out before taking tokens (the gate below it). */
 export interface Hold {
-  readonly isHeld: boolean;
   whenOpen(): Promise<void>;
 }
 
@@ -39,8 +38,8 @@ export class ThrottleFilter extends Filter {
 
   override write(offset: number, data: readonly Buffer[], opts: WriteOptions): Promise<void> {
     const bytes = byteLength(data);
-    // Unlimited and not held: straight down, in the same turn (the gate counts it at once).
-    if (bytes === 0 || (!this.bucket && !this.hold.isHeld)) return this.next.write(offset, data, opts);
+    // Unlimited: straight down in the same turn, so the gate sees it (counts it, or holds it) in request order.
+    if (bytes === 0 || !this.bucket) return this.next.write(offset, data, opts);
     return this.metered(bytes, () => this.next.write(offset, data, opts));
   }
 

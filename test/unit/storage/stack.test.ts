@@ -90,6 +90,23 @@ t.test('the throttle is above the gate: a hold does not wait for writes still wa
   t.ok((await bytes(local, 64 * KiB, 64 * KiB)).every((b) => b === 2));
 });
 
+t.test('unthrottled, changes held by the gate reach the image in request order after the release', async (t) => {
+  const order: string[] = [];
+  const local = new MemoryDevice(64 * KiB, { delay: (op) => void order.push(op) });
+  const s = buildStack({ local, dirtyGranularity: G });
+  await s.gate.hold();
+  const done = Promise.all([
+    s.device.write(0, [Buffer.alloc(G, 1)], { fua: false }),
+    s.device.flush(),
+    s.device.trim(G, G, { fua: false }),
+    s.device.write(2 * G, [Buffer.alloc(G, 2)], { fua: false }),
+  ]);
+  t.same(order, [], 'nothing passes the hold');
+  s.gate.release();
+  await done;
+  t.same(order, ['write', 'flush', 'trim', 'write']);
+});
+
 /** A memory device whose capabilities a test changes. */
 class Changing extends MemoryDevice {
   caps: Partial<Capabilities> = {};
