@@ -192,15 +192,17 @@ function yargsOption(spec: ArgSpec, dflt: unknown): Options {
   return o;
 }
 
+/** The admin commands ctl has a subcommand for, in the table's order. */
+export function ctlCommandNames(): AdminCommandName[] {
+  return (Object.keys(ADMIN_COMMANDS) as AdminCommandName[]).filter((name) => CTL_SUBCOMMANDS[name] !== 'socket-only');
+}
+
 /** The ctl subcommands, as yargs commands built from the admin table. */
 export function ctlCommand(y: Argv): Argv {
   ctlRunning = true; // yargs builds only the command it runs
   y = y.option('socket', { type: 'string', default: DEFAULT_SOCKET, describe: 'The server\'s admin socket (serve --admin-socket)' });
-  const names: string[] = [];
-  for (const name of Object.keys(ADMIN_COMMANDS) as AdminCommandName[]) {
-    const sub = CTL_SUBCOMMANDS[name];
-    if (sub === 'socket-only') continue;
-    names.push(name);
+  for (const name of ctlCommandNames()) {
+    const sub = CTL_SUBCOMMANDS[name] as CtlSubcommand;
     const { summary, args } = ADMIN_COMMANDS[name] as AdminCommand;
     const positionals = ctlPositionals(sub);
     y = y.command(
@@ -223,5 +225,5 @@ export function ctlCommand(y: Argv): Argv {
       },
     );
   }
-  return y.demandCommand(1, `Give a ctl command: ${names.join(', ')}`);
+  return y.demandCommand(1, `Give a ctl command: ${ctlCommandNames().join(', ')}`);
 }

@@ -10,7 +10,7 @@ import { configureLog, isLevelEnabled, log, type Level } from '../util/log.js';
 import { DEFAULT_ADMIN_SOCKET, projectRoot } from '../util/paths.js';
 import { CONFIG_DEFAULTS, ConfigError, numericArg, numericArgs, serveConfigFrom, type ServeArgs } from './config.js';
 import { copyCommand } from './copy.js';
-import { ctlCommand, ctlErrorLine, ctlRunning } from './ctl.js';
+import { ctlCommand, ctlCommandNames, ctlErrorLine, ctlRunning } from './ctl.js';
 import { serveUntilSignal } from './serve.js';
 import { parseSize } from '../util/units.js';
 
@@ -108,7 +108,7 @@ export async function main(args: string[]): Promise<void> {
       (y) => y.option('port', { coerce: numericArg('port', 'port'), describe: 'Newstyle port (default 10809)' }).option('listen', { type: 'string' }),
       async (argv) => demo(argv),
     )
-    .command('ctl', 'Control a running server through its admin socket (mirror, status, cutover, abort, set-speed)', (y) => ctlCommand(y))
+    .command('ctl', `Control a running server through its admin socket (${ctlCommandNames().join(', ')})`, (y) => ctlCommand(y))
     .command(
       'copy <src> <dst>',
       'Copy a disk, sparse-aware: each side an NBD URI or a raw image file (created if missing)',
