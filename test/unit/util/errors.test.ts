@@ -4,6 +4,7 @@ import { AdminError } from '../../../src/admin/server.js';
 import { ConfigError } from '../../../src/cli/config.js';
 import { isConnectionLost, isPermanent, NbdHandshakeError, NbdProtocolError, NbdRequestError, targetErrorKind } from '../../../src/client/errors.js';
 import { NbdUriError, parseNbdUri } from '../../../src/client/uri.js';
+import { JobError } from '../../../src/migration/errors.js';
 import { targetErrorKind as reExported } from '../../../src/migration/target-errors.js';
 import { Acl, AclError } from '../../../src/server/acl.js';
 import { DeviceError } from '../../../src/storage/device.js';
@@ -19,6 +20,7 @@ t.test('one tree: every error class carries a stable code and its cause', async 
     [new InvalidArgument('"export" must be a non-empty string'), 'EINVAL', 'InvalidArgument'],
     [new NbdHandshakeError('not an NBD server', { cause }), 'EHANDSHAKE', 'NbdHandshakeError'],
     [new NbdProtocolError('bad reply magic'), 'EPROTO', 'NbdProtocolError'],
+    [new JobError('EBUSY', 'bound to another job', { cause, permanent: true }), 'EBUSY', 'JobError'],
   ];
   for (const [e, code, name] of cases) {
     t.ok(e instanceof NbdMigrateError, `${name} is an NbdMigrateError`);
@@ -28,6 +30,9 @@ t.test('one tree: every error class carries a stable code and its cause', async 
   t.equal(new DeviceError('EIO', 'x', { cause }).cause, cause, 'the cause is kept');
   t.equal(new ConfigError('x', { cause }).cause, cause);
   t.equal(new NbdHandshakeError('x', { cause }).cause, cause);
+  t.equal(new JobError('EIO', 'x', { cause }).cause, cause);
+  t.equal(new JobError('EIO', 'x').permanent, false);
+  t.equal(targetErrorKind(new JobError('EBUSY', 'x', { permanent: true })), 'permanent', 'a JobError marked permanent');
   t.equal(new AdminError('EIO', 'x').refused, false);
   t.equal(new AdminError('EIO', 'x', { refused: true }).refused, true, 'refused: the server answered with this error');
 
