@@ -7,7 +7,7 @@ import * as fs from 'node:fs';
 import { DirtyBitmap } from '../dirty/bitmap.js';
 import { connectPlain } from '../migration/connector.js';
 import { copySweep, DEFAULT_COPY_OPTIONS, newCopyStats } from '../migration/copy.js';
-import { TokenBucket } from '../migration/token-bucket.js';
+import { TokenBucket } from '../util/token-bucket.js';
 import type { Device } from '../storage/device.js';
 import { FileDevice } from '../storage/file-device.js';
 import { formatBytes } from '../util/units.js';

@@ -11,7 +11,6 @@ import * as tls from 'node:tls';
 import { adminHandlers } from '../admin/commands.js';
 import { AdminServer } from '../admin/server.js';
 import { MigrationController } from '../migration/controller.js';
-import { GateDevice, trackingView } from '../migration/gate-device.js';
 import type { MirrorSource } from '../migration/job.js';
 import { IncomingMigration } from '../migration/incoming.js';
 import { readFenced, readIncoming, readReceived, writeIncoming } from '../migration/markers.js';
@@ -161,9 +160,7 @@ class ServeProcess implements RunningServer {
       name: e.name,
       image: e.path,
       size: file.size,
-      gate: new GateDevice(stack),
-      tracking: trackingView(stack),
-      bitmap: stack.bitmap,
+      stack,
       exportId: '',
       disconnectClients: () => this.server.disconnectExport(e.name),
     };

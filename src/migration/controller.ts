@@ -72,11 +72,11 @@ export class MigrationController extends EventEmitter {
       image: s.image,
       size: s.size,
       connections: conns.get(s.name) ?? 0,
-      dirtyBytes: s.bitmap.dirtyBytes(),
-      dirtyBlocks: s.bitmap.dirtyBlocks(),
-      granularity: s.bitmap.granularity,
-      bitmapBytes: s.bitmap.memoryBytes(),
-      backend: (s.gate.switched ? 'target' : 'local') as ExportStatus['backend'],
+      dirtyBytes: s.stack.bitmap.dirtyBytes(),
+      dirtyBlocks: s.stack.bitmap.dirtyBlocks(),
+      granularity: s.stack.bitmap.granularity,
+      bitmapBytes: s.stack.bitmap.memoryBytes(),
+      backend: (s.stack.switch.switched ? 'target' : 'local') as ExportStatus['backend'],
     }));
     return { exports, jobs: [...this.jobs.values()].map((j) => j.status()) };
   }

@@ -38,6 +38,7 @@ export interface CutoverOutcome {
 
 export async function cutover(ctx: CutoverContext): Promise<CutoverOutcome> {
   const { source, target, connector } = ctx;
+  const stack = source.stack;
   const t0 = performance.now();
   let timer: NodeJS.Timeout | undefined;
   const expired = new Promise<never>((_r, reject) => {
@@ -51,20 +52,20 @@ export async function cutover(ctx: CutoverContext): Promise<CutoverOutcome> {
   let fenced = false;
   let failure: unknown;
   try {
-    await bounded(source.gate.hold());
+    await bounded(stack.gate.hold());
     // No guest write runs now: write-through is moot, and one sweep empties the bitmap.
-    source.tracking.setWriteThrough(undefined);
-    await bounded(copySweep(source.tracking.inner, target, source.bitmap, ctx.copyOptions(() => stop), ctx.stats));
-    if (source.bitmap.dirtyBytes() !== 0) throw new JobError('EIO', 'dirty blocks remain after the final sweep');
+    stack.writeThrough.setWriteThrough(undefined);
+    await bounded(copySweep(stack.local, target, stack.bitmap, ctx.copyOptions(() => stop), ctx.stats));
+    if (stack.bitmap.dirtyBytes() !== 0) throw new JobError('EIO', 'dirty blocks remain after the final sweep');
     await bounded(target.flush());
     // Fenced before any guest can reach the target: a restart must never serve this image read-write again.
     writeFenced(source.image, { export: source.name, target: connector.uri, time: new Date().toISOString() });
     fenced = true;
     if (connector.boundOn(target)) await bounded(target.request(C.NBD_CMD_MIGRATE_COMPLETE, 0, 0, 0));
     // Guests now talk to the target; a dropped connection is re-established under them.
-    source.gate.swap(new ReconnectingDevice(target, () => connector.connect(false), connector.uri));
+    stack.switch.swap(new ReconnectingDevice(target, () => connector.connect(false), connector.uri));
     switched = true;
-    source.gate.setThrottle(undefined);
+    stack.throttle.setRate(undefined);
   } catch (e) {
     failure = e;
     stop = true;
@@ -80,7 +81,7 @@ export async function cutover(ctx: CutoverContext): Promise<CutoverOutcome> {
     ctx.log.warn('cutover-failed', { cause: e, effect: 'guests stay on the local image; copying resumes' });
   } finally {
     clearTimeout(timer);
-    source.gate.release();
+    stack.gate.release();
   }
   return { switched, failure, pauseMs: Math.round((performance.now() - t0) * 100) / 100 };
 }

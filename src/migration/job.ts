@@ -15,13 +15,13 @@ import { fitsDowntime, guestThrottleRate, RateMeter, StallDetector } from './con
 import { type CopyOptions, type CopyStats, copySweep, newCopyStats } from './copy.js';
 import { cutover } from './cutover.js';
 import { JobError } from './errors.js';
-import { RangeLock } from './range-lock.js';
+import { RangeLock } from '../util/range-lock.js';
 import type { MirrorSource } from './source.js';
 import type { MirrorOptions } from './options.js';
 import { type ConvergeMode, type JobState, type JobStatus, TRANSITIONS } from './states.js';
 import type { Target } from './target.js';
 import { targetErrorKind } from './target-errors.js';
-import { TokenBucket } from './token-bucket.js';
+import { TokenBucket } from '../util/token-bucket.js';
 
 export { JobError } from './errors.js';
 export { targetFacts, type TargetFacts } from './connector.js';
@@ -84,7 +84,7 @@ export class MirrorJob extends EventEmitter {
 
   /** Connects and checks the target; rejects (and the job never starts) when it is unfit. */
   async start(): Promise<void> {
-    this.sourceDataBytes = await allocatedBytes(this.source.tracking.inner);
+    this.sourceDataBytes = await allocatedBytes(this.source.stack.local);
     this.target = this.watch(await this.connector.connect(true, this.aborter.signal));
     this.setState('copying');
     this.done = this.run();
@@ -96,7 +96,7 @@ export class MirrorJob extends EventEmitter {
   }
 
   status(): JobStatus {
-    const dirtyBytes = this.source.bitmap.dirtyBytes();
+    const dirtyBytes = this.source.stack.bitmap.dirtyBytes();
     const copied = this.stats.dataBytes + this.stats.zeroBytes + this.stats.skippedBytes;
     const rate = this.liveRate();
     return {
@@ -115,16 +115,16 @@ export class MirrorJob extends EventEmitter {
       zeroBytes: this.stats.zeroBytes,
       skippedBytes: this.stats.skippedBytes,
       dirtyBytes,
-      dirtyBlocks: this.source.bitmap.dirtyBlocks(),
-      granularity: this.source.bitmap.granularity,
+      dirtyBlocks: this.source.stack.bitmap.dirtyBlocks(),
+      granularity: this.source.stack.bitmap.granularity,
       rate: Math.round(rate),
       // What is left is what the bitmap holds (every block starts dirty); unknown while the target is away.
       etaSeconds: rate > 0 && !this.isFinal && !this.retrying ? Math.round((dirtyBytes / rate) * 10) / 10 : null,
       maxBandwidth: this.limiter?.rate ?? null,
       cutover: this.opts.cutover,
       maxDowntimeMs: this.opts.maxDowntimeMs,
-      convergence: this.source.tracking.writeThroughActive ? 'active' : this.source.gate.throttleRate ? 'throttle' : 'none',
-      throttleRate: this.source.gate.throttleRate ?? null,
+      convergence: this.source.stack.writeThrough.writeThroughActive ? 'active' : this.source.stack.throttle.rate ? 'throttle' : 'none',
+      throttleRate: this.source.stack.throttle.rate ?? null,
       retries: this.retries,
       retrying: this.retrying,
       pauseMs: this.pauseMs,
@@ -231,7 +231,7 @@ export class MirrorJob extends EventEmitter {
 
   private async run(): Promise<void> {
     try {
-      this.source.bitmap.markAll();
+      this.source.stack.bitmap.markAll();
       const stall = new StallDetector();
       for (;;) {
         if (this.abortRequested) return await this.finishAborted();
@@ -241,15 +241,15 @@ export class MirrorJob extends EventEmitter {
           continue;
         }
         // A sweep is a pass only when there is something to copy (a synchronised job idles here).
-        if (this.pass === 0 || this.source.bitmap.dirtyBlocks() > 0) this.pass++;
+        if (this.pass === 0 || this.source.stack.bitmap.dirtyBlocks() > 0) this.pass++;
         const before = this.stats.dataBytes + this.stats.zeroBytes;
         const t0 = performance.now();
         this.sweepStart = { t: t0, bytes: before };
         try {
           await copySweep(
-            this.source.tracking.inner,
+            this.source.stack.local,
             target,
-            this.source.bitmap,
+            this.source.stack.bitmap,
             this.copyOptions({ skipTargetZeros: this.pass === 1, shouldStop: () => this.abortRequested, limited: true }),
             this.stats,
           );
@@ -265,7 +265,7 @@ export class MirrorJob extends EventEmitter {
         this.firstSweepDone = true;
         if (this.abortRequested) return await this.finishAborted();
 
-        const dirty = this.source.bitmap.dirtyBytes();
+        const dirty = this.source.stack.bitmap.dirtyBytes();
         this.log.debug('mirror-sweep', { pass: this.pass, seconds, moved, dirty, rate: this.meter.rate });
         this.emit('progress', this.status());
         if (fitsDowntime(dirty, this.meter.rate, this.opts.maxDowntimeMs)) {
@@ -293,15 +293,15 @@ export class MirrorJob extends EventEmitter {
   /** Switches convergence on: write-through (active) or guest throttling. */
   private engage(mode: ConvergeMode): void {
     if (mode === 'active') {
-      if (this.source.tracking.writeThroughActive || !this.target) return;
-      this.source.tracking.setWriteThrough({
+      if (this.source.stack.writeThrough.writeThroughActive || !this.target) return;
+      this.source.stack.writeThrough.setWriteThrough({
         target: this.target,
         locks: this.locks,
         timeoutMs: this.opts.writeThroughTimeoutMs,
         onError: (e) => this.log.warn('write-through-failed', { cause: e, effect: 'range marked dirty; guest unaffected' }),
         onSlow: () => {
           // The target is slow or frozen: guests must not wait on it. The background copy catches up.
-          this.source.tracking.setWriteThrough(undefined);
+          this.source.stack.writeThrough.setWriteThrough(undefined);
           this.log.warn('write-through-slow', {
             timeoutMs: this.opts.writeThroughTimeoutMs,
             effect: 'range marked dirty; guests are answered after their local write; back to background copying',
@@ -311,14 +311,14 @@ export class MirrorJob extends EventEmitter {
       this.log.info('mirror-converge', { mode: 'active' });
     } else {
       const rate = guestThrottleRate(this.meter.rate);
-      this.source.gate.setThrottle(rate);
+      this.source.stack.throttle.setRate(rate);
       this.log.info('mirror-converge', { mode: 'throttle', guestWriteLimit: rate });
     }
   }
 
   private disengage(): void {
-    this.source.tracking.setWriteThrough(undefined);
-    this.source.gate.setThrottle(undefined);
+    this.source.stack.writeThrough.setWriteThrough(undefined);
+    this.source.stack.throttle.setRate(undefined);
   }
 
   /** The switch (cutover.ts). Resolves true when completed; false when it failed and copying goes on. */
@@ -357,8 +357,8 @@ export class MirrorJob extends EventEmitter {
    * is no longer the same disk or now belongs to another job) fail at once.
    */
   private async recover(cause: unknown): Promise<void> {
-    const hadWriteThrough = this.source.tracking.writeThroughActive;
-    this.source.tracking.setWriteThrough(undefined);
+    const hadWriteThrough = this.source.stack.writeThrough.writeThroughActive;
+    this.source.stack.writeThrough.setWriteThrough(undefined);
     this.target?.destroy();
     this.target = undefined;
     this.retrying = true;

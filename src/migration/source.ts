@@ -1,15 +1,12 @@
 /** The export side of a migration: what a job copies from and switches. */
-import type { DirtyBitmap } from '../dirty/bitmap.js';
-import type { DirtyTrackingDevice } from '../dirty/tracking-device.js';
-import type { GateDevice } from './gate-device.js';
+import type { Stack } from '../storage/stack.js';
 
 export interface MirrorSource {
   name: string;
   image: string;
   size: number;
-  gate: GateDevice;
-  tracking: DirtyTrackingDevice;
-  bitmap: DirtyBitmap;
+  /** The export's device stack: the job reads below the switch, drives the gate, throttle, write-through and switch. */
+  stack: Stack;
   /** The export's identity (its `nbd-migrate:export-id:` context): a mirror onto it is a mirror onto itself. */
   exportId: string;
   /** Closes the export's guest connections (handoff=disconnect). */

@@ -7,7 +7,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { DirtyBitmap } from '../../../src/dirty/bitmap.js';
 import { copySweep, newCopyStats } from '../../../src/migration/copy.js';
-import { GateDevice, trackingView } from '../../../src/migration/gate-device.js';
+import { Filter } from '../../../src/storage/filters/filter.js';
+import type { Stack } from '../../../src/storage/stack.js';
 import { DEFAULT_MIRROR_OPTIONS, MirrorJob, type MirrorSource, type MirrorTarget } from '../../../src/migration/job.js';
 import { readFenced } from '../../../src/migration/markers.js';
 import { RangeLock } from '../../../src/util/range-lock.js';
@@ -81,14 +82,30 @@ class FileTarget extends EventEmitter implements MirrorTarget {
   destroy() {}
 }
 
+/** What the guest talks to (the stack's top), with the gate's controls and what lies below the switch. */
+class GateView extends Filter {
+  constructor(private readonly stack: Stack) {
+    super(stack.device);
+  }
+  get inner() {
+    return this.stack.switch.current;
+  }
+  hold(): Promise<void> {
+    return this.stack.gate.hold();
+  }
+  release(): void {
+    this.stack.gate.release();
+  }
+}
+
 async function sourceStack(img: string, granularity = 64 * 1024) {
   const file = await FileDevice.open(img, { readOnly: false });
   const stack = buildStack({ local: file, dirtyGranularity: granularity });
   const bitmap = stack.bitmap;
   // The local branch below the switch: write-through over dirty tracking over the file.
   const tracking = stack.writeThrough;
-  const gate = new GateDevice(stack);
-  const src: MirrorSource = { name: 'vm', image: img, size: file.size, gate, tracking: trackingView(stack), bitmap, disconnectClients: () => undefined };
+  const gate = new GateView(stack);
+  const src: MirrorSource = { name: 'vm', image: img, size: file.size, stack, exportId: 'test-source', disconnectClients: () => undefined };
   return { file, bitmap, tracking, gate, src };
 }
 

@@ -18,7 +18,7 @@
 import t from 'tap';
 import fc from 'fast-check';
 import { copySweep, newCopyStats } from '../../../src/migration/copy.js';
-import { RangeLock } from '../../../src/migration/range-lock.js';
+import { RangeLock } from '../../../src/util/range-lock.js';
 import { DeviceError } from '../../../src/storage/device.js';
 import { buildStack } from '../../../src/storage/stack.js';
 import { MemoryDevice, type DeviceOp } from '../../helpers/memory-device.js';
