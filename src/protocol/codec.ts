@@ -39,6 +39,11 @@ export function cookieToNumber(c: Cookie): number {
   return u64FromHalves(c.hi, c.lo);
 }
 
+/** The 8-byte cookie field of a request or reply header. */
+export function readCookie(b: Buffer, at: number): Cookie {
+  return { hi: b.readUInt32BE(at), lo: b.readUInt32BE(at + 4) };
+}
+
 /** A cookie for messages: 16 hex digits. */
 export function cookieText(c: Cookie): string {
   return `0x${c.hi.toString(16).padStart(8, '0')}${c.lo.toString(16).padStart(8, '0')}`;
@@ -261,7 +266,7 @@ export function decodeRequestHeader(b: Buffer, at = 0): RequestHeader {
     magic: b.readUInt32BE(at),
     flags: b.readUInt16BE(at + 4),
     type: b.readUInt16BE(at + 6),
-    cookie: { hi: b.readUInt32BE(at + 8), lo: b.readUInt32BE(at + 12) },
+    cookie: readCookie(b, at + 8),
     offset: readU64(b, at + 16),
     length: b.readUInt32BE(at + 24),
   };

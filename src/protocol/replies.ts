@@ -7,7 +7,7 @@
  * caller decides what a violation costs (the client drops the connection).
  */
 import * as C from './constants.js';
-import { readU64, type Cookie, type Extent } from './codec.js';
+import { readCookie, readU64, type Cookie, type Extent } from './codec.js';
 
 /** Largest non-data chunk payload accepted (block status for a 4 GiB range of 4 KiB extents is 8 MiB). */
 export const MAX_CHUNK_PAYLOAD = 16 * 1024 * 1024;
@@ -27,7 +27,7 @@ export interface SimpleReplyHeader {
 }
 
 export function decodeSimpleReplyHeader(b: Buffer, at = 0): SimpleReplyHeader {
-  return { error: b.readUInt32BE(at + 4), cookie: { hi: b.readUInt32BE(at + 8), lo: b.readUInt32BE(at + 12) } };
+  return { error: b.readUInt32BE(at + 4), cookie: readCookie(b, at + 8) };
 }
 
 /** Structured reply chunk header (20 bytes): magic(4) flags(2) type(2) cookie(8) length(4). */
@@ -43,7 +43,7 @@ export function decodeChunkHeader(b: Buffer, at = 0): ChunkHeader {
   return {
     flags: b.readUInt16BE(at + 4),
     type: b.readUInt16BE(at + 6),
-    cookie: { hi: b.readUInt32BE(at + 8), lo: b.readUInt32BE(at + 12) },
+    cookie: readCookie(b, at + 8),
     length: b.readUInt32BE(at + 16),
   };
 }
