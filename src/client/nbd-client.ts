@@ -1,14 +1,11 @@
 /**
  * An NBD client that is a Device: the mirror's copy engine treats a remote
- * NBD export exactly like a local file.
+ * NBD export exactly like a local file. This is the device adapter; the
+ * connection is transport.ts (cookies, in-flight bounds, the request watchdog,
+ * READY/CLOSING/CLOSED/DEAD), reaching the server connect.ts, TLS tls.ts.
  *
  * - Fixed newstyle handshake over TCP or a Unix socket (see handshake.ts).
- * - Pipelined transmission: every request gets a 64-bit cookie (a counter);
- *   replies are matched by cookie, in any order (see replies.ts).
- * - Bounded: at most `maxInflightRequests` requests and `maxInflightBytes`
- *   of READ/WRITE payload are on the wire; further requests wait in a FIFO.
- *   The socket's write side is respected ('drain'), and replies are read all
- *   the while, so full buffers in both directions cannot deadlock.
+ * - Pipelined and bounded (see transport.ts).
  * - READ and WRITE larger than the server's maximum block size (capped at
  *   32 MiB) are split; TRIM and WRITE_ZEROES are split at 1 GiB.
  * - Missing server features are handled here, so callers need not check:
@@ -22,17 +19,14 @@
  *   emitted with the Error.
  */
 import { EventEmitter } from 'node:events';
-import * as fs from 'node:fs';
-import * as net from 'node:net';
-import * as path from 'node:path';
-import * as tls from 'node:tls';
+import type * as net from 'node:net';
 import * as C from '../protocol/constants.js';
-import * as codec from '../protocol/codec.js';
 import type { Extent } from '../protocol/codec.js';
 import { DeviceError, type Capabilities, type Device, type WriteOptions, type ZeroOptions } from '../storage/device.js';
-import { NbdProtocolError, NbdRequestError, errnoNameForNbd } from './errors.js';
-import { HandshakeReader, negotiate, type BlockSize, type NegotiatedExport } from './handshake.js';
-import { PendingRequest, ReplyParser } from './replies.js';
+import type { BlockSize, NegotiatedExport } from './handshake.js';
+import type { PendingRequest } from './replies.js';
+import { dial } from './connect.js';
+import { Transport, type TransportLimits } from './transport.js';
 import { formatNbdUri, parseNbdUri, type NbdUri } from './uri.js';
 
 export { NbdHandshakeError, NbdProtocolError, NbdRequestError } from './errors.js';
@@ -70,33 +64,8 @@ const DEFAULTS = {
 const BIG_SPLIT = 1024 * 1024 * 1024;
 /** Largest zero buffer kept for emulating WRITE_ZEROES. */
 const ZERO_BUFFER = 1024 * 1024;
-/** Socket write buffer before 'drain' is awaited. */
-const WRITE_HIGH_WATER = 1024 * 1024;
-/** How long close() waits for the server to close after NBD_CMD_DISC. */
-const DISCONNECT_GRACE_MS = 5000;
 
 const STATE_MASK = C.NBD_STATE_HOLE | C.NBD_STATE_ZERO;
-
-/** node:tls options from an nbds:// URI (libnbd's tls-certificates directory layout). */
-function tlsOptions(u: NbdUri): tls.ConnectionOptions {
-  const t = u.tls!;
-  const file = (name: string) => (t.certificates ? path.join(t.certificates, name) : undefined);
-  const readIf = (f: string | undefined) => (f && fs.existsSync(f) ? fs.readFileSync(f) : undefined);
-  const ca = readIf(file('ca-cert.pem'));
-  const cert = readIf(file('client-cert.pem'));
-  const key = readIf(file('client-key.pem'));
-  if (t.certificates && !ca) throw new Error(`${formatNbdUri(u)}: ${file('ca-cert.pem')} not found (tls-certificates=)`);
-  const servername = t.hostname ?? (u.transport === 'tcp' ? u.host : 'localhost');
-  return {
-    ...(ca ? { ca } : {}),
-    ...(cert && key ? { cert, key } : {}),
-    rejectUnauthorized: t.verifyPeer,
-    // SNI takes no IP literals; the name is still checked against the certificate.
-    ...(net.isIP(servername) ? {} : { servername }),
-    checkServerIdentity: (_host, c) => tls.checkServerIdentity(servername, c),
-    minVersion: 'TLSv1.2',
-  };
-}
 
 export class NbdClient extends EventEmitter implements Device {
   /** The URI connected to, canonical form. */
@@ -113,47 +82,15 @@ export class NbdClient extends EventEmitter implements Device {
   readonly blockSize: BlockSize;
   readonly readOnly: boolean;
 
-  private readonly maxRequests: number;
-  private readonly maxBytes: number;
+  private readonly transport: Transport;
   /** READ/WRITE split size: the server's maximum, at most 32 MiB, a multiple of its minimum. */
   private readonly splitBytes: number;
   private readonly bigSplit: number;
-  private readonly parser: ReplyParser;
-  private readonly inflight = new Map<number, PendingRequest>();
-  private inflightBytes = 0;
-  private queue: PendingRequest[] = [];
-  private queueHead = 0;
-  private nextCookie = 1;
-  private writeBlocked = false;
-  /** Set once the connection is unusable: the reason. */
-  private dead: Error | undefined;
-  private deadCode = 'ECONNRESET';
-  /** close() was called (or the server asked for a disconnect with ESHUTDOWN). */
-  private closing = false;
-  private closePromise: Promise<void> | undefined;
-  private shutdownReason: Error | undefined;
-  private idleWaiters: Array<() => void> = [];
-  private closeWaiters: Array<() => void> = [];
-  private socketClosed = false;
-  private lastSocketError: Error | undefined;
   private zeroBuffer: Buffer | undefined;
-  /** Device operations in progress (close() waits for them). */
-  private busy = 0;
-  /** Last sign of life while requests were outstanding: a reply byte, a drained write, or the first send. */
-  private lastProgress = 0;
-  private readonly requestTimeoutMs: number;
-  private watchdog: NodeJS.Timeout | undefined;
 
   /** Use NbdClient.connect(). */
-  private constructor(
-    private readonly socket: net.Socket,
-    n: NegotiatedExport,
-    readAhead: Buffer[],
-    opts: Required<Pick<NbdClientOptions, 'maxInflightRequests' | 'maxInflightBytes' | 'requestTimeoutMs'>>,
-    uri: string,
-  ) {
+  private constructor(socket: net.Socket, n: NegotiatedExport, readAhead: Buffer[], limits: TransportLimits, uri: string) {
     super();
-    this.requestTimeoutMs = opts.requestTimeoutMs;
     this.listedContexts = n.listedContexts;
     this.uri = uri;
     this.size = n.size;
@@ -163,29 +100,14 @@ export class NbdClient extends EventEmitter implements Device {
     this.contexts = n.contexts;
     this.blockSize = n.blockSize;
     this.readOnly = (n.transmissionFlags & C.NBD_FLAG_READ_ONLY) !== 0;
-    this.maxRequests = opts.maxInflightRequests;
-    this.maxBytes = opts.maxInflightBytes;
     const min = Math.max(1, n.blockSize.minimum);
     const max = Math.min(n.blockSize.maximum, C.MAX_PAYLOAD);
     this.splitBytes = Math.max(min, max - (max % min));
     this.bigSplit = Math.max(min, BIG_SPLIT - (BIG_SPLIT % min));
 
-    this.parser = new ReplyParser(n.structuredReplies, {
-      lookup: (cookie) => this.inflight.get(cookie),
-      done: (req) => this.complete(req),
-    });
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
-    socket.on('drain', () => {
-      this.lastProgress = performance.now();
-      this.writeBlocked = false;
-      this.pump();
-    });
-    socket.on('error', (e) => {
-      this.lastSocketError = e;
-    });
-    socket.on('end', () => this.onSocketEnd());
-    socket.on('close', () => this.onSocketClose());
-    for (const b of readAhead) this.onData(b);
+    this.transport = new Transport(socket, n.structuredReplies, readAhead, limits, uri, (err) =>
+      err ? this.emit('close', err) : this.emit('close'),
+    );
   }
 
   /**
@@ -203,72 +125,20 @@ export class NbdClient extends EventEmitter implements Device {
     if (!(Number.isInteger(opts.requestTimeoutMs) && opts.requestTimeoutMs >= 0))
       throw new RangeError(`requestTimeoutMs must be a non-negative integer, got ${opts.requestTimeoutMs}`);
 
-    // A bad certificate directory fails before anything is sent.
-    const tlsOpts = u.tls ? tlsOptions(u) : undefined;
-    const socket =
-      u.transport === 'tcp'
-        ? net.connect({
-            host: u.host,
-            port: u.port,
-            noDelay: true,
-            // Notices a peer that vanished while the connection was idle.
-            keepAlive: true,
-            keepAliveInitialDelay: 30_000,
-            writableHighWaterMark: WRITE_HIGH_WATER,
-          } as net.NetConnectOpts)
-        : net.connect({ path: u.socket, writableHighWaterMark: WRITE_HIGH_WATER } as net.NetConnectOpts);
-    const reader = new HandshakeReader(socket);
-    let timer: NodeJS.Timeout | undefined;
-    let timedOut = false;
-    try {
-      const timeout = new Promise<never>((_resolve, reject) => {
-        timer = setTimeout(() => {
-          timedOut = true;
-          const e = new Error(`${label}: connection and handshake timed out after ${opts.connectTimeoutMs} ms`);
-          reader.fail(e);
-          reject(e);
-        }, opts.connectTimeoutMs);
-      });
-      await Promise.race([
-        new Promise<void>((resolve, reject) => {
-          socket.once('connect', resolve);
-          socket.once('error', (e) => reject(new Error(`${label}: cannot connect: ${e.message}`, { cause: e })));
-        }),
-        timeout,
-      ]);
-      const io = { socket: socket as net.Socket, reader };
-      const n = await Promise.race([
-        negotiate(io, { exportName: u.exportName, metaContexts: opts.metaContexts, listMetaContexts: opts.listMetaContexts, label, tls: tlsOpts }),
-        timeout,
-      ]);
-      clearTimeout(timer);
-      io.reader.detach();
-      const readAhead = io.reader.queue.length > 0 ? io.reader.queue.takeSlices(io.reader.queue.length) : [];
-      return new NbdClient(io.socket, n, readAhead, opts, label);
-    } catch (e) {
-      clearTimeout(timer);
-      reader.detach();
-      socket.on('error', () => {}); // late errors after we gave up
-      if (timedOut || !socket.writable) socket.destroy();
-      else {
-        // Let an NBD_OPT_ABORT (if one was queued) go out, then close.
-        socket.end();
-        setTimeout(() => socket.destroy(), 1000).unref();
-      }
-      throw e;
-    }
+    const { socket, negotiated, readAhead } = await dial(u, opts, label);
+    return new NbdClient(socket, negotiated, readAhead, opts, label);
   }
 
   // ---------------------------------------------------------------- state
 
   /** The connection can no longer carry requests. */
   get closed(): boolean {
-    return this.dead !== undefined;
+    return this.transport.closed;
   }
 
   /** Requests on the wire, their payload bytes, and requests waiting to go. */
   get stats(): { inflightRequests: number; inflightBytes: number; queuedRequests: number } {
-    return { inflightRequests: this.inflight.size, inflightBytes: this.inflightBytes, queuedRequests: this.queue.length - this.queueHead };
+    return this.transport.stats;
   }
 
   private has(flag: number): boolean {
@@ -467,70 +337,23 @@ export class NbdClient extends EventEmitter implements Device {
    * Resolves once the socket is gone; never rejects.
    */
   close(): Promise<void> {
-    if (this.closePromise) return this.closePromise;
-    this.closing = true;
-    this.closePromise = (async () => {
-      await this.idle();
-      if (this.dead) {
-        this.socket.destroy();
-        return;
-      }
-      this.socket.write(codec.encodeRequestHeader(0, C.NBD_CMD_DISC, this.cookie(this.nextCookie++), 0, 0));
-      this.socket.end();
-      this.dead = new Error('the client closed the connection');
-      this.deadCode = 'EPIPE';
-      const t = setTimeout(() => this.socket.destroy(), DISCONNECT_GRACE_MS);
-      t.unref();
-      await this.socketGone();
-      clearTimeout(t);
-      this.emitClose(this.shutdownReason, true);
-    })();
-    return this.closePromise;
+    return this.transport.close();
   }
 
   /** Hard disconnect: drops the socket; everything pending rejects with ECONNRESET. Emits 'close' (no error). */
   destroy(): void {
-    if (!this.dead) {
-      this.dead = new Error('connection destroyed by the client');
-      this.deadCode = 'ECONNRESET';
-      this.rejectAll();
-      this.emitClose(this.shutdownReason);
-    }
-    this.socket.destroy();
+    this.transport.destroy();
   }
 
   // ---------------------------------------------------------------- internals
 
-  private cookie(n: number): codec.Cookie {
-    return { hi: Math.floor(n / 0x100000000), lo: n >>> 0 };
-  }
-
   /** Runs one Device operation; close() waits for operations (including their follow-up flushes). */
-  private async op<T>(fn: () => Promise<T>): Promise<T> {
-    this.checkAlive();
-    this.busy++;
-    try {
-      return await fn();
-    } finally {
-      this.busy--;
-      this.checkIdle();
-    }
-  }
-
-  private checkAlive(): void {
-    if (this.dead) throw this.deadError();
-    if (this.closing)
-      throw this.shutdownReason
-        ? new DeviceError('ESHUTDOWN', `${this.uri}: the server is shutting down`)
-        : new DeviceError('EPIPE', `${this.uri}: the client is closing`);
+  private op<T>(fn: () => Promise<T>): Promise<T> {
+    return this.transport.operation(fn);
   }
 
   private checkWritable(what: string): void {
     if (this.readOnly) throw new DeviceError('EPERM', `${this.uri}: ${what} on a read-only export`);
-  }
-
-  private deadError(): DeviceError {
-    return new DeviceError(this.deadCode, `${this.uri}: NBD connection is closed: ${this.dead!.message}`, { cause: this.dead });
   }
 
   private splitBig(offset: number, length: number, send: (o: number, n: number) => Promise<unknown>): Array<Promise<unknown>> {
@@ -544,203 +367,9 @@ export class NbdClient extends EventEmitter implements Device {
     flags: number,
     offset: number,
     length: number,
-    opts: { payload?: readonly Buffer[]; into?: Buffer; at?: number } = {},
+    opts?: { payload?: readonly Buffer[]; into?: Buffer; at?: number },
   ): Promise<PendingRequest> {
-    if (this.dead) return Promise.reject(this.deadError());
-    const bytes = type === C.NBD_CMD_READ ? length : (opts.payload ? length : 0);
-    return new Promise<PendingRequest>((resolve, reject) => {
-      const req = new PendingRequest(type, flags, offset, length, bytes, opts.payload, opts.into, opts.at ?? 0, (err, r) =>
-        err ? reject(err) : resolve(r),
-      );
-      this.queue.push(req);
-      this.pump();
-    });
-  }
-
-  /** Sends queued requests while the bounds and the socket allow. */
-  private pump(): void {
-    while (!this.dead && !this.writeBlocked && this.queueHead < this.queue.length) {
-      const req = this.queue[this.queueHead]!;
-      if (this.inflight.size >= this.maxRequests) break;
-      if (this.inflight.size > 0 && this.inflightBytes + req.bytes > this.maxBytes) break;
-      this.queue[this.queueHead++] = undefined as unknown as PendingRequest;
-      if (this.queueHead > 1024 && this.queueHead * 2 > this.queue.length) {
-        this.queue = this.queue.slice(this.queueHead);
-        this.queueHead = 0;
-      }
-      this.send(req);
-    }
-    if (this.queueHead === this.queue.length && this.queueHead > 0) {
-      this.queue = [];
-      this.queueHead = 0;
-    }
-  }
-
-  private send(req: PendingRequest): void {
-    if (this.inflight.size === 0) {
-      this.lastProgress = performance.now();
-      this.armWatchdog();
-    }
-    req.cookie = this.nextCookie++;
-    this.inflight.set(req.cookie, req);
-    this.inflightBytes += req.bytes;
-    const header = codec.encodeRequestHeader(req.flags, req.type, this.cookie(req.cookie), req.offset, req.length);
-    const payload = req.payload;
-    req.payload = undefined;
-    let ok: boolean;
-    if (payload && payload.length > 0) {
-      // Header and payload as separate writes, gathered into one writev by cork.
-      this.socket.cork();
-      ok = this.socket.write(header);
-      for (const b of payload) if (b.length > 0) ok = this.socket.write(b) && ok;
-      this.socket.uncork();
-    } else ok = this.socket.write(header);
-    if (!ok) this.writeBlocked = true;
-  }
-
-  private onData(chunk: Buffer): void {
-    if (this.dead) return;
-    this.lastProgress = performance.now();
-    try {
-      this.parser.push(chunk);
-    } catch (e) {
-      if (e instanceof NbdProtocolError) this.fail(new NbdProtocolError(`protocol error from the server: ${e.message}`));
-      else this.fail(e as Error);
-    }
-  }
-
-  /** A reply is complete: settle its request. */
-  private complete(req: PendingRequest): void {
-    this.inflight.delete(req.cookie);
-    this.inflightBytes -= req.bytes;
-    let err: Error | undefined;
-    const command = C.COMMAND_NAMES[req.type] ?? `command ${req.type}`;
-    if (req.error) {
-      const { nbdErrno, message } = req.error;
-      const name = errnoNameForNbd(nbdErrno);
-      err = new NbdRequestError(
-        nbdErrno,
-        command,
-        message,
-        `${this.uri}: ${command} ${req.offset}+${req.length} failed: ${name} (NBD error ${nbdErrno})${message ? `: ${message}` : ''}`,
-      );
-      if (nbdErrno === C.NBD_ESHUTDOWN) this.serverShutdown();
-    } else if (req.type === C.NBD_CMD_READ && !req.simple && !req.fullyCovered) {
-      err = new DeviceError('EIO', `${this.uri}: read ${req.offset}+${req.length}: the server reported success without sending all the data`);
-    }
-    req.settle(err, req);
-    if (!this.dead) this.pump();
-    this.checkIdle();
-  }
-
-  /** ESHUTDOWN: the spec asks the client for a soft disconnect. Queued requests are not sent. */
-  private serverShutdown(): void {
-    if (this.shutdownReason) return;
-    this.shutdownReason = new Error('the server is shutting down (ESHUTDOWN)');
-    const queued = this.queue.slice(this.queueHead);
-    this.queue = [];
-    this.queueHead = 0;
-    for (const r of queued)
-      r.settle(new DeviceError('ESHUTDOWN', `${this.uri}: the server is shutting down; ${C.COMMAND_NAMES[r.type] ?? r.type} not sent`), r);
-    void this.close();
-  }
-
-  private isIdle(): boolean {
-    return this.dead !== undefined || (this.busy === 0 && this.inflight.size === 0 && this.queueHead === this.queue.length);
-  }
-
-  private idle(): Promise<void> {
-    if (this.isIdle()) return Promise.resolve();
-    return new Promise((resolve) => this.idleWaiters.push(resolve));
-  }
-
-  private checkIdle(): void {
-    if (this.isIdle()) for (const fn of this.idleWaiters.splice(0)) fn();
-  }
-
-  private socketGone(): Promise<void> {
-    if (this.socketClosed) return Promise.resolve();
-    return new Promise((resolve) => this.closeWaiters.push(resolve));
-  }
-
-  private onSocketClose(): void {
-    this.socketClosed = true;
-    this.onSocketEnd();
-    for (const fn of this.closeWaiters.splice(0)) fn();
-  }
-
-  /** The server closed (or the socket failed): fatal unless we were closing and had nothing pending. */
-  private onSocketEnd(): void {
-    if (this.dead) return;
-    if (this.closing && this.busy === 0 && this.inflight.size === 0 && this.queueHead === this.queue.length) {
-      this.dead = new Error('the server closed the connection');
-      this.deadCode = 'EPIPE';
-      this.emitClose(this.shutdownReason);
-      this.checkIdle();
-      return;
-    }
-    this.fail(this.lastSocketError ?? new Error('the server closed the connection'));
-  }
-
-  /**
-   * Watches outstanding requests while there are any: a connection that makes
-   * no progress for requestTimeoutMs (a frozen server, a silent network
-   * partition) is dropped, so callers see ETIMEDOUT instead of waiting forever.
-   */
-  private armWatchdog(): void {
-    if (this.requestTimeoutMs === 0 || this.watchdog || this.dead) return;
-    const every = Math.max(10, Math.min(1000, Math.floor(this.requestTimeoutMs / 4)));
-    this.watchdog = setInterval(() => {
-      if (this.dead || (this.inflight.size === 0 && this.queueHead === this.queue.length)) {
-        clearInterval(this.watchdog);
-        this.watchdog = undefined;
-        return;
-      }
-      const quiet = performance.now() - this.lastProgress;
-      if (this.inflight.size > 0 && quiet > this.requestTimeoutMs) {
-        const oldest = this.inflight.values().next().value as PendingRequest;
-        this.fail(
-          new Error(`no reply from the server for ${Math.round(quiet)} ms with ${this.inflight.size} request(s) outstanding ` +
-            `(oldest: ${C.COMMAND_NAMES[oldest.type] ?? oldest.type} ${oldest.offset}+${oldest.length}); timeout ${this.requestTimeoutMs} ms`),
-          'ETIMEDOUT',
-        );
-      }
-    }, every);
-    this.watchdog.unref();
-  }
-
-  /** The connection died unexpectedly: everything pending rejects, 'close' carries the reason. */
-  private fail(reason: Error, code = 'ECONNRESET'): void {
-    if (this.dead) return;
-    this.dead = reason;
-    this.deadCode = code;
-    this.socket.destroy();
-    this.rejectAll();
-    this.emitClose(reason);
-  }
-
-  private rejectAll(): void {
-    if (this.watchdog) {
-      clearInterval(this.watchdog);
-      this.watchdog = undefined;
-    }
-    const reqs = [...this.inflight.values(), ...this.queue.slice(this.queueHead)];
-    this.inflight.clear();
-    this.inflightBytes = 0;
-    this.queue = [];
-    this.queueHead = 0;
-    for (const r of reqs) r.settle(this.deadError(), r);
-    this.checkIdle();
-  }
-
-  private closeEmitted = false;
-  /** Emits 'close' once: asynchronously unless `now` (listeners must not run inside a caller's stack). */
-  private emitClose(err: Error | undefined, now = false): void {
-    if (this.closeEmitted) return;
-    this.closeEmitted = true;
-    const emit = () => (err ? this.emit('close', err) : this.emit('close'));
-    if (now) emit();
-    else process.nextTick(emit);
+    return this.transport.submit(type, flags, offset, length, opts);
   }
 }
 

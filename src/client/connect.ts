@@ -1,0 +1,84 @@
+/**
+ * Reaching an NBD server: the socket (TCP or Unix), TLS options for nbds://
+ * URIs, and the newstyle handshake, all within one deadline. What comes out
+ * is a negotiated socket for the transport.
+ */
+import * as net from 'node:net';
+import { HandshakeReader, negotiate, type NegotiatedExport } from './handshake.js';
+import { tlsOptions } from './tls.js';
+import type { NbdUri } from './uri.js';
+
+/** Socket write buffer before 'drain' is awaited. */
+const WRITE_HIGH_WATER = 1024 * 1024;
+
+export interface DialOptions {
+  connectTimeoutMs: number;
+  metaContexts: readonly string[];
+  listMetaContexts: readonly string[];
+}
+
+/**
+ * Connects and negotiates within `connectTimeoutMs`. Rejects with an Error
+ * whose message names `label` and the reason; the socket is closed then.
+ */
+export async function dial(
+  u: NbdUri,
+  opts: DialOptions,
+  label: string,
+): Promise<{ socket: net.Socket; negotiated: NegotiatedExport; readAhead: Buffer[] }> {
+  // A bad certificate directory fails before anything is sent.
+  const tlsOpts = u.tls ? tlsOptions(u) : undefined;
+  const socket =
+    u.transport === 'tcp'
+      ? net.connect({
+          host: u.host,
+          port: u.port,
+          noDelay: true,
+          // Notices a peer that vanished while the connection was idle.
+          keepAlive: true,
+          keepAliveInitialDelay: 30_000,
+          writableHighWaterMark: WRITE_HIGH_WATER,
+        } as net.NetConnectOpts)
+      : net.connect({ path: u.socket, writableHighWaterMark: WRITE_HIGH_WATER } as net.NetConnectOpts);
+  const reader = new HandshakeReader(socket);
+  let timer: NodeJS.Timeout | undefined;
+  let timedOut = false;
+  try {
+    const timeout = new Promise<never>((_resolve, reject) => {
+      timer = setTimeout(() => {
+        timedOut = true;
+        const e = new Error(`${label}: connection and handshake timed out after ${opts.connectTimeoutMs} ms`);
+        reader.fail(e);
+        reject(e);
+      }, opts.connectTimeoutMs);
+    });
+    await Promise.race([
+      new Promise<void>((resolve, reject) => {
+        socket.once('connect', resolve);
+        socket.once('error', (e) => reject(new Error(`${label}: cannot connect: ${e.message}`, { cause: e })));
+      }),
+      timeout,
+    ]);
+    // negotiate() replaces io.socket by the TLS socket after STARTTLS.
+    const io = { socket: socket as net.Socket, reader };
+    const negotiated = await Promise.race([
+      negotiate(io, { exportName: u.exportName, metaContexts: opts.metaContexts, listMetaContexts: opts.listMetaContexts, label, tls: tlsOpts }),
+      timeout,
+    ]);
+    clearTimeout(timer);
+    io.reader.detach();
+    const readAhead = io.reader.queue.length > 0 ? io.reader.queue.takeSlices(io.reader.queue.length) : [];
+    return { socket: io.socket, negotiated, readAhead };
+  } catch (e) {
+    clearTimeout(timer);
+    reader.detach();
+    socket.on('error', () => {}); // late errors after we gave up
+    if (timedOut || !socket.writable) socket.destroy();
+    else {
+      // Let an NBD_OPT_ABORT (if one was queued) go out, then close.
+      socket.end();
+      setTimeout(() => socket.destroy(), 1000).unref();
+    }
+    throw e;
+  }
+}
