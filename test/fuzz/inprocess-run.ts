@@ -52,6 +52,7 @@ process.stdout.write(
     eventLoopUtilisation: r.eventLoopUtilisation,
     cpuSeconds: r.cpuSeconds,
     stalledSeconds: r.stalledSeconds,
+    longestBlockMs: r.longestBlockMs,
     mibSent: Number((r.bytesSent / 1048576).toFixed(0)),
     rssMaxMiB: Math.round(r.rssMaxMiB),
     goodOps: r.goodOps,

@@ -44,7 +44,7 @@ function summary(r: InProcessResult): string {
     `generators: ${JSON.stringify(r.byGen)}`,
     `mean ms per case: ${JSON.stringify(Object.fromEntries(Object.entries(r.msByGen).map(([k, v]) => [k, Math.round(v / (r.byGen[k] ?? 1))])))}`,
     `outcomes: ${JSON.stringify(r.outcomes)}`,
-    `event loop ${(r.eventLoopUtilisation * 100).toFixed(0)}% busy, ${r.cpuSeconds} s of CPU (${(r.cpuSeconds / Math.max(0.001, r.seconds) * 100).toFixed(0)}% of one core), stalled ${r.stalledSeconds} s`,
+    `event loop ${(r.eventLoopUtilisation * 100).toFixed(0)}% busy, ${r.cpuSeconds} s of CPU (${(r.cpuSeconds / Math.max(0.001, r.seconds) * 100).toFixed(0)}% of one core), stalled ${r.stalledSeconds} s, longest task ${r.longestBlockMs} ms`,
     `process RSS ${r.rssBaselineMiB.toFixed(0)} MiB at start, ${r.rssMaxMiB.toFixed(0)} MiB max`,
     `good client: ${r.goodOps} operations, ${r.goodReconnects} fresh connections`,
     `findings: ${r.findings.length}`,

@@ -85,16 +85,25 @@ const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
  * stalled too, and a busy machine stalls both.
  */
 let stalledTotal = 0;
+let longestBlock = 0;
 let stallTicker: NodeJS.Timeout | undefined;
 const STALL_TICK_MS = 50;
 function runningClock(): number {
   if (!stallTicker) {
     let last = performance.now();
+    let lastCpu = process.cpuUsage();
     stallTicker = setInterval(() => {
       const now = performance.now();
       const late = now - last - STALL_TICK_MS;
       if (late > 10) stalledTotal += late;
+      if (late > 100) {
+        // The main thread's own work in that gap (CPU time, minus the tick): a long task rather than a busy machine.
+        const cpu = process.cpuUsage(lastCpu);
+        const worked = Math.min(late, (cpu.user + cpu.system) / 1000 - STALL_TICK_MS);
+        if (worked > longestBlock) longestBlock = worked;
+      }
       last = now;
+      lastCpu = process.cpuUsage();
     }, STALL_TICK_MS).unref();
   }
   return Date.now() - stalledTotal;
@@ -112,6 +121,15 @@ function runningUntil(deadline: number): { done: Promise<void>; cancel: () => vo
     check();
   });
   return { done, cancel: () => clearTimeout(timer) };
+}
+
+/**
+ * The longest stall this process spent computing (CPU time in the gap, so
+ * not a machine too busy to run it): a long task on the event loop, the
+ * server's or the harness's. Includes GC pauses and work on other threads.
+ */
+export function longestBlockMs(): number {
+  return longestBlock;
 }
 
 /** Milliseconds of stall so far (see runningClock). */

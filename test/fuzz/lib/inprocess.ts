@@ -31,7 +31,7 @@ import { buildStack } from '../../../src/storage/stack.js';
 import { configureLog } from '../../../src/util/log.js';
 import { MemoryDevice } from '../../helpers/memory-device.js';
 import type { Teardownable } from '../../helpers/server.js';
-import { type CampaignResult, type CaseOutcome, type Endpoint, fdTargets, type Finding, GoodClient, minimiseFinding, procStatus, runCase, signatureOf, stalledMs } from './campaign.js';
+import { type CampaignResult, type CaseOutcome, type Endpoint, fdTargets, type Finding, GoodClient, minimiseFinding, longestBlockMs, procStatus, runCase, signatureOf, stalledMs } from './campaign.js';
 import { FUZZ_EXPORTS, generateCase, loadCorpus, type CaseSpec, type GenContext } from './generate.js';
 import { Rng } from './prng.js';
 
@@ -63,6 +63,8 @@ export interface InProcessResult extends CampaignResult {
   cpuSeconds: number;
   /** Time the process's event loop was stalled (late by more than 10 ms) during the storm. */
   stalledSeconds: number;
+  /** The longest stall spent computing (see campaign.ts longestBlockMs), in ms. */
+  longestBlockMs: number;
 }
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
@@ -137,6 +139,7 @@ export async function runInProcessCampaign(t: Teardownable, opts: InProcessOptio
     eventLoopUtilisation: 0,
     cpuSeconds: 0,
     stalledSeconds: 0,
+    longestBlockMs: 0,
   };
   const inflight = new Map<number, CaseSpec>();
 
@@ -262,6 +265,7 @@ export async function runInProcessCampaign(t: Teardownable, opts: InProcessOptio
   const cpu = process.cpuUsage(cpu0);
   res.cpuSeconds = Number(((cpu.user + cpu.system) / 1e6).toFixed(1));
   res.stalledSeconds = Number(((stalledMs() - stall0) / 1000).toFixed(1));
+  res.longestBlockMs = Math.round(longestBlockMs());
 
   // ---- after the storm
   if (good) {
