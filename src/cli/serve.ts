@@ -154,7 +154,10 @@ class ServeProcess implements RunningServer {
       const exportId = marker?.exportId ?? newExportId();
       const m = { export: e.name, since: new Date().toISOString(), ...marker, exportId };
       if (!marker?.exportId) writeIncoming(e.path, m);
-      incoming = new IncomingMigration(e.path, m, () => this.server.disconnectExport(e.name));
+      incoming = new IncomingMigration(e.path, m, {
+        disconnectAll: () => this.server.disconnectExport(e.name),
+        flush: () => stack.device.flush(),
+      });
     }
     const source: MirrorSource = {
       name: e.name,
@@ -165,7 +168,7 @@ class ServeProcess implements RunningServer {
       disconnectClients: () => this.server.disconnectExport(e.name),
     };
     const oe: OpenExport = { config: e, file, stack, source };
-    const exp = new Export({ name: e.name, description: e.description, device: stack.device, incoming, id: received?.exportId, acl: e.allow ? Acl.parse(e.allow) : undefined });
+    const exp = new Export({ name: e.name, description: e.description, device: stack.device, extension: incoming, id: incoming?.exportId ?? received?.exportId, acl: e.allow ? Acl.parse(e.allow) : undefined });
     source.exportId = exp.id;
     this.registry.add(exp);
     this.sources.set(e.name, source);

@@ -16,6 +16,7 @@ import * as C from '../protocol/constants.js';
 import type { Device } from '../storage/device.js';
 import type { Logger } from '../util/log.js';
 import { JobError } from './errors.js';
+import * as I from './incoming.js';
 import type { ConnectFn, Target } from './target.js';
 
 /** What an nbd-migrate target says about itself in its listing (nothing for qemu-nbd, nbdkit, ...). */
@@ -36,9 +37,9 @@ export function targetFacts(listed: readonly string[] | undefined): TargetFacts 
   };
   return {
     exportId: listed?.find((n) => n.startsWith(C.EXPORT_ID_CONTEXT_PREFIX))?.slice(C.EXPORT_ID_CONTEXT_PREFIX.length),
-    incoming: listed?.includes(C.MIGRATE_INCOMING_CONTEXT) ?? false,
-    freeBytes: num(C.FREE_BYTES_CONTEXT_PREFIX),
-    allocatedBytes: num(C.ALLOCATED_BYTES_CONTEXT_PREFIX),
+    incoming: listed?.includes(I.MIGRATE_INCOMING_CONTEXT) ?? false,
+    freeBytes: num(I.FREE_BYTES_CONTEXT_PREFIX),
+    allocatedBytes: num(I.ALLOCATED_BYTES_CONTEXT_PREFIX),
   };
 }
 
@@ -98,7 +99,7 @@ export class TargetConnector {
   }
 
   private get incomingContext(): string {
-    return C.MIGRATE_INCOMING_JOB_PREFIX + this.o.jobId;
+    return I.MIGRATE_INCOMING_JOB_PREFIX + this.o.jobId;
   }
 
   private open(options: NbdClientOptions): Promise<Target> {
@@ -114,7 +115,7 @@ export class TargetConnector {
     const { uri } = this.o;
     const metaContexts = [C.BASE_ALLOCATION, this.incomingContext];
     // Only the job's first connection may take a destination over; its reconnects must find it still bound to it.
-    if (first && this.o.force) metaContexts.push(C.MIGRATE_TAKEOVER_CONTEXT);
+    if (first && this.o.force) metaContexts.push(I.MIGRATE_TAKEOVER_CONTEXT);
     let client: Target;
     try {
       const connecting = this.open({ metaContexts, listMetaContexts: [C.MIGRATE_NAMESPACE], requestTimeoutMs: this.o.requestTimeoutMs });
@@ -131,7 +132,7 @@ export class TargetConnector {
       await this.check(client, first);
     } catch (e) {
       // Attaching bound an nbd-migrate destination to this job: let it go again, since the job never starts.
-      if (first && client.contexts.has(this.incomingContext)) await client.request(C.NBD_CMD_MIGRATE_RELEASE, 0, 0, 0).catch(() => undefined);
+      if (first && client.contexts.has(this.incomingContext)) await client.request(I.NBD_CMD_MIGRATE_RELEASE, 0, 0, 0).catch(() => undefined);
       client.destroy();
       throw e;
     }
@@ -211,7 +212,7 @@ export class TargetConnector {
     const t = setTimeout(() => c?.destroy(), 2000);
     try {
       c = await this.open({ metaContexts: [this.incomingContext], connectTimeoutMs: 2000, requestTimeoutMs: 2000 });
-      if (c.contexts.has(this.incomingContext)) await c.request(C.NBD_CMD_MIGRATE_RELEASE, 0, 0, 0);
+      if (c.contexts.has(this.incomingContext)) await c.request(I.NBD_CMD_MIGRATE_RELEASE, 0, 0, 0);
       this.o.log.info('destination-released', { target: this.o.uri });
     } catch (e) {
       this.o.log.warn('destination-release-failed', {

@@ -6,11 +6,11 @@
  * guests to the local image, unfenced: no guest ever writes to the target
  * while the source could still be served read-write.
  */
-import * as C from '../protocol/constants.js';
 import type { Logger } from '../util/log.js';
 import { abortion, type TargetConnector } from './connector.js';
 import { type CopyOptions, type CopyStats, copySweep } from './copy.js';
 import { JobError } from './errors.js';
+import { NBD_CMD_MIGRATE_COMPLETE } from './incoming.js';
 import { clearFenced, writeFenced } from './markers.js';
 import { ReconnectingDevice } from './reconnecting-device.js';
 import type { MirrorSource } from './source.js';
@@ -61,7 +61,7 @@ export async function cutover(ctx: CutoverContext): Promise<CutoverOutcome> {
     // Fenced before any guest can reach the target: a restart must never serve this image read-write again.
     writeFenced(source.image, { export: source.name, target: connector.uri, time: new Date().toISOString() });
     fenced = true;
-    if (connector.boundOn(target)) await bounded(target.request(C.NBD_CMD_MIGRATE_COMPLETE, 0, 0, 0));
+    if (connector.boundOn(target)) await bounded(target.request(NBD_CMD_MIGRATE_COMPLETE, 0, 0, 0));
     // Guests now talk to the target; a dropped connection is re-established under them.
     stack.switch.swap(new ReconnectingDevice(target, () => connector.connect(false), connector.uri));
     switched = true;

@@ -177,27 +177,3 @@ export const MIGRATE_NAMESPACE = 'nbd-migrate:';
  * same disk is still behind the address. Destinations keep it across restarts.
  */
 export const EXPORT_ID_CONTEXT_PREFIX = 'nbd-migrate:export-id:';
-/**
- * Listed on an export that is receiving a migration (`serve --incoming`).
- * The migration source selects `nbd-migrate:incoming:<job id>`: the first job
- * to attach binds the destination, and until that job completes or releases
- * it every other job is refused (ERR_POLICY), as is every other client.
- * Its block status is always 0.
- */
-export const MIGRATE_INCOMING_CONTEXT = 'nbd-migrate:incoming';
-export const MIGRATE_INCOMING_JOB_PREFIX = 'nbd-migrate:incoming:';
-/** Selected with the incoming context: take a destination bound to another job over (the source's --force). */
-export const MIGRATE_TAKEOVER_CONTEXT = 'nbd-migrate:takeover';
-/** Listed on an incoming export: `nbd-migrate:free-bytes:<n>`, free space on the destination's filesystem. */
-export const FREE_BYTES_CONTEXT_PREFIX = 'nbd-migrate:free-bytes:';
-/** Listed on an incoming export: `nbd-migrate:allocated-bytes:<n>`, space the destination image already occupies. */
-export const ALLOCATED_BYTES_CONTEXT_PREFIX = 'nbd-migrate:allocated-bytes:';
-/**
- * Sent by the migration source after its final copy and flush, on a connection
- * bound to the destination: the destination flushes, records completion (a
- * marker that survives restarts), and starts accepting every client.
- * Offset and length are 0.
- */
-export const NBD_CMD_MIGRATE_COMPLETE = 0x4e4d;
-/** Sent by a source whose job was aborted: the destination is unbound and may be taken by another job. */
-export const NBD_CMD_MIGRATE_RELEASE = 0x4e4e;

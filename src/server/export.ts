@@ -21,27 +21,32 @@ export interface MetaContext {
   extents(offset: number, length: number, max: number): Promise<Extent[]>;
 }
 
-/** An export receiving a migration (migration/incoming.ts): who owns it and what it reports. */
-export interface IncomingState {
-  readonly exportId: string;
-  readonly boundJob: string | undefined;
-  refusal(jobId: string, takeover: boolean): string | undefined;
-  bind(jobId: string, takeover: boolean, peer: string): void;
-  complete(jobId: string): void;
-  release(jobId: string): void;
-  freeBytes(): number;
-  allocatedBytes(): number;
+/** A transmission command an extension adds (nbd-migrate's own live in 0x4e4d..): the server only dispatches it. */
+export interface ExtraCommand {
+  readonly name: string;
+  /** Whether a connection that chose `contexts` may send it; otherwise it is an unknown command (EINVAL). */
+  permitted(contexts: readonly MetaContext[]): boolean;
+  /** Runs it (no payload, no flags, offset and length 0); a rejection is answered with its errno. */
+  run(contexts: readonly MetaContext[]): Promise<void>;
 }
 
-/** The migration job a connection's chosen contexts name (`nbd-migrate:incoming:<job>`), and whether it takes over. */
-export function incomingJobOf(contexts: readonly MetaContext[]): { jobId: string; takeover: boolean } | undefined {
-  const m = contexts.find((c) => c.name.startsWith(C.MIGRATE_INCOMING_JOB_PREFIX));
-  if (!m) return undefined;
-  return { jobId: m.name.slice(C.MIGRATE_INCOMING_JOB_PREFIX.length), takeover: contexts.some((c) => c.name === C.MIGRATE_TAKEOVER_CONTEXT) };
+/**
+ * What an export adds to the protocol without the server knowing what it is
+ * (migration/incoming.ts is the one there is): contexts it offers, an
+ * admission rule, and a table of extra commands.
+ */
+export interface ExportExtension {
+  /** Contexts listed now (and selectable by their exact names). */
+  contexts(): MetaContext[];
+  /** A SET_META_CONTEXT query no listed name matches (one that carries a job id, say). */
+  matchSet(query: string): MetaContext | undefined;
+  /** Why a connection that chose `contexts` may not attach (undefined: it may). */
+  admission(contexts: readonly MetaContext[]): string | undefined;
+  /** A connection that chose `contexts` entered transmission. */
+  attached(contexts: readonly MetaContext[], peer: string): void;
+  /** Extra transmission commands, by command type. */
+  readonly commands: ReadonlyMap<number, ExtraCommand>;
 }
-
-/** Job ids: what a source may put after `nbd-migrate:incoming:`. */
-const JOB_ID = /^[0-9a-f]{8,64}$/;
 
 export const newExportId = (): string => randomBytes(16).toString('hex');
 
@@ -51,8 +56,8 @@ export interface ExportOptions {
   device: Device;
   /** The export's identity (default: a new random one). */
   id?: string;
-  /** The export receives a migration: only the job bound to it may attach until it completes. */
-  incoming?: IncomingState;
+  /** Contexts, an admission rule and commands the server knows nothing of (an incoming migration). */
+  extension?: ExportExtension;
   /** Client addresses allowed to attach; undefined admits all. */
   acl?: Acl;
 }
@@ -67,18 +72,18 @@ export class Export {
   readonly stats = new ExportStats();
   /** Client addresses allowed to attach (changeable at runtime); undefined admits all. */
   acl: Acl | undefined;
-  private incomingState: ExportOptions['incoming'];
+  readonly extension: ExportExtension | undefined;
 
   constructor(opts: ExportOptions) {
     this.name = opts.name;
     this.description = opts.description;
     this.device = opts.device;
-    this.incomingState = opts.incoming;
-    this.id = opts.incoming?.exportId ?? opts.id ?? newExportId();
+    this.extension = opts.extension;
+    this.id = opts.id ?? newExportId();
     this.acl = opts.acl;
   }
 
-  /** Offered contexts (the ones a listing shows). The incoming ones exist only while a migration is being received. */
+  /** Offered contexts (the ones a listing shows): allocation, identity, and the extension's. */
   get metaContexts(): readonly MetaContext[] {
     const device = this.device;
     const flat = (name: string, id: number): MetaContext => ({ id, name, extents: (_o, l) => Promise.resolve([{ length: l, flags: 0 }]) });
@@ -86,57 +91,18 @@ export class Export {
       { id: 1, name: C.BASE_ALLOCATION, extents: (o, l, m) => device.extents(o, l, m) },
       flat(C.EXPORT_ID_CONTEXT_PREFIX + this.id, 3),
     ];
-    const inc = this.incomingState;
-    if (inc) {
-      all.push(flat(C.MIGRATE_INCOMING_CONTEXT, 2), flat(C.MIGRATE_TAKEOVER_CONTEXT, 4));
-      // Facts for the source's pre-checks; read when listed, so they are current.
-      try {
-        all.push(flat(C.FREE_BYTES_CONTEXT_PREFIX + inc.freeBytes(), 5), flat(C.ALLOCATED_BYTES_CONTEXT_PREFIX + inc.allocatedBytes(), 6));
-      } catch {
-        /* statfs failed: the source then cannot check space and says so */
-      }
-    }
+    if (this.extension) all.push(...this.extension.contexts());
     return all;
   }
 
-  /** The receiving side of a migration, while there is one. */
-  get incomingMigration(): IncomingState | undefined {
-    return this.incomingState;
+  /** Why a connection that chose `contexts` may not attach, by the extension's rule (undefined: it may). */
+  admission(contexts: readonly MetaContext[]): string | undefined {
+    return this.extension?.admission(contexts);
   }
 
-  get incoming(): boolean {
-    return this.incomingState !== undefined;
-  }
-
-  /** Why a connection that chose `contexts` may not attach, by the migration rules (undefined: it may). */
-  incomingRefusal(contexts: readonly MetaContext[]): string | undefined {
-    const inc = this.incomingState;
-    if (!inc) return undefined;
-    const job = incomingJobOf(contexts);
-    if (!job)
-      return `export "${this.name}" is receiving a migration and holds a half-copied disk; it opens to clients when the migration completes`;
-    return inc.refusal(job.jobId, job.takeover);
-  }
-
-  /** A connection that chose `contexts` entered transmission: the job it names binds the destination. */
+  /** A connection that chose `contexts` entered transmission. */
   attached(contexts: readonly MetaContext[], peer: string): void {
-    const job = incomingJobOf(contexts);
-    if (job) this.incomingState?.bind(job.jobId, job.takeover, peer);
-  }
-
-  /** The bound migration source says the copy is complete and flushed: open the export to everyone. */
-  async completeIncoming(jobId: string): Promise<void> {
-    const state = this.incomingState;
-    if (!state) return; // already complete: the same job repeating itself after a failed cutover
-    if (state.boundJob !== jobId) throw new Error(`job ${jobId} is not the job bound to export "${this.name}"`);
-    await this.device.flush();
-    state.complete(jobId);
-    this.incomingState = undefined;
-  }
-
-  /** The bound source aborted its job: let another bind. */
-  releaseIncoming(jobId: string): void {
-    this.incomingState?.release(jobId);
+    this.extension?.attached(contexts, peer);
   }
 
   get size(): number {
@@ -170,17 +136,14 @@ export class Export {
 
   /**
    * Contexts matching a LIST query ("" lists all, a namespace such as "base:"
-   * lists it) or a SET query (exact, and on an incoming export
-   * `nbd-migrate:incoming:<job id>`, which names the job attaching).
+   * lists it) or a SET query (exact, or what the extension makes of it).
    */
   matchContexts(query: string, listing: boolean): MetaContext[] {
     if (listing && (query === '' || query.endsWith(':'))) return this.metaContexts.filter((m) => m.name.startsWith(query));
-    if (!listing && this.incomingState && query.startsWith(C.MIGRATE_INCOMING_JOB_PREFIX)) {
-      const job = query.slice(C.MIGRATE_INCOMING_JOB_PREFIX.length);
-      if (!JOB_ID.test(job)) return [];
-      return [{ id: 2, name: query, extents: (_o, l) => Promise.resolve([{ length: l, flags: 0 }]) }];
-    }
-    return this.metaContexts.filter((m) => m.name === query);
+    const exact = this.metaContexts.filter((m) => m.name === query);
+    if (listing || exact.length > 0) return exact;
+    const m = this.extension?.matchSet(query);
+    return m ? [m] : [];
   }
 }
 

@@ -226,12 +226,12 @@ export async function newstyleHandshake(
   }
 }
 
-/** Why a client may not attach to this export now, if it may not: the migration rules of an incoming export. */
+/** Why a client may not attach to this export now, if it may not: the export's own rule (an incoming migration's). */
 function admissionRefusal(exp: Export, contexts: MetaContext[]): string | undefined {
-  return exp.incomingRefusal(contexts);
+  return exp.admission(contexts);
 }
 
-/** The connection enters transmission with `exp`: a migration source attaching binds the destination. */
+/** The connection enters transmission with `exp`: the export's extension hears of it (a migration source binds). */
 function enter(conn: Connection, n: Negotiated): Negotiated {
   n.export.attached(n.metaContexts, conn.remoteAddress ?? 'unix socket');
   return n;

@@ -12,7 +12,6 @@ import * as codec from '../protocol/codec.js';
 import type { Connection } from './connection.js';
 import { nbdErrorFor, nbdErrorName } from './errno.js';
 import type { Negotiated } from './handshake.js';
-import { incomingJobOf } from './export.js';
 import { MemoryBudget } from './memory-budget.js';
 import { validateRequest, type Refusal, type RequestContext } from './validate.js';
 
@@ -66,8 +65,8 @@ export class Session {
   private phase: Phase = { kind: 'serving', input: HEADER };
   private idleWaiters: Array<() => void> = [];
   private readonly flags: number;
-  /** The migration job this connection named (nbd-migrate's own commands act for it). */
-  private readonly incomingJob: { jobId: string } | undefined;
+  /** The export extension's commands, and whether this connection may send each (decided once, at attach). */
+  private readonly extraCommands: ReadonlyMap<number, boolean>;
 
   private readonly onBudget = () => this.maybeResume();
   private payloadTimer: NodeJS.Timeout | undefined;
@@ -92,7 +91,7 @@ export class Session {
     private readonly budget: MemoryBudget = new MemoryBudget(Number.POSITIVE_INFINITY),
   ) {
     this.flags = n.export.transmissionFlags(n.structuredReplies);
-    this.incomingJob = incomingJobOf(n.metaContexts);
+    this.extraCommands = new Map([...(n.export.extension?.commands ?? [])].map(([type, cmd]) => [type, cmd.permitted(n.metaContexts)]));
     conn.socket.on('drain', () => this.maybeResume());
     budget.wait(this.onBudget);
     conn.onClose(() => {
@@ -285,7 +284,7 @@ export class Session {
       readOnly: exp.readOnly,
       size: exp.size,
       metaContexts: this.n.metaContexts.length,
-      incomingJob: this.incomingJob !== undefined,
+      extraCommands: this.extraCommands,
       shuttingDown: this.phase.kind === 'shutting-down',
     };
   }
@@ -356,13 +355,11 @@ export class Session {
         break;
       case C.NBD_CMD_BLOCK_STATUS:
         return this.blockStatus(h);
-      case C.NBD_CMD_MIGRATE_COMPLETE:
-        await this.n.export.completeIncoming(this.incomingJob!.jobId);
-        this.conn.log.info('migration-received', { export: this.n.export.name });
-        break;
-      case C.NBD_CMD_MIGRATE_RELEASE:
-        this.n.export.releaseIncoming(this.incomingJob!.jobId);
-        break;
+      default: {
+        // Validated: one of the export extension's commands, permitted to this connection.
+        const cmd = this.n.export.extension!.commands.get(h.type)!;
+        await cmd.run(this.n.metaContexts);
+      }
     }
     this.sendOk(h);
   }

@@ -18,8 +18,6 @@ const ALLOWED_FLAGS: Readonly<Record<number, number>> = {
   [C.NBD_CMD_CACHE]: C.NBD_CMD_FLAG_FUA,
   [C.NBD_CMD_WRITE_ZEROES]: C.NBD_CMD_FLAG_FUA | C.NBD_CMD_FLAG_NO_HOLE | C.NBD_CMD_FLAG_FAST_ZERO,
   [C.NBD_CMD_BLOCK_STATUS]: C.NBD_CMD_FLAG_FUA | C.NBD_CMD_FLAG_REQ_ONE,
-  [C.NBD_CMD_MIGRATE_COMPLETE]: 0,
-  [C.NBD_CMD_MIGRATE_RELEASE]: 0,
 };
 
 /** Why a request is not run: the NBD error value to answer and the cause to log and send. */
@@ -39,8 +37,8 @@ export interface RequestContext {
   readonly size: number;
   /** How many metadata contexts were negotiated. */
   readonly metaContexts: number;
-  /** An `nbd-migrate:incoming:<job>` context was negotiated: nbd-migrate's own commands exist. */
-  readonly incomingJob: boolean;
+  /** Commands the export's extension adds (they take no flags): whether this connection may send each. */
+  readonly extraCommands: ReadonlyMap<number, boolean>;
   /** The server is shutting down: every request is refused with ESHUTDOWN. */
   readonly shuttingDown: boolean;
 }
@@ -48,7 +46,7 @@ export interface RequestContext {
 /** The refusal for `h`, or undefined if it may run. NBD_CMD_DISC is the caller's (it is never refused). */
 export function validateRequest(h: Pick<RequestHeader, 'type' | 'flags' | 'offset' | 'length'>, c: RequestContext): Refusal | undefined {
   if (c.shuttingDown) return { error: C.NBD_ESHUTDOWN, message: 'the server is shutting down' };
-  const allowed = ALLOWED_FLAGS[h.type];
+  const allowed = ALLOWED_FLAGS[h.type] ?? (c.extraCommands.has(h.type) ? 0 : undefined);
   if (allowed === undefined) return { error: C.NBD_EINVAL, message: `unknown command ${h.type}` };
   let valid = allowed;
   if (!(c.transmissionFlags & C.NBD_FLAG_SEND_FUA)) valid &= ~C.NBD_CMD_FLAG_FUA;
@@ -67,8 +65,8 @@ export function validateRequest(h: Pick<RequestHeader, 'type' | 'flags' | 'offse
     const error = h.type === C.NBD_CMD_WRITE || h.type === C.NBD_CMD_WRITE_ZEROES ? C.NBD_ENOSPC : C.NBD_EINVAL;
     return { error, message: `range ${h.offset}+${h.length} is beyond the end of the ${c.size}-byte export` };
   }
-  // nbd-migrate's own commands exist only for the migration source that named its job.
-  if ((h.type === C.NBD_CMD_MIGRATE_COMPLETE || h.type === C.NBD_CMD_MIGRATE_RELEASE) && !c.incomingJob)
+  // An extension's commands exist only for the connections it permits (nbd-migrate's: the source that named its job).
+  if (c.extraCommands.get(h.type) === false)
     return { error: C.NBD_EINVAL, message: `unknown command ${h.type}` };
   if (h.type === C.NBD_CMD_BLOCK_STATUS) {
     if (c.metaContexts === 0) return { error: C.NBD_EINVAL, message: 'no metadata context was negotiated' };

@@ -16,6 +16,7 @@ import { NbdClient, NbdRequestError } from '../../src/client/nbd-client.js';
 import { DeviceError } from '../../src/storage/device.js';
 import { MiB, KiB, makeImage, serve, tmpDir, writeAt, patternBuffer } from '../helpers/server.js';
 import { requireTool } from '../helpers/tools.js';
+import { NBD_CMD_MIGRATE_COMPLETE } from '../../src/migration/incoming.js';
 
 const qemuNbd = await requireTool('qemu-nbd', 'qemu-utils');
 const nbdkit = await requireTool('nbdkit', 'nbdkit');
@@ -476,7 +477,7 @@ t.test('nbd-migrate only: Unix socket, read-only export, oldstyle, custom comman
   t.match(old.message, /oldstyle negotiation, which is not supported/, 'oldstyle server refused clearly');
 
   const c = await NbdClient.connect(srv.uri(NAME));
-  await rejectsCode(t, c.request(C.NBD_CMD_MIGRATE_COMPLETE, 0, 0, 0), 'EINVAL', 'MIGRATE_COMPLETE without the incoming context');
+  await rejectsCode(t, c.request(NBD_CMD_MIGRATE_COMPLETE, 0, 0, 0), 'EINVAL', 'MIGRATE_COMPLETE without the incoming context');
   await rejectsCode(t, c.request(0x7777, 0, 0, 0), 'EINVAL', 'an unknown command');
   const ok = Buffer.alloc(512);
   await c.read(0, 512, ok, 0);

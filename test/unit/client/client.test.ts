@@ -8,6 +8,7 @@ import * as codec from '../../../src/protocol/codec.js';
 import { ByteQueue } from '../../../src/util/byte-queue.js';
 import { DeviceError } from '../../../src/storage/device.js';
 import { NbdClient, NbdHandshakeError, NbdRequestError, type NbdClientOptions } from '../../../src/client/nbd-client.js';
+import { NBD_CMD_MIGRATE_COMPLETE } from '../../../src/migration/incoming.js';
 
 // ------------------------------------------------------------------ fake server
 
@@ -804,12 +805,12 @@ t.test('extents', async (t) => {
 
 t.test('request(): a custom command', async (t) => {
   const { client, srv } = await setup(t);
-  const p = client.request(C.NBD_CMD_MIGRATE_COMPLETE, 0, 0, 0);
+  const p = client.request(NBD_CMD_MIGRATE_COMPLETE, 0, 0, 0);
   const r = await srv.next();
-  t.same([r.type, r.flags, r.offset, r.length], [C.NBD_CMD_MIGRATE_COMPLETE, 0, 0, 0]);
+  t.same([r.type, r.flags, r.offset, r.length], [NBD_CMD_MIGRATE_COMPLETE, 0, 0, 0]);
   srv.simple(r, 0);
   await p;
-  const p2 = client.request(C.NBD_CMD_MIGRATE_COMPLETE, 0, 0, 0);
+  const p2 = client.request(NBD_CMD_MIGRATE_COMPLETE, 0, 0, 0);
   srv.error(await srv.next(), C.NBD_EINVAL, 'unknown command 19789');
   await rejectsWith(t, p2, 'EINVAL', 'refused custom command', /unknown command 19789/);
   await rejectsWith(t, client.request(C.NBD_CMD_READ, 0, 0, 512), 'EINVAL', 'READ via request()');

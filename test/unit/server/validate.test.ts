@@ -2,6 +2,7 @@
 import t from 'tap';
 import * as C from '../../../src/protocol/constants.js';
 import { validateRequest, type RequestContext } from '../../../src/server/validate.js';
+import { NBD_CMD_MIGRATE_COMPLETE, NBD_CMD_MIGRATE_RELEASE } from '../../../src/migration/incoming.js';
 
 const SIZE = 1 << 20;
 const ALL_FLAGS =
@@ -22,7 +23,8 @@ const ctx = (over: Partial<RequestContext> = {}): RequestContext => ({
   readOnly: false,
   size: SIZE,
   metaContexts: 1,
-  incomingJob: false,
+  // The incoming migration's commands, as an export receiving one offers them; this connection named no job.
+  extraCommands: new Map([[NBD_CMD_MIGRATE_COMPLETE, false], [NBD_CMD_MIGRATE_RELEASE, false]]),
   shuttingDown: false,
   ...over,
 });
@@ -145,12 +147,12 @@ t.test('BLOCK_STATUS needs a context and a length', async (t) => {
 });
 
 t.test("nbd-migrate's own commands exist only with the incoming job context", async (t) => {
-  for (const type of [C.NBD_CMD_MIGRATE_COMPLETE, C.NBD_CMD_MIGRATE_RELEASE]) {
+  for (const type of [NBD_CMD_MIGRATE_COMPLETE, NBD_CMD_MIGRATE_RELEASE]) {
     const r = validateRequest(req(type, 0, 0, 0), ctx());
     t.equal(errorOf(r), 'EINVAL', `${C.COMMAND_NAMES[type] ?? type} without the job context`);
     t.equal(r?.message, `unknown command ${type}`, 'looks like any unknown command');
-    t.equal(errorOf(validateRequest(req(type, 0, 0, 0), ctx({ incomingJob: true }))), 'ok', `${type} with the job context`);
-    t.equal(errorOf(validateRequest(req(type, C.NBD_CMD_FLAG_FUA, 0, 0), ctx({ incomingJob: true }))), 'EINVAL', `${type} takes no flags`);
+    t.equal(errorOf(validateRequest(req(type, 0, 0, 0), ctx({ extraCommands: new Map([[type, true]]) }))), 'ok', `${type} with the job context`);
+    t.equal(errorOf(validateRequest(req(type, C.NBD_CMD_FLAG_FUA, 0, 0), ctx({ extraCommands: new Map([[type, true]]) }))), 'EINVAL', `${type} takes no flags`);
   }
 });
 
@@ -178,6 +180,6 @@ t.test('order: the first rule broken decides the error', async (t) => {
   // range before the context checks
   t.equal(errorOf(validateRequest(req(C.NBD_CMD_BLOCK_STATUS, 0, SIZE, 4096), ctx({ metaContexts: 0 }))), 'EINVAL');
   t.match(validateRequest(req(C.NBD_CMD_BLOCK_STATUS, 0, SIZE, 4096), ctx({ metaContexts: 0 }))?.message, /beyond the end/, 'range before contexts');
-  const mig = validateRequest(req(C.NBD_CMD_MIGRATE_COMPLETE, 0, SIZE, 4096), ctx());
+  const mig = validateRequest(req(NBD_CMD_MIGRATE_COMPLETE, 0, SIZE, 4096), ctx());
   t.match(mig?.message, /beyond the end/, 'range before the job context');
 });
