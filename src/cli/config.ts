@@ -134,28 +134,24 @@ export function parseConfig(raw: unknown, where: string, baseDir: string): Parti
   const o = raw as Json;
   for (const k of Object.keys(o)) if (!TOP_KEYS.has(k)) throw new ConfigError(`${where}.${k}: unknown field`);
   const out: Partial<ServeConfig> = {};
-  const listen = field(o, 'listen', where, isString, 'an address string');
-  if (listen !== undefined) out.listen = listen;
-  const port = field(o, 'port', where, isPort, 'a port number 0-65535');
-  if (port !== undefined) out.port = port;
-  const socket = field(o, 'socket', where, isString, 'a socket path');
-  if (socket !== undefined) out.socket = socket;
-  const ht = field(o, 'handshakeTimeout', where, isPositive, 'a number of seconds');
-  if (ht !== undefined) out.handshakeTimeout = ht;
-  const admin = field(o, 'adminSocket', where, isString, 'a socket path');
-  if (admin !== undefined) out.adminSocket = admin;
-  const metrics = field(o, 'metrics', where, isString, 'a HOST:PORT string');
-  if (metrics !== undefined) out.metrics = metrics;
-  const mc = field(o, 'maxConnections', where, isCount, 'a positive integer');
-  if (mc !== undefined) out.maxConnections = mc;
-  const mce = field(o, 'maxConnectionsPerExport', where, isCount, 'a positive integer');
-  if (mce !== undefined) out.maxConnectionsPerExport = mce;
-  const idle = field(o, 'idleTimeout', where, isNonNegative, 'a number of seconds (0 = never)');
-  if (idle !== undefined) out.idleTimeout = idle;
-  const st = field(o, 'shutdownTimeout', where, isNonNegative, 'a number of seconds');
-  if (st !== undefined) out.shutdownTimeout = st;
-  const tlsMode = field(o, 'tls', where, isTlsMode, '"off", "on" or "require"');
-  if (tlsMode !== undefined) out.tls = tlsMode;
+  // Top-level settings that are copied as they are, once checked: key, check, what it must be.
+  const plain: Array<[keyof ServeConfig, (v: unknown) => boolean, string]> = [
+    ['listen', isString, 'an address string'],
+    ['port', isPort, 'a port number 0-65535'],
+    ['socket', isString, 'a socket path'],
+    ['handshakeTimeout', isPositive, 'a number of seconds'],
+    ['adminSocket', isString, 'a socket path'],
+    ['metrics', isString, 'a HOST:PORT string'],
+    ['maxConnections', isCount, 'a positive integer'],
+    ['maxConnectionsPerExport', isCount, 'a positive integer'],
+    ['idleTimeout', isNonNegative, 'a number of seconds (0 = never)'],
+    ['shutdownTimeout', isNonNegative, 'a number of seconds'],
+    ['tls', isTlsMode, '"off", "on" or "require"'],
+  ];
+  for (const [key, check, what] of plain) {
+    const v = field(o, key, where, check as (v: unknown) => v is unknown, what);
+    if (v !== undefined) (out as Record<string, unknown>)[key] = v;
+  }
   for (const k of ['tlsCert', 'tlsKey', 'tlsCa'] as const) {
     const v = field(o, k, where, isString, 'a PEM file path');
     if (v !== undefined) out[k] = path.resolve(baseDir, v);
