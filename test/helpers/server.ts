@@ -6,13 +6,25 @@
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { mkdtemp, open, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { waitForPort } from './net.js';
 
-export const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
+/** The checkout: the nearest directory above this file whose package.json is nbd-migrate's (from test/helpers/ and, compiled for the bench, dist/test/helpers/). */
+function findRepoRoot(): string {
+  for (let dir = dirname(fileURLToPath(import.meta.url)); ; ) {
+    const pj = join(dir, 'package.json');
+    if (existsSync(pj) && (JSON.parse(readFileSync(pj, 'utf8')) as { name?: unknown }).name === 'nbd-migrate') return dir;
+    const up = dirname(dir);
+    if (up === dir) throw new Error(`cannot find the nbd-migrate checkout above ${fileURLToPath(import.meta.url)}`);
+    dir = up;
+  }
+}
+
+export const REPO_ROOT = findRepoRoot();
 export const CLI = join(REPO_ROOT, 'bin', 'nbd-migrate');
 export const CLI_MAIN = join(REPO_ROOT, 'dist', 'src', 'cli', 'main.js');
 
@@ -31,6 +43,13 @@ export interface StartOptions {
   env?: NodeJS.ProcessEnv;
   /** How long to wait for the "ready" log event. Default 20 s. */
   readyTimeoutMs?: number;
+  /** The bin script to run instead of this checkout's CLI (another build, e.g. a baseline). */
+  cli?: string;
+  /**
+   * Ready once this port (the one given with --port) accepts connections,
+   * instead of on the "ready" log event: for a --log-level that hides it.
+   */
+  readyPort?: number;
 }
 
 export interface ServerHandle {
@@ -53,6 +72,8 @@ export interface ServerHandle {
   stderr(): string;
   /** Resolve with the first log entry (past or future) matching `pred`. */
   waitForLog(pred: (e: LogEntry) => boolean, timeoutMs?: number): Promise<LogEntry>;
+  /** Calls `fn` with every log entry from now on, as it arrives; returns the unsubscribe. */
+  onLog(fn: (e: LogEntry) => void): () => void;
   /** SIGTERM, then SIGKILL after 5 s; resolves when the process is gone. */
   stop(): Promise<void>;
   /** Exit code/signal once the process has exited, else undefined. */
@@ -70,15 +91,17 @@ process.on('exit', () => {
   }
 });
 
-function checkBuilt(): void {
-  if (!existsSync(CLI_MAIN)) {
+function checkBuilt(cli: string): void {
+  const root = join(dirname(cli), '..');
+  const main = join(root, 'dist', 'src', 'cli', 'main.js');
+  if (!existsSync(main)) {
     throw new Error(
-      `nbd-migrate is not built: ${CLI_MAIN} does not exist. ` +
-        `Run 'npm run build' (or 'npm ci', whose prepare step builds) in ${REPO_ROOT} first.`,
+      `nbd-migrate is not built: ${main} does not exist. ` +
+        `Run 'npm run build' (or 'npm ci', whose prepare step builds) in ${root} first.`,
     );
   }
-  if (!existsSync(CLI)) {
-    throw new Error(`the CLI entry ${CLI} does not exist`);
+  if (!existsSync(cli)) {
+    throw new Error(`the CLI entry ${cli} does not exist`);
   }
 }
 
@@ -103,7 +126,8 @@ function hasOpt(args: string[], opt: string): boolean {
  * Unless given in `args`, adds `--listen 127.0.0.1 --port 0 --log-format json`.
  */
 export async function startServer(args: string[], opts: StartOptions = {}): Promise<ServerHandle> {
-  checkBuilt();
+  const cli = opts.cli ?? CLI;
+  checkBuilt(cli);
   const full = ['serve', ...args];
   if (!hasOpt(args, '--listen')) full.push('--listen', '127.0.0.1');
   if (!hasOpt(args, '--port')) full.push('--port', '0');
@@ -112,15 +136,15 @@ export async function startServer(args: string[], opts: StartOptions = {}): Prom
   // child it sees spawned; that loader breaks the extensionless ESM entry
   // point (ERR_REQUIRE_CYCLE_MODULE). env(1) drops it right before exec'ing
   // node, so the server runs exactly as it would from a shell (same pid).
-  const proc = spawn('/usr/bin/env', ['-u', 'NODE_OPTIONS', process.execPath, CLI, ...full], {
+  const proc = spawn('/usr/bin/env', ['-u', 'NODE_OPTIONS', process.execPath, cli, ...full], {
     cwd: REPO_ROOT,
     env: serverEnv(opts.env),
     stdio: ['ignore', 'pipe', 'pipe'],
   });
-  return attach(proc, `nbd-migrate ${full.join(' ')}`, opts.readyTimeoutMs ?? 20_000);
+  return attach(proc, `nbd-migrate ${full.join(' ')}`, opts.readyTimeoutMs ?? 20_000, opts.readyPort);
 }
 
-function attach(proc: ChildProcess, description: string, readyTimeoutMs: number): Promise<ServerHandle> {
+function attach(proc: ChildProcess, description: string, readyTimeoutMs: number, readyPort?: number): Promise<ServerHandle> {
   running.add(proc);
   const logs: LogEntry[] = [];
   let stderrText = '';
@@ -129,6 +153,7 @@ function attach(proc: ChildProcess, description: string, readyTimeoutMs: number)
   let exitInfo: { code: number | null; signal: NodeJS.Signals | null } | undefined;
   const waiters: { pred: (e: LogEntry) => boolean; resolve: (e: LogEntry) => void }[] = [];
   const exitWaiters: (() => void)[] = [];
+  const listeners = new Set<(e: LogEntry) => void>();
 
   const onLine = (line: string) => {
     const s = line.trim();
@@ -141,6 +166,7 @@ function attach(proc: ChildProcess, description: string, readyTimeoutMs: number)
     }
     if (typeof e !== 'object' || e === null) return;
     logs.push(e);
+    for (const fn of listeners) fn(e);
     for (let i = waiters.length - 1; i >= 0; i--) {
       const w = waiters[i]!;
       if (w.pred(e)) {
@@ -217,50 +243,54 @@ function attach(proc: ChildProcess, description: string, readyTimeoutMs: number)
       clearTimeout(timer);
       void stop().then(() => rejectReady(new Error(`nbd-migrate did not become ready: ${why}\n${diag()}`)));
     };
-    const timer = setTimeout(() => fail(`no "ready" log event within ${readyTimeoutMs} ms`), readyTimeoutMs);
+    const awaited = readyPort === undefined ? 'a "ready" log event' : `port ${readyPort} to accept connections`;
+    const timer = setTimeout(() => fail(`no ${awaited} within ${readyTimeoutMs} ms`), readyTimeoutMs);
     proc.on('error', (e) => fail(`spawn error: ${e.message}`));
     exitWaiters.push(() => fail(`process exited early (code ${exitInfo?.code}, signal ${exitInfo?.signal})`));
-    waiters.push({
-      pred: (e) => e.event === 'ready',
-      resolve: () => {
-        if (settled) return;
-        settled = true;
-        clearTimeout(timer);
-        const listening = logs.filter((e) => e.event === 'listening');
-        const ns = listening.find((e) => e.listener === 'newstyle');
-        const unix = listening.find((e) => e.listener === 'unix');
-        const newstylePort = typeof ns?.port === 'number' ? ns.port : NaN;
-        const socketPath = typeof unix?.path === 'string' ? unix.path : undefined;
-        const oldstylePort = (name: string): number => {
-          const e = listening.find((l) => l.listener === 'oldstyle' && l.export === name);
-          if (!e || typeof e.port !== 'number') {
-            throw new Error(`no oldstyle listener logged for export '${name}'\n${diag()}`);
-          }
-          return e.port;
-        };
-        const handle: ServerHandle = {
-          proc,
-          logs,
-          newstylePort,
-          socketPath,
-          oldstylePort,
-          uri: (name = '') => {
-            if (!Number.isInteger(newstylePort)) throw new Error(`no newstyle listener logged\n${diag()}`);
-            return `nbd://127.0.0.1:${newstylePort}/${encodeURIComponent(name)}`;
-          },
-          unixUri: (name = '') => {
-            if (socketPath === undefined) throw new Error(`no unix listener logged\n${diag()}`);
-            return `nbd+unix:///${encodeURIComponent(name)}?socket=${encodeURIComponent(socketPath)}`;
-          },
-          oldstyleUri: (name: string) => `nbd://127.0.0.1:${oldstylePort(name)}`,
-          stderr: () => stderrText,
-          waitForLog,
-          stop,
-          exited: () => exitInfo,
-        };
-        resolveReady(handle);
-      },
-    });
+    const ready = () => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      const listening = logs.filter((e) => e.event === 'listening');
+      const ns = listening.find((e) => e.listener === 'newstyle');
+      const unix = listening.find((e) => e.listener === 'unix');
+      const newstylePort = typeof ns?.port === 'number' ? ns.port : (readyPort ?? NaN);
+      const socketPath = typeof unix?.path === 'string' ? unix.path : undefined;
+      const oldstylePort = (name: string): number => {
+        const e = listening.find((l) => l.listener === 'oldstyle' && l.export === name);
+        if (!e || typeof e.port !== 'number') {
+          throw new Error(`no oldstyle listener logged for export '${name}'\n${diag()}`);
+        }
+        return e.port;
+      };
+      const handle: ServerHandle = {
+        proc,
+        logs,
+        newstylePort,
+        socketPath,
+        oldstylePort,
+        uri: (name = '') => {
+          if (!Number.isInteger(newstylePort)) throw new Error(`no newstyle listener logged\n${diag()}`);
+          return `nbd://127.0.0.1:${newstylePort}/${encodeURIComponent(name)}`;
+        },
+        unixUri: (name = '') => {
+          if (socketPath === undefined) throw new Error(`no unix listener logged\n${diag()}`);
+          return `nbd+unix:///${encodeURIComponent(name)}?socket=${encodeURIComponent(socketPath)}`;
+        },
+        oldstyleUri: (name: string) => `nbd://127.0.0.1:${oldstylePort(name)}`,
+        stderr: () => stderrText,
+        waitForLog,
+        onLog: (fn) => {
+          listeners.add(fn);
+          return () => listeners.delete(fn);
+        },
+        stop,
+        exited: () => exitInfo,
+      };
+      resolveReady(handle);
+    };
+    if (readyPort === undefined) waiters.push({ pred: (e) => e.event === 'ready', resolve: ready });
+    else waitForPort(readyPort, readyTimeoutMs, () => (exitInfo ? 'exited' : undefined)).then(ready, () => undefined);
   });
 }
 

@@ -3,7 +3,7 @@
 // as a child process, but the tests must never block the event loop while a
 // client talks to it.
 
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { access, constants } from 'node:fs/promises';
 import { delimiter, join } from 'node:path';
 
@@ -14,6 +14,8 @@ export interface RunOptions {
   cwd?: string;
   /** Written to the child's stdin, which is then closed. */
   input?: string | Buffer;
+  /** Called with the child once spawned (to signal it early, or to track it). */
+  onSpawn?: (child: ChildProcess) => void;
 }
 
 export interface RunResult {
@@ -56,6 +58,7 @@ export function run(cmd: string, args: string[], opts: RunOptions = {}): Promise
       cwd: opts.cwd,
       stdio: ['pipe', 'pipe', 'pipe'],
     });
+    opts.onSpawn?.(child);
     const out: Buffer[] = [];
     const err: Buffer[] = [];
     let timedOut = false;

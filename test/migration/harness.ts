@@ -1,42 +1,15 @@
 // Shared pieces of the migration tests: qemu-nbd targets, the writer, ctl.
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as path from 'node:path';
-import { adminRequest } from '../../src/admin/server.js';
-import type { JobStatus } from '../../src/migration/job.js';
+import { jobStatus, waitForJob } from '../helpers/admin.js';
+import { freePort, waitForPort } from '../helpers/net.js';
 import { CLI, REPO_ROOT } from '../helpers/server.js';
 import { requirePythonNbd, requireTool, run, SYSTEM_PYTHON, type RunResult } from '../helpers/tools.js';
 
 export const WRITER = path.join(REPO_ROOT, 'test', 'migration', 'writer.py');
 
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-export async function waitForPort(port: number, timeoutMs: number): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const c = net.connect(port, '127.0.0.1');
-      c.once('connect', () => {
-        c.destroy();
-        resolve(true);
-      });
-      c.once('error', () => resolve(false));
-    });
-    if (ok) return;
-    if (Date.now() > end) throw new Error(`nothing listening on 127.0.0.1:${port} after ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
+export { freePort, waitForPort };
 
 export interface Proc {
   proc: ChildProcess;
@@ -44,32 +17,68 @@ export interface Proc {
   stop(): Promise<void>;
 }
 
-/** A peer server process listening on 127.0.0.1:port; stop() kills it and waits for the exit. */
-async function startPeer(cmd: string, debPackage: string, args: string[], port: number): Promise<Proc> {
+const peers = new Set<ChildProcess>();
+process.on('exit', () => {
+  for (const p of peers) p.kill('SIGKILL');
+});
+
+/**
+ * A peer server process listening on 127.0.0.1:port; stop() kills it and waits
+ * for the exit. One that exits before listening fails at once, with its stderr.
+ */
+export async function startPeer(cmd: string, debPackage: string, args: string[], port: number): Promise<Proc> {
   await requireTool(cmd, debPackage);
   const proc = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  peers.add(proc);
   let err = '';
+  let spawnError: Error | undefined;
   proc.stderr!.on('data', (b: Buffer) => (err += b.toString()));
-  const exited = new Promise<void>((r) => proc.once('exit', () => r()));
-  await waitForPort(port, 10_000);
-  return {
-    proc,
-    stderr: () => err,
-    stop: async () => {
-      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
-      await exited;
-    },
+  proc.once('error', (e) => (spawnError = e));
+  const exited = new Promise<void>((r) =>
+    proc.once('exit', () => {
+      peers.delete(proc);
+      r();
+    }),
+  );
+  const stop = async () => {
+    if (proc.pid !== undefined && proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+    if (proc.pid !== undefined) await exited;
+    peers.delete(proc);
   };
+  const gone = () =>
+    spawnError
+      ? `${cmd} could not start: ${spawnError.message}`
+      : proc.exitCode !== null || proc.signalCode !== null
+        ? `${cmd} exited (${proc.exitCode ?? proc.signalCode}) before listening`
+        : undefined;
+  try {
+    await waitForPort(port, 10_000, gone);
+  } catch (e) {
+    await stop();
+    throw new Error(`${(e as Error).message}\n  command: ${cmd} ${args.join(' ')}\n  stderr: ${err.trim() || '(empty)'}`);
+  }
+  return { proc, stderr: () => err, stop };
+}
+
+/** qemu-nbd's arguments for qemuNbd(); `extra` may replace the default --shared=8. */
+export function qemuNbdArgs(img: string, name: string, port: number, extra: string[] = []): string[] {
+  const shared = extra.some((a) => a.startsWith('--shared')) ? [] : ['--shared=8'];
+  return ['-f', 'raw', '-x', name, '-b', '127.0.0.1', '-p', String(port), '--persistent', ...shared, ...extra, img];
 }
 
 /** qemu-nbd serving `img` as export `name` on 127.0.0.1:port, persistent (survives client disconnects). */
 export function qemuNbd(img: string, name: string, port: number, extra: string[] = []): Promise<Proc> {
-  return startPeer('qemu-nbd', 'qemu-utils', ['-f', 'raw', '-x', name, '-b', '127.0.0.1', '-p', String(port), '--persistent', '--shared=8', ...extra, img], port);
+  return startPeer('qemu-nbd', 'qemu-utils', qemuNbdArgs(img, name, port, extra), port);
+}
+
+/** nbdkit's arguments for nbdkit(). */
+export function nbdkitArgs(port: number, args: string[]): string[] {
+  return ['-f', '-i', '127.0.0.1', '-p', String(port), ...args];
 }
 
 /** nbdkit serving `plugin ARGS` on 127.0.0.1:port in the foreground (filters as `--filter=NAME` in args). */
 export function nbdkit(port: number, args: string[]): Promise<Proc> {
-  return startPeer('nbdkit', 'nbdkit', ['-f', '-i', '127.0.0.1', '-p', String(port), ...args], port);
+  return startPeer('nbdkit', 'nbdkit', nbdkitArgs(port, args), port);
 }
 
 export interface Writer {
@@ -103,20 +112,7 @@ export function cli(args: string[], timeoutMs = 120_000): Promise<RunResult> {
   return run('/usr/bin/env', ['-u', 'NODE_OPTIONS', process.execPath, CLI, ...args], { timeoutMs, cwd: REPO_ROOT });
 }
 
-export function jobStatus(socket: string, exportName: string): Promise<JobStatus> {
-  return adminRequest(socket, { cmd: 'status', export: exportName }) as Promise<JobStatus>;
-}
-
-export async function waitForJob(socket: string, exportName: string, pred: (s: JobStatus) => boolean, timeoutMs = 120_000): Promise<JobStatus> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const s = await jobStatus(socket, exportName);
-    if (pred(s)) return s;
-    if (s.state === 'failed') throw new Error(`job failed: ${s.error}`);
-    if (Date.now() > end) throw new Error(`timed out waiting on the job; last status ${JSON.stringify(s)}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
+export { jobStatus, waitForJob };
 
 /** qemu-img compare of two images (files or NBD URIs), raw. */
 export async function compare(a: string, b: string): Promise<RunResult> {
