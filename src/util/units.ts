@@ -17,13 +17,19 @@ export function parseDurationMs(v: unknown, what = 'duration'): number {
   return m[2] === 's' ? n * 1000 : m[2] === 'm' ? n * 60_000 : n;
 }
 
-export function formatBytes(n: number): string {
+/**
+ * "1.5 GiB", "512.0 MiB". `compact` (the bench's tables): whole numbers
+ * without decimals, 100 and more without a fraction, negative numbers scaled
+ * too ("1 GiB", "4.5 MiB", "123 MiB", "-1.5 MiB").
+ */
+export function formatBytes(n: number, opts: { compact?: boolean } = {}): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
   let i = 0;
   let v = n;
-  while (v >= 1024 && i < units.length - 1) {
+  while ((opts.compact ? Math.abs(v) : v) >= 1024 && i < units.length - 1) {
     v /= 1024;
     i++;
   }
+  if (opts.compact) return `${Number.isInteger(v) ? v : v.toFixed(v >= 100 ? 0 : 1)} ${units[i]}`;
   return `${v.toFixed(i === 0 ? 0 : 1)} ${units[i]}`;
 }
