@@ -7,12 +7,12 @@
  * The RSS difference between the two is what the big image really costs the
  * process, to set beside what the server says its bitmap takes.
  */
+import { adminRequest } from '../test/helpers/admin.js';
+import { makeImage, type ServerHandle } from '../test/helpers/server.js';
 import type { BenchConfig } from './config.js';
-import { adminRequest } from '../src/admin/server.js';
-import { adminSocketPath, processMemory, startNbdMigrate, type NbdMigrateServer } from './daemon.js';
-import { benchPath, createSparseFile } from './image.js';
-import { MIRROR_EXPORT, MirrorBenchError, removeImageAndMarkers, stopPair } from './mirrorjob.js';
-import { Interrupted, sleep } from './proc.js';
+import { benchPath } from './image.js';
+import { adminSocketPath, MIRROR_EXPORT, MirrorBenchError, removeImageAndMarkers, startNbdMigrate, stopPair } from './mirrorjob.js';
+import { Interrupted, processMemory, sleep } from './proc.js';
 
 /** The small image the big one is compared with. */
 export const BITMAP_SMALL_SIZE = 1024 ** 3;
@@ -53,28 +53,29 @@ interface StatusAll {
 export async function measureBitmap(ctx: BitmapContext, size: number, round: number): Promise<BitmapSample> {
   const { cfg } = ctx;
   const image = benchPath(`bitmap-${size}`);
-  let server: NbdMigrateServer | undefined;
+  let server: ServerHandle | undefined;
   try {
     removeImageAndMarkers(image);
-    createSparseFile(image, size);
+    await makeImage(image, size);
     const sock = adminSocketPath('bitmap');
     const t0 = performance.now();
-    server = await startNbdMigrate({ bin: cfg.nbdMigrateBin, repoRoot: cfg.repoRoot, image, name: MIRROR_EXPORT, adminSocket: sock, label: 'nbd-migrate serve' });
+    server = await startNbdMigrate(cfg.nbdMigrateBin, image, { adminSocket: sock });
     const readySec = (performance.now() - t0) / 1000;
     await sleep(SETTLE_MS);
     if (ctx.stopRequested()) throw new Interrupted();
     const status = (await adminRequest(sock, { cmd: 'status' }, 10_000)) as StatusAll;
     const e = status.exports.find((x) => x.name === MIRROR_EXPORT) ?? status.exports[0];
     if (!e) throw new MirrorBenchError('status lists no export');
-    const mem = processMemory(server.daemon.pid);
-    if (!mem) throw new MirrorBenchError(`cannot read /proc/${server.daemon.pid}/status`);
+    const pid = server.proc.pid ?? -1;
+    const mem = processMemory(pid);
+    if (!mem) throw new MirrorBenchError(`cannot read /proc/${pid}/status`);
     return { round, size, ok: true, bitmapBytes: e.bitmapBytes, granularity: e.granularity, rssBytes: mem.rss, hwmBytes: mem.hwm, readySec };
   } catch (e) {
     if (e instanceof Interrupted || ctx.stopRequested()) throw e;
     if (!(e instanceof Error)) throw e;
     return { round, size, ok: false, error: e.message };
   } finally {
-    await stopPair(server?.daemon, undefined);
+    await stopPair(server, undefined);
     removeImageAndMarkers(image);
   }
 }

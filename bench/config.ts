@@ -21,11 +21,10 @@
  *   BENCH_CUTOVER_TARGET=qemu-nbd        or nbd-migrate (serve --incoming), or nbdkit (file plugin)
  *   BENCH_BITMAP_SIZE=1T                 the big sparse image of the bitmap row (compared with 1G)
  */
-import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { parseSize } from '../src/util/units.js';
+import { REPO_ROOT } from '../test/helpers/server.js';
 import { JOBS, type JobName } from './jobs.js';
-import { COPY_METHOD_NAMES, DEFAULT_COPY_METHODS, type CopyMethodName } from './copyspeed.js';
 import { SERVER_NAMES, type ServerName } from './servers.js';
 
 export const SUITE_NAMES = ['fio', 'mirror'] as const;
@@ -34,6 +33,11 @@ export const MIRROR_ROW_NAMES = ['copy', 'cutover', 'bitmap'] as const;
 export type MirrorRowName = (typeof MIRROR_ROW_NAMES)[number];
 export const CUTOVER_TARGETS = ['qemu-nbd', 'nbd-migrate', 'nbdkit'] as const;
 export type CutoverTarget = (typeof CUTOVER_TARGETS)[number];
+/** The copiers of the copy row (copyspeed.ts). */
+export const COPY_METHOD_NAMES = ['nbd-migrate-mirror', 'nbd-migrate-copy', 'nbdcopy', 'qemu-img', 'nbdcopy-tiz', 'qemu-img-tiz'] as const;
+export type CopyMethodName = (typeof COPY_METHOD_NAMES)[number];
+/** The --target-is-zero variants are opt-in: measured here they copy no faster (zeroing holes on a sparse qemu-nbd target is cheap). */
+export const DEFAULT_COPY_METHODS: readonly CopyMethodName[] = ['nbd-migrate-mirror', 'nbd-migrate-copy', 'nbdcopy', 'qemu-img'];
 
 export class BenchConfigError extends Error {
   override readonly name = 'BenchConfigError';
@@ -67,18 +71,6 @@ export interface MirrorConfig {
   bitmapSize: number;
 }
 
-/** The checkout root: the nearest directory above this file whose package.json is nbd-migrate's (works from bench/ and dist/bench/). */
-export function findRepoRoot(): string {
-  let dir = path.dirname(fileURLToPath(import.meta.url));
-  for (;;) {
-    const pj = path.join(dir, 'package.json');
-    if (fs.existsSync(pj) && (JSON.parse(fs.readFileSync(pj, 'utf8')) as { name?: unknown }).name === 'nbd-migrate') return dir;
-    const up = path.dirname(dir);
-    if (up === dir) throw new BenchConfigError('cannot find the nbd-migrate checkout root above ' + fileURLToPath(import.meta.url));
-    dir = up;
-  }
-}
-
 function list<T extends string>(env: string, value: string | undefined, valid: readonly T[], dflt: readonly T[] = valid): T[] {
   if (value === undefined || value.trim() === '') return [...dflt];
   const picked = value.split(',').map((s) => s.trim()).filter((s) => s !== '');
@@ -103,21 +95,21 @@ function number(env: string, value: string | undefined, dflt: number, min: numbe
   return n;
 }
 
-const SIZE_UNITS: Record<string, number> = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 };
-
-/** "1G", "512M", "1T", "4194304" -> bytes (binary units); at least 64 MiB so 1M sequential runs have room. */
-export function parseSize(env: string, value: string | undefined, dflt: number): number {
+/** "1G", "512M", "1T", "4194304" -> bytes (binary units, src/util/units.ts); at least 64 MiB so 1M sequential runs have room. */
+function size(env: string, value: string | undefined, dflt: number): number {
   if (value === undefined || value.trim() === '') return dflt;
-  const m = /^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$/i.exec(value);
-  const unit = m ? SIZE_UNITS[m[2]!.toUpperCase()] : undefined;
-  if (!m || unit === undefined) throw new BenchConfigError(`${env}: expected a size like 1G or 512M, got "${value}"`);
-  const bytes = Number(m[1]) * unit;
+  let bytes: number;
+  try {
+    bytes = parseSize(value, env);
+  } catch {
+    throw new BenchConfigError(`${env}: expected a size like 1G or 512M, got "${value}"`);
+  }
   if (bytes < 64 * 1024 ** 2 || bytes % 4096 !== 0) throw new BenchConfigError(`${env}: must be a multiple of 4 KiB and at least 64M, got "${value}"`);
   return bytes;
 }
 
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): BenchConfig {
-  const repoRoot = findRepoRoot();
+  const repoRoot = REPO_ROOT;
   const outFile = env.BENCH_OUT ? path.resolve(env.BENCH_OUT) : path.join(repoRoot, 'bench', 'results', 'latest.json');
   const nbdMigrateBin = env.BENCH_NBD_MIGRATE ? path.resolve(env.BENCH_NBD_MIGRATE) : path.join(repoRoot, 'bin', 'nbd-migrate');
   return {
@@ -132,7 +124,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): BenchConfig {
     runtimeSec: number('BENCH_RUNTIME', env.BENCH_RUNTIME, 5, 1, true),
     rampSec: number('BENCH_RAMP', env.BENCH_RAMP, 1, 0, true),
     iodepth: number('BENCH_IODEPTH', env.BENCH_IODEPTH, 16, 1, true),
-    imageSize: parseSize('BENCH_IMAGE_SIZE', env.BENCH_IMAGE_SIZE, 1024 ** 3),
+    imageSize: size('BENCH_IMAGE_SIZE', env.BENCH_IMAGE_SIZE, 1024 ** 3),
     outFile,
     nbdMigrateBin,
     suites: list('BENCH_SUITES', env.BENCH_SUITES, SUITE_NAMES),
@@ -140,13 +132,13 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): BenchConfig {
       rows: list('BENCH_MIRROR_ROWS', env.BENCH_MIRROR_ROWS, MIRROR_ROW_NAMES),
       copyMethods: list('BENCH_COPY_METHODS', env.BENCH_COPY_METHODS, COPY_METHOD_NAMES, DEFAULT_COPY_METHODS),
       copyRepeat: number('BENCH_COPY_REPEAT', env.BENCH_COPY_REPEAT, 5, 1, true),
-      copySize: parseSize('BENCH_COPY_SIZE', env.BENCH_COPY_SIZE, 2 * 1024 ** 3),
+      copySize: size('BENCH_COPY_SIZE', env.BENCH_COPY_SIZE, 2 * 1024 ** 3),
       repeat: number('BENCH_MIRROR_REPEAT', env.BENCH_MIRROR_REPEAT, 3, 1, true),
       cutoverRuntimeSec: number('BENCH_CUTOVER_RUNTIME', env.BENCH_CUTOVER_RUNTIME, 20, 10, true),
       cutoverIodepth: number('BENCH_CUTOVER_IODEPTH', env.BENCH_CUTOVER_IODEPTH, 16, 1, true),
-      cutoverSize: parseSize('BENCH_CUTOVER_SIZE', env.BENCH_CUTOVER_SIZE, 1024 ** 3),
+      cutoverSize: size('BENCH_CUTOVER_SIZE', env.BENCH_CUTOVER_SIZE, 1024 ** 3),
       cutoverTarget: oneOf('BENCH_CUTOVER_TARGET', env.BENCH_CUTOVER_TARGET, CUTOVER_TARGETS),
-      bitmapSize: parseSize('BENCH_BITMAP_SIZE', env.BENCH_BITMAP_SIZE, 1024 ** 4),
+      bitmapSize: size('BENCH_BITMAP_SIZE', env.BENCH_BITMAP_SIZE, 1024 ** 4),
     },
   };
 }

@@ -23,16 +23,25 @@
  * once per method, outside the timing; a mismatch is reported loudly.
  */
 import * as fs from 'node:fs';
-import { benchPath, createHalfAllocatedImage, createSparseFile } from './image.js';
-import type { BenchConfig } from './config.js';
-import { adminSocketPath, startNbdMigrate, startQemuNbdTarget, type NbdMigrateServer, type QemuNbdTarget } from './daemon.js';
-import { MIRROR_EXPORT, MirrorBenchError, removeMarkers, startMirror, stopPair, waitForState, removeImageAndMarkers } from './mirrorjob.js';
-import { Interrupted, processCpuSeconds, reapedChildrenCpuSeconds, run } from './proc.js';
-
-export const COPY_METHOD_NAMES = ['nbd-migrate-mirror', 'nbd-migrate-copy', 'nbdcopy', 'qemu-img', 'nbdcopy-tiz', 'qemu-img-tiz'] as const;
-export type CopyMethodName = (typeof COPY_METHOD_NAMES)[number];
-/** The --target-is-zero variants are opt-in: measured here they copy no faster (zeroing holes on a sparse qemu-nbd target is cheap). */
-export const DEFAULT_COPY_METHODS: readonly CopyMethodName[] = ['nbd-migrate-mirror', 'nbd-migrate-copy', 'nbdcopy', 'qemu-img'];
+import { makeImage, type ServerHandle } from '../test/helpers/server.js';
+import { run } from '../test/helpers/tools.js';
+import { compare } from '../test/migration/harness.js';
+import { benchPath, createHalfAllocatedImage } from './image.js';
+import type { BenchConfig, CopyMethodName } from './config.js';
+import {
+  adminSocketPath,
+  MIRROR_EXPORT,
+  MirrorBenchError,
+  removeImageAndMarkers,
+  removeMarkers,
+  startMirror,
+  startNbdMigrate,
+  startTarget,
+  stopPair,
+  waitForState,
+  type MirrorTarget,
+} from './mirrorjob.js';
+import { Interrupted, processCpuSeconds, reapedChildrenCpuSeconds, track } from './proc.js';
 
 /** Printed names. */
 export const COPY_METHOD_LABELS: Record<CopyMethodName, string> = {
@@ -112,7 +121,7 @@ export function createCopySource(size: number): string {
 
 /** `qemu-img compare` of the two raw files: true if identical (exit 0), false if they differ (1); throws otherwise. */
 export async function compareImages(a: string, b: string): Promise<boolean> {
-  const r = await run('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', a, b], 300_000);
+  const r = await compare(a, b);
   if (r.code === 0) return true;
   if (r.code === 1) return false;
   throw new MirrorBenchError(`qemu-img compare ${a} ${b} exited ${r.code ?? r.signal}: ${r.stderr.trim()}`);
@@ -123,14 +132,14 @@ export async function measureCopy(ctx: CopyContext, src: string, method: CopyMet
   const { cfg } = ctx;
   const dst = benchPath('copy-dst');
   removeImageAndMarkers(dst);
-  createSparseFile(dst, cfg.mirror.copySize);
-  let target: QemuNbdTarget | undefined;
-  let source: NbdMigrateServer | undefined;
+  await makeImage(dst, cfg.mirror.copySize);
+  let target: MirrorTarget | undefined;
+  let source: ServerHandle | undefined;
   let sourceHung = false;
   try {
-    target = await startQemuNbdTarget(dst, MIRROR_EXPORT, cfg.repoRoot);
+    target = await startTarget('qemu-nbd', dst, cfg.nbdMigrateBin);
     if (ctx.stopRequested()) throw new Interrupted();
-    const cpuTarget0 = processCpuSeconds(target.daemon.pid);
+    const cpuTarget0 = processCpuSeconds(target.pid);
     let seconds: number;
     let copierCpuSec: number | null = null;
     let mirror: GoodCopySample['mirror'];
@@ -138,20 +147,21 @@ export async function measureCopy(ctx: CopyContext, src: string, method: CopyMet
     if (!cmd) {
       removeMarkers(src);
       const sock = adminSocketPath('copy-src');
-      source = await startNbdMigrate({ bin: cfg.nbdMigrateBin, repoRoot: cfg.repoRoot, image: src, name: MIRROR_EXPORT, adminSocket: sock, label: 'nbd-migrate source' });
-      const cpu0 = processCpuSeconds(source.daemon.pid);
+      source = await startNbdMigrate(cfg.nbdMigrateBin, src, { adminSocket: sock });
+      const pid = source.proc.pid ?? -1;
+      const cpu0 = processCpuSeconds(pid);
       const t0 = performance.now();
       await startMirror(sock, target.uri, 'auto');
-      const done = await waitForState(source.daemon, sock, ['completed'], t0 + 300_000, ctx.stopRequested);
+      const done = await waitForState(source, sock, ['completed'], t0 + 300_000, ctx.stopRequested);
       seconds = (done.at - t0) / 1000;
-      const cpu1 = processCpuSeconds(source.daemon.pid);
+      const cpu1 = processCpuSeconds(pid);
       copierCpuSec = cpu0 !== undefined && cpu1 !== undefined ? cpu1 - cpu0 : null;
       const s = done.status;
       mirror = { dataBytes: s.dataBytes, zeroBytes: s.zeroBytes, skippedBytes: s.skippedBytes, pauseMs: s.pauseMs, passes: s.pass, sourceHungOnSigterm: false };
     } else {
       const cpu0 = reapedChildrenCpuSeconds();
       const t0 = performance.now();
-      const r = await run(cmd.cmd, cmd.args, 300_000, cfg.repoRoot);
+      const r = await run(cmd.cmd, cmd.args, { timeoutMs: 300_000, cwd: cfg.repoRoot, onSpawn: track });
       seconds = (performance.now() - t0) / 1000;
       const cpu1 = reapedChildrenCpuSeconds();
       if (ctx.stopRequested()) throw new Interrupted();
@@ -161,9 +171,9 @@ export async function measureCopy(ctx: CopyContext, src: string, method: CopyMet
         );
       copierCpuSec = cpu0 !== undefined && cpu1 !== undefined ? cpu1 - cpu0 : null;
     }
-    const cpuTarget1 = processCpuSeconds(target.daemon.pid);
+    const cpuTarget1 = processCpuSeconds(target.pid);
     const targetCpuSec = cpuTarget0 !== undefined && cpuTarget1 !== undefined ? cpuTarget1 - cpuTarget0 : null;
-    ({ sourceHung } = await stopPair(source?.daemon, target.daemon));
+    ({ sourceHung } = await stopPair(source, target));
     if (mirror) mirror.sourceHungOnSigterm = sourceHung;
     source = undefined;
     target = undefined;
@@ -184,7 +194,7 @@ export async function measureCopy(ctx: CopyContext, src: string, method: CopyMet
     if (!(e instanceof Error)) throw e;
     return { round, method, ok: false, error: e.message };
   } finally {
-    await stopPair(source?.daemon, target?.daemon);
+    await stopPair(source, target);
     if (fs.existsSync(dst)) removeImageAndMarkers(dst);
     removeMarkers(src);
   }

@@ -29,12 +29,27 @@ import type { ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { makeImage, type ServerHandle } from '../test/helpers/server.js';
+import { run, type RunResult } from '../test/helpers/tools.js';
 import type { BenchConfig } from './config.js';
-import { adminSocketPath, startNbdMigrate, startNbdTarget, type Daemon, type NbdMigrateServer } from './daemon.js';
 import { parseFioJson } from './fio.js';
-import { benchPath, createSparseFile } from './image.js';
-import { abortMirror, MIRROR_EXPORT, MirrorBenchError, removeImageAndMarkers, removeMarkers, requestCutover, startMirror, stopPair, waitForState } from './mirrorjob.js';
-import { Interrupted, run, sleep, type RunResult } from './proc.js';
+import { benchPath } from './image.js';
+import {
+  abortMirror,
+  adminSocketPath,
+  MIRROR_EXPORT,
+  MirrorBenchError,
+  removeImageAndMarkers,
+  removeMarkers,
+  requestCutover,
+  startMirror,
+  startNbdMigrate,
+  startTarget,
+  stopPair,
+  waitForState,
+  type MirrorTarget,
+} from './mirrorjob.js';
+import { Interrupted, sleep, track } from './proc.js';
 
 /** When the mirror starts, seconds after fio was started. */
 export const MIRROR_AT_SEC = 3;
@@ -211,37 +226,40 @@ export async function measureCutover(ctx: CutoverContext, src: string, kind: Cut
   const m = cfg.mirror;
   const logDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbdm-bench-lat-'));
   const dst = benchPath('cutover-dst');
-  let source: NbdMigrateServer | undefined;
-  let target: Daemon | undefined;
+  let source: ServerHandle | undefined;
+  let target: MirrorTarget | undefined;
   let sourceHung = false;
   try {
     removeMarkers(src);
     const sock = adminSocketPath('cutover-src');
-    source = await startNbdMigrate({ bin: cfg.nbdMigrateBin, repoRoot: cfg.repoRoot, image: src, name: MIRROR_EXPORT, adminSocket: sock, label: 'nbd-migrate source' });
-    let targetUri: string | undefined;
+    source = await startNbdMigrate(cfg.nbdMigrateBin, src, { adminSocket: sock });
+    // When write-through (convergence "active") began: the first such log line's arrival.
+    let activeAt: number | undefined;
+    source.onLog((e) => {
+      if (activeAt === undefined && e.event === 'mirror-converge' && e.mode === 'active') activeAt = performance.now();
+    });
     if (kind === 'migrate') {
       removeImageAndMarkers(dst);
-      createSparseFile(dst, m.cutoverSize);
-      if (m.cutoverTarget !== 'nbd-migrate') {
-        const t = await startNbdTarget(m.cutoverTarget, dst, MIRROR_EXPORT, cfg.repoRoot);
-        target = t.daemon;
-        targetUri = t.uri;
-      } else {
-        const t = await startNbdMigrate({ bin: cfg.nbdMigrateBin, repoRoot: cfg.repoRoot, image: dst, name: MIRROR_EXPORT, incoming: true, label: 'nbd-migrate target' });
-        target = t.daemon;
-        targetUri = t.uri;
-      }
+      await makeImage(dst, m.cutoverSize);
+      target = await startTarget(m.cutoverTarget, dst, cfg.nbdMigrateBin);
     }
     if (ctx.stopRequested()) throw new Interrupted();
 
     const prefix = path.join(logDir, 'cut');
     const maxSec = kind === 'migrate' ? m.cutoverRuntimeSec + READY_GRACE_SEC + AFTER_CUTOVER_SEC : m.cutoverRuntimeSec;
-    const args = cutoverFioArgs(source.uri, maxSec, m.cutoverIodepth, prefix);
+    const args = cutoverFioArgs(source.uri(MIRROR_EXPORT), maxSec, m.cutoverIodepth, prefix);
     let fioChild: ChildProcess | undefined;
     let stoppedByUs = false;
     const fioStart = performance.now();
     const fioSpawnEpoch = Date.now();
-    const fioDone = run(ctx.fio, args, (maxSec + 60) * 1000, cfg.repoRoot, (c) => (fioChild = c));
+    const fioDone = run(ctx.fio, args, {
+      timeoutMs: (maxSec + 60) * 1000,
+      cwd: cfg.repoRoot,
+      onSpawn: (c) => {
+        track(c);
+        fioChild = c;
+      },
+    });
     const rel = (t: number) => Math.round(t - fioStart);
     const stopFio = () => {
       stoppedByUs = true;
@@ -254,15 +272,15 @@ export async function measureCutover(ctx: CutoverContext, src: string, kind: Cut
       try {
         await Promise.race([sleep(MIRROR_AT_SEC * 1000), fioDone]);
         const tMirror = performance.now();
-        await startMirror(sock, targetUri!, 'manual');
+        await startMirror(sock, target!.uri, 'manual');
         const readyDeadline = fioStart + (m.cutoverRuntimeSec + READY_GRACE_SEC) * 1000;
-        const ready = await waitForState(source.daemon, sock, ['ready'], readyDeadline, ctx.stopRequested);
+        const ready = await waitForState(source, sock, ['ready'], readyDeadline, ctx.stopRequested);
         const mid = fioStart + (m.cutoverRuntimeSec * 1000) / 2;
         if (performance.now() < mid) await sleep(mid - performance.now());
         if (ctx.stopRequested()) throw new Interrupted();
         const tCut = performance.now();
         await requestCutover(sock);
-        const done = await waitForState(source.daemon, sock, ['completed'], tCut + 30_000, ctx.stopRequested, 10);
+        const done = await waitForState(source, sock, ['completed'], tCut + 30_000, ctx.stopRequested, 10);
         const stopAt = Math.max(fioStart + m.cutoverRuntimeSec * 1000, done.at + AFTER_CUTOVER_SEC * 1000);
         await Promise.race([sleep(stopAt - performance.now()), fioDone]);
         const fioSec = (performance.now() - fioStart) / 1000;
@@ -287,8 +305,7 @@ export async function measureCutover(ctx: CutoverContext, src: string, kind: Cut
           afterMaxMs: null,
           sourceHungOnSigterm: false,
         };
-        const active = source.daemon.logs().find((x) => x.event === 'mirror-converge' && x.mode === 'active');
-        if (active?._at !== undefined && active._at < tCut) mirror.activeAtMs = rel(active._at);
+        if (activeAt !== undefined && activeAt < tCut) mirror.activeAtMs = rel(activeAt);
       } catch (e) {
         stopFio();
         if (e instanceof Interrupted) throw e;
@@ -300,7 +317,7 @@ export async function measureCutover(ctx: CutoverContext, src: string, kind: Cut
     if (ctx.stopRequested()) throw new Interrupted();
     const log = readLatLog(`${prefix}_clat.1.log`);
     const fio = parseFioLoad(r, args, log, stoppedByUs, fioSpawnEpoch);
-    ({ sourceHung } = await stopPair(source.daemon, target));
+    ({ sourceHung } = await stopPair(source, target));
     source = undefined;
     target = undefined;
     if (mirrorError) throw mirrorError;
@@ -325,7 +342,7 @@ export async function measureCutover(ctx: CutoverContext, src: string, kind: Cut
     if (!(e instanceof Error)) throw e;
     return { round, kind, ok: false, error: e.message };
   } finally {
-    await stopPair(source?.daemon, target);
+    await stopPair(source, target);
     removeImageAndMarkers(dst);
     removeMarkers(src);
     fs.rmSync(logDir, { recursive: true, force: true });

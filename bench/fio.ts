@@ -1,8 +1,9 @@
 /**
  * One fio run through the nbd engine, and the figures we keep from its JSON.
  */
+import { run } from '../test/helpers/tools.js';
 import type { JobSpec } from './jobs.js';
-import { run } from './proc.js';
+import { track } from './proc.js';
 
 export interface FioSettings {
   runtimeSec: number;
@@ -72,7 +73,7 @@ export class FioError extends Error {
 /** Runs one job; throws FioError (with fio's stderr) if fio fails or moves no data. */
 export async function runFio(fio: string, job: JobSpec, uri: string, s: FioSettings, cwd: string): Promise<FioResult> {
   const args = fioArgs(job, uri, s);
-  const r = await run(fio, args, (s.runtimeSec + s.rampSec + 60) * 1000, cwd);
+  const r = await run(fio, args, { timeoutMs: (s.runtimeSec + s.rampSec + 60) * 1000, cwd, onSpawn: track });
   const why = (msg: string) =>
     new FioError(`${msg}\n  command: ${fio} ${args.join(' ')}\n  stderr: ${r.stderr.trim().slice(-2000) || '(empty)'}`);
   if (r.timedOut) throw why('fio timed out (killed)');

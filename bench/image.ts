@@ -4,14 +4,15 @@
  * with random bytes so reads hit allocated, non-zero data (no holes for a
  * server to short-cut, nothing compressible) and overwrites never allocate.
  *
- * The mirror suite's images (half data, half holes; empty sparse targets) are
- * made here too; every file's name carries the benchmark's pid, so an
- * interrupted run can find and remove them all.
+ * The mirror suite's half-allocated images are made here too (its empty
+ * sparse targets with the tests' makeImage); every file's name carries the
+ * benchmark's pid, so an interrupted run can find and remove them all.
  */
-import { createCipheriv, randomBytes, randomFillSync } from 'node:crypto';
+import { createCipheriv, randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { makeImage } from '../test/helpers/server.js';
 
 const CHUNK = 16 * 1024 * 1024;
 
@@ -24,25 +25,15 @@ export function imageDir(): string {
   return os.tmpdir();
 }
 
-/** Creates `size` bytes of random data at a fresh path (exclusive create) and returns the path. */
-export function createImage(size: number): string {
+/** Creates `size` bytes of random data at this run's path and returns the path. */
+export async function createImage(size: number): Promise<string> {
   const file = path.join(imageDir(), `nbd-migrate-bench-${process.pid}.img`);
-  const fd = fs.openSync(file, 'wx', 0o600);
   try {
-    const buf = Buffer.allocUnsafe(CHUNK);
-    for (let off = 0; off < size; off += CHUNK) {
-      const n = Math.min(CHUNK, size - off);
-      randomFillSync(buf, 0, n);
-      let done = 0;
-      while (done < n) done += fs.writeSync(fd, buf, done, n - done, off + done);
-    }
+    return await makeImage(file, size, { fill: 'random' });
   } catch (e) {
-    fs.closeSync(fd);
     fs.rmSync(file, { force: true });
     throw e;
   }
-  fs.closeSync(fd);
-  return file;
 }
 
 export function removeImage(file: string): void {
@@ -52,20 +43,6 @@ export function removeImage(file: string): void {
 /** A fresh path on tmpfs for a benchmark file; `tag` tells the files of one run apart. */
 export function benchPath(tag: string): string {
   return path.join(imageDir(), `nbd-migrate-bench-${process.pid}-${tag}.img`);
-}
-
-/** Creates an empty sparse file of `size` bytes (no data blocks: a truncate) at a fresh path. */
-export function createSparseFile(file: string, size: number): string {
-  const fd = fs.openSync(file, 'wx', 0o600);
-  try {
-    fs.ftruncateSync(fd, size);
-  } catch (e) {
-    fs.closeSync(fd);
-    fs.rmSync(file, { force: true });
-    throw e;
-  }
-  fs.closeSync(fd);
-  return file;
 }
 
 /**

@@ -11,20 +11,13 @@
  * migrate) alternate within a round and their order rotates each round.
  */
 import * as fs from 'node:fs';
+import { formatBytes } from '../src/util/units.js';
 import { BITMAP_SMALL_SIZE, measureBitmap, type BitmapSample, type GoodBitmapSample } from './bitmapmem.js';
-import type { BenchConfig, MirrorConfig } from './config.js';
-import {
-  COPY_METHOD_LABELS,
-  createCopySource,
-  measureCopy,
-  type CopyMethodName,
-  type CopySample,
-  type GoodCopySample,
-} from './copyspeed.js';
+import type { BenchConfig, CopyMethodName, MirrorConfig } from './config.js';
+import { COPY_METHOD_LABELS, createCopySource, measureCopy, type CopySample, type GoodCopySample } from './copyspeed.js';
 import { AFTER_CUTOVER_SEC, MIRROR_AT_SEC, measureCutover, type CutoverKind, type CutoverSample, type GoodCutoverSample } from './cutover.js';
-import { removeSocketDir } from './daemon.js';
 import { benchPath, createHalfAllocatedImage } from './image.js';
-import { removeImageAndMarkers } from './mirrorjob.js';
+import { removeImageAndMarkers, removeSocketDir } from './mirrorjob.js';
 import { Interrupted } from './proc.js';
 import { median, table } from './report.js';
 
@@ -306,17 +299,7 @@ function halfAllocated(size: number, run = 64 * 1024 * 1024): number {
   return n;
 }
 
-export function fmtBytes(n: number | null): string {
-  if (n === null) return '-';
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let v = n;
-  let i = 0;
-  while (Math.abs(v) >= 1024 && i < units.length - 1) {
-    v /= 1024;
-    i++;
-  }
-  return `${Number.isInteger(v) ? v : v.toFixed(v >= 100 ? 0 : 1)} ${units[i]}`;
-}
+const fmtBytes = (n: number | null): string => (n === null ? '-' : formatBytes(n, { compact: true }));
 
 function fmtMs(v: number | null | undefined): string {
   if (v === null || v === undefined) return '-';

@@ -1,105 +1,34 @@
 /**
- * Process plumbing for the benchmark: finding tools, running a command with a
- * time limit, stopping children, and reading CPU time from /proc.
+ * What the benchmark measures of processes: CPU time and memory from /proc,
+ * and tool versions. Starting them, peers and waiting on jobs are the test
+ * helpers' (test/helpers/, test/migration/harness.ts); this file only adds
+ * the tracking an interrupt needs.
  */
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as path from 'node:path';
+import { run } from '../test/helpers/tools.js';
 
-/** Absolute path of an executable on $PATH, or undefined. */
-export function which(cmd: string): string | undefined {
-  for (const dir of (process.env.PATH ?? '').split(path.delimiter)) {
-    if (!dir) continue;
-    const p = path.join(dir, cmd);
-    try {
-      fs.accessSync(p, fs.constants.X_OK);
-      if (fs.statSync(p).isFile()) return p;
-    } catch {
-      /* not here */
-    }
-  }
-  return undefined;
+/** Children of run() (fio, copiers) still alive, so an interrupt can end them: pass `track` as run()'s onSpawn. */
+export const runningCommands = new Set<ChildProcess>();
+
+export function track(child: ChildProcess): void {
+  runningCommands.add(child);
+  child.once('close', () => runningCommands.delete(child));
+  child.once('error', () => runningCommands.delete(child));
 }
 
-/** First line of `cmd args` output (stdout, else stderr), for version reporting; undefined if it fails. */
-export function firstLine(cmd: string, args: string[]): string | undefined {
+/** First line of `cmd args`'s stdout, for version reporting; undefined if it fails. */
+export async function firstLine(cmd: string, args: string[]): Promise<string | undefined> {
   try {
-    const out = execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 10_000 });
-    return out.split('\n')[0]?.trim() || undefined;
+    const r = await run(cmd, args, { timeoutMs: 10_000 });
+    return r.code === 0 ? r.stdout.split('\n')[0]?.trim() || undefined : undefined;
   } catch {
     return undefined;
   }
 }
 
-/** Keeps only the last `max` characters written to it (a child's stderr, for error messages). */
-export class Tail {
-  private text = '';
-  constructor(private readonly max = 4000) {}
-  push(chunk: Buffer | string): void {
-    this.text = (this.text + chunk.toString()).slice(-this.max);
-  }
-  toString(): string {
-    return this.text;
-  }
-}
-
-/** Resolves once the child has exited (immediately if it already has). */
-export function exited(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
-  return new Promise((resolve) => child.once('exit', () => resolve()));
-}
-
-/** SIGTERM, then SIGKILL after `graceMs`; resolves when the child is gone. */
-export async function stopChild(child: ChildProcess, graceMs = 5000): Promise<void> {
-  // No pid: it never started (spawn error), so there is nothing to wait for.
-  if (child.pid === undefined || child.exitCode !== null || child.signalCode !== null) return;
-  child.kill('SIGTERM');
-  const timer = setTimeout(() => child.kill('SIGKILL'), graceMs);
-  await exited(child);
-  clearTimeout(timer);
-}
-
-export interface RunResult {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-  timedOut: boolean;
-}
-
-/** Children started by run() that are still alive, so an interrupt can end them. */
-export const runningCommands = new Set<ChildProcess>();
-
-/** Runs a command to completion (SIGKILL after timeoutMs); never rejects on exit status. `onSpawn` gets the child (to signal it). */
-export function run(cmd: string, args: string[], timeoutMs: number, cwd?: string, onSpawn?: (child: ChildProcess) => void): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
-    runningCommands.add(child);
-    onSpawn?.(child);
-    const out: Buffer[] = [];
-    const err: Buffer[] = [];
-    child.stdout.on('data', (b: Buffer) => out.push(b));
-    child.stderr.on('data', (b: Buffer) => err.push(b));
-    let timedOut = false;
-    const timer = setTimeout(() => {
-      timedOut = true;
-      child.kill('SIGKILL');
-    }, timeoutMs);
-    child.once('error', (e) => {
-      clearTimeout(timer);
-      runningCommands.delete(child);
-      reject(e);
-    });
-    child.once('close', (code, signal) => {
-      clearTimeout(timer);
-      runningCommands.delete(child);
-      resolve({ code, signal, stdout: Buffer.concat(out).toString(), stderr: Buffer.concat(err).toString(), timedOut });
-    });
-  });
-}
-
-const CLK_TCK = (() => {
-  const v = Number(firstLine('getconf', ['CLK_TCK']));
+const CLK_TCK = await (async () => {
+  const v = Number(await firstLine('getconf', ['CLK_TCK']));
   return Number.isInteger(v) && v > 0 ? v : 100;
 })();
 
@@ -168,6 +97,23 @@ export function reapedChildrenCpuSeconds(): number | undefined {
   const cutime = Number(rest[13]);
   const cstime = Number(rest[14]);
   return Number.isFinite(cutime) && Number.isFinite(cstime) ? (cutime + cstime) / CLK_TCK : undefined;
+}
+
+/** VmRSS and VmHWM of a process in bytes, from /proc/PID/status; undefined once it is gone. */
+export function processMemory(pid: number): { rss: number; hwm: number } | undefined {
+  let text: string;
+  try {
+    text = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+  } catch {
+    return undefined;
+  }
+  const kb = (key: string) => {
+    const m = new RegExp(`^${key}:\\s+(\\d+)\\s+kB`, 'm').exec(text);
+    return m ? Number(m[1]) * 1024 : NaN;
+  };
+  const rss = kb('VmRSS');
+  const hwm = kb('VmHWM');
+  return Number.isFinite(rss) ? { rss, hwm: Number.isFinite(hwm) ? hwm : rss } : undefined;
 }
 
 /** Thrown when Ctrl-C (or SIGTERM) asked the benchmark to stop. */

@@ -14,21 +14,22 @@
  * slow drifts in the (noisy, 2-core) machine's speed spread over all of them.
  * Settings: see config.ts (BENCH_SERVERS, BENCH_JOBS, BENCH_REPEAT, ...).
  */
-import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { qemuNbdArgs } from '../test/migration/harness.js';
+import { run, which } from '../test/helpers/tools.js';
 import { BenchConfigError, loadConfig, type BenchConfig } from './config.js';
 import { FioError, runFio, type FioResult, type FioSettings } from './fio.js';
 import { createImage, removeBenchFiles, removeImage } from './image.js';
 import { jobByName, type JobName } from './jobs.js';
 import { COPY_METHOD_TOOLS, copyCommand } from './copyspeed.js';
 import { cutoverFioArgs } from './cutover.js';
-import { killDaemonsSync, qemuNbdTargetArgs, removeSocketDir, runningDaemons } from './daemon.js';
 import { estimateMirrorSec, formatMirrorResults, runMirrorSuite, type MirrorResults } from './mirror.js';
-import { cpuBetween, cpuSnapshot, firstLine, Interrupted, runningCommands, which, type CpuSnapshot } from './proc.js';
+import { MIRROR_EXPORT, QEMU_NBD_TARGET_SETTINGS, removeSocketDir } from './mirrorjob.js';
+import { cpuBetween, cpuSnapshot, firstLine, Interrupted, runningCommands, type CpuSnapshot } from './proc.js';
 import { fmtValue, formatResults, summarise, unitOf, valueOf, type Sample } from './report.js';
-import { freePort, runningServers, SERVER_TOOLS, serverCommand, startServer, type ServerName } from './servers.js';
+import { freePort, SERVER_TOOLS, serverCommand, startServer, type ServerName } from './servers.js';
 
 /** Seconds of overhead per sample besides fio's runtime (server start/stop, fio start), for the time estimate. */
 const SAMPLE_OVERHEAD_SEC = 1;
@@ -44,7 +45,7 @@ function fail(message: string, code = 2): never {
 }
 
 /** The tools this run needs, by path; exits naming the Debian package of any that is missing. */
-function requireTools(cfg: BenchConfig): { fio: string } {
+async function requireTools(cfg: BenchConfig): Promise<{ fio: string }> {
   const fioSuite = cfg.suites.includes('fio');
   const mirror = cfg.suites.includes('mirror') ? cfg.mirror.rows : [];
   const needed: { cmd: string; pkg: string; why: string }[] = [];
@@ -60,7 +61,9 @@ function requireTools(cfg: BenchConfig): { fio: string } {
       if (t) needed.push({ ...t, why: 'or leave that copier out with BENCH_COPY_METHODS=...' });
     }
   }
-  const missing = needed.filter((t, i) => needed.findIndex((u) => u.cmd === t.cmd) === i && !which(t.cmd));
+  const unique = needed.filter((t, i) => needed.findIndex((u) => u.cmd === t.cmd) === i);
+  const found = await Promise.all(unique.map((t) => which(t.cmd)));
+  const missing = unique.filter((_, i) => found[i] === null);
   if (missing.length)
     fail(
       missing
@@ -72,14 +75,15 @@ function requireTools(cfg: BenchConfig): { fio: string } {
     const main = path.join(path.dirname(cfg.nbdMigrateBin), '..', 'dist', 'src', 'cli', 'main.js');
     if (!fs.existsSync(main)) fail(`nbd-migrate is not built (${main} is missing); run \`npm run build\` first`);
   }
-  return { fio: which('fio') ?? 'fio' };
+  return { fio: (await which('fio')) ?? 'fio' };
 }
 
-function gitDescribe(repoRoot: string): { commit: string | null; dirty: boolean | null } {
+async function gitDescribe(repoRoot: string): Promise<{ commit: string | null; dirty: boolean | null }> {
   try {
-    const commit = execFileSync('git', ['rev-parse', 'HEAD'], { cwd: repoRoot, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
-    const status = execFileSync('git', ['status', '--porcelain', '--untracked-files=no'], { cwd: repoRoot, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
-    return { commit, dirty: status.trim() !== '' };
+    const commit = await run('git', ['rev-parse', 'HEAD'], { cwd: repoRoot });
+    const status = await run('git', ['status', '--porcelain', '--untracked-files=no'], { cwd: repoRoot });
+    if (commit.code !== 0 || status.code !== 0) return { commit: null, dirty: null };
+    return { commit: commit.stdout.trim(), dirty: status.stdout.trim() !== '' };
   } catch {
     return { commit: null, dirty: null };
   }
@@ -95,7 +99,7 @@ async function measure(cfg: BenchConfig, fio: string, image: string, server: Ser
   const settings: FioSettings = { runtimeSec: cfg.runtimeSec, rampSec: cfg.rampSec, iodepth: cfg.iodepth };
   const port = await freePort();
   // A server that cannot start is a setup problem, not a data point: startServer's error ends the run.
-  const srv = await startServer(server, { image, port, nbdMigrateBin: cfg.nbdMigrateBin, repoRoot: cfg.repoRoot });
+  const srv = await startServer(server, { image, port, nbdMigrateBin: cfg.nbdMigrateBin });
   try {
     if (interrupted) throw new Interrupted();
     // CPU is sampled over fio's measured window only: from the end of the ramp
@@ -132,11 +136,13 @@ async function measure(cfg: BenchConfig, fio: string, image: string, server: Ser
   }
 }
 
-/** Stops whatever is still running and deletes the image; safe to call more than once. */
+/**
+ * Stops the commands still running and deletes the files; safe to call more
+ * than once. Each sample stops its servers itself, and the test helpers kill
+ * any still alive when the process exits.
+ */
 async function cleanUp(): Promise<void> {
   for (const c of runningCommands) c.kill('SIGKILL');
-  await Promise.all([...runningServers].map((s) => s.stop()));
-  await Promise.all([...runningDaemons].map((d) => d.stop(2000)));
   removeSocketDir();
   removeBenchFiles();
   if (imagePath) {
@@ -145,17 +151,9 @@ async function cleanUp(): Promise<void> {
   }
 }
 
-/** Last resort on process exit: synchronous, so only signals and unlink. */
+/** Last resort on process exit: synchronous, so only signals and unlink (the helpers SIGKILL their servers). */
 function cleanUpSync(): void {
   for (const c of runningCommands) c.kill('SIGKILL');
-  for (const s of runningServers) {
-    try {
-      if (s.alive()) process.kill(s.pid, 'SIGKILL');
-    } catch {
-      /* already gone */
-    }
-  }
-  killDaemonsSync();
   removeSocketDir();
   removeBenchFiles();
   if (imagePath) removeImage(imagePath);
@@ -180,7 +178,7 @@ async function main(): Promise<void> {
     if (e instanceof BenchConfigError) fail(e.message);
     throw e;
   }
-  const { fio } = requireTools(cfg);
+  const { fio } = await requireTools(cfg);
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
   process.on('exit', cleanUpSync);
@@ -210,7 +208,7 @@ async function main(): Promise<void> {
   let n = 0;
   try {
     if (fioSuite) {
-      imagePath = createImage(cfg.imageSize);
+      imagePath = await createImage(cfg.imageSize);
       process.stderr.write(`image ${imagePath} written in ${((Date.now() - t0) / 1000).toFixed(1)} s\n`);
       for (let round = 1; round <= cfg.repeat; round++) {
         const order = rotate(cfg.servers, round - 1);
@@ -256,20 +254,20 @@ async function main(): Promise<void> {
   if (fioSuite) process.stdout.write(formatResults(rows, samples, cfg.servers, cfg.repeat) + '\n');
   if (mirrorSuite) process.stdout.write((fioSuite ? '\n' : '') + formatMirrorResults(mirror) + '\n');
 
-  const placeholder = { image: 'IMAGE', port: 0, nbdMigrateBin: cfg.nbdMigrateBin, repoRoot: cfg.repoRoot };
+  const placeholder = { image: 'IMAGE', port: 0, nbdMigrateBin: cfg.nbdMigrateBin };
   const doc = {
     date: new Date(t0).toISOString(),
     durationSec: Math.round((Date.now() - t0) / 1000),
     // The checkout whose nbd-migrate was measured (BENCH_NBD_MIGRATE may point outside this one).
-    git: gitDescribe(path.resolve(path.dirname(cfg.nbdMigrateBin), '..')),
+    git: await gitDescribe(path.resolve(path.dirname(cfg.nbdMigrateBin), '..')),
     host: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model ?? null, memBytes: os.totalmem(), loadavgBefore: loadBefore, loadavgAfter: os.loadavg() },
     versions: {
       node: process.version,
-      fio: firstLine(fio, ['--version']) ?? null,
-      qemuNbd: firstLine('qemu-nbd', ['--version']) ?? null,
-      nbdkit: firstLine('nbdkit', ['--version']) ?? null,
-      qemuImg: firstLine('qemu-img', ['--version']) ?? null,
-      nbdcopy: firstLine('nbdcopy', ['--version']) ?? null,
+      fio: (await firstLine(fio, ['--version'])) ?? null,
+      qemuNbd: (await firstLine('qemu-nbd', ['--version'])) ?? null,
+      nbdkit: (await firstLine('nbdkit', ['--version'])) ?? null,
+      qemuImg: (await firstLine('qemu-img', ['--version'])) ?? null,
+      nbdcopy: (await firstLine('nbdcopy', ['--version'])) ?? null,
     },
     settings: {
       suites: cfg.suites,
@@ -287,8 +285,8 @@ async function main(): Promise<void> {
       mirror: {
         ...cfg.mirror,
         commands: {
-          target: { cmd: 'qemu-nbd', args: qemuNbdTargetArgs('DST', 'vm1', 0) },
-          source: { cmd: 'node', args: [cfg.nbdMigrateBin, 'serve', 'SRC', '--name', 'vm1', '--listen', '127.0.0.1', '--port', '0', '--admin-socket', 'SOCK', '--log-format', 'json'] },
+          target: { cmd: 'qemu-nbd', args: qemuNbdArgs('DST', MIRROR_EXPORT, 0, QEMU_NBD_TARGET_SETTINGS) },
+          source: { cmd: 'node', args: [cfg.nbdMigrateBin, 'serve', 'SRC', '--name', MIRROR_EXPORT, '--admin-socket', 'SOCK', '--listen', '127.0.0.1', '--port', '0', '--log-format', 'json'] },
           copiers: Object.fromEntries(cfg.mirror.copyMethods.map((m) => [m, copyCommand(m, 'SRC', 'nbd://127.0.0.1:PORT/vm1', cfg.nbdMigrateBin) ?? 'admin socket: {"cmd":"mirror","export":"vm1","target":"nbd://127.0.0.1:PORT/vm1","cutover":"auto"}'])),
           cutoverFio: ['fio', ...cutoverFioArgs('nbd://127.0.0.1:PORT/vm1', cfg.mirror.cutoverRuntimeSec, cfg.mirror.cutoverIodepth, 'LOGDIR/cut')],
         },

@@ -20,9 +20,12 @@
  *  - nbd-migrate: the CLI as shipped, logging only warnings; UV_THREADPOOL_SIZE
  *    etc. pass through from the benchmark's environment if set.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import * as net from 'node:net';
-import { exited, stopChild, Tail } from './proc.js';
+import type { ChildProcess } from 'node:child_process';
+import { freePort } from '../test/helpers/net.js';
+import { startServer as startNbdMigrate } from '../test/helpers/server.js';
+import { nbdkit, nbdkitArgs, qemuNbd, qemuNbdArgs } from '../test/migration/harness.js';
+
+export { freePort };
 
 export const SERVER_NAMES = ['nbd-migrate', 'qemu-nbd', 'nbdkit'] as const;
 export type ServerName = (typeof SERVER_NAMES)[number];
@@ -42,60 +45,31 @@ export interface ServerOptions {
   port: number;
   /** nbd-migrate's bin script. */
   nbdMigrateBin: string;
-  repoRoot: string;
 }
 
-/** The command line that serves `image` on `port` (cwd is the repo root). */
+/** qemu-nbd's settings beyond the harness's defaults (see the top of this file). */
+const QEMU_NBD_SETTINGS = ['--shared=16', '--cache=writeback', '--aio=threads'];
+
+/** nbdkit's file plugin serving `image` as `name` (the plugin serves any name; it matters only with --run). */
+export function nbdkitFileArgs(image: string, name: string): string[] {
+  return ['--exit-with-parent', '--exportname', name, 'file', `file=${image}`];
+}
+
+/** `nbd-migrate serve`'s arguments after "serve". */
+function nbdMigrateArgs(o: ServerOptions): string[] {
+  return [o.image, '--name', EXPORT_NAME, '--listen', HOST, '--port', String(o.port), '--log-format', 'json', '--log-level', 'warn'];
+}
+
+/** The command line that serves `image` on `port`. */
 export function serverCommand(name: ServerName, o: ServerOptions): { cmd: string; args: string[] } {
   switch (name) {
     case 'nbd-migrate':
-      return {
-        cmd: process.execPath,
-        args: [o.nbdMigrateBin, 'serve', o.image, '--name', EXPORT_NAME, '--listen', HOST, '--port', String(o.port), '--log-format', 'json', '--log-level', 'warn'],
-      };
+      return { cmd: process.execPath, args: [o.nbdMigrateBin, 'serve', ...nbdMigrateArgs(o)] };
     case 'qemu-nbd':
-      return {
-        cmd: 'qemu-nbd',
-        args: ['-f', 'raw', '-x', EXPORT_NAME, '-b', HOST, '-p', String(o.port), '--persistent', '--shared=16', '--cache=writeback', '--aio=threads', o.image],
-      };
+      return { cmd: 'qemu-nbd', args: qemuNbdArgs(o.image, EXPORT_NAME, o.port, QEMU_NBD_SETTINGS) };
     case 'nbdkit':
-      return {
-        cmd: 'nbdkit',
-        args: ['-f', '--exit-with-parent', '-i', HOST, '-p', String(o.port), '--exportname', EXPORT_NAME, 'file', `file=${o.image}`],
-      };
+      return { cmd: 'nbdkit', args: nbdkitArgs(o.port, nbdkitFileArgs(o.image, EXPORT_NAME)) };
   }
-}
-
-/** A free TCP port on 127.0.0.1 (the kernel picks it; we release it for the server to bind). */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once('error', reject);
-    srv.listen(0, HOST, () => {
-      const addr = srv.address();
-      const port = typeof addr === 'object' && addr ? addr.port : 0;
-      srv.close(() => (port ? resolve(port) : reject(new Error('could not get a free port'))));
-    });
-  });
-}
-
-/** True if something on the port speaks NBD: the server's greeting starts with "NBDMAGIC". */
-export function probeNbd(port: number, timeoutMs: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const sock = net.connect({ host: HOST, port });
-    let got = Buffer.alloc(0);
-    const done = (ok: boolean) => {
-      sock.destroy();
-      resolve(ok);
-    };
-    sock.setTimeout(timeoutMs, () => done(false));
-    sock.on('error', () => done(false));
-    sock.on('data', (b: Buffer) => {
-      got = Buffer.concat([got, b]);
-      if (got.length >= 8) done(got.subarray(0, 8).toString('latin1') === 'NBDMAGIC');
-    });
-    sock.on('end', () => done(false));
-  });
 }
 
 export class ServerStartError extends Error {
@@ -109,53 +83,40 @@ export interface RunningServer {
   uri: string;
   /** True while the process is alive. */
   alive(): boolean;
-  /** The last few KB of its stderr. */
+  /** Its stderr so far. */
   stderr(): string;
   stop(): Promise<void>;
 }
 
-/** Servers started and not yet stopped, so an interrupt can stop them. */
-export const runningServers = new Set<RunningServer>();
-
-export async function startServer(name: ServerName, o: ServerOptions, readyTimeoutMs = 20_000): Promise<RunningServer> {
-  const { cmd, args } = serverCommand(name, o);
-  const tail = new Tail();
-  const child: ChildProcess = spawn(cmd, args, { cwd: o.repoRoot, stdio: ['ignore', 'ignore', 'pipe'] });
-  child.stderr?.on('data', (b: Buffer) => tail.push(b));
-  const spawnFailed = new Promise<string>((resolve) => child.once('error', (e) => resolve(`could not start: ${e.message}`)));
-  const exitedEarly = exited(child).then(() => `exited (${child.exitCode ?? child.signalCode}) before serving`);
-  const alive = () => child.exitCode === null && child.signalCode === null;
-  const server: RunningServer = {
+/**
+ * Starts one server and resolves once its port accepts connections
+ * (nbd-migrate logs only warnings here, so not its "ready" event).
+ */
+export async function startServer(name: ServerName, o: ServerOptions): Promise<RunningServer> {
+  let h: { proc: ChildProcess; stderr(): string; stop(): Promise<void> };
+  try {
+    switch (name) {
+      case 'nbd-migrate':
+        h = await startNbdMigrate(nbdMigrateArgs(o), { cli: o.nbdMigrateBin, readyPort: o.port });
+        break;
+      case 'qemu-nbd':
+        h = await qemuNbd(o.image, EXPORT_NAME, o.port, QEMU_NBD_SETTINGS);
+        break;
+      case 'nbdkit':
+        h = await nbdkit(o.port, nbdkitFileArgs(o.image, EXPORT_NAME));
+        break;
+    }
+  } catch (e) {
+    throw new ServerStartError(`${name} did not start: ${(e as Error).message}`);
+  }
+  const { proc } = h;
+  return {
     name,
     port: o.port,
-    pid: child.pid ?? -1,
+    pid: proc.pid ?? -1,
     uri: `nbd://${HOST}:${o.port}/${EXPORT_NAME}`,
-    alive,
-    stderr: () => tail.toString(),
-    stop: async () => {
-      await stopChild(child);
-      runningServers.delete(server);
-    },
+    alive: () => proc.exitCode === null && proc.signalCode === null,
+    stderr: () => h.stderr(),
+    stop: () => h.stop(),
   };
-  runningServers.add(server);
-
-  const describe = () => `${cmd} ${args.join(' ')}`;
-  const deadline = Date.now() + readyTimeoutMs;
-  for (;;) {
-    const failed = await Promise.race([
-      spawnFailed,
-      exitedEarly,
-      probeNbd(o.port, 1000).then((ok) => (ok ? null : undefined)),
-    ]);
-    if (failed === null) return server;
-    if (typeof failed === 'string') {
-      await server.stop();
-      throw new ServerStartError(`${name} ${failed}\n  command: ${describe()}\n  stderr: ${tail.toString().trim() || '(empty)'}`);
-    }
-    if (Date.now() > deadline) {
-      await server.stop();
-      throw new ServerStartError(`${name} did not answer NBD on port ${o.port} within ${readyTimeoutMs} ms\n  command: ${describe()}\n  stderr: ${tail.toString().trim() || '(empty)'}`);
-    }
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
