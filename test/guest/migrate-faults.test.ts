@@ -8,15 +8,14 @@
 //      next to the server's pauseMs and the guest's gaps without migration.
 
 import t from 'tap';
+import { adminRequest } from '../helpers/admin.js';
 import { MiB, serve } from '../helpers/server.js';
 import { describeRun } from '../helpers/tools.js';
-import { freePort, qemuNbd, type Proc } from '../migration/harness.js';
+import { cli, freePort, qemuNbd, type Proc } from '../migration/harness.js';
 import { parseMarker, type Marker } from './qemu.js';
 import {
   DEFAULT_LAYOUT,
-  admin,
   checkBaseScript,
-  cli,
   migrateAndVerify,
   migrationSetup,
   waitJob,
@@ -77,7 +76,7 @@ t.test('the mirror target dies mid-copy and comes back: the job retries, resumes
     );
     // Lift the rate limit: the rest goes at full speed, so that the guest
     // dirties the workload region only a few times more before the job is ready.
-    await admin(adminSock, { cmd: 'set-speed', export: 'vm1', rate: '0' });
+    await adminRequest(adminSock, { cmd: 'set-speed', export: 'vm1', rate: '0' });
 
     const rd = await waitJob(adminSock, (j) => j.state === 'ready', 'the job to be ready');
     const atReady = lastRound();

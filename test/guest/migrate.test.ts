@@ -17,10 +17,12 @@
 //   2. auto cutover, handoff disconnect, with <reconnect delay='5'/>.
 
 import t, { type Test } from 'tap';
+import { adminRequest } from '../helpers/admin.js';
 import { serve } from '../helpers/server.js';
 import { describeRun } from '../helpers/tools.js';
+import { cli } from '../migration/harness.js';
 import type { NbdDisk } from './qemu.js';
-import { admin, cli, migrateAndVerify, migrationSetup as setup, waitJob } from './migration.js';
+import { migrateAndVerify, migrationSetup as setup, waitJob } from './migration.js';
 
 /** Source and `serve --incoming` destination servers, and a guest running the workload on the source. */
 async function migrationSetup(t: Test, disk: Partial<NbdDisk> = {}) {
@@ -47,7 +49,7 @@ t.test('mirror and manual cutover under a running guest (handoff forward)', asyn
     const atReady = lastRound();
     t.comment(`job ready (pass ${rd.pass}, convergence ${rd.convergence}) at guest round ${atReady}`);
     t.ok(atReady > atStart, `the guest wrote while the job was copying (rounds ${atStart + 1}..${atReady})`);
-    await admin(adminSock, { cmd: 'set-speed', export: 'vm1', rate: '0' });
+    await adminRequest(adminSock, { cmd: 'set-speed', export: 'vm1', rate: '0' });
 
     await progress(atReady + 2); // the guest writes while the job is ready (write-through)
     const cut = await cli(['ctl', '--socket', adminSock, 'cutover', 'vm1']);

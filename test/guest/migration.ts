@@ -1,5 +1,5 @@
 // Shared pieces of the guest migration tests (migrate.test.ts,
-// migrate-faults.test.ts): the operator's CLI and admin socket, a source
+// migrate-faults.test.ts): the wait for the mirror job, a source
 // nbd-migrate with a guest attached running the `workload` loop of
 // rootfs/lib/nbdm.sh, and the final check of guest verdict and destination
 // image.
@@ -11,10 +11,9 @@
 
 import type { Test } from 'tap';
 import { existsSync } from 'node:fs';
-import { connect } from 'node:net';
 import { join } from 'node:path';
-import { CLI, MiB, REPO_ROOT, allBytes, makeImage, readAt, serve, tmpDir, writeAt } from '../helpers/server.js';
-import { run, type RunResult } from '../helpers/tools.js';
+import { waitForJob, type JobStatus } from '../helpers/admin.js';
+import { MiB, allBytes, makeImage, readAt, serve, tmpDir, writeAt } from '../helpers/server.js';
 import { buildGuest } from './build-guest.js';
 import { describeGuest, requireQemu, startGuest, type GuestResult, type NbdDisk } from './qemu.js';
 import { SECTOR, fileMd5, firstBadSector, md5, patternSectors, runTag, shq } from './workload.js';
@@ -35,63 +34,9 @@ export interface Layout {
 /** 32 MiB: the workload over 0..4 MiB, host data over 16..24 MiB. */
 export const DEFAULT_LAYOUT: Layout = { imageSize: 32 * MiB, wFirst: 0, wCount: 8192, bFirst: 32768, bCount: 16384 };
 
-/** `nbd-migrate ARGS` as the operator runs it (no test-runner loader in NODE_OPTIONS). */
-export function cli(args: string[]): Promise<RunResult> {
-  return run('/usr/bin/env', ['-u', 'NODE_OPTIONS', process.execPath, CLI, ...args], { cwd: REPO_ROOT, timeoutMs: 60_000 });
-}
-
-export interface Job {
-  state: string;
-  pass: number;
-  convergence: string;
-  pauseMs: number | null;
-  retries: number;
-  dataBytes: number;
-  error: string | null;
-  [k: string]: unknown;
-}
-
-/** One request on the admin socket (README, "Admin socket protocol"). */
-export function admin(socket: string, req: Record<string, unknown>): Promise<unknown> {
-  return new Promise((resolve, reject) => {
-    const c = connect(socket);
-    let buf = '';
-    const timer = setTimeout(() => {
-      c.destroy();
-      reject(new Error(`no reply to ${JSON.stringify(req)} within 10 s`));
-    }, 10_000);
-    c.setEncoding('utf8');
-    c.on('connect', () => c.write(JSON.stringify(req) + '\n'));
-    c.on('data', (d: string) => {
-      buf += d;
-      const nl = buf.indexOf('\n');
-      if (nl < 0) return;
-      clearTimeout(timer);
-      c.end();
-      const reply = JSON.parse(buf.slice(0, nl)) as { ok: boolean; result?: unknown; error?: { code: string; message: string } };
-      if (reply.ok) resolve(reply.result);
-      else reject(new Error(`admin ${JSON.stringify(req)}: ${reply.error?.code} ${reply.error?.message}`));
-    });
-    c.on('error', (e) => {
-      clearTimeout(timer);
-      reject(e);
-    });
-  });
-}
-
-export function jobStatus(socket: string): Promise<Job> {
-  return admin(socket, { cmd: 'status', export: 'vm1' }) as Promise<Job>;
-}
-
-export async function waitJob(socket: string, pred: (j: Job) => boolean, what: string, timeoutMs = 60_000, everyMs = 200): Promise<Job> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const j = await jobStatus(socket);
-    if (pred(j)) return j;
-    if (j.state === 'failed' || j.state === 'aborted') throw new Error(`mirror job ${j.state} while waiting for ${what}: ${JSON.stringify(j)}`);
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}; last status ${JSON.stringify(j)}`);
-    await new Promise((r) => setTimeout(r, everyMs));
-  }
+/** waitForJob on the export vm1 as the guest tests wait: every 200 ms, 60 s at most; a failed or aborted job ends it. */
+export function waitJob(socket: string, pred: (j: JobStatus) => boolean, what: string, timeoutMs = 60_000, everyMs = 200): Promise<JobStatus> {
+  return waitForJob(socket, 'vm1', pred, { what, timeoutMs, everyMs, failOn: ['failed', 'aborted'] });
 }
 
 /**
