@@ -3,7 +3,7 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
-import { adminRequest } from '../../src/admin/server.js';
+import { adminRequest } from '../helpers/admin.js';
 import { NbdClient } from '../../src/client/nbd-client.js';
 import * as C from '../../src/protocol/constants.js';
 import * as codec from '../../src/protocol/codec.js';

@@ -1,7 +1,7 @@
 // --metrics: Prometheus exposition fed by the core's counters.
 import t from 'tap';
 import * as path from 'node:path';
-import { adminRequest } from '../../src/admin/server.js';
+import { adminRequest } from '../helpers/admin.js';
 import { makeImage, MiB, serve, tmpDir } from '../helpers/server.js';
 import { describeRun, requirePythonNbd, requireTool, run, SYSTEM_PYTHON } from '../helpers/tools.js';
 

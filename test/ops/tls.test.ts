@@ -4,7 +4,7 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import * as tls from 'node:tls';
-import { adminRequest } from '../../src/admin/server.js';
+import { adminRequest } from '../helpers/admin.js';
 import { compare, freePort, qemuNbd, waitForJob } from '../migration/harness.js';
 import { allBytes, makeImage, MiB, serve, tmpDir, type ServerHandle } from '../helpers/server.js';
 import { describeRun, requireTool, run } from '../helpers/tools.js';
