@@ -2,10 +2,10 @@
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { adminRequest } from '../../src/admin/server.js';
-import { describeRun } from '../helpers/tools.js';
+import { adminRequest } from '../helpers/admin.js';
+import { describeRun, requireTool, run } from '../helpers/tools.js';
 import { makeImage, MiB, serve, tmpDir, writeAt, patternBuffer } from '../helpers/server.js';
-import { cli, compare, freePort, jobStatus, qemuNbd, startWriter, waitForJob } from './harness.js';
+import { cli, compare, freePort, jobStatus, nbdkit, qemuNbd, startWriter, waitForJob } from './harness.js';
 
 const SIZE = 64 * MiB;
 
@@ -70,27 +70,8 @@ for (const kind of ['qemu-nbd', 'nbd-migrate'] as const) {
   });
 }
 
-t.test('target killed mid-job and restarted: the job resumes from the bitmap', async (t) => {
-  const dir = await tmpDir(t);
-  const { src, shadow } = await sourceImage(dir);
-  const dst = await makeImage(path.join(dir, 'dst.img'), SIZE);
-  const port = await freePort();
-  let q = await qemuNbd(dst, 'vm1', port);
-  t.teardown(() => q.stop());
-  const { admin } = await sourceServer(t, dir, src);
-  await adminRequest(admin, { cmd: 'mirror', export: 'vm1', target: `nbd://127.0.0.1:${port}/vm1`, cutover: 'auto', maxBandwidth: '16M', maxDowntime: '1s' });
-  await waitForJob(admin, 'vm1', (j) => j.dataBytes >= 8 * MiB);
-  await q.stop();
-  const during = await waitForJob(admin, 'vm1', (j) => j.retries >= 1, 10_000);
-  t.equal(during.state, 'copying', `job is retrying (${during.retries}) while the target is down, not failed`);
-  q = await qemuNbd(dst, 'vm1', port);
-  const done = await waitForJob(admin, 'vm1', (j) => j.state === 'completed', 180_000);
-  const allocated = SIZE / 2;
-  t.ok(done.dataBytes < allocated * 1.5, `did not copy everything again: ${done.dataBytes} data bytes for ${allocated} allocated`);
-  await q.stop();
-  const cmp = await compare(shadow, dst);
-  t.equal(cmp.code, 0, describeRun(cmp));
-});
+// "The target dies mid-copy and comes back: the job resumes" is one test, with
+// a guest: test/guest/migrate-faults.test.ts.
 
 t.test('pre-checks refuse bad targets before anything starts', async (t) => {
   const dir = await tmpDir(t);
@@ -206,9 +187,21 @@ t.test('after cutover, the target restarting is latency, not an error, for guest
   const w = await writer.stop();
   t.equal(w.errors, 0, `the writer saw no errors across the target restart (${w.writes} writes, max latency ${w.maxLatencyMs} ms)`);
   t.ok(w.maxLatencyMs >= 400, 'it saw the outage as latency');
+  const through = await compare(shadow, s.uri('vm1'));
+  t.equal(through.code, 0, `reads forwarded on the new connection return what was written\n${describeRun(through)}`);
+  const reconnects = () => s.logs.filter((e) => e.event === 'target-reconnected').length;
+  const before = reconnects();
   await q.stop();
   const cmp = await compare(shadow, dst);
   t.equal(cmp.code, 0, describeRun(cmp));
+
+  // An error the target itself returns is not a lost connection: it reaches the guest, without a retry.
+  const full = await nbdkit(port, ['--filter=error', 'file', dst, 'error=ENOSPC', 'error-pwrite-rate=100%']);
+  t.teardown(() => full.stop());
+  const qemuIo = await requireTool('qemu-io', 'qemu-utils');
+  const wr = await run(qemuIo, ['-f', 'raw', s.uri('vm1'), '-c', 'write -P 0x55 0 4k'], { timeoutMs: 60_000 });
+  t.match(wr.stdout + wr.stderr, /No space left on device/, `the guest's write fails with the target's ENOSPC\n${describeRun(wr)}`);
+  t.equal(reconnects(), before + 1, 'the source reconnected once (to the new target) and did not retry the ENOSPC');
 });
 
 t.test('SIGTERM during a mirror aborts it cleanly: the source stays authoritative and unfenced', async (t) => {
