@@ -28,19 +28,7 @@ import { run } from '../test/helpers/tools.js';
 import { compare } from '../test/migration/harness.js';
 import { benchPath, createHalfAllocatedImage } from './image.js';
 import type { BenchConfig, CopyMethodName } from './config.js';
-import {
-  adminSocketPath,
-  MIRROR_EXPORT,
-  MirrorBenchError,
-  removeImageAndMarkers,
-  removeMarkers,
-  startMirror,
-  startNbdMigrate,
-  startTarget,
-  stopPair,
-  waitForState,
-  type MirrorTarget,
-} from './mirrorjob.js';
+import { adminSocketPath, MIRROR_EXPORT, MirrorBenchError, removeImageAndMarkers, removeMarkers, startMirror, startNbdMigrate, startTarget, stopPair, waitForState, type MirrorTarget } from './mirrorjob.js';
 import { Interrupted, processCpuSeconds, reapedChildrenCpuSeconds, track } from './proc.js';
 
 /** Printed names. */

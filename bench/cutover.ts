@@ -34,21 +34,7 @@ import { run, type RunResult } from '../test/helpers/tools.js';
 import type { BenchConfig } from './config.js';
 import { parseFioJson } from './fio.js';
 import { benchPath } from './image.js';
-import {
-  abortMirror,
-  adminSocketPath,
-  MIRROR_EXPORT,
-  MirrorBenchError,
-  removeImageAndMarkers,
-  removeMarkers,
-  requestCutover,
-  startMirror,
-  startNbdMigrate,
-  startTarget,
-  stopPair,
-  waitForState,
-  type MirrorTarget,
-} from './mirrorjob.js';
+import { abortMirror, adminSocketPath, MIRROR_EXPORT, MirrorBenchError, removeImageAndMarkers, removeMarkers, requestCutover, startMirror, startNbdMigrate, startTarget, stopPair, waitForState, type MirrorTarget } from './mirrorjob.js';
 import { Interrupted, sleep, track } from './proc.js';
 
 /** When the mirror starts, seconds after fio was started. */
