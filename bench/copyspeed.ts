@@ -25,7 +25,7 @@
 import * as fs from 'node:fs';
 import { makeImage, type ServerHandle } from '../test/helpers/server.js';
 import { run } from '../test/helpers/tools.js';
-import { compare } from '../test/migration/harness.js';
+import { compare } from '../test/helpers/peers.js';
 import { benchPath, createHalfAllocatedImage } from './image.js';
 import type { BenchConfig, CopyMethodName } from './config.js';
 import { adminSocketPath, MIRROR_EXPORT, MirrorBenchError, removeImageAndMarkers, removeMarkers, startMirror, startNbdMigrate, startTarget, stopPair, waitForState, type MirrorTarget } from './mirrorjob.js';

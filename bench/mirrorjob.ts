@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import { adminRequest, waitForJob, type JobState, type JobStatus } from '../test/helpers/admin.js';
 import { freePort } from '../test/helpers/net.js';
 import { startServer, type ServerHandle } from '../test/helpers/server.js';
-import { nbdkit, qemuNbd } from '../test/migration/harness.js';
+import { nbdkit, qemuNbd } from '../test/helpers/peers.js';
 import { Interrupted } from './proc.js';
 import { HOST, nbdkitFileArgs } from './servers.js';
 
@@ -17,7 +17,7 @@ export type { JobState, JobStatus };
 
 export const MIRROR_EXPORT = 'vm1';
 
-/** The mirror target's qemu-nbd settings beyond the harness's defaults. */
+/** The mirror target's qemu-nbd settings beyond qemuNbd()'s defaults. */
 export const QEMU_NBD_TARGET_SETTINGS = ['--cache=writeback'];
 
 export class MirrorBenchError extends Error {

@@ -1,8 +1,8 @@
 /**
  * What the benchmark measures of processes: CPU time and memory from /proc,
  * and tool versions. Starting them, peers and waiting on jobs are the test
- * helpers' (test/helpers/, test/migration/harness.ts); this file only adds
- * the tracking an interrupt needs.
+ * helpers' (test/helpers/); this file only adds the tracking an interrupt
+ * needs.
  */
 import type { ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';

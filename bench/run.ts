@@ -17,7 +17,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { qemuNbdArgs } from '../test/migration/harness.js';
+import { qemuNbdArgs } from '../test/helpers/peers.js';
 import { run, which } from '../test/helpers/tools.js';
 import { BenchConfigError, loadConfig, type BenchConfig } from './config.js';
 import { FioError, runFio, type FioResult, type FioSettings } from './fio.js';

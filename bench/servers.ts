@@ -23,7 +23,7 @@
 import type { ChildProcess } from 'node:child_process';
 import { freePort } from '../test/helpers/net.js';
 import { startServer as startNbdMigrate } from '../test/helpers/server.js';
-import { nbdkit, nbdkitArgs, qemuNbd, qemuNbdArgs } from '../test/migration/harness.js';
+import { nbdkit, nbdkitArgs, qemuNbd, qemuNbdArgs } from '../test/helpers/peers.js';
 
 export { freePort };
 
@@ -47,7 +47,7 @@ export interface ServerOptions {
   nbdMigrateBin: string;
 }
 
-/** qemu-nbd's settings beyond the harness's defaults (see the top of this file). */
+/** qemu-nbd's settings beyond qemuNbd()'s defaults (see the top of this file). */
 const QEMU_NBD_SETTINGS = ['--shared=16', '--cache=writeback', '--aio=threads'];
 
 /** nbdkit's file plugin serving `image` as `name` (the plugin serves any name; it matters only with --run). */
