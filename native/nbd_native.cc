@@ -1,6 +1,6 @@
 // nbd-migrate native storage helpers: the Linux calls Node's fs does not expose.
-// fallocate (punch hole / zero range) and the SEEK_DATA/SEEK_HOLE walk are
-// blocking syscalls, so they run on the libuv thread pool (AsyncWorker);
+// fallocate (punch hole / zero range), the SEEK_DATA/SEEK_HOLE walk and the block
+// device ioctls BLKDISCARD/BLKZEROOUT are blocking syscalls, so they run on the libuv thread pool (AsyncWorker);
 // flock and the OFD byte-range locks (fcntl) are non-blocking and run inline.
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -10,8 +10,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <linux/fs.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/ioctl.h>
 #include <sys/uio.h>
 #include <sys/vfs.h>
 #include <unistd.h>
@@ -52,6 +54,33 @@ class FallocateWorker : public Napi::AsyncWorker {
  private:
   int fd_, mode_;
   int64_t offset_, length_;
+  int err_ = 0;
+};
+
+// BLKDISCARD / BLKZEROOUT on a block device: the kernel may take long (it writes zeros
+// itself where the device has no offload), so they run on the thread pool.
+class BlockRangeWorker : public Napi::AsyncWorker {
+ public:
+  BlockRangeWorker(Napi::Function cb, int fd, unsigned long op, const char* name, uint64_t offset, uint64_t length)
+      : Napi::AsyncWorker(cb), fd_(fd), op_(op), name_(name), range_{offset, length} {}
+  void Execute() override {
+    int r;
+    do {
+      r = ioctl(fd_, op_, range_);
+    } while (r < 0 && errno == EINTR);
+    err_ = r < 0 ? errno : 0;
+  }
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (err_) Callback().Call({ErrnoError(env, err_, name_).Value()});
+    else Callback().Call({env.Null()});
+  }
+
+ private:
+  int fd_;
+  unsigned long op_;
+  const char* name_;
+  uint64_t range_[2];
   int err_ = 0;
 };
 
@@ -190,6 +219,38 @@ Napi::Value MemoryBacked(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), sfs.f_type == 0x01021994 /* TMPFS_MAGIC */ || sfs.f_type == 0x858458f6 /* RAMFS_MAGIC */);
 }
 
+// blockRange(fd, op, offset, length, callback(err)): op 0 = BLKDISCARD, 1 = BLKZEROOUT.
+// Both need offset and length aligned to the logical block size (EINVAL otherwise).
+Napi::Value BlockRange(const Napi::CallbackInfo& info) {
+  int op = info[1].As<Napi::Number>().Int32Value();
+  auto* w = new BlockRangeWorker(info[4].As<Napi::Function>(), info[0].As<Napi::Number>().Int32Value(),
+                                 op == 1 ? BLKZEROOUT : BLKDISCARD, op == 1 ? "ioctl(BLKZEROOUT)" : "ioctl(BLKDISCARD)",
+                                 static_cast<uint64_t>(ToOffset(info[2])), static_cast<uint64_t>(ToOffset(info[3])));
+  w->Queue();
+  return info.Env().Undefined();
+}
+
+// blockInfo(fd) -> { size, logicalBlockSize }: BLKGETSIZE64 and BLKSSZGET. Both read what the
+// kernel already holds in memory (no I/O), so they run inline. Throws ENOTTY on a non-device.
+Napi::Value BlockInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  uint64_t size = 0;
+  int lbs = 0;
+  if (ioctl(fd, BLKGETSIZE64, &size) < 0) {
+    ErrnoError(env, errno, "ioctl(BLKGETSIZE64)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  if (ioctl(fd, BLKSSZGET, &lbs) < 0) {
+    ErrnoError(env, errno, "ioctl(BLKSSZGET)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("size", Napi::Number::New(env, static_cast<double>(size)));
+  out.Set("logicalBlockSize", Napi::Number::New(env, lbs));
+  return out;
+}
+
 // fallocate(fd, mode, offset, length, callback(err))
 Napi::Value Fallocate(const Napi::CallbackInfo& info) {
   auto* w = new FallocateWorker(info[4].As<Napi::Function>(), info[0].As<Napi::Number>().Int32Value(),
@@ -295,6 +356,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("fallocate", Napi::Function::New(env, Fallocate));
   exports.Set("extents", Napi::Function::New(env, Extents));
   exports.Set("flock", Napi::Function::New(env, Flock));
+  exports.Set("blockRange", Napi::Function::New(env, BlockRange));
+  exports.Set("blockInfo", Napi::Function::New(env, BlockInfo));
   exports.Set("lockBytes", Napi::Function::New(env, LockBytes));
   exports.Set("checkLockBytes", Napi::Function::New(env, CheckLockBytes));
   exports.Set("preadNowait", Napi::Function::New(env, PreadNowait));

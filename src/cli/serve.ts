@@ -18,7 +18,7 @@ import { Acl } from '../server/acl.js';
 import { Export, ExportRegistry, newExportId } from '../server/export.js';
 import type { TlsPolicy } from '../server/handshake.js';
 import { DEFAULT_SERVER_OPTIONS, NbdServer } from '../server/server.js';
-import { FileDevice } from '../storage/file-device.js';
+import { DeviceInUse, FileDevice } from '../storage/file-device.js';
 import { ImageLockConflict } from '../storage/native.js';
 import { buildStack, type Stack } from '../storage/stack.js';
 import { buildRegistry, startMetricsServer } from '../metrics/exporter.js';
@@ -133,6 +133,7 @@ class ServeProcess implements RunningServer {
       const code = (err as { code?: string }).code;
       if (code === 'EWOULDBLOCK')
         throw new Error(`export "${e.name}": ${e.path} is already in use by another server (it holds the image lock)`, { cause: err });
+      if (err instanceof DeviceInUse) throw new Error(`export "${e.name}": ${err.message}; not serving it`, { cause: err });
       if (err instanceof ImageLockConflict)
         throw new Error(`export "${e.name}": ${e.path} is in use: ${err.holder}; not serving it`, { cause: err });
       throw new Error(`export "${e.name}": cannot open ${e.path}: ${(err as Error).message}`, { cause: err });

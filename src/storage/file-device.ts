@@ -9,7 +9,7 @@ import { promisify } from 'node:util';
 import { NBD_STATE_HOLE, NBD_STATE_ZERO } from '../protocol/constants.js';
 import { logger, type Logger } from '../util/log.js';
 import { type Capabilities, type Device, DeviceError, type Extent, type WriteOptions, type ZeroOptions } from './device.js';
-import { ImageLockConflict, sparseOps, type SparseOps } from './native.js';
+import { ImageLockConflict, sparseOps, type BlockOps, type SparseOps } from './native.js';
 
 /** The fallback's missing QEMU locks are said once per process, not per image. */
 let warnedNoQemuLocks = false;
@@ -17,6 +17,7 @@ let warnedNoQemuLocks = false;
 const read = promisify(fs.read);
 const writev = promisify(fs.writev);
 const fdatasync = promisify(fs.fdatasync);
+const fsync = promisify(fs.fsync);
 const close = promisify(fs.close);
 
 /** Largest read tried inline from the page cache before going to the thread pool. */
@@ -54,6 +55,23 @@ export interface FileDeviceOptions {
   ops?: SparseOps;
 }
 
+/** A block device served read-write is open O_EXCL and another opener (a mount, LVM, another server) has it. */
+export class DeviceInUse extends DeviceError {
+  constructor(readonly devicePath: string, options?: { cause?: unknown }) {
+    super('EBUSY', `device ${devicePath} is in use (mounted, or held by another program)`, options);
+  }
+}
+
+/** What a served block device adds: its ioctls and its logical block size. */
+interface BlockDev {
+  ops: BlockOps;
+  sectorSize: number;
+  /** fallocate(PUNCH_HOLE) = the kernel's zero-out without fallback: on until the device refuses it. */
+  canZeroNoFallback: boolean;
+  canDiscard: boolean;
+  canZeroOut: boolean;
+}
+
 function isUnsupported(e: unknown): boolean {
   const code = (e as { code?: string }).code;
   return code === 'EOPNOTSUPP' || code === 'ENOTSUP' || code === 'ENOSYS' || code === 'EINVAL';
@@ -76,8 +94,11 @@ export class FileDevice implements Device {
     private readonly readOnly: boolean,
     private readonly ops: SparseOps,
     private readonly log: Logger,
+    /** Set when `path` is a block device (a loop device, an LV, a partition). */
+    private readonly block?: BlockDev,
   ) {
-    this.memoryBacked = ops.memoryBacked(fd);
+    // A device node lives on devtmpfs, which looks memory-backed; its data does not.
+    this.memoryBacked = block ? false : ops.memoryBacked(fd);
     this.canPunch = ops.kind === 'native';
     this.canZeroRange = ops.kind === 'native';
   }
@@ -86,10 +107,36 @@ export class FileDevice implements Device {
     const { ops, reason } = opts.ops ? { ops: opts.ops, reason: undefined } : sparseOps();
     const log = logger({ image: path });
     if (reason) log.warn('storage-fallback', { reason, effect: 'no hole punching; every block reported as data' });
-    const fd = await promisify(fs.open)(path, opts.readOnly ? 'r' : 'r+');
+    const isBlock = (await promisify(fs.stat)(path)).isBlockDevice();
+    if (isBlock && !ops.block)
+      throw new DeviceError(
+        'ENOTSUP',
+        `${path} is a block device, which needs the native addon (the pure-JS storage fallback cannot size it${reason ? `; fallback because: ${reason}` : ''})`,
+      );
+    const { O_RDONLY, O_RDWR, O_EXCL } = fs.constants;
+    // Read-write devices are opened O_EXCL: the kernel refuses one that is mounted or that
+    // another program holds exclusively (LVM, md, another server), and keeps them off it.
+    const flags = isBlock ? (opts.readOnly ? O_RDONLY : O_RDWR | O_EXCL) : opts.readOnly ? 'r' : 'r+';
+    let fd: number;
+    try {
+      fd = await promisify(fs.open)(path, flags);
+    } catch (e) {
+      if (isBlock && (e as { code?: string }).code === 'EBUSY') {
+        const err = new DeviceInUse(path, { cause: e });
+        log.warn('device-in-use', { cause: e });
+        throw err;
+      }
+      throw e;
+    }
     try {
       const st = await promisify(fs.fstat)(fd);
-      if (!st.isFile()) throw new DeviceError('EINVAL', `${path} is not a regular file (block devices are not supported yet)`);
+      let block: BlockDev | undefined;
+      let size = st.size;
+      if (st.isBlockDevice() && ops.block) {
+        const info = ops.block.info(fd);
+        size = info.size;
+        block = { ops: ops.block, sectorSize: info.logicalBlockSize || 512, canZeroNoFallback: true, canDiscard: true, canZeroOut: true };
+      } else if (!st.isFile()) throw new DeviceError('EINVAL', `${path} is neither a regular file nor a block device`);
       if (opts.lock !== false) {
         ops.lock(fd, path, !opts.readOnly);
         let qemuLocked: boolean;
@@ -108,7 +155,7 @@ export class FileDevice implements Device {
           });
         }
       }
-      return new FileDevice(path, fd, st.size, opts.readOnly, ops, log);
+      return new FileDevice(path, fd, size, opts.readOnly, ops, log, block);
     } catch (e) {
       fs.closeSync(fd);
       throw e;
@@ -117,6 +164,11 @@ export class FileDevice implements Device {
 
   get sparseKind(): SparseOps['kind'] {
     return this.ops.kind;
+  }
+
+  /** A block device (size from BLKGETSIZE64, TRIM and WRITE_ZEROES by ioctl), not an image file. */
+  get isBlockDevice(): boolean {
+    return this.block !== undefined;
   }
 
   capabilities(): Capabilities {
@@ -189,10 +241,12 @@ export class FileDevice implements Device {
   }
 
   flush(): Promise<void> {
-    return fdatasync(this.fd);
+    // On a device fsync also flushes the device's volatile write cache.
+    return this.block ? fsync(this.fd) : fdatasync(this.fd);
   }
 
   async trim(offset: number, length: number, opts: WriteOptions): Promise<void> {
+    if (this.block) return this.blockTrim(this.block, offset, length, opts);
     // TRIM is a hint: where holes can't be punched it is done by doing nothing.
     if (length === 0 || !this.canPunch) return;
     try {
@@ -207,6 +261,7 @@ export class FileDevice implements Device {
 
   async zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
     if (length === 0) return;
+    if (this.block) return this.blockZero(this.block, offset, length, opts);
     if (!opts.noHole && this.canPunch) {
       try {
         await this.ops.punchHole(this.fd, offset, length);
@@ -239,6 +294,8 @@ export class FileDevice implements Device {
 
   async extents(offset: number, length: number, maxExtents: number): Promise<Extent[]> {
     const end = Math.min(offset + length, this.size);
+    // A device has no holes we can see: all of it is data.
+    if (this.block) return [{ length: end - offset, flags: 0 }];
     const runs = await this.ops.runs(this.fd, offset, end - offset, maxExtents);
     const out: Extent[] = [];
     for (const r of runs) if (r.length > 0) out.push({ length: r.length, flags: r.hole ? NBD_STATE_HOLE | NBD_STATE_ZERO : 0 });
@@ -255,6 +312,80 @@ export class FileDevice implements Device {
     this.closed = true;
     await close(this.fd);
     this.ops.unlock(this.path);
+  }
+
+  /** The sector-aligned middle of a range (empty when none): the ioctls refuse unaligned ones. */
+  private aligned(b: BlockDev, offset: number, length: number): { start: number; end: number } {
+    const start = Math.ceil(offset / b.sectorSize) * b.sectorSize;
+    const end = Math.floor((offset + length) / b.sectorSize) * b.sectorSize;
+    return end > start ? { start, end } : { start, end: start };
+  }
+
+  private async blockTrim(b: BlockDev, offset: number, length: number, opts: WriteOptions): Promise<void> {
+    // A hint: only whole sectors are discarded, and nothing where the device cannot.
+    const { start, end } = this.aligned(b, offset, length);
+    if (end === start || !b.canDiscard) return;
+    try {
+      await b.ops.discard(this.fd, start, end - start);
+    } catch (e) {
+      if (!isUnsupported(e)) throw e;
+      b.canDiscard = false;
+      this.log.info('storage-degraded', { capability: 'discard', cause: e });
+      return;
+    }
+    if (opts.fua) await this.flush();
+  }
+
+  /**
+   * WRITE_ZEROES on a device. Whole sectors: fallocate(PUNCH_HOLE) first, which the kernel
+   * turns into a zero-out without fallback (the device's WRITE_ZEROES offload, which may
+   * unmap; EOPNOTSUPP when there is none); then BLKZEROOUT, which keeps the range mapped but
+   * may have the kernel write zeros. FAST_ZERO takes only the first (so it fails with ENOTSUP
+   * on a device without the offload, or with NO_HOLE). Partial sectors at the edges are written.
+   */
+  private async blockZero(b: BlockDev, offset: number, length: number, opts: ZeroOptions): Promise<void> {
+    const { start, end } = this.aligned(b, offset, length);
+    if (opts.fast && (opts.noHole || !b.canZeroNoFallback))
+      throw new DeviceError('ENOTSUP', opts.noHole ? 'no fast zeroing that keeps the range allocated on this device' : 'this device cannot zero without writing zeros');
+    let done = false;
+    if (end > start && !opts.noHole && b.canZeroNoFallback) {
+      try {
+        await b.ops.zeroNoFallback(this.fd, start, end - start);
+        done = true;
+      } catch (e) {
+        if (!isUnsupported(e)) throw e;
+        b.canZeroNoFallback = false;
+        this.log.info('storage-degraded', { capability: 'write-zeroes offload (fast zero)', cause: e });
+        if (opts.fast) throw new DeviceError('ENOTSUP', 'this device cannot zero without writing zeros', { cause: e });
+      }
+    }
+    if (!done && end > start && b.canZeroOut) {
+      try {
+        await b.ops.zeroOut(this.fd, start, end - start);
+        done = true;
+      } catch (e) {
+        if (!isUnsupported(e)) throw e;
+        b.canZeroOut = false;
+        this.log.info('storage-degraded', { capability: 'zero-out', cause: e });
+      }
+    }
+    if (done || end === start) {
+      // Only the unaligned edges (or the whole small range) are left to write.
+      if (end === start) await this.writeZeros(offset, length);
+      else {
+        if (start > offset) await this.writeZeros(offset, start - offset);
+        if (offset + length > end) await this.writeZeros(end, offset + length - end);
+      }
+    } else await this.writeZeros(offset, length);
+    if (opts.fua) await this.flush();
+  }
+
+  private async writeZeros(offset: number, length: number): Promise<void> {
+    for (let done = 0; done < length; ) {
+      const n = Math.min(ZERO_CHUNK.length, length - done);
+      await this.write(offset + done, [n === ZERO_CHUNK.length ? ZERO_CHUNK : ZERO_CHUNK.subarray(0, n)], { fua: false });
+      done += n;
+    }
   }
 
   private disablePunch(cause: unknown): void {

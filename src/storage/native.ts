@@ -109,6 +109,23 @@ export interface SparseOps {
   writeCached(fd: number, data: readonly Buffer[], position: number, memoryBacked: boolean): number;
   /** The file is on tmpfs/ramfs: its reads never wait on a disk. */
   memoryBacked(fd: number): boolean;
+  /** Block device calls; absent in the fallback, which therefore cannot serve devices (it cannot size them). */
+  readonly block?: BlockOps;
+}
+
+/** The block-device ioctls: sizing inline (no I/O), the rest on the thread pool. */
+export interface BlockOps {
+  /** BLKGETSIZE64 and BLKSSZGET. */
+  info(fd: number): { size: number; logicalBlockSize: number };
+  /** BLKDISCARD; offset and length aligned to the logical block size. */
+  discard(fd: number, offset: number, length: number): Promise<void>;
+  /** BLKZEROOUT (the kernel writes zeros itself where the device cannot); aligned as discard. */
+  zeroOut(fd: number, offset: number, length: number): Promise<void>;
+  /**
+   * fallocate(PUNCH_HOLE|KEEP_SIZE) on a device: the kernel's zero-out with no fallback
+   * (REQ_OP_WRITE_ZEROES, which may unmap); EOPNOTSUPP where the device cannot zero cheaply.
+   */
+  zeroNoFallback(fd: number, offset: number, length: number): Promise<void>;
 }
 
 interface Binding {
@@ -120,6 +137,8 @@ interface Binding {
   preadNowait(fd: number, buf: Buffer, at: number, length: number, position: number, memoryBacked: boolean): number;
   memoryBacked(fd: number): boolean;
   pwritevNowait(fd: number, bufs: readonly Buffer[], position: number, memoryBacked: boolean): number;
+  blockRange(fd: number, op: 0 | 1, offset: number, length: number, cb: (err: Error | null) => void): void;
+  blockInfo(fd: number): { size: number; logicalBlockSize: number };
   FALLOC_FL_KEEP_SIZE: number;
   FALLOC_FL_PUNCH_HOLE: number;
   FALLOC_FL_ZERO_RANGE: number;
@@ -136,6 +155,8 @@ function nativeOps(b: Binding): SparseOps {
     new Promise<void>((resolve, reject) =>
       b.fallocate(fd, mode, offset, length, (err) => (err ? reject(toDeviceError(err)) : resolve())),
     );
+  const range = (op: 0 | 1, fd: number, offset: number, length: number) =>
+    new Promise<void>((resolve, reject) => b.blockRange(fd, op, offset, length, (err) => (err ? reject(toDeviceError(err)) : resolve())));
   return {
     kind: 'native',
     punchHole: (fd, offset, length) => falloc(fd, b.FALLOC_FL_PUNCH_HOLE | b.FALLOC_FL_KEEP_SIZE, offset, length),
@@ -187,6 +208,18 @@ function nativeOps(b: Binding): SparseOps {
     readCached: (fd, into, at, length, position, memoryBacked) => b.preadNowait(fd, into, at, length, position, memoryBacked),
     memoryBacked: (fd) => b.memoryBacked(fd),
     writeCached: (fd, data, position, memoryBacked) => b.pwritevNowait(fd, data, position, memoryBacked),
+    block: {
+      info(fd) {
+        try {
+          return b.blockInfo(fd);
+        } catch (e) {
+          throw toDeviceError(e as Error);
+        }
+      },
+      discard: (fd, offset, length) => range(0, fd, offset, length),
+      zeroOut: (fd, offset, length) => range(1, fd, offset, length),
+      zeroNoFallback: (fd, offset, length) => falloc(fd, b.FALLOC_FL_PUNCH_HOLE | b.FALLOC_FL_KEEP_SIZE, offset, length),
+    },
   };
 }
 

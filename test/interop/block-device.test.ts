@@ -1,0 +1,208 @@
+// Block devices served like image files (issue 11 part 1), on loop devices
+// (losetup; these machines have no device-mapper): size from BLKGETSIZE64,
+// qemu-io patterns, qemu-img compare against the backing file, BLOCK_STATUS
+// all data, TRIM and WRITE_ZEROES (fast and not) through libnbd, fio; a device
+// held by another exclusive opener (or a second server) is refused in one line;
+// QEMU's image locks apply to devices; the pure-JS fallback refuses devices.
+// Every loop device attached here is detached in t.teardown, even on failure.
+
+import t from 'tap';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { join } from 'node:path';
+import { CLI, MiB, REPO_ROOT, makeImage, patternBuffer, readAt, serve, tmpDir, writeAt, type Teardownable } from '../helpers/server.js';
+import { SYSTEM_PYTHON, describeRun, requirePythonNbd, requireTool, run } from '../helpers/tools.js';
+import { libnbdScenario, sha256 } from '../helpers/libnbd.js';
+
+const losetup = await requireTool('losetup', 'mount');
+const qemuIo = await requireTool('qemu-io', 'qemu-utils');
+const qemuImg = await requireTool('qemu-img', 'qemu-utils');
+const nbdinfo = await requireTool('nbdinfo', 'libnbd-bin');
+const fio = await requireTool('fio', 'fio');
+await requirePythonNbd();
+
+const SIZE = 16 * MiB;
+
+/** Attaches FILE to a free loop device; detached in t.teardown whatever happens. Fails (never skips) when losetup is refused. */
+async function attachLoop(t: Teardownable, file: string): Promise<string> {
+  const r = await run(losetup, ['--find', '--show', file], { timeoutMs: 30_000 });
+  const dev = r.stdout.trim();
+  if (r.code !== 0 || !dev.startsWith('/dev/loop'))
+    throw new Error(`losetup is not allowed here (needs root and /dev/loop-control), so block devices cannot be tested: ${describeRun(r)}`);
+  t.teardown(async () => {
+    const d = await run(losetup, ['-d', dev], { timeoutMs: 30_000 });
+    if (d.code !== 0) console.error(`could not detach ${dev}: ${describeRun(d)}`);
+  });
+  return dev;
+}
+
+/** `nbd-migrate serve ARGS` that is expected to exit on its own (a refusal). */
+const serveOnce = (args: string[], env: NodeJS.ProcessEnv = {}) =>
+  run('/usr/bin/env', ['-u', 'NODE_OPTIONS', process.execPath, CLI, 'serve', ...args, '--listen', '127.0.0.1', '--port', '0', '--log-format', 'json'], {
+    cwd: REPO_ROOT,
+    timeoutMs: 15_000,
+    env: { ...process.env, ...env },
+  });
+
+/** The `cause` of the server's fatal log line. */
+function fatalCause(stderr: string): string | undefined {
+  for (const line of stderr.split('\n')) {
+    if (!line.startsWith('{')) continue;
+    const e = JSON.parse(line) as { event?: string; cause?: string };
+    if (e.event === 'fatal') return e.cause;
+  }
+  return undefined;
+}
+
+/** A process holding DEV open O_RDWR|O_EXCL (as a mount or LVM would) until killed. */
+async function holdExclusive(t: Teardownable, dev: string): Promise<ChildProcess> {
+  const p = spawn(SYSTEM_PYTHON, ['-c', 'import os,sys\nfd=os.open(sys.argv[1], os.O_RDWR|os.O_EXCL)\nprint("held", flush=True)\nsys.stdin.read()', dev], {
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
+  t.teardown(() => {
+    p.kill('SIGKILL');
+  });
+  let err = '';
+  p.stderr!.on('data', (d) => (err += d));
+  await new Promise<void>((resolve, reject) => {
+    p.stdout!.on('data', (d) => String(d).includes('held') && resolve());
+    p.on('exit', (code) => reject(new Error(`the O_EXCL holder exited (${code}): ${err}`)));
+  });
+  return p;
+}
+
+t.test('a loop device served read-write: size, qemu-io, compare, map, trim, zeroes, flush', async (t) => {
+  const dir = await tmpDir(t);
+  const backing = await makeImage(join(dir, 'backing.img'), SIZE);
+  await writeAt(backing, 0, patternBuffer(2 * MiB, 7));
+  const dev = await attachLoop(t, backing);
+  const srv = await serve(t, [dev, '--name', 'lv']);
+  const uri = srv.uri('lv');
+  const added = await srv.waitForLog((e) => e.event === 'export-added');
+  t.equal(added.size, SIZE, 'the export size is the device size (BLKGETSIZE64)');
+
+  const info = await run(nbdinfo, ['--json', uri], { timeoutMs: 30_000 });
+  t.equal(info.code, 0, 'nbdinfo', { output: describeRun(info) });
+  const exp = (JSON.parse(info.stdout) as { exports: Array<Record<string, unknown>> }).exports[0]!;
+  t.equal(exp['export-size'], SIZE, 'nbdinfo sees the device size');
+  t.equal(exp.can_trim, true);
+  t.equal(exp.can_zero, true);
+  t.equal(exp.can_fast_zero, true);
+  t.equal(exp.can_flush, true);
+
+  const io = await run(
+    qemuIo,
+    ['-f', 'raw', '-c', 'read -P 0 2M 1M', '-c', 'write -P 0xa5 4M 1M', '-c', 'write -P 0x3c 5M 4k', '-c', 'read -P 0xa5 4M 1M', '-c', 'read -P 0x3c 5M 4k', '-c', 'flush', uri],
+    { timeoutMs: 60_000 },
+  );
+  t.equal(io.code, 0, 'qemu-io writes and reads patterns through the device', { output: describeRun(io) });
+  t.notMatch(io.stdout + io.stderr, /Pattern verification failed|error/i, 'patterns verified');
+  t.same(await readAt(backing, 0, 2 * MiB), patternBuffer(2 * MiB, 7), 'what was on the device reads back unchanged');
+  t.ok((await readAt(backing, 4 * MiB, MiB)).every((b) => b === 0xa5), 'the flushed write reached the backing file');
+
+  const cmp = await run(qemuImg, ['compare', '-f', 'raw', '-F', 'raw', uri, backing], { timeoutMs: 60_000 });
+  t.equal(cmp.code, 0, 'qemu-img compare: the export and the backing file are identical', { output: describeRun(cmp) });
+
+  const map = await run(nbdinfo, ['--map', uri], { timeoutMs: 30_000 });
+  t.equal(map.code, 0, 'nbdinfo --map', { output: describeRun(map) });
+  const rows = map.stdout.trim().split('\n').map((l) => l.trim().split(/\s+/));
+  t.same(rows.map((r) => [Number(r[0]), Number(r[1]), r[3]]), [[0, SIZE, 'data']], 'BLOCK_STATUS: the whole device is data');
+
+  // Trim and write-zeroes through libnbd, checking what the device then holds.
+  const r = await libnbdScenario<Record<string, { ok: boolean; errname?: string; value?: { sha256: string } }>>(
+    String.raw`
+    h = conn(A['uri'])
+    MiB = 1024 * 1024
+    h.pwrite(b'\x11' * 4096, 3 * MiB)
+    h.pwrite(b'\x77' * MiB, 10 * MiB)
+    R['zero'] = attempt(lambda: h.zero(MiB, 0))
+    R['zero_unaligned'] = attempt(lambda: h.zero(1000, 3 * MiB + 100))
+    R['fast'] = attempt(lambda: h.zero(2 * MiB, 6 * MiB, nbd.CMD_FLAG_FAST_ZERO))
+    R['fast_nohole'] = attempt(lambda: h.zero(MiB, 9 * MiB, nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE))
+    R['nohole'] = attempt(lambda: h.zero(MiB, 9 * MiB, nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FUA))
+    R['trim'] = attempt(lambda: h.trim(MiB, 10 * MiB))
+    R['flush'] = attempt(lambda: h.flush())
+    R['read_zero'] = attempt(lambda: h.pread(MiB, 0))
+    R['read_edge'] = attempt(lambda: h.pread(1000, 3 * MiB + 100))
+    R['read_fast'] = attempt(lambda: h.pread(2 * MiB, 6 * MiB))
+    R['read_nohole'] = attempt(lambda: h.pread(MiB, 9 * MiB))
+    close(h)
+    fd = os.open(A['backing'], os.O_RDONLY)
+    try:
+        R['next_data'] = {'ok': True, 'value': os.lseek(fd, 10 * MiB, os.SEEK_DATA)}
+    except OSError as e:
+        R['next_data'] = {'ok': True, 'value': -1 if e.errno == errno.ENXIO else -2}
+    `,
+    { uri, backing },
+  );
+  t.ok(r.zero?.ok, 'WRITE_ZEROES', { r });
+  t.ok(r.zero_unaligned?.ok, 'WRITE_ZEROES on an unaligned range (edges written, whole sectors by ioctl)', { r });
+  t.ok(r.fast?.ok, 'FAST_ZERO succeeds: a loop device has the write-zeroes offload', { r });
+  t.equal(r.fast_nohole?.errname, 'ENOTSUP', 'FAST_ZERO with NO_HOLE fails fast with ENOTSUP (no cheap zeroing keeps it allocated)', { r });
+  t.ok(r.nohole?.ok, 'WRITE_ZEROES with NO_HOLE and FUA (BLKZEROOUT)', { r });
+  t.ok(r.trim?.ok, 'TRIM (BLKDISCARD)', { r });
+  t.ok(r.flush?.ok, 'FLUSH (fsync)', { r });
+  t.equal(r.read_zero?.value?.sha256, sha256(Buffer.alloc(MiB)), 'the zeroed range reads zeros');
+  t.equal(r.read_edge?.value?.sha256, sha256(Buffer.alloc(1000)), 'the unaligned zeroed range reads zeros');
+  t.equal(r.read_fast?.value?.sha256, sha256(Buffer.alloc(2 * MiB)), 'the fast-zeroed range reads zeros');
+  t.equal(r.read_nohole?.value?.sha256, sha256(Buffer.alloc(MiB)), 'the NO_HOLE-zeroed range reads zeros');
+  const next = (r.next_data as unknown as { value: number }).value;
+  t.ok(next === -1 || next >= 11 * MiB, 'the discarded range is a hole in the backing file (BLKDISCARD reached the loop device)', { next });
+
+  const back = await readAt(backing, 0, 4 * MiB);
+  t.ok(back.subarray(0, MiB).every((b) => b === 0), 'zeros reached the backing file');
+  t.same(back.subarray(MiB, 2 * MiB), patternBuffer(2 * MiB, 7).subarray(MiB), 'data past the zeroed range is kept');
+  t.ok(back.subarray(3 * MiB, 3 * MiB + 100).every((b) => b === 0x11), 'bytes before the unaligned zero range are kept');
+  t.ok(back.subarray(3 * MiB + 100, 3 * MiB + 1100).every((b) => b === 0), 'the unaligned range is zero on the backing file');
+  t.ok(back.subarray(3 * MiB + 1100, 3 * MiB + 4096).every((b) => b === 0x11), 'bytes after the unaligned zero range are kept');
+
+  const fioRun = await run(
+    fio,
+    ['--name=v', '--ioengine=nbd', `--uri=${uri}`, '--rw=randwrite', '--bs=4k', '--size=8M', '--iodepth=8', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0'],
+    { timeoutMs: 120_000, cwd: dir },
+  );
+  t.equal(fioRun.code, 0, 'fio random writes with crc32c verification through the device', { output: describeRun(fioRun) });
+  t.notMatch(fioRun.stdout, /verify failed|bad magic/i);
+  const cmp2 = await run(qemuIo, ['-f', 'raw', '-c', 'flush', uri], { timeoutMs: 30_000 });
+  t.equal(cmp2.code, 0);
+  const cmp3 = await run(qemuImg, ['compare', '-f', 'raw', '-F', 'raw', uri, backing], { timeoutMs: 60_000 });
+  t.equal(cmp3.code, 0, 'after fio and a flush the export and the backing file are still identical', { output: describeRun(cmp3) });
+});
+
+t.test('QEMU image locks apply to a served device', async (t) => {
+  const dir = await tmpDir(t);
+  const dev = await attachLoop(t, await makeImage(join(dir, 'backing.img'), SIZE));
+  await serve(t, [dev, '--name', 'lv']);
+  const w = await run(qemuIo, ['-f', 'raw', '-c', 'write -P 0xcc 0 4k', dev], { timeoutMs: 30_000 });
+  t.not(w.code, 0, 'qemu-io cannot write the device nbd-migrate serves', { output: describeRun(w) });
+  t.match(w.stderr, /Failed to get "write" lock/, 'it names the write lock');
+});
+
+t.test('a device held by another exclusive opener, or another server, is refused', async (t) => {
+  const dir = await tmpDir(t);
+  const dev = await attachLoop(t, await makeImage(join(dir, 'backing.img'), SIZE));
+  const holder = await holdExclusive(t, dev);
+  const r = await serveOnce([dev, '--name', 'lv']);
+  t.not(r.code, 0, 'serve exits with an error', { output: describeRun(r) });
+  t.equal(fatalCause(r.stderr), `export "lv": device ${dev} is in use (mounted, or held by another program); not serving it`, 'one clear line');
+  holder.kill('SIGKILL');
+  await new Promise((resolve) => holder.once('exit', resolve));
+
+  await serve(t, [dev, '--name', 'lv']);
+  const second = await serveOnce([dev, '--name', 'again']);
+  t.not(second.code, 0, 'a second read-write server of the same device is refused', { output: describeRun(second) });
+  t.match(fatalCause(second.stderr) ?? '', `device ${dev} is in use (mounted, or held by another program)`);
+});
+
+t.test('the pure-JS fallback refuses block devices', async (t) => {
+  const dir = await tmpDir(t);
+  const dev = await attachLoop(t, await makeImage(join(dir, 'backing.img'), SIZE));
+  for (const ro of [[], ['--read-only']]) {
+    const r = await serveOnce([dev, '--name', 'lv', ...ro], { NBD_MIGRATE_NATIVE: '0' });
+    t.not(r.code, 0, `serve ${ro.join(' ')} exits with an error`, { output: describeRun(r) });
+    t.equal(
+      fatalCause(r.stderr),
+      `export "lv": cannot open ${dev}: ${dev} is a block device, which needs the native addon (the pure-JS storage fallback cannot size it; fallback because: NBD_MIGRATE_NATIVE=0)`,
+      'one line naming the device and why',
+    );
+  }
+});
