@@ -179,6 +179,8 @@ export class IncomingMigration implements ExportExtension {
 
   /** Free bytes on the destination's filesystem (what the source can still add). */
   freeBytes(): number {
+    // A block device's room is its size, fixed and already there; statfs would describe /dev.
+    if (fs.statSync(this.image).isBlockDevice()) throw new Error(`${this.image} is a block device: no free space to report`);
     const st = fs.statfsSync(path.dirname(this.image));
     return st.bavail * st.bsize;
   }

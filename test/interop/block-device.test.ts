@@ -12,6 +12,9 @@ import { join } from 'node:path';
 import { CLI, MiB, REPO_ROOT, makeImage, patternBuffer, readAt, serve, tmpDir, writeAt, type Teardownable } from '../helpers/server.js';
 import { SYSTEM_PYTHON, describeRun, requirePythonNbd, requireTool, run } from '../helpers/tools.js';
 import { libnbdScenario, sha256 } from '../helpers/libnbd.js';
+import { adminRequest, waitForJob } from '../helpers/admin.js';
+import { rm } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
 
 const losetup = await requireTool('losetup', 'mount');
 const qemuIo = await requireTool('qemu-io', 'qemu-utils');
@@ -205,4 +208,30 @@ t.test('the pure-JS fallback refuses block devices', async (t) => {
       'one line naming the device and why',
     );
   }
+});
+
+t.test('a mirror of an image-file export onto `serve --incoming /dev/loopN` lands on the device', async (t) => {
+  const dir = await tmpDir(t);
+  const src = await makeImage(join(dir, 'src.img'), SIZE);
+  for (let off = 0; off < SIZE; off += 4 * MiB) await writeAt(src, off, patternBuffer(MiB, off / MiB + 3));
+  // The destination device starts with other data, which the mirror must replace (holes included).
+  const backing = await makeImage(join(dir, 'dst.img'), SIZE, { fill: 0xee });
+  const dev = await attachLoop(t, backing);
+  // The migration markers sit beside the image path: for a device, in /dev. Never leave them behind.
+  t.teardown(async () => {
+    for (const m of ['incoming', 'received', 'fenced']) await rm(`${dev}.nbd-migrate-${m}`, { force: true });
+  });
+  const admin = join(dir, 'src.sock');
+  const s = await serve(t, [src, '--name', 'vm1', '--admin-socket', admin]);
+  const d = await serve(t, [dev, '--name', 'vm1', '--incoming']);
+  const st = (await adminRequest(admin, { cmd: 'mirror', export: 'vm1', target: d.uri('vm1'), cutover: 'auto' })) as { targetKind?: string; targetFreeBytes?: number | null };
+  t.equal(st.targetKind, 'nbd-migrate-incoming', 'the device export is a migration destination');
+  t.equal(st.targetFreeBytes, null, "a device destination reports no free space (its room is its size, not /dev's free space)");
+  const done = await waitForJob(admin, 'vm1', (j) => j.state === 'completed' || j.state === 'failed', 120_000);
+  t.equal(done.state, 'completed', 'the mirror completes', { done });
+  t.ok(existsSync(`${dev}.nbd-migrate-received`), 'completion is recorded');
+  await s.stop();
+  await d.stop();
+  const cmp = await run(qemuImg, ['compare', '-f', 'raw', '-F', 'raw', src, backing], { timeoutMs: 60_000 });
+  t.equal(cmp.code, 0, 'the loop device (its backing file) holds exactly the source image', { output: describeRun(cmp) });
 });
