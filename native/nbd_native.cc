@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
 #include <sys/ioctl.h>
@@ -251,6 +252,22 @@ Napi::Value BlockInfo(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// alignedBuffer(size, alignment) -> a zero-filled Buffer whose memory starts on an
+// `alignment` boundary (posix_memalign), for O_DIRECT I/O; freed when collected.
+Napi::Value AlignedBuffer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t size = static_cast<size_t>(info[0].As<Napi::Number>().DoubleValue());
+  size_t align = static_cast<size_t>(info[1].As<Napi::Number>().DoubleValue());
+  void* p = nullptr;
+  int r = posix_memalign(&p, align, size ? size : align);
+  if (r != 0) {
+    ErrnoError(env, r, "posix_memalign").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  memset(p, 0, size);
+  return Napi::Buffer<uint8_t>::New(env, static_cast<uint8_t*>(p), size, [](Napi::Env, uint8_t* data) { free(data); });
+}
+
 // fallocate(fd, mode, offset, length, callback(err))
 Napi::Value Fallocate(const Napi::CallbackInfo& info) {
   auto* w = new FallocateWorker(info[4].As<Napi::Function>(), info[0].As<Napi::Number>().Int32Value(),
@@ -358,6 +375,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("flock", Napi::Function::New(env, Flock));
   exports.Set("blockRange", Napi::Function::New(env, BlockRange));
   exports.Set("blockInfo", Napi::Function::New(env, BlockInfo));
+  exports.Set("alignedBuffer", Napi::Function::New(env, AlignedBuffer));
   exports.Set("lockBytes", Napi::Function::New(env, LockBytes));
   exports.Set("checkLockBytes", Napi::Function::New(env, CheckLockBytes));
   exports.Set("preadNowait", Napi::Function::New(env, PreadNowait));

@@ -20,6 +20,8 @@ export interface ExportConfig {
   incoming?: boolean;
   /** Client addresses or CIDRs allowed to attach (IPv4/IPv6); absent admits everyone. */
   allow?: string[];
+  /** Open the image or device O_DIRECT (the host page cache bypassed). */
+  direct?: boolean;
 }
 
 export interface ServeConfig {
@@ -127,7 +129,7 @@ export function loadConfigFile(file: string): Partial<ServeConfig> {
 }
 
 const TOP_KEYS = new Set(['listen', 'port', 'socket', 'handshakeTimeout', 'adminSocket', 'metrics', 'dirtyGranularity', 'maxConnections', 'maxConnectionsPerExport', 'idleTimeout', 'shutdownTimeout', 'tls', 'tlsCert', 'tlsKey', 'tlsCa', 'exports', '$comment']);
-const EXPORT_KEYS = new Set(['name', 'path', 'readOnly', 'description', 'oldstylePort', 'incoming', 'allow', '$comment']);
+const EXPORT_KEYS = new Set(['name', 'path', 'readOnly', 'description', 'oldstylePort', 'incoming', 'allow', 'direct', '$comment']);
 
 export function parseConfig(raw: unknown, where: string, baseDir: string): Partial<ServeConfig> {
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new ConfigError(`${where}: expected a JSON object`);
@@ -175,6 +177,7 @@ export function parseConfig(raw: unknown, where: string, baseDir: string): Parti
       const op = field(eo, 'oldstylePort', w, isPort, 'a port number 0-65535');
       if (op !== undefined) ec.oldstylePort = op;
       if (field(eo, 'incoming', w, isBool, 'true or false')) ec.incoming = true;
+      if (field(eo, 'direct', w, isBool, 'true or false')) ec.direct = true;
       const allow = field(eo, 'allow', w, isStringList, 'a list of addresses or CIDRs');
       if (allow !== undefined) ec.allow = checkAllow(allow, `${w}.allow`);
       return ec;
@@ -183,11 +186,11 @@ export function parseConfig(raw: unknown, where: string, baseDir: string): Parti
   return out;
 }
 
-/** `NAME=PATH[,oldstyle-port=N][,read-only][,incoming][,description=TEXT]` from --export. */
+/** `NAME=PATH[,oldstyle-port=N][,read-only][,incoming][,direct][,description=TEXT]` from --export. */
 export function parseExportSpec(spec: string): ExportConfig {
   const where = `--export ${spec}`;
   const eq = spec.indexOf('=');
-  if (eq <= 0) throw new ConfigError(`${where}: expected NAME=PATH[,oldstyle-port=N][,read-only][,incoming][,allow=CIDR]...[,description=TEXT]`);
+  if (eq <= 0) throw new ConfigError(`${where}: expected NAME=PATH[,oldstyle-port=N][,read-only][,incoming][,direct][,allow=CIDR]...[,description=TEXT]`);
   const name = spec.slice(0, eq);
   const [p, ...opts] = spec.slice(eq + 1).split(',');
   if (!p) throw new ConfigError(`${where}: missing image path`);
@@ -197,6 +200,7 @@ export function parseExportSpec(spec: string): ExportConfig {
     const [k, v] = opt.split(/=(.*)/s, 2) as [string, string | undefined];
     if (k === 'read-only' && v === undefined) ec.readOnly = true;
     else if (k === 'incoming' && v === undefined) ec.incoming = true;
+    else if (k === 'direct' && v === undefined) ec.direct = true;
     else if (k === 'allow' && v) ec.allow = checkAllow([...(ec.allow ?? []), v], where);
     else if (k === 'oldstyle-port' && v !== undefined && isPort(Number(v)) && v !== '') ec.oldstylePort = Number(v);
     else if (k === 'description' && v !== undefined) {
@@ -240,6 +244,7 @@ export interface ServeArgs {
   'oldstyle-port'?: number[];
   socket?: string;
   'read-only'?: boolean;
+  direct?: boolean;
   'handshake-timeout'?: number;
   'admin-socket'?: string;
   metrics?: string;
@@ -273,6 +278,7 @@ export function serveConfigFrom(argv: ServeArgs): ServeConfig {
       readOnly: argv['read-only'] ?? false,
     };
     if (argv.incoming) e.incoming = true;
+    if (argv.direct) e.direct = true;
     if (argv.allow?.length) e.allow = checkAllow(argv.allow, '--allow');
     if (descriptions[i] !== undefined) e.description = descriptions[i];
     if (oldPorts[i] !== undefined) e.oldstylePort = oldPorts[i];

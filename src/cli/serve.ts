@@ -128,7 +128,7 @@ class ServeProcess implements RunningServer {
     if (e.incoming && e.readOnly) throw new ConfigError(`export "${e.name}": --incoming needs a writable image`);
     let file: FileDevice;
     try {
-      file = await FileDevice.open(e.path, { readOnly: e.readOnly });
+      file = await FileDevice.open(e.path, { readOnly: e.readOnly, direct: e.direct === true });
     } catch (err) {
       const code = (err as { code?: string }).code;
       if (code === 'EWOULDBLOCK')
@@ -174,7 +174,7 @@ class ServeProcess implements RunningServer {
     this.registry.add(exp);
     this.sources.set(e.name, source);
     this.open.set(e.name, oe);
-    log('info', 'export-added', { export: e.name, image: e.path, size: file.size, readOnly: e.readOnly, incoming: incoming !== undefined, exportId: exp.id, storage: file.sparseKind });
+    log('info', 'export-added', { export: e.name, image: e.path, size: file.size, readOnly: e.readOnly, incoming: incoming !== undefined, exportId: exp.id, storage: file.sparseKind, blockDevice: file.isBlockDevice, direct: file.isDirect });
     if (e.oldstylePort !== undefined) await this.server.listenOldstyle(e.name, this.cfg.listen, e.oldstylePort);
     return oe;
   }

@@ -9,12 +9,15 @@ import { promisify } from 'node:util';
 import { NBD_STATE_HOLE, NBD_STATE_ZERO } from '../protocol/constants.js';
 import { logger, type Logger } from '../util/log.js';
 import { type Capabilities, type Device, DeviceError, type Extent, type WriteOptions, type ZeroOptions } from './device.js';
+import { RangeLock } from '../util/range-lock.js';
 import { ImageLockConflict, sparseOps, type BlockOps, type SparseOps } from './native.js';
 
 /** The fallback's missing QEMU locks are said once per process, not per image. */
 let warnedNoQemuLocks = false;
 
 const read = promisify(fs.read);
+const writeBuf = (fd: number, buf: Buffer, off: number, len: number, pos: number) =>
+  new Promise<number>((resolve, reject) => fs.write(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
 const writev = promisify(fs.writev);
 const fdatasync = promisify(fs.fdatasync);
 const fsync = promisify(fs.fsync);
@@ -53,6 +56,22 @@ export interface FileDeviceOptions {
   lock?: boolean;
   /** Sparse-file operations to use instead of the process-wide choice (tests run both). */
   ops?: SparseOps;
+  /**
+   * O_DIRECT (the host page cache bypassed): every read and write goes through an aligned
+   * bounce buffer (DIRECT_ALIGN, or the device's logical block size if larger), and a write
+   * that does not cover whole blocks reads its edge blocks first. Needs the native addon.
+   */
+  direct?: boolean;
+}
+
+/** The alignment of O_DIRECT buffers, offsets and lengths. */
+export const DIRECT_ALIGN = 4096;
+
+interface Direct {
+  align: number;
+  alloc: (size: number, alignment: number) => Buffer;
+  /** Writes (and zeroes, trims) take the aligned blocks they touch: a read-modify-write must not race another change to its edge blocks. */
+  lock: RangeLock;
 }
 
 /** A block device served read-write is open O_EXCL and another opener (a mount, LVM, another server) has it. */
@@ -96,7 +115,14 @@ export class FileDevice implements Device {
     private readonly log: Logger,
     /** Set when `path` is a block device (a loop device, an LV, a partition). */
     private readonly block?: BlockDev,
+    /** Set when opened O_DIRECT. */
+    private readonly direct?: Direct,
   ) {
+    if (direct) {
+      // RWF_NOWAIT inline I/O is for the page cache, which O_DIRECT bypasses.
+      this.inlineReads = false;
+      this.inlineWrites = false;
+    }
     // A device node lives on devtmpfs, which looks memory-backed; its data does not.
     this.memoryBacked = block ? false : ops.memoryBacked(fd);
     this.canPunch = ops.kind === 'native';
@@ -113,10 +139,12 @@ export class FileDevice implements Device {
         'ENOTSUP',
         `${path} is a block device, which needs the native addon (the pure-JS storage fallback cannot size it${reason ? `; fallback because: ${reason}` : ''})`,
       );
-    const { O_RDONLY, O_RDWR, O_EXCL } = fs.constants;
+    const { O_RDONLY, O_RDWR, O_EXCL, O_DIRECT } = fs.constants;
+    if (opts.direct && !ops.alignedBuffer)
+      throw new DeviceError('ENOTSUP', `${path}: --direct needs the native addon (aligned buffers for O_DIRECT)${reason ? `; fallback because: ${reason}` : ''}`);
     // Read-write devices are opened O_EXCL: the kernel refuses one that is mounted or that
     // another program holds exclusively (LVM, md, another server), and keeps them off it.
-    const flags = isBlock ? (opts.readOnly ? O_RDONLY : O_RDWR | O_EXCL) : opts.readOnly ? 'r' : 'r+';
+    const flags = (opts.readOnly ? O_RDONLY : O_RDWR) | (isBlock && !opts.readOnly ? O_EXCL : 0) | (opts.direct ? O_DIRECT : 0);
     let fd: number;
     try {
       fd = await promisify(fs.open)(path, flags);
@@ -126,6 +154,8 @@ export class FileDevice implements Device {
         log.warn('device-in-use', { cause: e });
         throw err;
       }
+      if (opts.direct && (e as { code?: string }).code === 'EINVAL')
+        throw new DeviceError('EINVAL', `${path}: its file system does not support O_DIRECT (--direct)`, { cause: e });
       throw e;
     }
     try {
@@ -137,6 +167,13 @@ export class FileDevice implements Device {
         size = info.size;
         block = { ops: ops.block, sectorSize: info.logicalBlockSize || 512, canZeroNoFallback: true, canDiscard: true, canZeroOut: true };
       } else if (!st.isFile()) throw new DeviceError('EINVAL', `${path} is neither a regular file nor a block device`);
+      let direct: Direct | undefined;
+      if (opts.direct) {
+        const align = Math.max(DIRECT_ALIGN, block?.sectorSize ?? 0);
+        // A partial last block would have to be written whole, growing the file.
+        if (size % align !== 0) throw new DeviceError('EINVAL', `${path}: --direct needs a size that is a multiple of ${align} bytes (it is ${size})`);
+        direct = { align, alloc: ops.alignedBuffer!, lock: new RangeLock() };
+      }
       if (opts.lock !== false) {
         ops.lock(fd, path, !opts.readOnly);
         let qemuLocked: boolean;
@@ -155,7 +192,7 @@ export class FileDevice implements Device {
           });
         }
       }
-      return new FileDevice(path, fd, size, opts.readOnly, ops, log, block);
+      return new FileDevice(path, fd, size, opts.readOnly, ops, log, block, direct);
     } catch (e) {
       fs.closeSync(fd);
       throw e;
@@ -186,7 +223,13 @@ export class FileDevice implements Device {
     };
   }
 
+  /** Opened O_DIRECT (--direct). */
+  get isDirect(): boolean {
+    return this.direct !== undefined;
+  }
+
   async read(offset: number, length: number, into: Buffer, at: number): Promise<void> {
+    if (this.direct) return this.directRead(this.direct, offset, length, into, at);
     let done = 0;
     // Small reads that hit the page cache are copied inline: a thread-pool round
     // trip costs more than the copy. Anything not cached goes to the pool.
@@ -208,6 +251,18 @@ export class FileDevice implements Device {
   }
 
   async write(offset: number, data: readonly Buffer[], opts: WriteOptions): Promise<void> {
+    if (this.direct) {
+      const d = this.direct;
+      const total = data.reduce((n, b) => n + b.length, 0);
+      const release = await d.lock.acquire(...this.alignedOut(d, offset, total));
+      try {
+        await this.directWrite(d, offset, data, total);
+      } finally {
+        release();
+      }
+      if (opts.fua) await this.flush();
+      return;
+    }
     let pos = offset;
     let bufs = data as Buffer[];
     if (this.inlineWrites && data.length <= 64) {
@@ -246,6 +301,25 @@ export class FileDevice implements Device {
   }
 
   async trim(offset: number, length: number, opts: WriteOptions): Promise<void> {
+    return this.underDirectLock(offset, length, () => this.trimLocked(offset, length, opts));
+  }
+
+  async zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+    return this.underDirectLock(offset, length, () => this.zeroLocked(offset, length, opts));
+  }
+
+  /** Under --direct, runs `fn` holding the aligned blocks [offset, offset+length) touches (see Direct.lock). */
+  private async underDirectLock(offset: number, length: number, fn: () => Promise<void>): Promise<void> {
+    if (!this.direct || length === 0) return fn();
+    const release = await this.direct.lock.acquire(...this.alignedOut(this.direct, offset, length));
+    try {
+      await fn();
+    } finally {
+      release();
+    }
+  }
+
+  private async trimLocked(offset: number, length: number, opts: WriteOptions): Promise<void> {
     if (this.block) return this.blockTrim(this.block, offset, length, opts);
     // TRIM is a hint: where holes can't be punched it is done by doing nothing.
     if (length === 0 || !this.canPunch) return;
@@ -259,7 +333,7 @@ export class FileDevice implements Device {
     if (opts.fua) await this.flush();
   }
 
-  async zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+  private async zeroLocked(offset: number, length: number, opts: ZeroOptions): Promise<void> {
     if (length === 0) return;
     if (this.block) return this.blockZero(this.block, offset, length, opts);
     if (!opts.noHole && this.canPunch) {
@@ -284,11 +358,7 @@ export class FileDevice implements Device {
       }
     }
     if (opts.fast) throw new DeviceError('ENOTSUP', 'no fast way to zero on this file system: zeros would have to be written');
-    for (let done = 0; done < length; ) {
-      const n = Math.min(ZERO_CHUNK.length, length - done);
-      await this.write(offset + done, [n === ZERO_CHUNK.length ? ZERO_CHUNK : ZERO_CHUNK.subarray(0, n)], { fua: false });
-      done += n;
-    }
+    await this.writeZeros(offset, length);
     if (opts.fua) await this.flush();
   }
 
@@ -380,10 +450,55 @@ export class FileDevice implements Device {
     if (opts.fua) await this.flush();
   }
 
+  /** Writes zeros; under --direct the caller (zero) already holds the blocks. */
   private async writeZeros(offset: number, length: number): Promise<void> {
     for (let done = 0; done < length; ) {
       const n = Math.min(ZERO_CHUNK.length, length - done);
-      await this.write(offset + done, [n === ZERO_CHUNK.length ? ZERO_CHUNK : ZERO_CHUNK.subarray(0, n)], { fua: false });
+      const chunk = [n === ZERO_CHUNK.length ? ZERO_CHUNK : ZERO_CHUNK.subarray(0, n)];
+      if (this.direct) await this.directWrite(this.direct, offset + done, chunk, n);
+      else await this.write(offset + done, chunk, { fua: false });
+      done += n;
+    }
+  }
+
+  /** [start, length] of the aligned blocks covering [offset, offset+length). */
+  private alignedOut(d: Direct, offset: number, length: number): [number, number] {
+    const start = Math.floor(offset / d.align) * d.align;
+    const end = Math.ceil((offset + length) / d.align) * d.align;
+    return [start, Math.max(end - start, d.align)];
+  }
+
+  /** Reads the aligned blocks into `buf` at `at` (zeros past the end of the file). */
+  private async directReadInto(buf: Buffer, at: number, pos: number, length: number): Promise<void> {
+    for (let done = 0; done < length; ) {
+      const { bytesRead } = await read(this.fd, buf, at + done, length - done, pos + done);
+      if (bytesRead === 0) return; // past the end: the bounce buffer is zero-filled
+      done += bytesRead;
+    }
+  }
+
+  private async directRead(d: Direct, offset: number, length: number, into: Buffer, at: number): Promise<void> {
+    if (length === 0) return;
+    const [start, len] = this.alignedOut(d, offset, length);
+    const bounce = d.alloc(len, d.align);
+    await this.directReadInto(bounce, 0, start, len);
+    bounce.copy(into, at, offset - start, offset - start + length);
+  }
+
+  /** One aligned write of the blocks `data` touches; edge blocks it covers only in part are read first. The caller holds them. */
+  private async directWrite(d: Direct, offset: number, data: readonly Buffer[], total: number): Promise<void> {
+    if (total === 0) return;
+    const [start, len] = this.alignedOut(d, offset, total);
+    const bounce = d.alloc(len, d.align);
+    const end = offset + total;
+    if (offset > start) await this.directReadInto(bounce, 0, start, d.align);
+    const lastBlock = start + len - d.align;
+    if (end < start + len && (lastBlock > start || offset === start)) await this.directReadInto(bounce, lastBlock - start, lastBlock, d.align);
+    let at = offset - start;
+    for (const b of data) at += b.copy(bounce, at);
+    for (let done = 0; done < len; ) {
+      const n = await writeBuf(this.fd, bounce, done, len - done, start + done);
+      if (n === 0) throw new DeviceError('EIO', `short write at ${start + done}`);
       done += n;
     }
   }

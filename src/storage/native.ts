@@ -111,6 +111,8 @@ export interface SparseOps {
   memoryBacked(fd: number): boolean;
   /** Block device calls; absent in the fallback, which therefore cannot serve devices (it cannot size them). */
   readonly block?: BlockOps;
+  /** A zero-filled buffer starting on an `alignment` boundary (for O_DIRECT); absent in the fallback. */
+  readonly alignedBuffer?: (size: number, alignment: number) => Buffer;
 }
 
 /** The block-device ioctls: sizing inline (no I/O), the rest on the thread pool. */
@@ -139,6 +141,7 @@ interface Binding {
   pwritevNowait(fd: number, bufs: readonly Buffer[], position: number, memoryBacked: boolean): number;
   blockRange(fd: number, op: 0 | 1, offset: number, length: number, cb: (err: Error | null) => void): void;
   blockInfo(fd: number): { size: number; logicalBlockSize: number };
+  alignedBuffer(size: number, alignment: number): Buffer;
   FALLOC_FL_KEEP_SIZE: number;
   FALLOC_FL_PUNCH_HOLE: number;
   FALLOC_FL_ZERO_RANGE: number;
@@ -208,6 +211,7 @@ function nativeOps(b: Binding): SparseOps {
     readCached: (fd, into, at, length, position, memoryBacked) => b.preadNowait(fd, into, at, length, position, memoryBacked),
     memoryBacked: (fd) => b.memoryBacked(fd),
     writeCached: (fd, data, position, memoryBacked) => b.pwritevNowait(fd, data, position, memoryBacked),
+    alignedBuffer: (size, alignment) => b.alignedBuffer(size, alignment),
     block: {
       info(fd) {
         try {

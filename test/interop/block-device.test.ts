@@ -235,3 +235,82 @@ t.test('a mirror of an image-file export onto `serve --incoming /dev/loopN` land
   const cmp = await run(qemuImg, ['compare', '-f', 'raw', '-F', 'raw', src, backing], { timeoutMs: 60_000 });
   t.equal(cmp.code, 0, 'the loop device (its backing file) holds exactly the source image', { output: describeRun(cmp) });
 });
+
+/** The open flags (octal, from /proc/PID/fdinfo) of the server's descriptor for `path`. */
+async function openFlags(pid: number, path: string): Promise<number | undefined> {
+  const { readdir, readlink, readFile } = await import('node:fs/promises');
+  for (const fd of await readdir(`/proc/${pid}/fd`)) {
+    const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
+    if (target !== path) continue;
+    const m = /^flags:\s+([0-7]+)/m.exec(await readFile(`/proc/${pid}/fdinfo/${fd}`, 'utf8'));
+    if (m) return parseInt(m[1]!, 8);
+  }
+  return undefined;
+}
+const O_DIRECT = 0o40000;
+
+t.test('--direct: O_DIRECT on a device and on an image file, unaligned requests through bounce buffers', async (t) => {
+  const dir = await tmpDir(t);
+  const backing = await makeImage(join(dir, 'backing.img'), SIZE, { fill: 0x5a });
+  const dev = await attachLoop(t, backing);
+  const img = await makeImage(join(dir, 'file.img'), SIZE, { fill: 0x5a });
+  const cfg = join(dir, 'direct.json');
+  await (await import('node:fs/promises')).writeFile(cfg, JSON.stringify({ exports: [{ name: 'file', path: img, direct: true }] }));
+  const srv = await serve(t, [dev, '--name', 'lv', '--direct', '--config', cfg]);
+  const pid = srv.proc.pid!;
+  const devFlags = await openFlags(pid, dev);
+  t.ok(devFlags !== undefined && (devFlags & O_DIRECT) !== 0, 'the device is open O_DIRECT (--direct)', { devFlags });
+  const fileFlags = await openFlags(pid, img);
+  t.ok(fileFlags !== undefined && (fileFlags & O_DIRECT) !== 0, 'the image file is open O_DIRECT (config "direct": true)', { fileFlags });
+  const added = srv.logs.filter((e) => e.event === 'export-added');
+  t.same(added.map((e) => [e.export, e.direct, e.blockDevice]), [['file', true, false], ['lv', true, true]], 'export-added says direct and block device');
+
+  for (const [name, path] of [['lv', backing], ['file', img]] as const) {
+    const uri = srv.uri(name);
+    const io = await run(
+      qemuIo,
+      [
+        '-f', 'raw',
+        '-c', 'write -P 0x11 100 1000',
+        '-c', 'read -P 0x5a 0 100',
+        '-c', 'read -P 0x11 100 1000',
+        '-c', 'read -P 0x5a 1100 7092',
+        '-c', 'write -P 0x22 8190 5',
+        '-c', 'read -P 0x22 8190 5',
+        '-c', 'read -P 0x5a 8195 10000',
+        '-c', 'write -P 0x33 1M 64k',
+        '-c', 'read -P 0x33 1M 64k',
+        '-c', 'write -z 2097452 5000',
+        '-c', 'read -P 0 2097452 5000',
+        '-c', 'read -P 0x5a 2M 300',
+        '-c', 'read -P 0x5a 2102452 3000',
+        '-c', 'flush',
+        uri,
+      ],
+      { timeoutMs: 60_000 },
+    );
+    t.equal(io.code, 0, `${name}: unaligned and aligned writes, reads and zeroes through O_DIRECT`, { output: describeRun(io) });
+    t.notMatch(io.stdout + io.stderr, /Pattern verification failed|error/i, `${name}: patterns verified`);
+    // 1 KiB random writes at depth 16: several land in one 4 KiB block at once, each a read-modify-write.
+    const f = await run(
+      fio,
+      ['--name=v', '--ioengine=nbd', `--uri=${uri}`, '--rw=randwrite', '--bs=1k', '--size=2M', '--offset=4M', '--iodepth=16', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0'],
+      { timeoutMs: 120_000, cwd: dir },
+    );
+    t.equal(f.code, 0, `${name}: fio 1k random writes at depth 16 verify (concurrent read-modify-writes of shared blocks)`, { output: describeRun(f) });
+    const cmp = await run(qemuImg, ['compare', '-U', '-f', 'raw', '-F', 'raw', uri, path], { timeoutMs: 60_000 });
+    t.equal(cmp.code, 0, `${name}: the export and what is on disk are identical`, { output: describeRun(cmp) });
+  }
+});
+
+t.test('--direct refusals: a size that is not whole 4 KiB blocks, and the fallback', async (t) => {
+  const dir = await tmpDir(t);
+  const odd = await makeImage(join(dir, 'odd.img'), SIZE + 512);
+  const r = await serveOnce([odd, '--name', 'odd', '--direct']);
+  t.not(r.code, 0, { output: describeRun(r) });
+  t.equal(fatalCause(r.stderr), `export "odd": cannot open ${odd}: ${odd}: --direct needs a size that is a multiple of 4096 bytes (it is ${SIZE + 512})`);
+  const img = await makeImage(join(dir, 'ok.img'), SIZE);
+  const f = await serveOnce([img, '--name', 'ok', '--direct'], { NBD_MIGRATE_NATIVE: '0' });
+  t.not(f.code, 0, { output: describeRun(f) });
+  t.equal(fatalCause(f.stderr), `export "ok": cannot open ${img}: ${img}: --direct needs the native addon (aligned buffers for O_DIRECT); fallback because: NBD_MIGRATE_NATIVE=0`);
+});
