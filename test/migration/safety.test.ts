@@ -4,7 +4,7 @@ import t from 'tap';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { adminRequest } from '../../src/admin/server.js';
+import { adminRequest } from '../helpers/admin.js';
 import type { JobStatus } from '../../src/migration/job.js';
 import { describeRun, requireTool, run } from '../helpers/tools.js';
 import { makeImage, MiB, patternBuffer, serve, tmpDir, writeAt } from '../helpers/server.js';
