@@ -1,5 +1,5 @@
 /**
- * A raw image file as a Device: positional I/O through libuv's thread pool,
+ * A raw image file or a block device as a Device: positional I/O through libuv's thread pool,
  * sparse operations through the native addon (or the fallback), probing and
  * degrading like nbdkit's file plugin: a capability the kernel refuses once is
  * switched off and logged, never retried per request.
