@@ -314,3 +314,50 @@ t.test('--direct refusals: a size that is not whole 4 KiB blocks, and the fallba
   t.not(f.code, 0, { output: describeRun(f) });
   t.equal(fatalCause(f.stderr), `export "ok": cannot open ${img}: ${img}: --direct needs the native addon (aligned buffers for O_DIRECT); fallback because: NBD_MIGRATE_NATIVE=0`);
 });
+
+const cliOnce = (args: string[]) =>
+  run('/usr/bin/env', ['-u', 'NODE_OPTIONS', process.execPath, CLI, ...args], { cwd: REPO_ROOT, timeoutMs: 60_000 });
+
+t.test('copy from an image file onto a device, and from a device into a new image file', async (t) => {
+  const dir = await tmpDir(t);
+  const src = await makeImage(join(dir, 'src.img'), SIZE);
+  for (let off = 0; off < SIZE; off += 4 * MiB) await writeAt(src, off + 512, patternBuffer(MiB, off / MiB + 9));
+  const backing = await makeImage(join(dir, 'dst.img'), SIZE, { fill: 0xee });
+  const dev = await attachLoop(t, backing);
+  const c = await cliOnce(['copy', src, dev]);
+  t.equal(c.code, 0, 'copy onto the device', { output: describeRun(c) });
+  const cmp = await run(qemuImg, ['compare', '-f', 'raw', '-F', 'raw', src, backing], { timeoutMs: 60_000 });
+  t.equal(cmp.code, 0, 'the device holds the source image (its 0xee filler replaced by zeros)', { output: describeRun(cmp) });
+  const out = join(dir, 'out.img');
+  const c2 = await cliOnce(['copy', dev, out]);
+  t.equal(c2.code, 0, 'copy from the device into a new file', { output: describeRun(c2) });
+  const cmp2 = await run(qemuImg, ['compare', '-f', 'raw', '-F', 'raw', src, out], { timeoutMs: 60_000 });
+  t.equal(cmp2.code, 0, 'the new file holds what the device holds', { output: describeRun(cmp2) });
+});
+
+t.test('a mounted device is refused', async (t) => {
+  const mkfs = await requireTool('mkfs.ext4', 'e2fsprogs');
+  const dir = await tmpDir(t);
+  const dev = await attachLoop(t, await makeImage(join(dir, 'backing.img'), SIZE));
+  const mk = await run(mkfs, ['-q', '-F', dev], { timeoutMs: 60_000 });
+  t.equal(mk.code, 0, 'mkfs.ext4', { output: describeRun(mk) });
+  const mnt = join(dir, 'mnt');
+  await (await import('node:fs/promises')).mkdir(mnt);
+  const m = await run('mount', [dev, mnt], { timeoutMs: 30_000 });
+  if (m.code !== 0) throw new Error(`mount is not allowed here, so a mounted device cannot be tested: ${describeRun(m)}`);
+  let mounted = true;
+  const umount = async () => {
+    if (!mounted) return;
+    mounted = false;
+    const u = await run('umount', [mnt], { timeoutMs: 30_000 });
+    if (u.code !== 0) console.error(`could not unmount ${mnt}: ${describeRun(u)}`);
+  };
+  t.teardown(umount);
+  const r = await serveOnce([dev, '--name', 'lv']);
+  t.not(r.code, 0, 'serve exits with an error', { output: describeRun(r) });
+  t.equal(fatalCause(r.stderr), `export "lv": device ${dev} is in use (mounted, or held by another program); not serving it`, 'one clear line');
+  const ro = await serve(t, [dev, '--name', 'lv', '--read-only']);
+  t.ok(ro.logs.some((e) => e.event === 'ready'), 'read-only (no O_EXCL) it may be served');
+  await ro.stop();
+  await umount();
+});
