@@ -261,7 +261,9 @@ t.test('mirror job: copies under concurrent writes, cuts over, fences', async (t
   })();
   while (job.state !== 'ready') await new Promise((r) => setTimeout(r, 10));
   t.equal(job.status().convergence, 'active', 'manual cutover keeps the target in sync by write-through');
-  await new Promise((r) => setTimeout(r, 100));
+  // The guest goes on writing while the job is ready (through write-through): wait on its writes, not on time.
+  const atReady = writes;
+  while (writes < atReady + 150) await new Promise((r) => setTimeout(r, 5));
   job.requestCutover();
   await job.finished();
   stop = true;
