@@ -7,7 +7,7 @@
  */
 import * as http from 'node:http';
 import client from 'prom-client';
-import type { ExportStatus, MigrationController } from '../migration/controller.js';
+import type { MigrationController } from '../migration/controller.js';
 import type { JobState } from '../migration/job.js';
 import type { ExportRegistry } from '../server/export.js';
 import { LATENCY_BUCKETS, type ServerStats } from '../server/stats.js';
@@ -101,14 +101,15 @@ export function buildRegistry(src: MetricsSources): client.Registry {
   });
 
   const status = () => src.controller.status();
-  /** A gauge of one number per export, from the controller's status. */
-  const perExport = (name: string, help: string, value: (e: ExportStatus) => number) =>
-    gauge(name, help, ['export'], (set) => {
-      for (const e of status().exports) set({ export: e.name }, value(e));
-    });
-  perExport('dirty_bytes', 'Bytes marked dirty in the export\'s bitmap', (e) => e.dirtyBytes);
-  perExport('dirty_blocks', 'Blocks marked dirty in the export\'s bitmap', (e) => e.dirtyBlocks);
-  perExport('dirty_bitmap_bytes', 'Memory held by the export\'s dirty bitmap', (e) => e.bitmapBytes);
+  gauge('dirty_bytes', 'Bytes marked dirty in the export\'s bitmap', ['export'], (set) => {
+    for (const e of status().exports) set({ export: e.name }, e.dirtyBytes);
+  });
+  gauge('dirty_blocks', 'Blocks marked dirty in the export\'s bitmap', ['export'], (set) => {
+    for (const e of status().exports) set({ export: e.name }, e.dirtyBlocks);
+  });
+  gauge('dirty_bitmap_bytes', 'Memory held by the export\'s dirty bitmap', ['export'], (set) => {
+    for (const e of status().exports) set({ export: e.name }, e.bitmapBytes);
+  });
   gauge('mirror_state', 'Mirror job state (1 for the current one)', ['export', 'state'], (set) => {
     for (const j of status().jobs) for (const s of JOB_STATES) set({ export: j.export, state: s }, j.state === s ? 1 : 0);
   });
