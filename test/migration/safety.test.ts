@@ -264,14 +264,16 @@ t.test('the destination reports its free space; the job refuses a destination to
   const { admin } = await source(t, dir); // 16 MiB of data in 32 MiB
   const dst = await makeImage(path.join(mnt, 'dst.img'), SIZE);
   const d = await serve(t, [dst, '--name', 'vm1', '--incoming']);
+  // Fill the small filesystem first: 8 MiB of room, and the source holds 16 MiB of data.
+  const filler = path.join(mnt, 'filler');
+  fs.writeFileSync(filler, Buffer.alloc(12 * MiB, 1));
+  await t.rejects(mirror(admin, d.uri('vm1')), { code: 'ENOSPC', message: /holds \d+ bytes of data/ });
+  fs.rmSync(filler);
   // 20 MiB of room: the 16 MiB of data fit, the 32 MiB virtual size does not.
   await t.rejects(mirror(admin, d.uri('vm1'), { requireSpace: true }), { code: 'ENOSPC', message: /virtual size.*--require-space/ });
   const st = await mirror(admin, d.uri('vm1'));
   t.ok(st.targetFreeBytes !== null && st.targetFreeBytes <= 20 * MiB, `free space reported: ${st.targetFreeBytes}`);
   await adminRequest(admin, { cmd: 'abort', export: 'vm1' });
-  // Fill the small filesystem: now even the data does not fit.
-  fs.writeFileSync(path.join(mnt, 'filler'), Buffer.alloc(12 * MiB, 1));
-  await t.rejects(mirror(admin, d.uri('vm1')), { code: 'ENOSPC', message: /holds \d+ bytes of data/ });
 });
 
 t.test('the fence marker is written while guests are held: if it cannot be, the cutover fails and guests stay', async (t) => {
