@@ -137,6 +137,33 @@ export function stalledMs(): number {
   return stalledTotal;
 }
 
+/**
+ * Records findings by signature: the first of each kind and cause is kept (with
+ * its case, to replay), later ones only counted. Returns the new finding, or
+ * undefined when it was one already seen. Both engines use it.
+ */
+export function findingRecorder(findings: Map<string, Finding>, log: (line: string) => void) {
+  return (kind: string, detail: string, spec?: CaseSpec): Finding | undefined => {
+    const signature = signatureOf(kind, detail);
+    const f = findings.get(signature);
+    if (f) {
+      f.count++;
+      return undefined;
+    }
+    const nf: Finding = { kind, signature, detail, count: 1 };
+    if (spec) {
+      nf.caseIndex = spec.index;
+      nf.gen = spec.gen;
+      nf.target = spec.target;
+      nf.finish = spec.finish;
+      nf.bytes = spec.bytes.length <= 256 * 1024 ? spec.bytes.toString('hex') : `${spec.bytes.subarray(0, 4096).toString('hex')}... (${spec.bytes.length} bytes)`;
+    }
+    findings.set(signature, nf);
+    log(`FINDING ${kind}${spec ? ` (case ${spec.index}, ${spec.gen}, ${spec.target})` : ''}: ${detail}`);
+    return nf;
+  };
+}
+
 export function signatureOf(kind: string, detail: string): string {
   return `${kind}: ${detail.replace(/0x[0-9a-f]+/gi, 'X').replace(/\d+/g, 'N').replace(/"[^"]*"/g, '"…"').slice(0, 160)}`;
 }
@@ -612,25 +639,7 @@ export async function runCampaign(t: Teardownable, opts: CampaignOptions): Promi
   const inflight = new Map<number, CaseSpec>();
   const suspects: CaseSpec[] = [];
 
-  const add = (kind: string, detail: string, spec?: CaseSpec): Finding | undefined => {
-    const signature = signatureOf(kind, detail);
-    const f = findings.get(signature);
-    if (f) {
-      f.count++;
-      return undefined;
-    }
-    const nf: Finding = { kind, signature, detail, count: 1 };
-    if (spec) {
-      nf.caseIndex = spec.index;
-      nf.gen = spec.gen;
-      nf.target = spec.target;
-      nf.finish = spec.finish;
-      nf.bytes = spec.bytes.length <= 256 * 1024 ? spec.bytes.toString('hex') : `${spec.bytes.subarray(0, 4096).toString('hex')}... (${spec.bytes.length} bytes)`;
-    }
-    findings.set(signature, nf);
-    opts.log(`FINDING ${kind}${spec ? ` (case ${spec.index}, ${spec.gen}, ${spec.target})` : ''}: ${detail}`);
-    return nf;
-  };
+  const add = findingRecorder(findings, opts.log);
 
   // ---- server and its monitors
   let srv: ServerHandle = await serve(t, args);

@@ -31,7 +31,7 @@ import { buildStack } from '../../../src/storage/stack.js';
 import { configureLog } from '../../../src/util/log.js';
 import { MemoryDevice } from '../../helpers/memory-device.js';
 import type { Teardownable } from '../../helpers/server.js';
-import { type CampaignResult, type CaseOutcome, type Endpoint, fdTargets, type Finding, GoodClient, minimiseFinding, longestBlockMs, procStatus, runCase, signatureOf, stalledMs } from './campaign.js';
+import { type CampaignResult, type CaseOutcome, type Endpoint, fdTargets, type Finding, findingRecorder, GoodClient, minimiseFinding, longestBlockMs, procStatus, runCase, stalledMs } from './campaign.js';
 import { FUZZ_EXPORTS, generateCase, loadCorpus, type CaseSpec, type GenContext } from './generate.js';
 import { Rng } from './prng.js';
 
@@ -143,25 +143,7 @@ export async function runInProcessCampaign(t: Teardownable, opts: InProcessOptio
   };
   const inflight = new Map<number, CaseSpec>();
 
-  const add = (kind: string, detail: string, spec?: CaseSpec): Finding | undefined => {
-    const signature = signatureOf(kind, detail);
-    const f = findings.get(signature);
-    if (f) {
-      f.count++;
-      return undefined;
-    }
-    const nf: Finding = { kind, signature, detail, count: 1 };
-    if (spec) {
-      nf.caseIndex = spec.index;
-      nf.gen = spec.gen;
-      nf.target = spec.target;
-      nf.finish = spec.finish;
-      nf.bytes = spec.bytes.length <= 256 * 1024 ? spec.bytes.toString('hex') : `${spec.bytes.subarray(0, 4096).toString('hex')}... (${spec.bytes.length} bytes)`;
-    }
-    findings.set(signature, nf);
-    opts.log(`FINDING ${kind}${spec ? ` (case ${spec.index}, ${spec.gen}, ${spec.target})` : ''}: ${detail}`);
-    return nf;
-  };
+  const add = findingRecorder(findings, opts.log);
   const inFlightList = () => [...inflight.values()].slice(0, 20).map((c) => `${c.index}:${c.gen}`).join(', ');
 
   // ---- the server's own signals: its log lines and anything the process reports
