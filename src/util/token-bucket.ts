@@ -4,7 +4,17 @@
  * the burst are let through once the bucket has been full, paying their debt
  * by making later requests wait.
  */
-export class TokenBucket {
+/** What the copy engine takes bytes from: a TokenBucket, or one job's share of a SharedBandwidth. */
+export interface RateLimiter {
+  /** Waits until `n` bytes may pass; returns at once, taking nothing, once `cancelled` says yes. */
+  take(n: number, cancelled?: () => boolean): Promise<void>;
+  /** Largest amount let through without waiting (callers split big operations to this). */
+  readonly burstBytes: number;
+  /** Bytes per second this limiter stands for (shown in status as maxBandwidth). */
+  readonly rate: number;
+}
+
+export class TokenBucket implements RateLimiter {
   private tokens: number;
   private last = performance.now();
   private queue: Promise<void> = Promise.resolve();
