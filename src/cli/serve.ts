@@ -34,6 +34,8 @@ export interface RunningServer {
 
 /** How long shutdown waits for an export's final flush. */
 const SHUTDOWN_FLUSH_MS = 10_000;
+/** How long a handoff (--handoff disconnect) lets a connection answer what it has read before closing it hard. */
+const HANDOFF_DRAIN_MS = 30_000;
 /** Beyond the drain and the flush, what else shutdown may take before the process is made to exit. */
 const SHUTDOWN_SLACK_MS = 10_000;
 
@@ -166,7 +168,10 @@ class ServeProcess implements RunningServer {
       size: file.size,
       stack,
       exportId: '',
-      disconnectClients: () => this.server.disconnectExport(e.name),
+      disconnectClients: async () => {
+        const n = await this.server.handOffExport(e.name, HANDOFF_DRAIN_MS);
+        log('info', 'handoff', { export: e.name, connections: n });
+      },
     };
     const oe: OpenExport = { config: e, file, stack, source };
     const exp = new Export({ name: e.name, description: e.description, device: stack.device, extension: incoming, id: incoming?.exportId ?? received?.exportId, acl: e.allow ? Acl.parse(e.allow) : undefined });

@@ -345,7 +345,13 @@ export class MirrorJob extends EventEmitter {
       return false;
     }
     this.log.info('cutover', { pauseMs: this.pauseMs, handoff: this.opts.handoff });
-    if (this.opts.handoff === 'disconnect') this.source.disconnectClients();
+    if (this.opts.handoff === 'disconnect') {
+      try {
+        await this.source.disconnectClients();
+      } catch (e) {
+        this.log.error('handoff-failed', { cause: e, effect: 'the export is switched; some guest connections may stay on the source' });
+      }
+    }
     this.finishedAt = new Date();
     this.setState('completed');
     return true;

@@ -9,6 +9,9 @@ export interface MirrorSource {
   stack: Stack;
   /** The export's identity (its `nbd-migrate:export-id:` context): a mirror onto it is a mirror onto itself. */
   exportId: string;
-  /** Closes the export's guest connections (handoff=disconnect). */
-  disconnectClients(): void;
+  /**
+   * Closes the export's guest connections (handoff=disconnect), and its own
+   * listeners: requests already read are answered first. Resolves once closed.
+   */
+  disconnectClients(): void | Promise<void>;
 }

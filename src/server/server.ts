@@ -238,6 +238,18 @@ export class NbdServer {
     return n;
   }
 
+  /**
+   * Handoff after a cutover (--handoff disconnect): every connection attached
+   * to the export stops reading, finishes and answers what it has read (on the
+   * target by now), then closes. Bounded by `timeoutMs` per connection.
+   * Resolves with the number of connections handed off.
+   */
+  async handOffExport(name: string, timeoutMs: number): Promise<number> {
+    const mine = [...this.sessions].filter((s) => s.exportName === name);
+    await Promise.all(mine.map((s) => s.handOff(timeoutMs)));
+    return mine.length;
+  }
+
   /** Connections in transmission with each export. */
   connectionsByExport(): Map<string, number> {
     const m = new Map<string, number>();

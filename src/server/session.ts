@@ -51,6 +51,11 @@ type Phase =
   | { readonly kind: 'serving'; input: Input }
   /** Server shutdown: every request read from now on is refused with ESHUTDOWN; a soft close follows once idle. */
   | { readonly kind: 'shutting-down'; input: Input }
+  /**
+   * Handoff after a cutover (--handoff disconnect): no new request is read (the payload
+   * of a WRITE already begun is); requests read are completed and answered, then a soft close.
+   */
+  | { readonly kind: 'handing-off'; input: Input }
   /** NBD_CMD_DISC received: nothing more is read; a soft close follows once idle. */
   | { readonly kind: 'disconnecting' }
   /** The connection is gone. */
@@ -116,12 +121,12 @@ export class Session {
   /** What is read next; undefined once nothing more is read. */
   private get input(): Input | undefined {
     const p = this.phase;
-    return p.kind === 'serving' || p.kind === 'shutting-down' ? p.input : undefined;
+    return p.kind === 'serving' || p.kind === 'shutting-down' || p.kind === 'handing-off' ? p.input : undefined;
   }
 
   private setInput(input: Input): void {
     const p = this.phase;
-    if (p.kind === 'serving' || p.kind === 'shutting-down') p.input = input;
+    if (p.kind === 'serving' || p.kind === 'shutting-down' || p.kind === 'handing-off') p.input = input;
   }
 
   get exportName(): string {
@@ -164,6 +169,40 @@ export class Session {
     }
   }
 
+  /**
+   * Handoff after a cutover (--handoff disconnect): stops reading requests (a
+   * WRITE whose payload is arriving is read to its end), lets every request
+   * already read (the writes held during the switch among them) complete on
+   * the export's device, now the target, and be answered, then closes softly:
+   * a client never gets an error for a write that landed. The client resends
+   * what it sent after that on its next connection (QEMU's reconnect-delay).
+   * Past `timeoutMs` the connection is closed hard. Resolves once closed, with
+   * the number of requests answered meanwhile.
+   */
+  async handOff(timeoutMs: number): Promise<number> {
+    if (this.conn.closed) return 0;
+    const p = this.phase;
+    if (p.kind !== 'serving' && p.kind !== 'shutting-down') return 0;
+    this.phase = { kind: 'handing-off', input: p.input };
+    const started = this.inflight;
+    if (p.input.kind === 'header' || p.input.kind === 'paused') this.conn.socket.pause();
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = await Promise.race([
+      this.idle().then(() => false),
+      new Promise<true>((r) => (timer = setTimeout(() => r(true), timeoutMs))),
+    ]);
+    clearTimeout(timer);
+    if (this.conn.closed) return started;
+    if (timedOut) {
+      this.conn.log.warn('handoff-timeout', { export: this.n.export.name, timeoutMs, inflight: this.inflight, action: 'disconnect' });
+      this.conn.destroy();
+      return started - this.inflight;
+    }
+    this.conn.log.info('connection-handed-off', { export: this.n.export.name, answered: started, reason: 'handoff' });
+    this.conn.end();
+    return started;
+  }
+
   private idle(): Promise<void> {
     if (this.inflight === 0 || this.conn.closed) return Promise.resolve();
     return new Promise((resolve) => this.idleWaiters.push(resolve));
@@ -183,7 +222,7 @@ export class Session {
   }
 
   private maybeResume(): void {
-    if (this.input?.kind === 'paused' && !this.throttled()) {
+    if (this.input?.kind === 'paused' && !this.throttled() && this.phase.kind !== 'handing-off') {
       this.setInput(HEADER);
       this.conn.socket.resume();
       this.pump();
@@ -197,6 +236,11 @@ export class Session {
       const next = this.input;
       // Nothing read after DISC; and once paused only maybeResume() reads on.
       if (next === undefined || next.kind === 'paused') return;
+      // Handing off: the request being read is finished; nothing new is read.
+      if (next.kind === 'header' && this.phase.kind === 'handing-off') {
+        this.conn.socket.pause();
+        return;
+      }
       if (next.kind === 'discard') {
         next.left -= input.drop(next.left);
         if (next.left > 0) return;
