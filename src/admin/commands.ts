@@ -72,6 +72,10 @@ export const ADMIN_COMMANDS = {
         doc: 'Mirror onto a live nbd-migrate export, or take over a destination bound to another job (the copy starts again)',
       },
       requireSpace: { kind: 'boolean', doc: 'Refuse a destination that cannot hold the full virtual size (default: warn)' },
+      since: {
+        kind: 'string',
+        doc: 'The destination already holds this export as of checkpoint NAME (pre-seeded by copy): send only what changed since (you vouch for it)',
+      },
       export: exportArg,
     },
     run: ({ controller }, a) => {
@@ -88,6 +92,7 @@ export const ADMIN_COMMANDS = {
       if (a.writeThroughTimeout !== undefined) opts.writeThroughTimeoutMs = a.writeThroughTimeout;
       if (a.force !== undefined) opts.force = a.force;
       if (a.requireSpace !== undefined) opts.requireSpace = a.requireSpace;
+      if (a.since !== undefined) opts.since = a.since;
       return controller.mirror(a.export, opts);
     },
   }),
@@ -105,6 +110,15 @@ export const ADMIN_COMMANDS = {
     summary: 'Change the copy rate limit (0 = unlimited)',
     args: { export: exportArg, rate: { kind: 'size', required: true, doc: 'The new limit, e.g. 500M (bytes/s); 0 lifts it' } },
     run: ({ controller }, a) => controller.setSpeed(a.export, a.rate || undefined),
+  }),
+  checkpoint: command({
+    summary: 'Create, list or delete an export\'s checkpoints (each records the blocks changed since it was created; NBD context qemu:dirty-bitmap:NAME)',
+    args: {
+      action: { kind: 'enum', values: ['create', 'list', 'delete'], required: true, doc: 'create, list or delete' },
+      export: exportArg,
+      name: { kind: 'string', doc: 'The checkpoint (create and delete)' },
+    },
+    run: ({ controller }, a) => controller.checkpoint(a.action, a.export, a.name),
   }),
   'set-acl': command({
     summary: 'Replace an export\'s client address list; connected clients it no longer admits are disconnected',

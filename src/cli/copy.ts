@@ -5,6 +5,9 @@
  */
 import * as fs from 'node:fs';
 import { DirtyBitmap } from '../dirty/bitmap.js';
+import { DIRTY_BITMAP_CONTEXT_PREFIX, NBD_STATE_DIRTY } from '../dirty/checkpoints.js';
+import type { NbdClient } from '../client/nbd-client.js';
+import { BASE_ALLOCATION } from '../protocol/constants.js';
 import { connectPlain } from '../migration/connector.js';
 import { copySweep, DEFAULT_COPY_OPTIONS, newCopyStats } from '../migration/copy.js';
 import { TokenBucket } from '../util/token-bucket.js';
@@ -25,15 +28,73 @@ async function open(spec: string, readOnly: boolean, createSize?: number): Promi
   return FileDevice.open(spec, { readOnly });
 }
 
-export async function copyCommand(src: string, dst: string, opts: { maxBandwidth?: number; progress: boolean }): Promise<void> {
-  const source = await open(src, true);
+/**
+ * --changed-since NAME: the source (an NBD server: nbd-migrate with checkpoint NAME, or
+ * qemu-nbd -B NAME) must agree to `qemu:dirty-bitmap:NAME`; otherwise nothing is copied.
+ */
+async function openChanged(src: string, name: string): Promise<NbdClient> {
+  if (!isUri(src)) throw new Error(`--changed-since needs an NBD source (nbd://HOST/EXPORT): ${src} is a file, which keeps no dirty bitmap`);
+  const context = DIRTY_BITMAP_CONTEXT_PREFIX + name;
+  const c = await connectPlain(src, { metaContexts: [BASE_ALLOCATION, context], listMetaContexts: [DIRTY_BITMAP_CONTEXT_PREFIX] });
+  if (c.contexts.has(context)) return c;
+  const offered = c.listedContexts.filter((n) => n.startsWith(DIRTY_BITMAP_CONTEXT_PREFIX)).map((n) => n.slice(DIRTY_BITMAP_CONTEXT_PREFIX.length));
+  await c.close().catch(() => undefined);
+  throw new Error(
+    `${src} does not offer ${context} (${offered.length ? `it offers: ${offered.join(', ')}` : 'it offers no dirty bitmaps'}); ` +
+      `create it with 'nbd-migrate ctl checkpoint create EXPORT ${name}' (qemu-nbd: -B ${name})`,
+  );
+}
+
+/**
+ * The ranges the source reports dirty in `context`, as a bitmap. Its granularity is the
+ * coarsest (up to 64 KiB, at least 512 bytes) that every range boundary falls on, so
+ * nothing clean is copied beyond what the source's own granularity forces.
+ */
+async function changedBitmap(source: NbdClient, context: string): Promise<{ bitmap: DirtyBitmap; ranges: number }> {
+  const size = source.size;
+  const runs: [number, number][] = [];
+  for (let pos = 0; pos < size; ) {
+    for (const e of await source.contextExtents(context, pos, size - pos, 1024)) {
+      const last = runs[runs.length - 1];
+      if (e.flags & NBD_STATE_DIRTY) {
+        if (last && last[0] + last[1] === pos) last[1] += e.length;
+        else runs.push([pos, e.length]);
+      }
+      pos += e.length;
+    }
+  }
+  let granularity = 64 * 1024;
+  for (const [o, l] of runs) for (const at of [o, o + l]) while (granularity > 512 && at !== size && at % granularity !== 0) granularity /= 2;
+  const bitmap = new DirtyBitmap(size, granularity);
+  for (const [o, l] of runs) bitmap.mark(o, l);
+  return { bitmap, ranges: runs.length };
+}
+
+export interface CopyCommandOptions {
+  maxBandwidth?: number;
+  progress: boolean;
+  /** Copy only what the source reports dirty in qemu:dirty-bitmap:NAME. */
+  changedSince?: string;
+  /** Print the figures as one JSON line on stdout. */
+  json?: boolean;
+}
+
+export async function copyCommand(src: string, dst: string, opts: CopyCommandOptions): Promise<void> {
+  const source: Device = opts.changedSince !== undefined ? await openChanged(src, opts.changedSince) : await open(src, true);
   let target: Device | undefined;
   try {
     target = await open(dst, false, source.size);
     if (target.size < source.size) throw new Error(`destination is smaller than the source (${target.size} < ${source.size} bytes)`);
     if (!target.capabilities().canWrite) throw new Error(`destination ${dst} is read-only`);
-    const bitmap = new DirtyBitmap(source.size, DEFAULT_COPY_OPTIONS.chunkBytes);
-    bitmap.markAll();
+    let bitmap: DirtyBitmap;
+    let ranges: number | undefined;
+    if (opts.changedSince !== undefined) {
+      ({ bitmap, ranges } = await changedBitmap(source as NbdClient, DIRTY_BITMAP_CONTEXT_PREFIX + opts.changedSince));
+    } else {
+      bitmap = new DirtyBitmap(source.size, DEFAULT_COPY_OPTIONS.chunkBytes);
+      bitmap.markAll();
+    }
+    const total = bitmap.dirtyBytes();
     const stats = newCopyStats();
     const bar = opts.progress ? new ProgressBar() : undefined;
     const t0 = performance.now();
@@ -42,7 +103,7 @@ export async function copyCommand(src: string, dst: string, opts: { maxBandwidth
           const done = stats.dataBytes + stats.zeroBytes + stats.skippedBytes;
           const secs = (performance.now() - t0) / 1000;
           const rate = secs > 0 ? done / secs : 0;
-          bar.draw({ done, total: source.size, rate, etaSeconds: rate > 0 ? (source.size - done) / rate : null });
+          bar.draw({ done, total, rate, etaSeconds: rate > 0 ? (total - done) / rate : null });
         }, 250)
       : undefined;
     try {
@@ -57,9 +118,14 @@ export async function copyCommand(src: string, dst: string, opts: { maxBandwidth
     }
     const secs = (performance.now() - t0) / 1000;
     bar?.end(
-      `copied ${formatBytes(stats.dataBytes)} of data, zeroed ${formatBytes(stats.zeroBytes)}, skipped ${formatBytes(stats.skippedBytes)} ` +
+      (ranges !== undefined ? `${formatBytes(total)} changed since ${opts.changedSince} in ${ranges} range(s): ` : '') +
+        `copied ${formatBytes(stats.dataBytes)} of data, zeroed ${formatBytes(stats.zeroBytes)}, skipped ${formatBytes(stats.skippedBytes)} ` +
         `in ${secs.toFixed(2)} s`,
     );
+    if (opts.json)
+      process.stdout.write(
+        JSON.stringify({ size: source.size, changedBytes: total, ranges: ranges ?? null, granularity: bitmap.granularity, ...stats, seconds: secs }) + '\n',
+      );
   } finally {
     await target?.close().catch(() => undefined);
     await source.close().catch(() => undefined);

@@ -5,6 +5,7 @@ import type { Arguments, Argv, Options } from 'yargs';
 import type { ArgSpec } from '../admin/args.js';
 import { ADMIN_COMMANDS, type AdminCommand, type AdminCommandName } from '../admin/commands.js';
 import { AdminError, adminRequest } from '../admin/server.js';
+import type { CheckpointInfo } from '../dirty/checkpoints.js';
 import type { ExportStatus } from '../migration/controller.js';
 import type { JobStatus } from '../migration/job.js';
 import { DEFAULT_ADMIN_SOCKET } from '../util/paths.js';
@@ -165,6 +166,21 @@ export const CTL_SUBCOMMANDS: { readonly [K in AdminCommandName]: CtlSubcommand 
     run: async (socket, req, a) => {
       await adminRequest(socket, req);
       out(`speed of ${a.export} set to ${a.rate}`);
+    },
+  },
+  checkpoint: {
+    positionals: '<action> <export> [name]',
+    local: { json: { type: 'boolean', describe: 'Print the raw JSON reply' } },
+    run: async (socket, req, a) => {
+      const r = (await adminRequest(socket, req)) as CheckpointInfo | CheckpointInfo[];
+      if (a.json) return out(JSON.stringify(r, null, 2));
+      const line = (c: CheckpointInfo) =>
+        `${c.name}: created ${c.createdAt}, changed since ${formatBytes(c.dirtyBytes)} (${c.dirtyBlocks} × ${formatBytes(c.granularity)})` +
+        `${c.recovered ? ', recovered after an unclean shutdown (over-reports)' : ''}; NBD context ${c.context}`;
+      if (Array.isArray(r)) {
+        if (r.length === 0) out(`no checkpoints on ${a.export}`);
+        for (const c of r) out(line(c));
+      } else out(`checkpoint ${a.action === 'create' ? 'created' : 'deleted'}: ${line(r)}`);
     },
   },
   'set-acl': 'socket-only',

@@ -118,9 +118,19 @@ export async function main(args: string[]): Promise<void> {
           .positional('src', { type: 'string', demandOption: true })
           .positional('dst', { type: 'string', demandOption: true })
           .option('max-bandwidth', { type: 'string', describe: 'Rate limit, e.g. 200M' })
-          .option('progress', { type: 'boolean', default: true, describe: 'Draw a progress bar on stderr' }),
+          .option('progress', { type: 'boolean', default: true, describe: 'Draw a progress bar on stderr' })
+          .option('changed-since', {
+            type: 'string',
+            describe: 'Copy only the ranges SRC reports dirty in its qemu:dirty-bitmap:NAME (an nbd-migrate checkpoint, or qemu-nbd -B NAME)',
+          })
+          .option('json', { type: 'boolean', default: false, describe: 'Print the figures (bytes copied, zeroed, skipped, changed) as one JSON line on stdout' }),
       async (a) =>
-        copyCommand(a.src, a.dst, { maxBandwidth: a['max-bandwidth'] ? parseSize(a['max-bandwidth'], '--max-bandwidth') : undefined, progress: a.progress }),
+        copyCommand(a.src, a.dst, {
+          maxBandwidth: a['max-bandwidth'] ? parseSize(a['max-bandwidth'], '--max-bandwidth') : undefined,
+          progress: a.progress,
+          changedSince: a['changed-since'],
+          json: a.json,
+        }),
     )
     .demandCommand(1, 'Give a command: serve, demo, ctl or copy')
     .strict()

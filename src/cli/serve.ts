@@ -21,6 +21,8 @@ import { DEFAULT_SERVER_OPTIONS, NbdServer } from '../server/server.js';
 import { DeviceInUse, FileDevice } from '../storage/file-device.js';
 import { ImageLockConflict } from '../storage/native.js';
 import { buildStack, type Stack } from '../storage/stack.js';
+import { Checkpoints, FileCheckpointStore } from '../dirty/checkpoints.js';
+import { DEFAULT_GRANULARITY } from '../dirty/bitmap.js';
 import { buildRegistry, startMetricsServer } from '../metrics/exporter.js';
 import { log } from '../util/log.js';
 import { ConfigError, type ExportConfig, type ServeConfig } from './config.js';
@@ -88,12 +90,42 @@ function checkMarkers(e: ExportConfig, force: boolean): void {
     );
 }
 
+/**
+ * The export's checkpoints, restored from its state folder: `IMAGE.nbd-migrate.d/` beside an
+ * image file, `/var/lib/nbd-migrate/<export>/` for a block device.
+ */
+function openCheckpoints(e: ExportConfig, file: FileDevice, granularity: number): Checkpoints {
+  const dir = file.isBlockDevice ? `/var/lib/nbd-migrate/${e.name}` : `${e.path}.nbd-migrate.d`;
+  const checkpoints = new Checkpoints({
+    size: file.size,
+    granularity,
+    store: new FileCheckpointStore(dir),
+    log: (level, event, fields) => log(level, event, { export: e.name, ...fields }),
+  });
+  try {
+    checkpoints.open();
+  } catch (err) {
+    throw new Error(`export "${e.name}": cannot restore its checkpoints from ${dir}: ${(err as Error).message}`, { cause: err });
+  }
+  return checkpoints;
+}
+
+/** Stores the export's checkpoints exactly (a clean shutdown); a failure is logged, and the next start over-reports. */
+function closeCheckpoints(oe: OpenExport): void {
+  try {
+    oe.checkpoints.close();
+  } catch (e) {
+    log('error', 'checkpoints-store-failed', { export: oe.config.name, cause: e, effect: 'the next start takes every block of every checkpoint as changed' });
+  }
+}
+
 /** One open export: its config, its device stack and what the mirror needs of it. */
 interface OpenExport {
   config: ExportConfig;
   file: FileDevice;
   stack: Stack;
   source: MirrorSource;
+  checkpoints: Checkpoints;
 }
 
 function sameExport(a: ExportConfig, b: ExportConfig): boolean {
@@ -140,7 +172,8 @@ class ServeProcess implements RunningServer {
         throw new Error(`export "${e.name}": ${e.path} is in use: ${err.holder}; not serving it`, { cause: err });
       throw new Error(`export "${e.name}": cannot open ${e.path}: ${(err as Error).message}`, { cause: err });
     }
-    const stack = buildStack({ local: file, dirtyGranularity: this.cfg.dirtyGranularity });
+    const checkpoints = openCheckpoints(e, file, this.cfg.dirtyGranularity ?? DEFAULT_GRANULARITY);
+    const stack = buildStack({ local: file, dirtyGranularity: this.cfg.dirtyGranularity, changes: checkpoints });
     const received = readReceived(e.path);
     let incoming: IncomingMigration | undefined;
     if (e.incoming && received) {
@@ -173,8 +206,9 @@ class ServeProcess implements RunningServer {
         log('info', 'handoff', { export: e.name, connections: n });
       },
     };
-    const oe: OpenExport = { config: e, file, stack, source };
-    const exp = new Export({ name: e.name, description: e.description, device: stack.device, extension: incoming, id: incoming?.exportId ?? received?.exportId, acl: e.allow ? Acl.parse(e.allow) : undefined });
+    source.checkpoints = checkpoints;
+    const oe: OpenExport = { config: e, file, stack, source, checkpoints };
+    const exp = new Export({ name: e.name, description: e.description, device: stack.device, extension: incoming, id: incoming?.exportId ?? received?.exportId, acl: e.allow ? Acl.parse(e.allow) : undefined, contexts: () => checkpoints.contexts() });
     source.exportId = exp.id;
     this.registry.add(exp);
     this.sources.set(e.name, source);
@@ -204,6 +238,7 @@ class ServeProcess implements RunningServer {
       if ((conns.get(oe.config.name) ?? 0) > 0) continue;
       this.retiring.delete(oe);
       await oe.stack.device.flush().catch(() => undefined);
+      closeCheckpoints(oe);
       await oe.file.close().catch((e) => log('error', 'close-failed', { image: oe.file.path, cause: e }));
     }
     if (this.retiring.size === 0 && this.reaper) {
@@ -279,6 +314,7 @@ class ServeProcess implements RunningServer {
       ]);
       if (flushed === false) log('error', 'flush-timeout', { export: oe.config.name, timeoutMs: SHUTDOWN_FLUSH_MS });
       await oe.stack.switch.target?.close().catch(() => undefined);
+      closeCheckpoints(oe);
       await oe.file.close().catch((e) => log('error', 'close-failed', { image: oe.file.path, cause: e }));
     }
     this.open.clear();

@@ -265,7 +265,17 @@ export class NbdClient extends EventEmitter implements Device {
     return this.op(() => this.doExtents(offset, length, maxExtents));
   }
 
-  private async doExtents(offset: number, length: number, maxExtents: number): Promise<Extent[]> {
+  /**
+   * Extents of another negotiated metadata context (`qemu:dirty-bitmap:NAME`, say), flags
+   * as the server sent them; the same bounds as extents(). Rejects when `context` was not
+   * negotiated.
+   */
+  contextExtents(context: string, offset: number, length: number, maxExtents: number): Promise<Extent[]> {
+    if (!this.contexts.has(context)) return Promise.reject(new DeviceError('EINVAL', `the server did not agree to metadata context ${context}`));
+    return this.op(() => this.doExtents(offset, length, maxExtents, context, 0xffffffff));
+  }
+
+  private async doExtents(offset: number, length: number, maxExtents: number, context = C.BASE_ALLOCATION, mask = STATE_MASK): Promise<Extent[]> {
     checkRange('extents', offset, length);
     if (offset > this.size || (offset === this.size && length > 0))
       throw new DeviceError('EINVAL', `extents at ${offset} are beyond the end of the ${this.size}-byte export`);
@@ -273,7 +283,7 @@ export class NbdClient extends EventEmitter implements Device {
     const maxLen = 0xffffffff - (0xffffffff % min);
     const len = Math.min(length, this.size - offset, maxLen);
     if (len === 0) return [];
-    const id = this.contexts.get(C.BASE_ALLOCATION);
+    const id = this.contexts.get(context);
     if (id === undefined) return [{ length: len, flags: 0 }];
     const flags = maxExtents <= 1 ? C.NBD_CMD_FLAG_REQ_ONE : 0;
     const req = await this.submit(C.NBD_CMD_BLOCK_STATUS, flags, offset, len);
@@ -283,10 +293,14 @@ export class NbdClient extends EventEmitter implements Device {
       if (out.length >= Math.max(1, maxExtents) || covered >= len) break;
       if (e.length === 0) continue;
       const n = Math.min(e.length, len - covered);
-      out.push({ length: n, flags: e.flags & STATE_MASK });
+      out.push({ length: n, flags: (e.flags & mask) >>> 0 });
       covered += n;
     }
-    if (out.length === 0) out.push({ length: len, flags: 0 });
+    if (out.length === 0) {
+      // base:allocation defaults to data; any other context has no safe default (a dirty bitmap must not read as clean).
+      if (context !== C.BASE_ALLOCATION) throw new DeviceError('EPROTO', `the server sent no ${context} extents for ${len} bytes at ${offset}`);
+      out.push({ length: len, flags: 0 });
+    }
     return out;
   }
 

@@ -3,6 +3,7 @@
  * admin socket and the metrics read it; it never touches sockets itself.
  */
 import { EventEmitter } from 'node:events';
+import { CheckpointError, type CheckpointInfo } from '../dirty/checkpoints.js';
 import { DEFAULT_MIRROR_OPTIONS, JobError, type JobStatus, MirrorJob, type MirrorOptions, type MirrorSource } from './job.js';
 
 export interface ExportStatus {
@@ -101,6 +102,25 @@ export class MigrationController extends EventEmitter {
     const j = this.job(exportName);
     j.setSpeed(bytesPerSecond);
     return j.status();
+  }
+
+  /**
+   * `ctl checkpoint create|list|delete EXPORT [NAME]`: creates a checkpoint (from now on it
+   * records every change), lists them, or deletes one. Create and delete answer with the
+   * checkpoint, list with all of them.
+   */
+  checkpoint(action: 'create' | 'list' | 'delete', exportName: string, name: string | undefined): CheckpointInfo | CheckpointInfo[] {
+    const src = this.source(exportName);
+    const set = src.checkpoints;
+    if (!set) throw new JobError('EINVAL', `export "${exportName}" keeps no checkpoints`);
+    if (action === 'list') return set.list();
+    if (name === undefined) throw new JobError('EINVAL', `checkpoint ${action} needs a checkpoint name`);
+    try {
+      return action === 'create' ? set.create(name) : set.delete(name);
+    } catch (e) {
+      if (e instanceof CheckpointError) throw new JobError(e.code, e.message, { cause: e });
+      throw e;
+    }
   }
 
   /** Jobs that have not reached a final state. */

@@ -15,6 +15,7 @@ import { fitsDowntime, guestThrottleRate, RateMeter, StallDetector } from './con
 import { type CopyOptions, type CopyStats, copySweep, newCopyStats } from './copy.js';
 import { cutover } from './cutover.js';
 import { JobError } from './errors.js';
+import type { Checkpoint } from '../dirty/checkpoints.js';
 import { RangeLock } from '../util/range-lock.js';
 import type { MirrorSource } from './source.js';
 import type { MirrorOptions } from './options.js';
@@ -59,6 +60,8 @@ export class MirrorJob extends EventEmitter {
   private readonly log: Logger;
   private readonly opts: MirrorOptions;
   private done: Promise<void> | undefined;
+  /** mirror --since: the checkpoint whose bits are the first sweep's bitmap. */
+  private sinceCheckpoint: Checkpoint | undefined;
 
   constructor(
     readonly source: MirrorSource,
@@ -84,8 +87,10 @@ export class MirrorJob extends EventEmitter {
 
   /** Connects and checks the target; rejects (and the job never starts) when it is unfit. */
   async start(): Promise<void> {
+    if (this.opts.since !== undefined) this.sinceCheckpoint = this.checkpoint(this.opts.since);
     this.sourceDataBytes = await allocatedBytes(this.source.stack.local);
     this.target = this.watch(await this.connector.connect(true, this.aborter.signal));
+    if (this.sinceCheckpoint) await this.checkSeeded(this.target, this.sinceCheckpoint);
     this.setState('copying');
     this.done = this.run();
   }
@@ -107,6 +112,7 @@ export class MirrorJob extends EventEmitter {
       targetDataBytes: this.connector.targetDataBytes,
       targetFreeBytes: this.connector.freeBytes,
       sourceDataBytes: this.sourceDataBytes,
+      since: this.opts.since ?? null,
       state: this.state,
       pass: this.pass,
       size: this.source.size,
@@ -231,7 +237,7 @@ export class MirrorJob extends EventEmitter {
 
   private async run(): Promise<void> {
     try {
-      this.source.stack.bitmap.markAll();
+      this.initialBitmap();
       const stall = new StallDetector();
       for (;;) {
         if (this.abortRequested) return await this.finishAborted();
@@ -288,6 +294,54 @@ export class MirrorJob extends EventEmitter {
       if (this.abortRequested) return await this.finishAborted();
       this.finishFailed(e);
     }
+  }
+
+  private checkpoint(name: string): Checkpoint {
+    const set = this.source.checkpoints;
+    if (!set) throw new JobError('EINVAL', `export "${this.source.name}" keeps no checkpoints: --since needs one`);
+    try {
+      return set.get(name);
+    } catch (e) {
+      throw new JobError('ENOENT', `--since ${name}: ${(e as Error).message}`, { cause: e });
+    }
+  }
+
+  /**
+   * --since is the operator's word that the target holds the export as of the checkpoint;
+   * it cannot be proven, but a target that reads as all zeroes while the source holds data
+   * outside the checkpoint was plainly never seeded: refused, before anything is written.
+   */
+  private async checkSeeded(target: Target, cp: Checkpoint): Promise<void> {
+    const held = await allocatedBytes(target, this.source.size);
+    const unchanged = (this.sourceDataBytes ?? 0) - cp.bitmap.dirtyBytes();
+    this.log.info('mirror-since', { checkpoint: cp.name, changedBytes: cp.bitmap.dirtyBytes(), targetDataBytes: held, sourceDataBytes: this.sourceDataBytes });
+    if (held > 0 || unchanged <= 0) return;
+    target.destroy();
+    this.target = undefined;
+    await this.connector.release();
+    throw new JobError(
+      'EINVAL',
+      `--since ${cp.name}: target ${this.opts.target} reads as all zeroes, but the source holds data that has not changed since the checkpoint: ` +
+        `the target was never pre-seeded (copy the export there first, or mirror without --since)`,
+      { permanent: true },
+    );
+  }
+
+  /** The first sweep's bitmap: every block, or (--since) the checkpoint's changed blocks. */
+  private initialBitmap(): void {
+    const bitmap = this.source.stack.bitmap;
+    const cp = this.sinceCheckpoint;
+    if (!cp) return bitmap.markAll();
+    if (cp.deleted) {
+      this.log.warn('mirror-since-deleted', { checkpoint: cp.name, effect: 'the checkpoint was deleted before the job began: copying everything' });
+      return bitmap.markAll();
+    }
+    // One synchronous step: no change can land between the clear and the copy of the bits.
+    bitmap.clearAll();
+    const from = cp.bitmap;
+    for (let run = from.nextRun(0, from.blocks); run; run = from.nextRun(run.block + run.count, from.blocks))
+      bitmap.mark(run.block * from.granularity, run.count * from.granularity);
+    this.log.info('mirror-since-bitmap', { checkpoint: cp.name, dirtyBytes: bitmap.dirtyBytes(), size: this.source.size });
   }
 
   /** Switches convergence on: write-through (active) or guest throttling. */

@@ -29,6 +29,12 @@ export interface MirrorOptions {
   force: boolean;
   /** Refuse, instead of warning, when the destination cannot hold the source's full virtual size. */
   requireSpace: boolean;
+  /**
+   * The operator vouches that the target already holds the export as of this checkpoint
+   * (pre-seeded by `copy` and `copy --changed-since`): the first sweep copies only the
+   * checkpoint's dirty blocks instead of everything.
+   */
+  since?: string;
   /** This job's identity, which binds an --incoming destination (default: a new random one). */
   jobId?: string;
   /** Identities of every export this server serves (a target among them that is not receiving is refused). */

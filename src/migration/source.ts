@@ -1,4 +1,5 @@
 /** The export side of a migration: what a job copies from and switches. */
+import type { Checkpoints } from '../dirty/checkpoints.js';
 import type { Stack } from '../storage/stack.js';
 
 export interface MirrorSource {
@@ -9,6 +10,8 @@ export interface MirrorSource {
   stack: Stack;
   /** The export's identity (its `nbd-migrate:export-id:` context): a mirror onto it is a mirror onto itself. */
   exportId: string;
+  /** The export's checkpoints (`ctl checkpoint`; a mirror `--since` one starts from its bits). */
+  checkpoints?: Checkpoints;
   /**
    * Closes the export's guest connections (handoff=disconnect), and its own
    * listeners: requests already read are answered first. Resolves once closed.

@@ -31,6 +31,8 @@ export interface JobStatus {
   targetFreeBytes: number | null;
   /** Allocated data of the source when the job started. */
   sourceDataBytes: number | null;
+  /** The checkpoint the destination was pre-seeded as of (mirror --since), or null: a full copy. */
+  since: string | null;
   state: JobState;
   pass: number;
   size: number;

@@ -60,6 +60,8 @@ export interface ExportOptions {
   extension?: ExportExtension;
   /** Client addresses allowed to attach; undefined admits all. */
   acl?: Acl;
+  /** More contexts offered, asked for at each listing (the export's checkpoints: `qemu:dirty-bitmap:NAME`). */
+  contexts?: () => MetaContext[];
 }
 
 export class Export {
@@ -73,6 +75,7 @@ export class Export {
   /** Client addresses allowed to attach (changeable at runtime); undefined admits all. */
   acl: Acl | undefined;
   readonly extension: ExportExtension | undefined;
+  private readonly moreContexts: (() => MetaContext[]) | undefined;
 
   constructor(opts: ExportOptions) {
     this.name = opts.name;
@@ -81,6 +84,7 @@ export class Export {
     this.extension = opts.extension;
     this.id = opts.id ?? newExportId();
     this.acl = opts.acl;
+    this.moreContexts = opts.contexts;
   }
 
   /** Offered contexts (the ones a listing shows): allocation, identity, and the extension's. */
@@ -92,6 +96,7 @@ export class Export {
       flat(C.EXPORT_ID_CONTEXT_PREFIX + this.id, 3),
     ];
     if (this.extension) all.push(...this.extension.contexts());
+    if (this.moreContexts) all.push(...this.moreContexts());
     return all;
   }
 

@@ -3,6 +3,7 @@
  *   throttle       guest write rate limit (waits for the gate before taking tokens)
  *   gate           cutover hold: new changes wait, running ones drain
  *   switch         the local stack until cutover, the mirror target after
+ *   change marks   the export's checkpoints mark every change (when it has them)
  *   write-through  active mirroring: changes also go to the target, under the range lock
  *   dirty tracking marks the bitmap after each change
  *   local          the image
@@ -12,6 +13,7 @@
  */
 import { DirtyBitmap } from '../dirty/bitmap.js';
 import type { Device } from './device.js';
+import { ChangeMarkFilter, type ChangeListener } from './filters/change-marks.js';
 import { DirtyTrackingFilter } from './filters/dirty-tracking.js';
 import { GateFilter } from './filters/gate.js';
 import { SwitchFilter } from './filters/switch.js';
@@ -23,6 +25,8 @@ export interface StackOptions {
   local: Device;
   /** Bytes per dirty-bitmap bit (default: the bitmap's). */
   dirtyGranularity?: number;
+  /** Told of every change clients make before cutover, whether or not write-through sends it on (the export's checkpoints). */
+  changes?: ChangeListener;
 }
 
 export interface Stack {
@@ -43,7 +47,7 @@ export function buildStack(opts: StackOptions): Stack {
   const bitmap = new DirtyBitmap(local.size, opts.dirtyGranularity);
   const tracking = new DirtyTrackingFilter(local, bitmap);
   const writeThrough = new WriteThroughFilter(tracking);
-  const sw = new SwitchFilter(writeThrough);
+  const sw = new SwitchFilter(opts.changes ? new ChangeMarkFilter(writeThrough, opts.changes) : writeThrough);
   const gate = new GateFilter(sw);
   const throttle = new ThrottleFilter(gate, gate);
   return { device: throttle, throttle, gate, switch: sw, writeThrough, tracking, local, bitmap };

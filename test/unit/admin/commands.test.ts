@@ -33,6 +33,7 @@ function fakeContext(): { ctx: AdminContext; calls: Call[] } {
     cutover: (name: string) => (calls.push(['cutover', name]), job(name)),
     abort: async (name: string) => (calls.push(['abort', name]), job(name)),
     setSpeed: (name: string, rate: unknown) => (calls.push(['setSpeed', name, rate]), job(name)),
+    checkpoint: (action: string, name: string, checkpoint: unknown) => (calls.push(['checkpoint', action, name, checkpoint]), action === 'list' ? [] : { name: checkpoint }),
   };
   const server = { setAcl: (name: string, acl: Acl | undefined) => (calls.push(['setAcl', name, acl?.entries ?? null]), 0) };
   return { ctx: { controller: controller as unknown as AdminContext['controller'], server }, calls };
@@ -139,7 +140,7 @@ t.test('bad requests are refused with the codes and messages of before, and reac
     [{ cmd: 'set-acl', export: 'vm1', allow: '10.0.0.0/8' }, 'EINVAL', '"allow" must be a list of addresses/CIDRs, or null to admit everyone'],
     [{ cmd: 'set-acl', export: 'vm1', allow: ['bogus'] }, 'EINVAL', 'allow-list entry "bogus" is not an address or CIDR'],
     [{ cmd: 'set-acl', allow: null }, 'EINVAL', '"export" must be a non-empty string'],
-    [{ cmd: 'explode' }, 'ENOSYS', 'unknown command "explode"; known: status, mirror, cutover, abort, set-speed, set-acl'],
+    [{ cmd: 'explode' }, 'ENOSYS', 'unknown command "explode"; known: status, mirror, cutover, abort, set-speed, checkpoint, set-acl'],
     [{ cmd: 'toString' }, 'ENOSYS', /^unknown command "toString"/],
   ];
   for (const [req, code, message] of refusals)
@@ -172,7 +173,7 @@ async function ctl(socket: string, args: string[]): Promise<string> {
 t.test('every table command has a ctl subcommand or is socket-only; ctl sends what the table accepts', async (t) => {
   t.same(Object.keys(CTL_SUBCOMMANDS).sort(), Object.keys(ADMIN_COMMANDS).sort(), 'ctl has an entry for every command, and no other');
   const { socket, calls } = await adminAt(t);
-  const sample: Record<string, string> = { export: 'vm1', target: 'nbd://dst/vm1', rate: '1M' };
+  const sample: Record<string, string> = { export: 'vm1', target: 'nbd://dst/vm1', rate: '1M', action: 'list' };
   for (const name of Object.keys(ADMIN_COMMANDS) as AdminCommandName[]) {
     const sub = CTL_SUBCOMMANDS[name];
     if (sub === 'socket-only') continue;

@@ -1,0 +1,42 @@
+/**
+ * Change marks: tells a listener (the export's checkpoints) of every WRITE,
+ * TRIM and WRITE_ZEROES, after the change below and before it is answered
+ * (failed or not: a failed write may have changed part of the range). It sits
+ * above write-through, so a change mirrored to the target (which the dirty
+ * tracking below leaves unmarked) is still a change of the disk.
+ */
+import type { Device, WriteOptions, ZeroOptions } from '../device.js';
+import { byteLength, Filter } from './filter.js';
+
+export interface ChangeListener {
+  mark(offset: number, length: number): void;
+}
+
+export class ChangeMarkFilter extends Filter {
+  constructor(
+    next: Device,
+    private readonly listener: ChangeListener,
+  ) {
+    super(next);
+  }
+
+  override write(offset: number, data: readonly Buffer[], opts: WriteOptions): Promise<void> {
+    return this.marked(offset, byteLength(data), () => this.next.write(offset, data, opts));
+  }
+
+  override trim(offset: number, length: number, opts: WriteOptions): Promise<void> {
+    return this.marked(offset, length, () => this.next.trim(offset, length, opts));
+  }
+
+  override zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+    return this.marked(offset, length, () => this.next.zero(offset, length, opts));
+  }
+
+  private async marked(offset: number, length: number, op: () => Promise<void>): Promise<void> {
+    try {
+      await op();
+    } finally {
+      this.listener.mark(offset, length);
+    }
+  }
+}
