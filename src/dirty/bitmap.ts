@@ -19,6 +19,8 @@ export class DirtyBitmap {
   readonly blocks: number;
   /** Bit i of word w is block w * 32 + i; bits past the last block stay 0. */
   private readonly words: Uint32Array;
+  /** Counts clears (clearBlocks, clearAll): a persisted copy is stale once this moves. */
+  clears = 0;
 
   constructor(
     readonly size: number,
@@ -69,6 +71,7 @@ export class DirtyBitmap {
 
   /** Clears whole blocks [block, block + count). */
   clearBlocks(block: number, count: number): void {
+    this.clears++;
     this.blockRange(block, count, 0);
   }
 
@@ -84,7 +87,23 @@ export class DirtyBitmap {
   }
 
   clearAll(): void {
+    this.clears++;
     if (this.blocks > 0) this.setRange(0, this.blocks - 1, 0);
+  }
+
+  /** A copy of the words (for persisting): bit i of word w is block w * 32 + i. */
+  copyWords(): Uint32Array {
+    return this.words.slice();
+  }
+
+  /** Marks every block set in `words` (a copyWords() of a bitmap of the same size and granularity). */
+  orWords(words: Uint32Array): void {
+    if (words.length !== this.words.length) throw new RangeError(`bitmap of ${words.length} words for one of ${this.words.length}`);
+    const w = this.words;
+    for (let i = 0; i < w.length; i++) w[i] = w[i]! | words[i]!;
+    // Bits past the last block stay 0.
+    const tail = this.blocks & 31;
+    if (tail !== 0 && w.length > 0) w[w.length - 1] = w[w.length - 1]! & (~0 >>> (32 - tail));
   }
 
   isDirty(block: number): boolean {

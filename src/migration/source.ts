@@ -1,4 +1,5 @@
 /** The export side of a migration: what a job copies from and switches. */
+import type { ExportState } from '../dirty/export-state.js';
 import type { Checkpoints } from '../dirty/checkpoints.js';
 import type { Stack } from '../storage/stack.js';
 
@@ -12,6 +13,8 @@ export interface MirrorSource {
   exportId: string;
   /** The export's checkpoints (`ctl checkpoint`; a mirror `--since` one starts from its bits). */
   checkpoints?: Checkpoints;
+  /** The export's persistent state (crash-safe bitmap, activity log, the mirror job's record), when it has one. */
+  state?: ExportState;
   /**
    * Closes the export's guest connections (handoff=disconnect), and its own
    * listeners: requests already read are answered first. Resolves once closed.

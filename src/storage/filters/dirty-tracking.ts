@@ -5,6 +5,7 @@
  * is what makes the copy engine's "clear, then read" order safe: a copy that
  * read before this write landed is followed by a mark, hence by another copy.
  */
+import type { ActivityLog } from '../../dirty/activity-log.js';
 import type { DirtyBitmap } from '../../dirty/bitmap.js';
 import type { Device, WriteOptions, ZeroOptions } from '../device.js';
 import { byteLength, Filter } from './filter.js';
@@ -17,6 +18,13 @@ export interface DirtyTracker extends Device {
 }
 
 export class DirtyTrackingFilter extends Filter implements DirtyTracker {
+  /**
+   * The export's activity log (src/dirty/activity-log.ts), when its dirty
+   * tracking persists: a change into an extent the log does not name yet
+   * waits until the log names it on disk, so a crash never loses a mark.
+   */
+  activityLog: ActivityLog | undefined;
+
   constructor(
     next: Device,
     readonly bitmap: DirtyBitmap,
@@ -25,8 +33,13 @@ export class DirtyTrackingFilter extends Filter implements DirtyTracker {
   }
 
   get untracked(): Device {
-    return this.next;
+    // Write-through's local half is not marked (the target has it too), but it is
+    // logged: after a crash nobody knows whether the target write was answered.
+    if (!this.activityLog) return this.next;
+    return (this.loggedUntracked ??= new LoggedUnmarked(this.next, () => this.activityLog));
   }
+
+  private loggedUntracked: Device | undefined;
 
   mark(offset: number, length: number): void {
     this.bitmap.mark(offset, length);
@@ -45,10 +58,59 @@ export class DirtyTrackingFilter extends Filter implements DirtyTracker {
   }
 
   private async tracked(offset: number, length: number, op: () => Promise<void>): Promise<void> {
+    const log = this.activityLog;
+    if (!log) {
+      try {
+        await op();
+      } finally {
+        this.bitmap.mark(offset, length);
+      }
+      return;
+    }
+    const logged = log.begin(offset, length);
     try {
+      if (logged) await logged; // the log cannot be written: the change is refused, not made unrecorded
+      try {
+        await op();
+      } finally {
+        this.bitmap.mark(offset, length);
+      }
+    } finally {
+      log.end(offset, length);
+    }
+  }
+}
+
+/** Changes logged in the activity log (when there is one) but not marked in the bitmap. */
+class LoggedUnmarked extends Filter {
+  constructor(
+    next: Device,
+    private readonly log: () => ActivityLog | undefined,
+  ) {
+    super(next);
+  }
+
+  override write(offset: number, data: readonly Buffer[], opts: WriteOptions): Promise<void> {
+    return this.logged(offset, byteLength(data), () => this.next.write(offset, data, opts));
+  }
+
+  override trim(offset: number, length: number, opts: WriteOptions): Promise<void> {
+    return this.logged(offset, length, () => this.next.trim(offset, length, opts));
+  }
+
+  override zero(offset: number, length: number, opts: ZeroOptions): Promise<void> {
+    return this.logged(offset, length, () => this.next.zero(offset, length, opts));
+  }
+
+  private async logged(offset: number, length: number, op: () => Promise<void>): Promise<void> {
+    const log = this.log();
+    if (!log) return op();
+    const logged = log.begin(offset, length);
+    try {
+      if (logged) await logged;
       await op();
     } finally {
-      this.bitmap.mark(offset, length);
+      log.end(offset, length);
     }
   }
 }

@@ -1,0 +1,451 @@
+/**
+ * Crash-safe dirty tracking, DRBD's activity-log idea over the in-memory
+ * DirtyBitmap. Two files in the export's state folder (state.ts):
+ *
+ * - `dirty.bitmap`: a stored copy of the bitmap (header + words), replaced
+ *   atomically. Written at open (what was recovered), at every checkpoint,
+ *   and at a clean close (the exact bitmap).
+ * - `activity.log`: two fixed 4 KiB slots rewritten in place, alternately;
+ *   each holds a sequence number, the extent size, the set of "active"
+ *   extents (coarse, 4 MiB by default) and a CRC. The valid slot with the
+ *   highest sequence number is the log.
+ *
+ * The rule: a write (or trim, or zero) into an extent that is not active
+ * waits until a slot naming that extent is on disk (fdatasync); first writes
+ * that arrive together share one slot write and one sync. Writes into active
+ * extents go straight through. So after a crash,
+ *     recovered = stored bitmap ∪ every extent in the log
+ * covers every acknowledged change: never less than what was written.
+ *
+ * Bounding the log (a slot holds at most SLOT_CAPACITY extents), and making
+ * the stored copy current (a mirror clears bits as it copies), is one step,
+ * the checkpoint:
+ *   1. the active set becomes empty (from now on every write waits for a slot);
+ *   2. snapshot = bitmap ∪ the extents of writes in flight ∪ ranges a caller
+ *      says are in flight elsewhere (the mirror's chunks whose bits it cleared
+ *      but whose copy is not acknowledged yet);
+ *   3. the snapshot replaces dirty.bitmap (atomic, durable);
+ *   4. a slot with the extents that asked meanwhile is written and synced.
+ * An extent leaves the log only in step 4, after its bits are durably in the
+ * stored bitmap (step 3): a write acknowledged before step 1 is in the
+ * bitmap or in flight at step 2, and one that starts after step 1 waits for
+ * a slot naming its extent. A crash anywhere in between recovers with the
+ * old slot or the new one, and the old stored copy or the new, each pair a
+ * superset of what was acknowledged.
+ */
+import * as fs from 'node:fs';
+import { promisify } from 'node:util';
+import { crc32 } from 'node:zlib';
+import { DirtyBitmap } from './bitmap.js';
+import type { StateFolder } from './state.js';
+
+export const BITMAP_FILE = 'dirty.bitmap';
+export const LOG_FILE = 'activity.log';
+export const DEFAULT_EXTENT_BYTES = 4 * 1024 * 1024;
+
+const SLOT_BYTES = 4096;
+const SLOT_HEADER = 24;
+/** Extents one slot names. */
+export const SLOT_CAPACITY = (SLOT_BYTES - SLOT_HEADER) / 4;
+const SLOT_MAGIC = 0x4c41424e; // "NBAL"
+const BITMAP_MAGIC = 'NBDMDBM1';
+const BITMAP_HEADER = 64;
+
+const write = promisify(fs.write);
+const fdatasync = promisify(fs.fdatasync);
+
+// ---------------------------------------------------------------- file formats
+
+/**
+ * dirty.bitmap: magic "NBDMDBM1", then little-endian u32 version (1),
+ * granularity, word count, CRC-32 of the words, u64 size, u32 generation;
+ * zero padding to 64 bytes; then the words (u32 LE).
+ */
+export function encodeBitmap(size: number, granularity: number, words: Uint32Array, generation: number): Buffer {
+  const body = Buffer.from(words.buffer, words.byteOffset, words.byteLength);
+  const b = Buffer.alloc(BITMAP_HEADER + body.length);
+  b.write(BITMAP_MAGIC, 0, 'latin1');
+  b.writeUInt32LE(1, 8);
+  b.writeUInt32LE(granularity, 12);
+  b.writeUInt32LE(words.length, 16);
+  b.writeUInt32LE(crc32(body), 20);
+  b.writeBigUInt64LE(BigInt(size), 24);
+  b.writeUInt32LE(generation >>> 0, 32);
+  body.copy(b, BITMAP_HEADER);
+  return b;
+}
+
+export interface StoredBitmap {
+  size: number;
+  granularity: number;
+  words: Uint32Array;
+  generation: number;
+}
+
+/** Decodes dirty.bitmap; throws (saying why) when it is not a whole, valid file. */
+export function decodeBitmap(b: Buffer): StoredBitmap {
+  if (b.length < BITMAP_HEADER || b.toString('latin1', 0, 8) !== BITMAP_MAGIC) throw new Error('not an nbd-migrate dirty bitmap');
+  if (b.readUInt32LE(8) !== 1) throw new Error(`dirty bitmap version ${b.readUInt32LE(8)} is not known`);
+  const n = b.readUInt32LE(16);
+  if (b.length !== BITMAP_HEADER + n * 4) throw new Error(`dirty bitmap is ${b.length} bytes, expected ${BITMAP_HEADER + n * 4}`);
+  const body = b.subarray(BITMAP_HEADER);
+  if (crc32(body) !== b.readUInt32LE(20)) throw new Error('dirty bitmap checksum mismatch');
+  const words = new Uint32Array(n);
+  Buffer.from(words.buffer).set(body);
+  return { granularity: b.readUInt32LE(12), words, size: Number(b.readBigUInt64LE(24)), generation: b.readUInt32LE(32) };
+}
+
+/** One activity-log slot: u32 magic, u64 sequence, u32 extent bytes, u32 count, u32 CRC (of the slot with this field 0), extents. */
+function encodeSlot(seq: number, extentBytes: number, extents: Iterable<number>): Buffer {
+  const b = Buffer.alloc(SLOT_BYTES);
+  let n = 0;
+  for (const e of extents) {
+    if (n === SLOT_CAPACITY) throw new RangeError('activity log slot overflow');
+    b.writeUInt32LE(e, SLOT_HEADER + 4 * n++);
+  }
+  b.writeUInt32LE(SLOT_MAGIC, 0);
+  b.writeBigUInt64LE(BigInt(seq), 4);
+  b.writeUInt32LE(extentBytes, 12);
+  b.writeUInt32LE(n, 16);
+  b.writeUInt32LE(crc32(b), 20);
+  return b;
+}
+
+interface Slot {
+  seq: number;
+  extentBytes: number;
+  extents: number[];
+}
+
+function decodeSlot(b: Buffer): Slot | undefined {
+  if (b.length < SLOT_BYTES || b.readUInt32LE(0) !== SLOT_MAGIC) return undefined;
+  const n = b.readUInt32LE(16);
+  if (n > SLOT_CAPACITY) return undefined;
+  const crc = b.readUInt32LE(20);
+  const copy = Buffer.from(b.subarray(0, SLOT_BYTES));
+  copy.writeUInt32LE(0, 20);
+  if (crc32(copy) !== crc) return undefined; // torn or never written
+  const extents: number[] = [];
+  for (let i = 0; i < n; i++) extents.push(b.readUInt32LE(SLOT_HEADER + 4 * i));
+  return { seq: Number(b.readBigUInt64LE(4)), extentBytes: b.readUInt32LE(12), extents };
+}
+
+/** The log: the valid slot with the highest sequence number (undefined: empty or missing). */
+function readLog(folder: StateFolder): Slot | undefined {
+  const b = folder.read(LOG_FILE);
+  if (!b) return undefined;
+  const slots = [decodeSlot(b.subarray(0, SLOT_BYTES)), decodeSlot(b.subarray(SLOT_BYTES, 2 * SLOT_BYTES))];
+  return slots.reduce<Slot | undefined>((best, s) => (s && (!best || s.seq > best.seq) ? s : best), undefined);
+}
+
+// ---------------------------------------------------------------- recovery
+
+export interface Recovery {
+  /** A stored bitmap was found and used. */
+  stored: boolean;
+  /** Extents the log named (0 after a clean close). */
+  logExtents: number;
+  /** Bytes per extent of that log. */
+  extentBytes: number;
+  /** Why the whole export was marked dirty instead (the stored copy unusable), if it was. */
+  markedAll?: string;
+  /** The log's sequence number (the next slot continues from it). */
+  seq: number;
+  generation: number;
+}
+
+/**
+ * Reads the state folder's bitmap and log into `bitmap` (marks only; call it
+ * on a fresh bitmap): stored bits ∪ every extent in the log. A stored copy of
+ * another size, or one that does not decode, marks everything; one of another
+ * granularity is converted (every block touching a stored dirty block).
+ */
+export function recoverInto(folder: StateFolder, bitmap: DirtyBitmap): Recovery {
+  const log = readLog(folder);
+  const r: Recovery = { stored: false, logExtents: log?.extents.length ?? 0, extentBytes: log?.extentBytes ?? 0, seq: log?.seq ?? 0, generation: 0 };
+  let raw: Buffer | undefined;
+  try {
+    raw = folder.read(BITMAP_FILE);
+  } catch (e) {
+    r.markedAll = `cannot read ${folder.file(BITMAP_FILE)}: ${(e as Error).message}`;
+  }
+  if (raw) {
+    try {
+      const s = decodeBitmap(raw);
+      r.generation = s.generation;
+      r.stored = true;
+      if (s.size !== bitmap.size) r.markedAll = `the stored bitmap is for ${s.size} bytes, the image has ${bitmap.size}`;
+      else if (s.granularity === bitmap.granularity) bitmap.orWords(s.words);
+      else {
+        const old = new DirtyBitmap(s.size, s.granularity);
+        old.orWords(s.words);
+        for (let run = old.nextRun(0, old.blocks); run; run = old.nextRun(run.block + run.count, old.blocks))
+          bitmap.mark(run.block * s.granularity, run.count * s.granularity);
+      }
+    } catch (e) {
+      r.markedAll = `${folder.file(BITMAP_FILE)}: ${(e as Error).message}`;
+    }
+  } else if (log && log.extents.length > 0 && !r.markedAll) {
+    // A log without its stored bitmap: the bitmap was lost, not merely never written (open writes both).
+    r.markedAll = `${folder.file(BITMAP_FILE)} is missing but the activity log is not empty`;
+  }
+  if (r.markedAll) bitmap.markAll();
+  if (log) for (const e of log.extents) bitmap.mark(e * log.extentBytes, log.extentBytes);
+  return r;
+}
+
+/** Reads what a restart would recover, without opening the log (tests, tools). */
+export function readRecovered(folder: StateFolder, size: number, granularity: number): { bitmap: DirtyBitmap; recovery: Recovery } {
+  const bitmap = new DirtyBitmap(size, granularity);
+  return { bitmap, recovery: recoverInto(folder, bitmap) };
+}
+
+// ---------------------------------------------------------------- the log
+
+export interface ActivityLogOptions {
+  /** Bytes per activity-log extent (a power of two, at least the bitmap's granularity). */
+  extentBytes?: number;
+  /** Told when the log cannot be written (each failing write is refused with the error too). */
+  onError?: (e: unknown) => void;
+}
+
+interface Deferred {
+  promise: Promise<void>;
+  resolve: () => void;
+  reject: (e: unknown) => void;
+}
+
+function deferred(): Deferred {
+  let resolve!: () => void;
+  let reject!: (e: unknown) => void;
+  const promise = new Promise<void>((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  // Waiters attach their own handlers; an unobserved rejection is not an unhandled one.
+  promise.catch(() => undefined);
+  return { promise, resolve, reject };
+}
+
+/** Ranges [offset, length] a caller has in flight outside the write path, covered by every snapshot. */
+export type CoverFn = () => Iterable<readonly [number, number]>;
+
+export class ActivityLog {
+  readonly extentBytes: number;
+  private readonly shift: number;
+  /** Extents named by the slot on disk (or by both the old and the slot being written). */
+  private active = new Set<number>();
+  /** Extents asked for since the last slot write started, and the promise of the slot that will name them. */
+  private batch = new Set<number>();
+  private next: Deferred | undefined;
+  /** Writes in flight per extent (begin .. end). */
+  private readonly inflight = new Map<number, number>();
+  private running = false;
+  private checkpointWanted: Deferred | undefined;
+  private seq: number;
+  private generation: number;
+  private fd: number;
+  private failure: Error | undefined;
+  private closed = false;
+  private readonly covers = new Set<CoverFn>();
+  /** Counters, for status and the bench. */
+  readonly stats = { slotWrites: 0, checkpoints: 0, waits: 0 };
+
+  private constructor(
+    private readonly folder: StateFolder,
+    readonly bitmap: DirtyBitmap,
+    recovery: Recovery,
+    private readonly opts: ActivityLogOptions,
+  ) {
+    this.extentBytes = opts.extentBytes ?? DEFAULT_EXTENT_BYTES;
+    if (!Number.isInteger(this.extentBytes) || (this.extentBytes & (this.extentBytes - 1)) !== 0 || this.extentBytes < bitmap.granularity)
+      throw new RangeError(`activity-log extent must be a power of two of at least the dirty granularity (${bitmap.granularity}), got ${this.extentBytes}`);
+    this.shift = Math.log2(this.extentBytes);
+    this.seq = recovery.seq;
+    this.generation = recovery.generation;
+    this.fd = folder.openFd(LOG_FILE);
+  }
+
+  /**
+   * Recovers the folder's state into `bitmap`, then stores the result and
+   * empties the log (durably, before anything is served), and returns the log.
+   */
+  static open(folder: StateFolder, bitmap: DirtyBitmap, opts: ActivityLogOptions = {}): { log: ActivityLog; recovery: Recovery } {
+    const recovery = recoverInto(folder, bitmap);
+    const log = new ActivityLog(folder, bitmap, recovery, opts);
+    try {
+      log.storeSync();
+    } catch (e) {
+      fs.closeSync(log.fd);
+      throw e;
+    }
+    return { log, recovery };
+  }
+
+  /** Adds ranges every snapshot must cover while they are in flight (a mirror's copies); returns the removal. */
+  cover(fn: CoverFn): () => void {
+    this.covers.add(fn);
+    return () => this.covers.delete(fn);
+  }
+
+  /**
+   * A change to [offset, offset + length) is about to be made. Returns
+   * undefined when its extents are all in the log already (go on at once), or
+   * a promise that resolves once they are on disk (rejects if the log cannot
+   * be written). Every begin is paired with an end, whatever happens.
+   */
+  begin(offset: number, length: number): Promise<void> | undefined {
+    const first = Math.floor(offset / this.extentBytes);
+    const last = length > 0 ? Math.floor((offset + length - 1) / this.extentBytes) : first;
+    let missing = false;
+    for (let e = first; e <= last; e++) {
+      this.inflight.set(e, (this.inflight.get(e) ?? 0) + 1);
+      if (!this.active.has(e)) {
+        missing = true;
+        this.batch.add(e);
+      }
+    }
+    if (this.failure) return Promise.reject(this.failure);
+    if (!missing) return undefined;
+    this.stats.waits++;
+    const d = (this.next ??= deferred());
+    this.kick();
+    return d.promise;
+  }
+
+  /** The change begun at [offset, offset + length) is done (and marked in the bitmap). */
+  end(offset: number, length: number): void {
+    const first = Math.floor(offset / this.extentBytes);
+    const last = length > 0 ? Math.floor((offset + length - 1) / this.extentBytes) : first;
+    for (let e = first; e <= last; e++) {
+      const n = (this.inflight.get(e) ?? 1) - 1;
+      if (n <= 0) this.inflight.delete(e);
+      else this.inflight.set(e, n);
+    }
+  }
+
+  /** Makes the stored bitmap current and empties the log (see the file comment); resolves when durable. */
+  checkpoint(): Promise<void> {
+    if (this.failure) return Promise.reject(this.failure);
+    const d = (this.checkpointWanted ??= deferred());
+    this.kick();
+    return d.promise;
+  }
+
+  /** Extents in the log now. */
+  get activeExtents(): number {
+    return this.active.size;
+  }
+
+  private kick(): void {
+    if (this.running || this.closed) return;
+    this.running = true;
+    // One turn of the event loop: first writes that arrive together share the slot.
+    setImmediate(() => void this.drive());
+  }
+
+  private async drive(): Promise<void> {
+    try {
+      while (!this.failure && (this.batch.size > 0 || this.checkpointWanted)) {
+        const batch = this.batch;
+        const waiters = this.next;
+        const cp = this.checkpointWanted;
+        this.batch = new Set();
+        this.next = undefined;
+        this.checkpointWanted = undefined;
+        try {
+          let grown: Set<number> | undefined;
+          if (!cp) {
+            grown = new Set(this.active);
+            for (const e of batch) grown.add(e);
+          }
+          if (grown && grown.size <= SLOT_CAPACITY) {
+            await this.writeSlot(grown);
+            this.active = grown;
+          } else {
+            await this.checkpointNow(batch);
+            this.stats.checkpoints++;
+          }
+          waiters?.resolve();
+          cp?.resolve();
+        } catch (e) {
+          this.fail(e);
+          waiters?.reject(this.failure);
+          cp?.reject(this.failure);
+        }
+      }
+      if (this.failure) {
+        this.next?.reject(this.failure);
+        this.checkpointWanted?.reject(this.failure);
+        this.next = this.checkpointWanted = undefined;
+      }
+    } finally {
+      this.running = false;
+    }
+  }
+
+  private fail(e: unknown): void {
+    if (this.failure) return;
+    this.failure = new Error(`the activity log in ${this.folder.dir} cannot be written: ${(e as Error)?.message ?? e}`, { cause: e });
+    this.opts.onError?.(this.failure);
+  }
+
+  /** The snapshot: bitmap ∪ extents with changes in flight ∪ covered ranges. */
+  private snapshot(): DirtyBitmap {
+    const snap = new DirtyBitmap(this.bitmap.size, this.bitmap.granularity);
+    snap.orWords(this.bitmap.copyWords());
+    for (const e of this.inflight.keys()) snap.mark(e * this.extentBytes, this.extentBytes);
+    for (const fn of this.covers) for (const [o, l] of fn()) snap.mark(o, l);
+    return snap;
+  }
+
+  private async checkpointNow(batch: Set<number>): Promise<void> {
+    this.active = new Set(); // step 1: every write from now on waits for a slot
+    const snap = this.snapshot(); // step 2
+    this.generation++;
+    await this.folder.writeAtomicAsync(BITMAP_FILE, encodeBitmap(snap.size, snap.granularity, snap.copyWords(), this.generation)); // step 3
+    // Step 4: the extents that asked (covered by the snapshot already: naming them spares their next writes a wait).
+    const next = new Set<number>();
+    for (const e of batch) if (next.size < SLOT_CAPACITY) next.add(e);
+    for (const e of this.batch) if (next.size < SLOT_CAPACITY && this.inflight.has(e)) next.add(e);
+    await this.writeSlot(next);
+    // Writes that asked during this checkpoint wait for the next slot, unless this one named their extents.
+    for (const e of next) this.batch.delete(e);
+    this.active = next;
+    if (this.batch.size === 0 && this.next) {
+      this.next.resolve();
+      this.next = undefined;
+    }
+  }
+
+  private async writeSlot(extents: Set<number>): Promise<void> {
+    this.seq++;
+    const buf = encodeSlot(this.seq, this.extentBytes, extents);
+    await write(this.fd, buf, 0, SLOT_BYTES, (this.seq % 2) * SLOT_BYTES);
+    await fdatasync(this.fd);
+    this.stats.slotWrites++;
+  }
+
+  /** Startup and clean close: the exact bitmap stored, the log emptied, synchronously. */
+  private storeSync(): void {
+    this.generation++;
+    const snap = this.snapshot();
+    this.folder.writeAtomic(BITMAP_FILE, encodeBitmap(snap.size, snap.granularity, snap.copyWords(), this.generation));
+    this.seq++;
+    fs.writeSync(this.fd, encodeSlot(this.seq, this.extentBytes, []), 0, SLOT_BYTES, (this.seq % 2) * SLOT_BYTES);
+    fs.fdatasyncSync(this.fd);
+    this.active = new Set();
+  }
+
+  /** Clean close: waits for the slot being written, stores the exact bitmap, empties the log. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    while (this.running) await new Promise((r) => setImmediate(r));
+    this.closed = true;
+    try {
+      if (!this.failure) this.storeSync();
+    } finally {
+      fs.closeSync(this.fd);
+    }
+  }
+}
