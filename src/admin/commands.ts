@@ -7,6 +7,7 @@
  * A new command is one entry here and one line in ctl (or 'socket-only').
  */
 import type { MigrationController } from '../migration/controller.js';
+import type { PostcopyDestination } from '../migration/postcopy.js';
 import { Acl } from '../server/acl.js';
 import type { NbdServer } from '../server/server.js';
 import { type Args, checkArgs, type Schema } from './args.js';
@@ -16,6 +17,8 @@ import type { Handler } from './server.js';
 export interface AdminContext {
   readonly controller: MigrationController;
   readonly server: Pick<NbdServer, 'setAcl'>;
+  /** Post-copy destinations (serve --fetch-from), by export. */
+  readonly postcopy?: ReadonlyMap<string, PostcopyDestination>;
 }
 
 export interface AdminCommand<S extends Schema = Schema> {
@@ -39,7 +42,10 @@ export const ADMIN_COMMANDS = {
   status: command({
     summary: 'Exports, dirty data and mirror jobs',
     args: { export: { kind: 'string', doc: 'Only this export\'s mirror job' } },
-    run: ({ controller }, a) => (a.export === undefined ? controller.status() : controller.jobStatus(a.export)),
+    run: ({ controller, postcopy }, a) => {
+      if (a.export === undefined) return { ...controller.status(), postcopy: [...(postcopy?.values() ?? [])].map((p) => p.status()) };
+      return postcopy?.get(a.export)?.status() ?? controller.jobStatus(a.export);
+    },
   }),
   mirror: command({
     summary: 'Start mirroring an export to an NBD target (nbd://HOST[:PORT]/NAME or nbd+unix:///NAME?socket=PATH)',
@@ -109,7 +115,12 @@ export const ADMIN_COMMANDS = {
   'set-speed': command({
     summary: 'Change the copy rate limit (0 = unlimited)',
     args: { export: exportArg, rate: { kind: 'size', required: true, doc: 'The new limit, e.g. 500M (bytes/s); 0 lifts it' } },
-    run: ({ controller }, a) => controller.setSpeed(a.export, a.rate || undefined),
+    run: ({ controller, postcopy }, a) => {
+      const pc = postcopy?.get(a.export);
+      if (!pc) return controller.setSpeed(a.export, a.rate || undefined);
+      pc.setSpeed(a.rate || undefined);
+      return pc.status();
+    },
   }),
   checkpoint: command({
     summary: 'Create, list or delete an export\'s checkpoints (each records the blocks changed since it was created; NBD context qemu:dirty-bitmap:NAME)',

@@ -22,6 +22,8 @@ export interface ExportConfig {
   allow?: string[];
   /** Open the image or device O_DIRECT (the host page cache bypassed). */
   direct?: boolean;
+  /** Post-copy destination: serve at once, fetch absent blocks from this NBD URI (migration/postcopy.ts). */
+  fetchFrom?: string;
 }
 
 export interface ServeConfig {
@@ -52,6 +54,12 @@ export interface ServeConfig {
   tlsKey?: string;
   /** CA for client certificates: when given, clients must present a certificate it signed. */
   tlsCa?: string;
+  /** Post-copy: seconds a guest read of an absent block waits for the source before EIO (default 120). */
+  fetchTimeout?: number;
+  /** Post-copy: background fill rate limit in bytes/s (undefined: unlimited). */
+  fillBandwidth?: number;
+  /** Bytes of recently read blocks kept in memory for remote devices (0/undefined: none). */
+  readCache?: number;
   exports: ExportConfig[];
 }
 
@@ -129,7 +137,7 @@ export function loadConfigFile(file: string): Partial<ServeConfig> {
 }
 
 const TOP_KEYS = new Set(['listen', 'port', 'socket', 'handshakeTimeout', 'adminSocket', 'metrics', 'dirtyGranularity', 'maxConnections', 'maxConnectionsPerExport', 'idleTimeout', 'shutdownTimeout', 'tls', 'tlsCert', 'tlsKey', 'tlsCa', 'exports', '$comment']);
-const EXPORT_KEYS = new Set(['name', 'path', 'readOnly', 'description', 'oldstylePort', 'incoming', 'allow', 'direct', '$comment']);
+const EXPORT_KEYS = new Set(['name', 'path', 'readOnly', 'description', 'oldstylePort', 'incoming', 'allow', 'direct', 'fetchFrom', '$comment']);
 
 export function parseConfig(raw: unknown, where: string, baseDir: string): Partial<ServeConfig> {
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new ConfigError(`${where}: expected a JSON object`);
@@ -178,6 +186,8 @@ export function parseConfig(raw: unknown, where: string, baseDir: string): Parti
       if (op !== undefined) ec.oldstylePort = op;
       if (field(eo, 'incoming', w, isBool, 'true or false')) ec.incoming = true;
       if (field(eo, 'direct', w, isBool, 'true or false')) ec.direct = true;
+      const ff = field(eo, 'fetchFrom', w, isString, 'an NBD URI');
+      if (ff !== undefined) ec.fetchFrom = ff;
       const allow = field(eo, 'allow', w, isStringList, 'a list of addresses or CIDRs');
       if (allow !== undefined) ec.allow = checkAllow(allow, `${w}.allow`);
       return ec;
@@ -201,6 +211,7 @@ export function parseExportSpec(spec: string): ExportConfig {
     if (k === 'read-only' && v === undefined) ec.readOnly = true;
     else if (k === 'incoming' && v === undefined) ec.incoming = true;
     else if (k === 'direct' && v === undefined) ec.direct = true;
+    else if (k === 'fetch-from' && v) ec.fetchFrom = v;
     else if (k === 'allow' && v) ec.allow = checkAllow([...(ec.allow ?? []), v], where);
     else if (k === 'oldstyle-port' && v !== undefined && isPort(Number(v)) && v !== '') ec.oldstylePort = Number(v);
     else if (k === 'description' && v !== undefined) {
@@ -260,6 +271,10 @@ export interface ServeArgs {
   incoming?: boolean;
   force?: boolean;
   'dirty-granularity'?: string | number;
+  'fetch-from'?: string;
+  'fetch-timeout'?: number;
+  'max-bandwidth'?: string;
+  'read-cache'?: string;
 }
 
 /** Builds the serve configuration: config file first, then the command line on top. */
@@ -279,6 +294,7 @@ export function serveConfigFrom(argv: ServeArgs): ServeConfig {
     };
     if (argv.incoming) e.incoming = true;
     if (argv.direct) e.direct = true;
+    if (argv['fetch-from']) e.fetchFrom = argv['fetch-from'];
     if (argv.allow?.length) e.allow = checkAllow(argv.allow, '--allow');
     if (descriptions[i] !== undefined) e.description = descriptions[i];
     if (oldPorts[i] !== undefined) e.oldstylePort = oldPorts[i];
@@ -297,6 +313,10 @@ export function serveConfigFrom(argv: ServeArgs): ServeConfig {
     tls: (argv.tls as ServeConfig['tls'] | undefined) ?? file.tls ?? CONFIG_DEFAULTS.tls,
     exports: [...(file.exports ?? []), ...fromArgs, ...(argv.export ?? []).map(parseExportSpec)],
   };
+  if (argv['fetch-from'] && images.length !== 1) throw new ConfigError(`--fetch-from: give exactly one IMAGE (or fetch-from=URI in an --export spec), not ${images.length}`);
+  if (argv['fetch-timeout'] !== undefined) cfg.fetchTimeout = argv['fetch-timeout'];
+  if (argv['max-bandwidth'] !== undefined) cfg.fillBandwidth = bytesArg(argv['max-bandwidth'], '--max-bandwidth') || undefined;
+  if (argv['read-cache'] !== undefined) cfg.readCache = bytesArg(argv['read-cache'], '--read-cache') || undefined;
   const socket = argv.socket ?? file.socket;
   if (socket !== undefined) cfg.socket = socket;
   const admin = argv['admin-socket'] ?? file.adminSocket;
@@ -311,6 +331,15 @@ export function serveConfigFrom(argv: ServeArgs): ServeConfig {
   if (ca !== undefined) cfg.tlsCa = ca;
   checkConfig(cfg);
   return cfg;
+}
+
+/** A byte count or rate option (--max-bandwidth, --read-cache). */
+function bytesArg(v: string | number, option: string): number {
+  try {
+    return parseSize(v, option);
+  } catch (e) {
+    throw new ConfigError((e as Error).message);
+  }
 }
 
 function granularityArg(v: string | number | undefined): number | undefined {

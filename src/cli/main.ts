@@ -98,6 +98,10 @@ export async function main(args: string[]): Promise<void> {
           .option('incoming', { type: 'boolean', describe: 'The IMAGE arguments are migration destinations: only the migration source may attach until it completes' })
           .option('force', { type: 'boolean', describe: 'Serve images read-write even if fenced (migrated away) or half-received' })
           .option('dirty-granularity', { type: 'string', describe: 'Bytes per dirty-bitmap bit, a power of two (default 64K)' })
+          .option('fetch-from', { type: 'string', describe: 'Post-copy destination: serve the IMAGE at once and fetch the blocks it does not hold yet from this NBD URI (nbd://SOURCE/NAME)' })
+          .option('fetch-timeout', { coerce: numericArg('fetch-timeout', 'positive-seconds'), describe: 'Post-copy: seconds a read of a block not yet fetched waits for an unreachable source before it fails with EIO (default 120)' })
+          .option('max-bandwidth', { type: 'string', describe: 'Post-copy: background fill rate limit, e.g. 50M (bytes/s; ctl set-speed changes it)' })
+          .option('read-cache', { type: 'string', describe: 'Keep this many bytes of recently read blocks of remote devices in memory, e.g. 64M (after cutover, during post-copy)' })
           .example('$0 serve disk.img --name vm1', 'Serve disk.img as export "vm1" on port 10809')
           .example('$0 serve disk.img --name vm1 --oldstyle-port 20001', 'Also serve it oldstyle on port 20001 (qemu: nbd:HOST:20001)')
           .example('$0 serve --export a=a.img --export b=b.img,read-only', 'Serve two exports'),

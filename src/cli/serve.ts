@@ -24,6 +24,7 @@ import { buildStack, type Stack } from '../storage/stack.js';
 import { Checkpoints, FileCheckpointStore } from '../dirty/checkpoints.js';
 import { DEFAULT_GRANULARITY } from '../dirty/bitmap.js';
 import { buildRegistry, startMetricsServer } from '../metrics/exporter.js';
+import { PostcopyDestination, postcopyRefusal } from '../migration/postcopy.js';
 import { log } from '../util/log.js';
 import { ConfigError, type ExportConfig, type ServeConfig } from './config.js';
 
@@ -125,6 +126,7 @@ interface OpenExport {
   file: FileDevice;
   stack: Stack;
   source: MirrorSource;
+  postcopy?: PostcopyDestination;
   checkpoints: Checkpoints;
 }
 
@@ -136,6 +138,8 @@ function sameExport(a: ExportConfig, b: ExportConfig): boolean {
 class ServeProcess implements RunningServer {
   readonly registry = new ExportRegistry();
   readonly sources = new Map<string, MirrorSource>();
+  /** Post-copy destinations (serve --fetch-from), by export. */
+  readonly postcopies = new Map<string, PostcopyDestination>();
   private readonly open = new Map<string, OpenExport>();
   /** Exports removed by a reload whose images stay open until their last connection ends. */
   private readonly retiring = new Set<OpenExport>();
@@ -159,6 +163,8 @@ class ServeProcess implements RunningServer {
 
   async openExport(e: ExportConfig): Promise<OpenExport> {
     checkMarkers(e, this.cfg.force);
+    const pcRefusal = postcopyRefusal(e, this.cfg.force);
+    if (pcRefusal) throw new ConfigError(pcRefusal);
     if (e.incoming && e.readOnly) throw new ConfigError(`export "${e.name}": --incoming needs a writable image`);
     let file: FileDevice;
     try {
@@ -173,7 +179,19 @@ class ServeProcess implements RunningServer {
       throw new Error(`export "${e.name}": cannot open ${e.path}: ${(err as Error).message}`, { cause: err });
     }
     const checkpoints = openCheckpoints(e, file, this.cfg.dirtyGranularity ?? DEFAULT_GRANULARITY);
-    const stack = buildStack({ local: file, dirtyGranularity: this.cfg.dirtyGranularity, changes: checkpoints });
+    const postcopy = e.fetchFrom
+      ? new PostcopyDestination({
+          exportName: e.name,
+          image: e.path,
+          source: e.fetchFrom,
+          local: file,
+          granularity: this.cfg.dirtyGranularity,
+          exportId: newExportId(),
+          fetchTimeoutMs: (this.cfg.fetchTimeout ?? 120) * 1000,
+          maxBandwidth: this.cfg.fillBandwidth,
+        })
+      : undefined;
+    const stack = buildStack({ local: postcopy?.device ?? file, dirtyGranularity: this.cfg.dirtyGranularity, changes: checkpoints });
     const received = readReceived(e.path);
     let incoming: IncomingMigration | undefined;
     if (e.incoming && received) {
@@ -208,10 +226,15 @@ class ServeProcess implements RunningServer {
     };
     source.checkpoints = checkpoints;
     const oe: OpenExport = { config: e, file, stack, source, checkpoints };
-    const exp = new Export({ name: e.name, description: e.description, device: stack.device, extension: incoming, id: incoming?.exportId ?? received?.exportId, acl: e.allow ? Acl.parse(e.allow) : undefined, contexts: () => checkpoints.contexts() });
+    const exp = new Export({ name: e.name, description: e.description, device: stack.device, extension: incoming, id: postcopy?.exportId ?? incoming?.exportId ?? received?.exportId, acl: e.allow ? Acl.parse(e.allow) : undefined, contexts: () => checkpoints.contexts() });
     source.exportId = exp.id;
     this.registry.add(exp);
     this.sources.set(e.name, source);
+    if (postcopy) {
+      oe.postcopy = postcopy;
+      this.postcopies.set(e.name, postcopy);
+      postcopy.start();
+    }
     this.open.set(e.name, oe);
     log('info', 'export-added', { export: e.name, image: e.path, size: file.size, readOnly: e.readOnly, incoming: incoming !== undefined, exportId: exp.id, storage: file.sparseKind, blockDevice: file.isBlockDevice, direct: file.isDirect });
     if (e.oldstylePort !== undefined) await this.server.listenOldstyle(e.name, this.cfg.listen, e.oldstylePort);
@@ -225,6 +248,7 @@ class ServeProcess implements RunningServer {
     await this.server.closeOldstyle(name);
     this.registry.remove(name);
     this.sources.delete(name);
+    this.postcopies.delete(name);
     this.open.delete(name);
     this.retiring.add(oe);
     log('info', 'export-removed', { export: name, connections: this.server.connectionsByExport().get(name) ?? 0 });
@@ -239,6 +263,7 @@ class ServeProcess implements RunningServer {
       this.retiring.delete(oe);
       await oe.stack.device.flush().catch(() => undefined);
       closeCheckpoints(oe);
+      await oe.postcopy?.close().catch((e) => log('error', 'postcopy-close-failed', { export: oe.config.name, cause: e }));
       await oe.file.close().catch((e) => log('error', 'close-failed', { image: oe.file.path, cause: e }));
     }
     if (this.retiring.size === 0 && this.reaper) {
@@ -257,11 +282,11 @@ class ServeProcess implements RunningServer {
       } else await this.server.listenNewstyle(this.cfg.listen, this.cfg.port);
       if (this.cfg.socket) await this.server.listenUnix(this.cfg.socket);
       if (this.cfg.adminSocket) {
-        this.admin = new AdminServer(this.cfg.adminSocket, adminHandlers({ controller: this.controller, server: this.server }));
+        this.admin = new AdminServer(this.cfg.adminSocket, adminHandlers({ controller: this.controller, server: this.server, postcopy: this.postcopies }));
         await this.admin.listen();
       }
       if (this.cfg.metrics)
-        this.metrics = await startMetricsServer(this.cfg.metrics, buildRegistry({ exports: this.registry, server: this.server.stats, controller: this.controller }));
+        this.metrics = await startMetricsServer(this.cfg.metrics, buildRegistry({ exports: this.registry, server: this.server.stats, controller: this.controller, postcopy: this.postcopies }));
     } catch (err) {
       await this.stop();
       throw err;
@@ -315,6 +340,7 @@ class ServeProcess implements RunningServer {
       if (flushed === false) log('error', 'flush-timeout', { export: oe.config.name, timeoutMs: SHUTDOWN_FLUSH_MS });
       await oe.stack.switch.target?.close().catch(() => undefined);
       closeCheckpoints(oe);
+      await oe.postcopy?.close().catch((e) => log('error', 'postcopy-close-failed', { export: oe.config.name, cause: e }));
       await oe.file.close().catch((e) => log('error', 'close-failed', { image: oe.file.path, cause: e }));
     }
     this.open.clear();

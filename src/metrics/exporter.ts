@@ -9,6 +9,7 @@ import * as http from 'node:http';
 import client from 'prom-client';
 import type { MigrationController } from '../migration/controller.js';
 import type { JobState } from '../migration/job.js';
+import type { PostcopyDestination } from '../migration/postcopy.js';
 import type { ExportRegistry } from '../server/export.js';
 import { LATENCY_BUCKETS, type ServerStats } from '../server/stats.js';
 import { logger } from '../util/log.js';
@@ -21,6 +22,8 @@ export interface MetricsSources {
   exports: ExportRegistry;
   server: ServerStats;
   controller: MigrationController;
+  /** Post-copy destinations (serve --fetch-from), by export. */
+  postcopy?: ReadonlyMap<string, PostcopyDestination>;
 }
 
 /** A histogram whose buckets are kept elsewhere (ExportStats) and exposed as they are at scrape. */
@@ -130,6 +133,22 @@ export function buildRegistry(src: MetricsSources): client.Registry {
   });
   gauge('mirror_cutover_pause_seconds', 'Guest write pause measured at the last cutover', ['export'], (set) => {
     for (const j of status().jobs) if (j.pauseMs !== null) set({ export: j.export }, j.pauseMs / 1000);
+  });
+  const postcopy = () => [...(src.postcopy?.values() ?? [])].map((p) => p.status());
+  gauge('postcopy_present_bytes', 'Post-copy destination: bytes present locally', ['export'], (set) => {
+    for (const p of postcopy()) set({ export: p.export }, p.presentBytes);
+  });
+  gauge('postcopy_absent_bytes', 'Post-copy destination: bytes still only on the source', ['export'], (set) => {
+    for (const p of postcopy()) set({ export: p.export }, p.absentBytes);
+  });
+  gauge('postcopy_rate_bytes_per_second', 'Post-copy destination: bytes brought over per second (fetches and fill)', ['export'], (set) => {
+    for (const p of postcopy()) set({ export: p.export }, p.rate);
+  });
+  gauge('postcopy_eta_seconds', 'Post-copy destination: estimated seconds until every block is present', ['export'], (set) => {
+    for (const p of postcopy()) if (p.etaSeconds !== null) set({ export: p.export }, p.etaSeconds);
+  });
+  gauge('postcopy_completed', 'Post-copy destination: 1 once every block is present and the source detached', ['export'], (set) => {
+    for (const p of postcopy()) set({ export: p.export }, p.state === 'completed' ? 1 : 0);
   });
   return reg;
 }

@@ -1,0 +1,613 @@
+/**
+ * Post-copy, destination side (`serve dst.img --fetch-from nbd://SOURCE/vm1`):
+ * the export is served at once, over a fetch filter (storage/filters/fetch.ts)
+ * that pulls absent blocks from the source on demand, while a background fill
+ * copies the rest (the copy engine turned round: remote to local, holes not
+ * read, under a rate limit, yielding to guest reads). When nothing is absent
+ * the destination detaches from the source and records completion.
+ *
+ * State, in the export's state folder (default IMAGE.nbd-migrate.d/):
+ * - postcopy.json: the source's URI and identity, since, completedAt;
+ * - present-map: the absent blocks, written atomically (tmp, fsync, rename,
+ *   fsync the folder) only after the image itself was made durable, so it
+ *   never claims a block present whose data could still be lost.
+ * A restart continues from the map; a completed destination serves as a
+ * normal export and never asks the source again.
+ */
+import { EventEmitter } from 'node:events';
+import * as fs from 'node:fs';
+import * as fsp from 'node:fs/promises';
+import * as path from 'node:path';
+import { NbdClient } from '../client/nbd-client.js';
+import { isConnectionLost } from '../client/errors.js';
+import { DirtyBitmap } from '../dirty/bitmap.js';
+import * as C from '../protocol/constants.js';
+import { type Device, DeviceError, type Extent } from '../storage/device.js';
+import { FetchFilter, type FetchKind, type FetchSource } from '../storage/filters/fetch.js';
+import { type Logger, logger } from '../util/log.js';
+import { TokenBucket } from '../util/token-bucket.js';
+import { targetFacts } from './connector.js';
+
+/** Selected by a destination's fetcher: `nbd-migrate:fetch:<destination export id>` (a post-copy supplier admits only it). */
+export const FETCH_CONTEXT_PREFIX = 'nbd-migrate:fetch:';
+
+// ------------------------------------------------------------------ state
+
+export interface PostcopyState {
+  export: string;
+  source: string;
+  /** The source export's identity at the first connection (null: a server that has none, qemu-nbd, nbdkit). */
+  sourceExportId: string | null;
+  /** This destination's export identity (kept across restarts). */
+  exportId: string;
+  size: number;
+  granularity: number;
+  since: string;
+  completedAt?: string;
+}
+
+export const defaultStateDir = (image: string): string => `${image}.nbd-migrate.d`;
+
+const MAGIC = Buffer.from('NBDMABS1');
+
+/** The post-copy state files of one export (until src/dirty/state.ts offers the shared folder, kept here behind this class). */
+export class PostcopyStore {
+  constructor(readonly dir: string) {}
+
+  private get stateFile(): string {
+    return path.join(this.dir, 'postcopy.json');
+  }
+
+  private get mapFile(): string {
+    return path.join(this.dir, 'present-map');
+  }
+
+  readState(): PostcopyState | undefined {
+    try {
+      return JSON.parse(fs.readFileSync(this.stateFile, 'utf8')) as PostcopyState;
+    } catch (e) {
+      if ((e as { code?: string }).code === 'ENOENT') return undefined;
+      throw new Error(`${this.stateFile} is unreadable (${(e as Error).message}); the destination's post-copy state cannot be trusted`, { cause: e });
+    }
+  }
+
+  writeState(s: PostcopyState): void {
+    fs.mkdirSync(this.dir, { recursive: true });
+    const tmp = `${this.stateFile}.tmp${process.pid}`;
+    const fd = fs.openSync(tmp, 'w', 0o644);
+    try {
+      fs.writeSync(fd, JSON.stringify(s) + '\n');
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+    fs.renameSync(tmp, this.stateFile);
+    syncDirSync(this.dir);
+  }
+
+  /** Sets `absent` from the saved map; false when there is none (everything is absent then). */
+  loadAbsent(absent: DirtyBitmap): boolean {
+    let buf: Buffer;
+    try {
+      buf = fs.readFileSync(this.mapFile);
+    } catch (e) {
+      if ((e as { code?: string }).code === 'ENOENT') return false;
+      throw e;
+    }
+    if (buf.length < 32 || !buf.subarray(0, 8).equals(MAGIC) || (buf.length - 8) % 8 !== 0)
+      throw new Error(`${this.mapFile} is not a present-map`);
+    const f = new Float64Array(buf.buffer.slice(buf.byteOffset + 8, buf.byteOffset + buf.length));
+    const [size, granularity, runs] = [f[0]!, f[1]!, f[2]!];
+    if (size !== absent.size || granularity !== absent.granularity || f.length !== 3 + 2 * runs)
+      throw new Error(`${this.mapFile} is for ${size} bytes at ${granularity} per block, not ${absent.size} at ${absent.granularity}`);
+    absent.clearAll();
+    for (let i = 0; i < runs; i++) absent.markBlocks(f[3 + 2 * i]!, f[4 + 2 * i]!);
+    return true;
+  }
+
+  /** The map as it is now (absent runs), to save after the image is durable. */
+  static snapshot(absent: DirtyBitmap): Buffer {
+    const runs: number[] = [];
+    for (let b = 0; ; ) {
+      const r = absent.nextRun(b, absent.blocks);
+      if (!r) break;
+      runs.push(r.block, r.count);
+      b = r.block + r.count;
+    }
+    const f = new Float64Array(3 + runs.length);
+    f[0] = absent.size;
+    f[1] = absent.granularity;
+    f[2] = runs.length / 2;
+    f.set(runs, 3);
+    return Buffer.concat([MAGIC, Buffer.from(f.buffer)]);
+  }
+
+  async saveMap(snapshot: Buffer): Promise<void> {
+    await fsp.mkdir(this.dir, { recursive: true });
+    const tmp = `${this.mapFile}.tmp${process.pid}`;
+    const fh = await fsp.open(tmp, 'w', 0o644);
+    try {
+      await fh.writeFile(snapshot);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await fsp.rename(tmp, this.mapFile);
+    const dh = await fsp.open(this.dir, 'r');
+    try {
+      await dh.sync();
+    } finally {
+      await dh.close();
+    }
+  }
+}
+
+function syncDirSync(dir: string): void {
+  const fd = fs.openSync(dir, 'r');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/**
+ * Why an export may not be served as configured (undefined: it may): a
+ * half-filled post-copy destination served without --fetch-from would show
+ * zeros where the source still holds the data.
+ */
+export function postcopyRefusal(e: { name: string; path: string; fetchFrom?: string; incoming?: boolean; readOnly: boolean }, force: boolean): string | undefined {
+  if (e.fetchFrom && e.incoming) return `export "${e.name}": --fetch-from and --incoming exclude each other (post-copy pulls, pre-copy is pushed)`;
+  if (e.fetchFrom && e.readOnly) return `export "${e.name}": --fetch-from needs a writable image (fetched blocks are written into it)`;
+  if (e.fetchFrom || force) return undefined;
+  let st: PostcopyState | undefined;
+  try {
+    st = new PostcopyStore(defaultStateDir(e.path)).readState();
+  } catch (err) {
+    return `export "${e.name}": ${(err as Error).message}`;
+  }
+  if (st && !st.completedAt)
+    return (
+      `export "${e.name}": ${e.path} is a post-copy destination still filling from ${st.source}; ` +
+      `serve it with --fetch-from ${st.source} to go on (without it the blocks not yet fetched would read as zeros), or --force`
+    );
+  return undefined;
+}
+
+// ------------------------------------------------------------------ the source
+
+export interface SourceLinkOptions {
+  uri: string;
+  size: number;
+  /** A fetch that finds no working source for this long fails with EIO (--fetch-timeout). */
+  timeoutMs: number;
+  /** A source connection that answers nothing for this long is dropped and reconnected. */
+  requestTimeoutMs: number;
+  /** The source's identity as first seen (undefined: not known yet). */
+  exportId: string | null | undefined;
+  /** The source's identity was seen for the first time. */
+  onIdentity(exportId: string | null): void;
+  /** This destination's identity: the fetcher selects `nbd-migrate:fetch:<it>`. */
+  destExportId: string;
+  log: Logger;
+}
+
+/**
+ * The connection to the source, re-established when it drops. A fetch that
+ * fails waits and retries with backoff (the guest sees latency, not an
+ * error), and fails with EIO only once no attempt succeeded for `timeoutMs`.
+ * A source that is no longer the same disk (another identity or size) fails
+ * at once: the destination must never mix two disks.
+ */
+export class SourceLink implements FetchSource {
+  private conn: NbdClient | undefined;
+  private connecting: Promise<NbdClient> | undefined;
+  private closed = false;
+  connected = false;
+  lastError: string | null = null;
+  retries = 0;
+  private exportId: string | null | undefined;
+
+  constructor(private readonly o: SourceLinkOptions) {
+    this.exportId = o.exportId;
+  }
+
+  read(offset: number, length: number, into: Buffer, at: number): Promise<void> {
+    return this.op(`read ${length} bytes at ${offset}`, (c) => c.read(offset, length, into, at));
+  }
+
+  extents(offset: number, length: number, maxExtents: number): Promise<Extent[]> {
+    return this.op(`block status at ${offset}`, (c) => c.extents(offset, length, maxExtents));
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    const c = this.conn;
+    this.conn = undefined;
+    this.connected = false;
+    await c?.close().catch(() => c.destroy());
+  }
+
+  private async op<T>(what: string, fn: (c: NbdClient) => Promise<T>): Promise<T> {
+    const deadline = Date.now() + this.o.timeoutMs;
+    for (let attempt = 1; ; attempt++) {
+      if (this.closed) throw new DeviceError('ESHUTDOWN', `the source ${this.o.uri} was detached`);
+      let c: NbdClient | undefined;
+      try {
+        c = await this.get();
+        const r = await fn(c);
+        if (attempt > 1) this.o.log.info('fetch-recovered', { source: this.o.uri, what, attempts: attempt });
+        return r;
+      } catch (e) {
+        if (e instanceof DeviceError && e.code === 'EIDENTITY') throw new DeviceError('EIO', e.message, { cause: e });
+        if (this.closed) throw new DeviceError('ESHUTDOWN', `the source ${this.o.uri} was detached`, { cause: e });
+        this.lastError = (e as Error)?.message ?? String(e);
+        if (c && (c.closed || isConnectionLost(e))) this.drop(c);
+        const left = deadline - Date.now();
+        if (left <= 0) {
+          this.o.log.error('fetch-failed', {
+            source: this.o.uri,
+            what,
+            attempts: attempt,
+            timeoutMs: this.o.timeoutMs,
+            cause: e,
+            effect: 'the guest gets EIO for this request (--fetch-timeout); later requests try the source again',
+          });
+          throw new DeviceError('EIO', `the source ${this.o.uri} did not answer within ${this.o.timeoutMs} ms (--fetch-timeout): ${this.lastError}`, { cause: e });
+        }
+        this.retries++;
+        if (attempt === 1 || attempt % 10 === 0)
+          this.o.log.warn('fetch-retry', { source: this.o.uri, what, attempt, cause: e, leftMs: left, effect: 'the request waits; it fails with EIO only after --fetch-timeout' });
+        await new Promise((r) => setTimeout(r, Math.min(50 * 2 ** Math.min(attempt - 1, 6), 2000, left)));
+      }
+    }
+  }
+
+  private drop(c: NbdClient): void {
+    if (this.conn !== c) return;
+    this.conn = undefined;
+    this.connected = false;
+    c.destroy();
+    this.o.log.warn('source-connection-lost', { source: this.o.uri, cause: this.lastError, effect: 'fetches wait and reconnect' });
+  }
+
+  private get(): Promise<NbdClient> {
+    if (this.conn && !this.conn.closed) return Promise.resolve(this.conn);
+    if (this.conn) this.drop(this.conn);
+    this.connecting ??= this.connect().finally(() => (this.connecting = undefined));
+    return this.connecting;
+  }
+
+  private async connect(): Promise<NbdClient> {
+    const c = await NbdClient.connect(this.o.uri, {
+      metaContexts: [C.BASE_ALLOCATION, FETCH_CONTEXT_PREFIX + this.o.destExportId],
+      listMetaContexts: [C.MIGRATE_NAMESPACE],
+      requestTimeoutMs: this.o.requestTimeoutMs,
+      connectTimeoutMs: Math.min(10_000, this.o.timeoutMs),
+    });
+    const id = targetFacts(c.listedContexts).exportId ?? null;
+    const unfit = (msg: string) => {
+      c.destroy();
+      this.o.log.error('source-refused', { source: this.o.uri, cause: msg });
+      return new DeviceError('EIDENTITY', msg);
+    };
+    if (c.size !== this.o.size) throw unfit(`the source ${this.o.uri} is ${c.size} bytes, this image ${this.o.size}: not the same disk`);
+    if (this.exportId === undefined) {
+      this.exportId = id;
+      this.o.onIdentity(id);
+    } else if (this.exportId !== id) {
+      // A plain export gets a new identity each time its server starts, so a changed one is not proof of another disk (the size is checked).
+      this.o.log.warn('source-identity-changed', {
+        source: this.o.uri,
+        was: this.exportId,
+        now: id,
+        effect: 'fetching goes on (a restarted source server names its export anew); make sure the URI still names the same disk',
+      });
+      this.exportId = id;
+      this.o.onIdentity(id);
+    }
+    if (this.closed) {
+      c.destroy();
+      throw new DeviceError('ESHUTDOWN', 'detached');
+    }
+    this.conn = c;
+    this.connected = true;
+    this.o.log.info('source-connected', { source: this.o.uri, exportId: id, size: c.size, structuredReplies: c.structuredReplies });
+    return c;
+  }
+}
+
+// ------------------------------------------------------------------ the destination
+
+export interface PostcopyOptions {
+  exportName: string;
+  image: string;
+  source: string;
+  local: Device;
+  stateDir?: string;
+  granularity: number;
+  /** This export's identity (a restart keeps the saved one). */
+  exportId: string;
+  fetchTimeoutMs: number;
+  requestTimeoutMs?: number;
+  /** Fill rate limit (bytes/s); undefined: unlimited. */
+  maxBandwidth?: number;
+  /** Start the background fill (default true). */
+  fill?: boolean;
+  fillChunkBytes?: number;
+  fillInflight?: number;
+  /** How often the map is saved while blocks arrive (default 1 s). */
+  persistIntervalMs?: number;
+}
+
+export type PostcopyPhase = 'filling' | 'completed';
+
+export interface PostcopyStatus {
+  export: string;
+  role: 'postcopy-destination';
+  source: string;
+  state: PostcopyPhase;
+  size: number;
+  granularity: number;
+  presentBytes: number;
+  absentBytes: number;
+  /** Bytes per second brought over (guest fetches, read-ahead and fill), last seconds. */
+  rate: number;
+  etaSeconds: number | null;
+  maxBandwidth: number | null;
+  sourceConnected: boolean;
+  sourceRetries: number;
+  lastError: string | null;
+  fetched: FetchFilter['counters'];
+  since: string;
+  completedAt: string | null;
+}
+
+export class PostcopyDestination extends EventEmitter {
+  /** The export's local device: the fetch filter over the image (the image itself once complete). */
+  readonly device: Device;
+  readonly filter: FetchFilter | undefined;
+  readonly exportId: string;
+  private readonly store: PostcopyStore;
+  private state: PostcopyState;
+  private readonly link: SourceLink | undefined;
+  private readonly log: Logger;
+  private limiter: TokenBucket | undefined;
+  private stopped = false;
+  private fillDone: Promise<void> | undefined;
+  private timer: NodeJS.Timeout | undefined;
+  private changed = false;
+  private persistChain: Promise<void> = Promise.resolve();
+  private persistWaiting: Promise<void> | undefined;
+  private completing: Promise<void> | undefined;
+  private readonly samples: Array<{ t: number; bytes: number }> = [];
+  private sampler: NodeJS.Timeout | undefined;
+
+  constructor(private readonly o: PostcopyOptions) {
+    super();
+    this.log = logger({ export: o.exportName, source: o.source, component: 'postcopy' });
+    this.store = new PostcopyStore(o.stateDir ?? defaultStateDir(o.image));
+    const saved = this.store.readState();
+    if (saved && saved.source !== o.source)
+      this.log.warn('postcopy-source-changed', { was: saved.source, now: o.source, effect: 'the new URI is used; it must be the same disk (its identity is checked)' });
+    this.state = saved
+      ? { ...saved, source: o.source }
+      : { export: o.exportName, source: o.source, sourceExportId: null, exportId: o.exportId, size: o.local.size, granularity: o.granularity, since: new Date().toISOString() };
+    this.exportId = this.state.exportId;
+    if (o.maxBandwidth) this.limiter = new TokenBucket(o.maxBandwidth);
+    if (this.state.completedAt) {
+      this.device = o.local;
+      this.log.info('postcopy-already-complete', { image: o.image, completedAt: this.state.completedAt, effect: 'served as a normal export; the source is not asked' });
+      return;
+    }
+    const absent = new DirtyBitmap(o.local.size, saved?.granularity ?? o.granularity);
+    const resumed = this.store.loadAbsent(absent);
+    if (!resumed) absent.markAll();
+    if (!saved) this.store.writeState(this.state);
+    let knownId: string | null | undefined = saved && saved.sourceExportId !== undefined && resumed ? saved.sourceExportId : undefined;
+    if (saved && !resumed && saved.sourceExportId) knownId = saved.sourceExportId;
+    this.link = new SourceLink({
+      uri: o.source,
+      size: o.local.size,
+      timeoutMs: o.fetchTimeoutMs,
+      requestTimeoutMs: o.requestTimeoutMs ?? Math.min(30_000, o.fetchTimeoutMs),
+      exportId: knownId,
+      onIdentity: (id) => {
+        this.state = { ...this.state, sourceExportId: id };
+        this.store.writeState(this.state);
+      },
+      destExportId: this.exportId,
+      log: this.log,
+    });
+    this.filter = new FetchFilter(o.local, absent, this.link, {
+      persist: () => this.persist(),
+      onPresent: () => this.onPresent(),
+      onFetched: (kind, bytes, ms) => this.onFetched(kind, bytes, ms),
+    });
+    this.device = this.filter;
+    this.log.info('postcopy-start', {
+      image: o.image,
+      resumed,
+      absentBytes: absent.dirtyBytes(),
+      presentBytes: o.local.size - absent.dirtyBytes(),
+      granularity: absent.granularity,
+      fetchTimeoutMs: o.fetchTimeoutMs,
+      maxBandwidth: o.maxBandwidth ?? null,
+    });
+  }
+
+  /** Starts the background fill and the periodic save of the map. */
+  start(): void {
+    if (!this.filter) return;
+    this.timer = setInterval(() => {
+      if (this.changed) this.persist().catch((e) => this.log.error('present-map-save-failed', { cause: e, effect: 'retried at the next interval' }));
+    }, this.o.persistIntervalMs ?? 1000);
+    this.timer.unref();
+    this.sampler = setInterval(() => this.sample(), 250);
+    this.sampler.unref();
+    if (this.filter.absent.dirtyBlocks() === 0) void this.complete();
+    else if (this.o.fill !== false) this.fillDone = this.fill();
+  }
+
+  get completed(): boolean {
+    return this.state.completedAt !== undefined;
+  }
+
+  status(): PostcopyStatus {
+    const absent = this.filter && !this.completed ? this.filter.absent.dirtyBytes() : 0;
+    const rate = this.rate();
+    return {
+      export: this.o.exportName,
+      role: 'postcopy-destination',
+      source: this.o.source,
+      state: this.completed ? 'completed' : 'filling',
+      size: this.o.local.size,
+      granularity: this.filter?.granularity ?? this.o.granularity,
+      presentBytes: this.o.local.size - absent,
+      absentBytes: absent,
+      rate: Math.round(rate),
+      etaSeconds: !this.completed && rate > 0 ? Math.round((absent / rate) * 10) / 10 : this.completed ? 0 : null,
+      maxBandwidth: this.limiter?.rate ?? null,
+      sourceConnected: this.link?.connected ?? false,
+      sourceRetries: this.link?.retries ?? 0,
+      lastError: this.link?.lastError ?? null,
+      fetched: { ...(this.filter?.counters ?? { guestRuns: 0, guestBytes: 0, readAheadRuns: 0, readAheadBytes: 0, fillRuns: 0, fillBytes: 0, fillHoleBytes: 0, sourceReads: 0 }) },
+      since: this.state.since,
+      completedAt: this.state.completedAt ?? null,
+    };
+  }
+
+  setSpeed(bytesPerSecond: number | undefined): void {
+    if (!bytesPerSecond) this.limiter = undefined;
+    else if (this.limiter) this.limiter.setRate(bytesPerSecond);
+    else this.limiter = new TokenBucket(bytesPerSecond);
+    this.log.info('postcopy-speed', { maxBandwidth: bytesPerSecond ?? null });
+  }
+
+  /** Resolves when completed (for tests and callers that wait). */
+  whenCompleted(): Promise<void> {
+    if (this.completed) return Promise.resolve();
+    return new Promise((r) => this.once('completed', () => r()));
+  }
+
+  /** Stops the fill, saves the map and lets the source go. */
+  async close(): Promise<void> {
+    this.stopped = true;
+    if (this.timer) clearInterval(this.timer);
+    if (this.sampler) clearInterval(this.sampler);
+    await this.link?.close();
+    await this.fillDone?.catch(() => undefined);
+    await this.completing?.catch(() => undefined);
+    if (this.filter && !this.completed) await this.persist().catch((e) => this.log.error('present-map-save-failed', { cause: e }));
+  }
+
+  // ---- internals
+
+  /** Image durable first, then the map as it was before: never a block claimed present before its data is on disk. */
+  persist(): Promise<void> {
+    if (this.persistWaiting) return this.persistWaiting;
+    const p = this.persistChain.then(async () => {
+      this.persistWaiting = undefined;
+      const filter = this.filter!;
+      this.changed = false;
+      const snap = PostcopyStore.snapshot(filter.absent);
+      await this.o.local.flush();
+      await this.store.saveMap(snap);
+    });
+    this.persistWaiting = p;
+    this.persistChain = p.catch(() => undefined);
+    return p;
+  }
+
+  private onPresent(): void {
+    this.changed = true;
+    if (this.filter!.absent.dirtyBlocks() === 0 && !this.completed) void this.complete();
+  }
+
+  private onFetched(kind: FetchKind, bytes: number, ms: number): void {
+    if (kind !== 'fill') this.log.debug('fetched', { kind, bytes, ms: Math.round(ms * 100) / 100 });
+  }
+
+  private brought(): number {
+    const c = this.filter?.counters;
+    return c ? c.guestBytes + c.readAheadBytes + c.fillBytes + c.fillHoleBytes : 0;
+  }
+
+  private sample(): void {
+    this.samples.push({ t: performance.now(), bytes: this.brought() });
+    while (this.samples.length > 20) this.samples.shift();
+  }
+
+  private rate(): number {
+    if (this.samples.length < 2) return 0;
+    const a = this.samples[0]!;
+    const b = { t: performance.now(), bytes: this.brought() };
+    const secs = (b.t - a.t) / 1000;
+    return secs > 0 ? (b.bytes - a.bytes) / secs : 0;
+  }
+
+  /** Every absent block, in chunks, holes not read; guest reads go first. */
+  private async fill(): Promise<void> {
+    const filter = this.filter!;
+    const chunkBlocks = Math.max(1, Math.floor((this.o.fillChunkBytes ?? 2 * 1024 * 1024) / filter.granularity));
+    const maxInflight = this.o.fillInflight ?? 4;
+    const inflight = new Set<Promise<void>>();
+    const t0 = performance.now();
+    let cursor = 0;
+    let failures = 0;
+    this.log.info('fill-start', { absentBytes: filter.absent.dirtyBytes(), maxBandwidth: this.limiter?.rate ?? null });
+    while (!this.stopped && filter.attached) {
+      if (filter.guestsWaiting) await filter.whenGuestsIdle();
+      let run = filter.absent.nextRun(cursor, chunkBlocks);
+      if (!run && cursor > 0) {
+        // Wrapped round: what is left is in flight or came back after a failure.
+        if (inflight.size > 0) {
+          await Promise.race(inflight);
+          continue;
+        }
+        cursor = 0;
+        run = filter.absent.nextRun(0, chunkBlocks);
+      }
+      if (!run) break;
+      cursor = run.block + run.count;
+      const p = filter
+        .fill(run.block, run.count, (n) => this.limiter?.take(n, () => this.stopped) ?? Promise.resolve())
+        .then(
+          () => void (failures = 0),
+          async (e) => {
+            if (this.stopped) return;
+            failures++;
+            this.log.warn('fill-chunk-failed', { offset: run!.block * filter.granularity, cause: e, effect: 'tried again later' });
+            await new Promise((r) => setTimeout(r, Math.min(200 * failures, 5000)));
+          },
+        );
+      const tracked = p.finally(() => inflight.delete(tracked));
+      inflight.add(tracked);
+      if (inflight.size >= maxInflight) await Promise.race(inflight);
+    }
+    await Promise.all(inflight);
+    if (!this.stopped) {
+      const secs = (performance.now() - t0) / 1000;
+      this.log.info('fill-done', { seconds: Math.round(secs * 1000) / 1000, fillBytes: filter.counters.fillBytes, rate: Math.round(filter.counters.fillBytes / Math.max(secs, 0.001)) });
+    }
+  }
+
+  private complete(): Promise<void> {
+    this.completing ??= (async () => {
+      try {
+        await this.persist();
+        this.state = { ...this.state, completedAt: new Date().toISOString() };
+        this.store.writeState(this.state);
+        this.filter!.detach();
+        await this.link?.close();
+        if (this.timer) clearInterval(this.timer);
+        this.log.info('postcopy-completed', { image: this.o.image, completedAt: this.state.completedAt, fetched: this.filter!.counters, effect: 'detached from the source; it may be stopped' });
+        this.emit('completed');
+      } catch (e) {
+        this.completing = undefined;
+        this.log.error('postcopy-complete-failed', { cause: e, effect: 'retried when the next block arrives' });
+      }
+    })();
+    return this.completing;
+  }
+}
