@@ -10,7 +10,7 @@ import type { MigrationController } from '../migration/controller.js';
 import type { PostcopyDestination } from '../migration/postcopy.js';
 import { Acl } from '../server/acl.js';
 import type { NbdServer } from '../server/server.js';
-import { type Args, checkArgs, type Schema } from './args.js';
+import { type Args, checkArgs, InvalidArgument, type Schema } from './args.js';
 import type { Handler } from './server.js';
 
 /** What the commands act on; serve passes its own. */
@@ -103,9 +103,17 @@ export const ADMIN_COMMANDS = {
     },
   }),
   cutover: command({
-    summary: 'Switch a ready mirror to its target',
-    args: { export: exportArg },
-    run: ({ controller }, a) => controller.cutover(a.export),
+    summary: 'Switch a ready mirror to its target (--all: every ready job of a manual evacuation)',
+    args: {
+      export: { kind: 'string', doc: 'The export (or give all)' },
+      all: { kind: 'boolean', doc: 'Every ready job of a manual evacuation: {requested, notReady}' },
+    },
+    run: ({ controller }, a) => {
+      if (a.all && a.export !== undefined) throw new InvalidArgument('give "export" or "all", not both');
+      if (a.all) return controller.evacuations.cutoverAll();
+      if (a.export === undefined) throw new InvalidArgument('"export" must be a non-empty string');
+      return controller.cutover(a.export);
+    },
   }),
   abort: command({
     summary: 'Stop a mirror before the switch; the source stays as it was',
@@ -139,6 +147,24 @@ export const ADMIN_COMMANDS = {
       export: exportArg,
     },
     run: ({ server }, a) => ({ disconnected: server.setAcl(a.export, a.allow === null ? undefined : Acl.parse(a.allow)) }),
+  }),
+  evacuate: command({
+    summary: 'Migrate every export (or the listed ones) to one destination, N at a time under one shared bandwidth budget',
+    args: {
+      to: { kind: 'string', required: true, doc: 'The destination, {name} replaced by each export\'s name: nbd://HOST:PORT/{name}' },
+      exports: { kind: 'list', of: 'export names', doc: 'Only these exports (default: every export not yet migrated)' },
+      parallel: { kind: 'integer', doc: 'Jobs copying at once (the others wait queued); default 2' },
+      maxBandwidth: { kind: 'size', doc: 'One copy rate limit shared fairly by the running jobs, e.g. 400M (bytes/s; 0: unlimited)' },
+      cutover: { kind: 'enum', values: ['auto', 'manual'], doc: 'Each job switches as soon as ready (auto), or on `ctl cutover --all` (manual)' },
+    },
+    run: ({ controller }, a) =>
+      controller.evacuations.start({
+        to: a.to,
+        ...(a.exports !== undefined ? { exports: a.exports } : {}),
+        parallel: a.parallel ?? 2,
+        ...(a.maxBandwidth ? { maxBandwidth: a.maxBandwidth } : {}),
+        cutover: a.cutover ?? 'manual',
+      }),
   }),
 } as const;
 

@@ -11,6 +11,8 @@ import type { JobStatus } from '../migration/job.js';
 import { DEFAULT_ADMIN_SOCKET } from '../util/paths.js';
 import { formatBytes } from '../util/units.js';
 import { ProgressBar, type ProgressFigures } from './progress.js';
+import { evacuationSummary, printStatusTables, waitForEvacuation } from './evacuate.js';
+import type { EvacuationStatus } from '../migration/evacuation.js';
 
 const DEFAULT_SOCKET = DEFAULT_ADMIN_SOCKET;
 
@@ -77,20 +79,9 @@ export async function waitForJob(socket: string, exportName: string, untilReady:
   }
 }
 
-function printStatus(st: { exports: ExportStatus[]; jobs: JobStatus[] }): void {
-  for (const e of st.exports)
-    out(
-      `export ${e.name}: ${formatBytes(e.size)} ${e.image}, ${e.connections} connection(s), dirty ${formatBytes(e.dirtyBytes)} ` +
-        `(${e.dirtyBlocks} × ${formatBytes(e.granularity)}), backend ${e.backend}`,
-    );
-  for (const j of st.jobs)
-    out(
-      `mirror ${j.export} -> ${j.target}: ${j.state}, pass ${j.pass}, copied ${formatBytes(j.bytesCopied)}, dirty ${formatBytes(j.dirtyBytes)}, ` +
-        `rate ${formatBytes(j.rate)}/s, convergence ${j.convergence}, retries ${j.retries}` +
-        (j.pauseMs !== null ? `, cutover pause ${j.pauseMs} ms` : '') +
-        (j.error ? `, error: ${j.error}` : ''),
-    );
-  if (st.jobs.length === 0) out('no mirror jobs');
+/** `ctl status` without --json: tables (src/cli/evacuate.ts). */
+function printStatus(st: { exports: ExportStatus[]; jobs: JobStatus[]; evacuations?: EvacuationStatus[] }): void {
+  printStatusTables(st, out);
 }
 
 /** One ctl subcommand: which table arguments are positionals, what ctl sends by default, and what it prints. */
@@ -144,9 +135,10 @@ export const CTL_SUBCOMMANDS: { readonly [K in AdminCommandName]: CtlSubcommand 
     },
   },
   cutover: {
-    positionals: '<export>',
+    positionals: '[export]',
     local: { wait: { type: 'boolean', default: true } },
     run: async (socket, req, a) => {
+      if (a.all) return cutoverAll(socket, req, a.wait === true);
       await adminRequest(socket, req);
       if (a.wait) {
         const s = await waitForJob(socket, a.export as string, false);
@@ -184,7 +176,46 @@ export const CTL_SUBCOMMANDS: { readonly [K in AdminCommandName]: CtlSubcommand 
     },
   },
   'set-acl': 'socket-only',
+  evacuate: {
+    defaults: { parallel: 2, cutover: 'manual' },
+    local: {
+      wait: {
+        type: 'boolean',
+        describe: 'Draw one progress line per export and a total until every export has ended (or is ready, with manual cutover); exit 1 if any failed',
+      },
+    },
+    run: async (socket, req, a) => {
+      // --exports a,b or --exports a b
+      if (Array.isArray(req.exports)) req.exports = (req.exports as unknown[]).flatMap((x) => String(x).split(',')).filter((x) => x !== '');
+      const st = (await adminRequest(socket, req)) as EvacuationStatus;
+      out(`evacuation ${st.id} of ${st.exports.map((e) => e.export).join(', ')} to ${st.to} started (parallel ${st.parallel})`);
+      if (!a.wait) return;
+      const end = await waitForEvacuation(socket, st.id);
+      for (const line of evacuationSummary(end)) out(line);
+      if (end.counts.failed > 0 || end.counts.aborted > 0) process.exitCode = 1;
+    },
+  },
 };
+
+/** `ctl cutover --all`: every ready job of the manual evacuations; with --wait (default), each one's outcome. */
+async function cutoverAll(socket: string, req: Record<string, unknown>, wait: boolean): Promise<void> {
+  const r = (await adminRequest(socket, req)) as { requested: string[]; notReady: { export: string; state: string }[] };
+  out(`cutover requested for ${r.requested.length ? r.requested.join(', ') : 'no export (none is ready)'}`);
+  if (r.notReady.length) out(`not ready: ${r.notReady.map((n) => `${n.export} (${n.state})`).join(', ')}`);
+  if (!wait) return;
+  let bad = r.requested.length === 0;
+  for (const name of r.requested) {
+    let s: JobStatus;
+    for (;;) {
+      s = (await adminRequest(socket, { cmd: 'status', export: name })) as JobStatus;
+      if (s.state === 'completed' || s.state === 'failed' || s.state === 'aborted') break;
+      await new Promise((res) => setTimeout(res, 250));
+    }
+    out(`${name}: ${s.state}${s.state === 'completed' ? `, cutover pause ${s.pauseMs} ms` : s.error ? `: ${s.error}` : ''}`);
+    if (s.state !== 'completed') bad = true;
+  }
+  if (bad) process.exitCode = 1;
+}
 
 /** The table arguments a subcommand takes as positionals, in order. */
 export function ctlPositionals(sub: CtlSubcommand): { name: string; required: boolean }[] {

@@ -391,6 +391,7 @@ export async function serveUntilSignal(cfg: ServeConfig, reread?: () => ServeCon
       let next: ServeConfig;
       try {
         next = reread();
+    this.controller.evacuations.cancel(); // queued exports of an evacuation do not start
       } catch (e) {
         return log('error', 'reload-failed', { cause: e, effect: 'the running configuration stays' });
       }

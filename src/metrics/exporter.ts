@@ -134,6 +134,26 @@ export function buildRegistry(src: MetricsSources): client.Registry {
   gauge('mirror_cutover_pause_seconds', 'Guest write pause measured at the last cutover', ['export'], (set) => {
     for (const j of status().jobs) if (j.pauseMs !== null) set({ export: j.export }, j.pauseMs / 1000);
   });
+  // Host evacuations (ctl evacuate): their totals, by evacuation id.
+  const EVAC_STATES = ['queued', 'running', 'ready', 'completed', 'failed', 'aborted'] as const;
+  gauge('evacuation_exports', 'Exports of the evacuation by state (running: copying; ready: waiting for cutover)', ['evacuation', 'state'], (set) => {
+    for (const ev of status().evacuations) for (const s of EVAC_STATES) set({ evacuation: ev.id, state: s }, ev.counts[s]);
+  });
+  gauge('evacuation_bytes', 'Bytes the evacuation moves (the sum of its exports\' sizes)', ['evacuation'], (set) => {
+    for (const ev of status().evacuations) set({ evacuation: ev.id }, ev.bytesTotal);
+  });
+  gauge('evacuation_done_bytes', 'Bytes of the evacuation\'s exports in sync with their targets', ['evacuation'], (set) => {
+    for (const ev of status().evacuations) set({ evacuation: ev.id }, ev.bytesDone);
+  });
+  counter('evacuation_copied_bytes_total', 'Bytes the evacuation\'s jobs wrote, zeroed or found already zero on the targets', ['evacuation'], (set) => {
+    for (const ev of status().evacuations) set({ evacuation: ev.id }, ev.bytesCopied);
+  });
+  gauge('evacuation_rate_bytes_per_second', 'Sum of the running jobs\' copy rates', ['evacuation'], (set) => {
+    for (const ev of status().evacuations) set({ evacuation: ev.id }, ev.rate);
+  });
+  gauge('evacuation_max_bandwidth_bytes_per_second', 'The budget the evacuation\'s running jobs share (absent: unlimited)', ['evacuation'], (set) => {
+    for (const ev of status().evacuations) if (ev.maxBandwidth !== null) set({ evacuation: ev.id }, ev.maxBandwidth);
+  });
   const postcopy = () => [...(src.postcopy?.values() ?? [])].map((p) => p.status());
   gauge('postcopy_present_bytes', 'Post-copy destination: bytes present locally', ['export'], (set) => {
     for (const p of postcopy()) set({ export: p.export }, p.presentBytes);

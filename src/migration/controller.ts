@@ -5,6 +5,7 @@
 import { EventEmitter } from 'node:events';
 import { CheckpointError, type CheckpointInfo } from '../dirty/checkpoints.js';
 import { DEFAULT_MIRROR_OPTIONS, JobError, type JobStatus, MirrorJob, type MirrorOptions, type MirrorSource } from './job.js';
+import { type EvacuationStatus, Evacuations } from './evacuation.js';
 
 export interface ExportStatus {
   name: string;
@@ -21,6 +22,8 @@ export interface ExportStatus {
 
 export class MigrationController extends EventEmitter {
   private readonly jobs = new Map<string, MirrorJob>();
+  /** Host evacuations (`ctl evacuate`): queues of mirrors of this controller's exports under one budget. */
+  readonly evacuations: Evacuations = new Evacuations(this);
 
   constructor(
     private readonly sources: ReadonlyMap<string, MirrorSource>,
@@ -66,7 +69,7 @@ export class MigrationController extends EventEmitter {
     return job.status();
   }
 
-  status(): { exports: ExportStatus[]; jobs: JobStatus[] } {
+  status(): { exports: ExportStatus[]; jobs: JobStatus[]; evacuations: EvacuationStatus[] } {
     const conns = this.connections();
     const exports = [...this.sources.values()].map((s) => ({
       name: s.name,
@@ -79,7 +82,7 @@ export class MigrationController extends EventEmitter {
       bitmapBytes: s.stack.bitmap.memoryBytes(),
       backend: (s.stack.switch.switched ? 'target' : 'local') as ExportStatus['backend'],
     }));
-    return { exports, jobs: [...this.jobs.values()].map((j) => j.status()) };
+    return { exports, jobs: [...this.jobs.values()].map((j) => j.status()), evacuations: this.evacuations.status() };
   }
 
   jobStatus(exportName: string): JobStatus {

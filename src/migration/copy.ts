@@ -16,13 +16,13 @@ import type { Device } from '../storage/device.js';
 import type { DirtyBitmap } from '../dirty/bitmap.js';
 import type { RangeLock } from '../util/range-lock.js';
 import { targetErrorKind } from './target-errors.js';
-import type { TokenBucket } from '../util/token-bucket.js';
+import type { RateLimiter } from '../util/token-bucket.js';
 
 export interface CopyOptions {
   chunkBytes: number;
   maxInflight: number;
   locks?: RangeLock;
-  limiter?: TokenBucket;
+  limiter?: RateLimiter;
   /** Ask the target which ranges already read as zero and skip zeroing them (the first sweep). */
   skipTargetZeros: boolean;
   /** Checked between chunks: stop the sweep early. */

@@ -22,7 +22,7 @@ import type { MirrorOptions } from './options.js';
 import { type ConvergeMode, type JobState, type JobStatus, TRANSITIONS } from './states.js';
 import type { Target } from './target.js';
 import { targetErrorKind } from './target-errors.js';
-import { TokenBucket } from '../util/token-bucket.js';
+import { type RateLimiter, TokenBucket } from '../util/token-bucket.js';
 
 export { JobError } from './errors.js';
 export { targetFacts, type TargetFacts } from './connector.js';
@@ -49,7 +49,7 @@ export class MirrorJob extends EventEmitter {
   private readonly connector: TargetConnector;
   private sourceDataBytes: number | null = null;
   private readonly locks = new RangeLock();
-  private limiter: TokenBucket | undefined;
+  private limiter: RateLimiter | undefined;
   private cutoverRequested = false;
   private abortRequested = false;
   private readonly aborter = new AbortController();
@@ -71,7 +71,8 @@ export class MirrorJob extends EventEmitter {
     this.opts = opts;
     this.jobId = opts.jobId ?? randomBytes(8).toString('hex');
     this.log = logger({ export: source.name, target: opts.target, job: this.jobId });
-    if (opts.maxBandwidth) this.limiter = new TokenBucket(opts.maxBandwidth);
+    if (opts.limiter) this.limiter = opts.limiter;
+    else if (opts.maxBandwidth) this.limiter = new TokenBucket(opts.maxBandwidth);
     this.connector = new TargetConnector({
       uri: opts.target,
       jobId: this.jobId,
@@ -152,8 +153,9 @@ export class MirrorJob extends EventEmitter {
   }
 
   setSpeed(bytesPerSecond: number | undefined): void {
+    // A job on a shared budget (an evacuation's) that is given its own speed leaves that budget's scheduling.
     if (!bytesPerSecond) this.limiter = undefined;
-    else if (this.limiter) this.limiter.setRate(bytesPerSecond);
+    else if (this.limiter instanceof TokenBucket) this.limiter.setRate(bytesPerSecond);
     else this.limiter = new TokenBucket(bytesPerSecond);
     this.opts.maxBandwidth = bytesPerSecond;
     this.log.info('mirror-speed', { maxBandwidth: bytesPerSecond ?? null });

@@ -2,11 +2,14 @@
 import { DEFAULT_COPY_OPTIONS } from './copy.js';
 import type { ConvergeMode } from './states.js';
 import type { ConnectFn } from './target.js';
+import type { RateLimiter } from '../util/token-bucket.js';
 
 export interface MirrorOptions {
   target: string;
   /** Copy rate limit in bytes/s; undefined = unlimited. */
   maxBandwidth?: number;
+  /** Takes the copy's bytes from this instead of its own maxBandwidth bucket (a host evacuation's shared budget). */
+  limiter?: RateLimiter;
   cutover: 'auto' | 'manual';
   maxDowntimeMs: number;
   /** How to converge when the guest dirties faster than the copy: send its writes to both sides, or slow it down. */

@@ -34,6 +34,12 @@ function fakeContext(): { ctx: AdminContext; calls: Call[] } {
     abort: async (name: string) => (calls.push(['abort', name]), job(name)),
     setSpeed: (name: string, rate: unknown) => (calls.push(['setSpeed', name, rate]), job(name)),
     checkpoint: (action: string, name: string, checkpoint: unknown) => (calls.push(['checkpoint', action, name, checkpoint]), action === 'list' ? [] : { name: checkpoint }),
+    evacuations: {
+      start: (opts: { to: string; parallel: number }) => (
+        calls.push(['evacuate', opts]), { id: 'evac-1', to: opts.to, parallel: opts.parallel, exports: [{ export: 'vm1' }] }
+      ),
+      cutoverAll: () => (calls.push(['cutoverAll']), { requested: [], notReady: [] }),
+    },
   };
   const server = { setAcl: (name: string, acl: Acl | undefined) => (calls.push(['setAcl', name, acl?.entries ?? null]), 0) };
   return { ctx: { controller: controller as unknown as AdminContext['controller'], server }, calls };
@@ -76,6 +82,9 @@ t.test('requests reach the controller with checked, parsed arguments', async (t)
   await adminRequest(socket, { cmd: 'set-speed', export: 'vm1', rate: 0 });
   t.same(await adminRequest(socket, { cmd: 'set-acl', export: 'vm1', allow: ['10.0.0.0/8'] }), { disconnected: 0 });
   await adminRequest(socket, { cmd: 'set-acl', export: 'vm1', allow: null });
+  await adminRequest(socket, { cmd: 'evacuate', to: 'nbd://dst/{name}', exports: ['a', 'b'], parallel: 3, maxBandwidth: '40M', cutover: 'auto' });
+  await adminRequest(socket, { cmd: 'evacuate', to: 'nbd://dst/{name}', maxBandwidth: 0 });
+  await adminRequest(socket, { cmd: 'cutover', all: true });
   t.strictSame(calls, [
     [
       'mirror',
@@ -105,6 +114,10 @@ t.test('requests reach the controller with checked, parsed arguments', async (t)
     ['setSpeed', 'vm1', undefined],
     ['setAcl', 'vm1', ['10.0.0.0/8']],
     ['setAcl', 'vm1', null],
+    ['evacuate', { to: 'nbd://dst/{name}', exports: ['a', 'b'], parallel: 3, maxBandwidth: 40 * 2 ** 20, cutover: 'auto' }],
+    // The defaults: every export, 2 at a time, unlimited (0 lifts the limit), manual cutover.
+    ['evacuate', { to: 'nbd://dst/{name}', parallel: 2, cutover: 'manual' }],
+    ['cutoverAll'],
   ]);
   t.notOk(Object.hasOwn((calls[1]![2] as object), 'maxDowntimeMs'), 'an absent option is not passed as undefined');
 });
@@ -133,6 +146,12 @@ t.test('bad requests are refused with the codes and messages of before, and reac
     [{ ...m, cutover: null }, 'EINVAL', '"cutover" must be one of auto, manual'],
     [{ cmd: 'status', export: '' }, 'EINVAL', '"export" must be a non-empty string'],
     [{ cmd: 'cutover' }, 'EINVAL', '"export" must be a non-empty string'],
+    [{ cmd: 'cutover', export: 'vm1', all: true }, 'EINVAL', 'give "export" or "all", not both'],
+    [{ cmd: 'cutover', all: 'yes' }, 'EINVAL', '"all" must be true or false'],
+    [{ cmd: 'evacuate' }, 'EINVAL', '"to" must be a non-empty string'],
+    [{ cmd: 'evacuate', to: 'nbd://dst/{name}', exports: 'a,b' }, 'EINVAL', '"exports" must be a list of export names'],
+    [{ cmd: 'evacuate', to: 'nbd://dst/{name}', parallel: '2' }, 'EINVAL', '"parallel" must be a non-negative integer'],
+    [{ cmd: 'evacuate', to: 'nbd://dst/{name}', cutover: 'later' }, 'EINVAL', '"cutover" must be one of auto, manual'],
     [{ cmd: 'abort', export: 7 }, 'EINVAL', '"export" must be a non-empty string'],
     [{ cmd: 'set-speed', export: 'vm1' }, 'EINVAL', /^rate: expected a number .*, got undefined$/],
     [{ cmd: 'set-speed', rate: '1M' }, 'EINVAL', '"export" must be a non-empty string'],
@@ -140,7 +159,7 @@ t.test('bad requests are refused with the codes and messages of before, and reac
     [{ cmd: 'set-acl', export: 'vm1', allow: '10.0.0.0/8' }, 'EINVAL', '"allow" must be a list of addresses/CIDRs, or null to admit everyone'],
     [{ cmd: 'set-acl', export: 'vm1', allow: ['bogus'] }, 'EINVAL', 'allow-list entry "bogus" is not an address or CIDR'],
     [{ cmd: 'set-acl', allow: null }, 'EINVAL', '"export" must be a non-empty string'],
-    [{ cmd: 'explode' }, 'ENOSYS', 'unknown command "explode"; known: status, mirror, cutover, abort, set-speed, checkpoint, set-acl'],
+    [{ cmd: 'explode' }, 'ENOSYS', 'unknown command "explode"; known: status, mirror, cutover, abort, set-speed, checkpoint, set-acl, evacuate'],
     [{ cmd: 'toString' }, 'ENOSYS', /^unknown command "toString"/],
   ];
   for (const [req, code, message] of refusals)
@@ -174,13 +193,15 @@ t.test('every table command has a ctl subcommand or is socket-only; ctl sends wh
   t.same(Object.keys(CTL_SUBCOMMANDS).sort(), Object.keys(ADMIN_COMMANDS).sort(), 'ctl has an entry for every command, and no other');
   const { socket, calls } = await adminAt(t);
   const sample: Record<string, string> = { export: 'vm1', target: 'nbd://dst/vm1', rate: '1M', action: 'list' };
+  // What a subcommand needs besides its required positionals (cutover: an export or --all; evacuate: --to).
+  const needs: Partial<Record<AdminCommandName, string[]>> = { cutover: ['vm1'], evacuate: ['--to', 'nbd://dst/{name}'] };
   for (const name of Object.keys(ADMIN_COMMANDS) as AdminCommandName[]) {
     const sub = CTL_SUBCOMMANDS[name];
     if (sub === 'socket-only') continue;
     const required = ctlPositionals(sub).filter((p) => p.required).map((p) => p.name);
     for (const p of required) t.ok(sample[p], `${name}: a sample value for <${p}>`);
     const before = calls.length;
-    await ctl(socket, [name, ...required.map((p) => sample[p]!)]);
+    await ctl(socket, [name, ...required.map((p) => sample[p]!), ...(needs[name] ?? [])]);
     t.equal(calls.length, before + (name === 'cutover' ? 2 : 1), `ctl ${name} with its defaults is accepted by the table and reaches the controller`);
   }
   // Every table argument of mirror is a ctl option, with ctl's defaults for what is not given.
@@ -211,6 +232,15 @@ t.test('every table command has a ctl subcommand or is socket-only; ctl sends wh
   await ctl(socket, ['status']);
   await ctl(socket, ['set-speed', 'vm1', '0']);
   t.strictSame(calls, [['status'], ['setSpeed', 'vm1', undefined]], 'status without an export, set-speed 0 lifts the limit');
+  calls.length = 0;
+  const evac = await ctl(socket, ['evacuate', '--to', 'nbd://dst/{name}', '--exports', 'a,b', '--exports', 'c', '--parallel', '3', '--max-bandwidth', '40M']);
+  t.equal(evac, 'evacuation evac-1 of vm1 to nbd://dst/{name} started (parallel 3)\n');
+  await ctl(socket, ['cutover', '--all', '--no-wait']);
+  t.strictSame(
+    calls,
+    [['evacuate', { to: 'nbd://dst/{name}', exports: ['a', 'b', 'c'], parallel: 3, maxBandwidth: 40 * 2 ** 20, cutover: 'manual' }], ['cutoverAll']],
+    'ctl evacuate: --exports takes commas, ctl defaults to manual cutover; cutover --all',
+  );
   await t.rejects(ctl(socket, ['mirror', 'vm1', 'nbd://dst/vm1', '--cutover', 'later']), /Invalid values/, 'enum choices come from the table');
 });
 
