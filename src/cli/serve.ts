@@ -328,6 +328,7 @@ class ServeProcess implements RunningServer {
     await this.admin?.close();
     await this.metrics?.close();
     // Mirrors not yet switched are aborted: the source stays authoritative. A cutover in progress finishes.
+    this.controller.evacuations.cancel(); // queued exports of an evacuation do not start
     await Promise.all(this.controller.running().map((j) => (j.state === 'cutting-over' ? j.finished() : j.abort().catch(() => undefined))));
     await this.server.close(this.cfg.shutdownTimeout * 1000);
     if (this.reaper) clearInterval(this.reaper);
@@ -391,7 +392,6 @@ export async function serveUntilSignal(cfg: ServeConfig, reread?: () => ServeCon
       let next: ServeConfig;
       try {
         next = reread();
-    this.controller.evacuations.cancel(); // queued exports of an evacuation do not start
       } catch (e) {
         return log('error', 'reload-failed', { cause: e, effect: 'the running configuration stays' });
       }
