@@ -4,10 +4,12 @@
  * Either way the socket is paused whenever the queue holds more than the phase
  * needs, so a client can never make us buffer without bound.
  */
+import * as net from 'node:net';
 import type { Socket } from 'node:net';
 import * as tls from 'node:tls';
-import { ByteQueue } from '../util/byte-queue.js';
+import { ByteQueue, type ChunkOwner } from '../util/byte-queue.js';
 import type { Logger } from '../util/log.js';
+import { SlabReader } from './read-slabs.js';
 
 /** The most the handshake phase buffers ahead of what it asked for. */
 const HANDSHAKE_READ_AHEAD = 64 * 1024;
@@ -35,8 +37,28 @@ function peerVerifyError(socket: tls.TLSSocket): { code: string; message: string
   return e ? { code: e.code ?? 'CERT_VERIFY_FAILED', message: e.message } : undefined;
 }
 
+/**
+ * An accepted plain socket moved onto a new net.Socket that reads into our own
+ * buffers (`onread`, see read-slabs.ts): the handle is taken over before any
+ * data was read, and the accepted socket object is let go (closed without its
+ * handle, which also uncounts it from its net.Server).
+ */
+function adoptForSlabs(accepted: Socket, onread: { buffer: () => Buffer; callback: (n: number, buf: Buffer) => boolean | void }): Socket | undefined {
+  const a = accepted as unknown as { _handle?: { readStop?: () => number; reading?: boolean; useUserBuffer?: unknown } | null };
+  const handle = a._handle;
+  if (accepted instanceof tls.TLSSocket || !handle || typeof handle.useUserBuffer !== 'function' || typeof handle.readStop !== 'function') return undefined;
+  handle.reading = false;
+  handle.readStop();
+  const s = new net.Socket({ handle, onread, readable: true, writable: true } as unknown as net.SocketConstructorOpts);
+  a._handle = null;
+  accepted.destroy();
+  return s;
+}
+
 export class Connection {
   readonly input = new ByteQueue();
+  /** Where reads land on a plain socket (undefined: Node's own buffers, e.g. a socket that came in some other way). */
+  private readonly reader: SlabReader | undefined;
   closed = false;
   private waiter: { n: number; resolve: () => void; reject: (e: Error) => void } | undefined;
   /** Set by the transmission session; while unset, data feeds `need()`. */
@@ -56,25 +78,40 @@ export class Connection {
     socket: Socket,
     readonly log: Logger,
   ) {
+    const reader = new SlabReader();
+    const adopted = adoptForSlabs(socket, {
+      buffer: () => reader.next(),
+      callback: (n, buf) => {
+        const owner = reader.current;
+        reader.advance(n);
+        this.received(buf.subarray(0, n), owner);
+      },
+    });
+    if (adopted) {
+      this.reader = reader;
+      socket = adopted;
+    } else reader.release();
     this.socket = socket;
     this.remoteAddress = socket.remoteAddress;
     socket.setNoDelay?.(true);
-    this.attach(socket);
+    this.attach(socket, adopted === undefined);
     socket.on('close', () => this.markClosed());
   }
 
-  private attach(socket: Socket): void {
-    socket.on('data', (chunk: Buffer) => {
-      this.input.push(chunk);
-      if (this.onInput) return this.onInput();
-      if (this.waiter && this.input.length >= this.waiter.n) {
-        const w = this.waiter;
-        this.waiter = undefined;
-        w.resolve();
-      }
-      if (this.input.length > HANDSHAKE_READ_AHEAD + (this.waiter?.n ?? 0)) socket.pause();
-    });
+  private attach(socket: Socket, dataEvents = true): void {
+    if (dataEvents) socket.on('data', (chunk: Buffer) => this.received(chunk));
     socket.on('error', (err) => this.log.debug('socket-error', { cause: err }));
+  }
+
+  private received(chunk: Buffer, owner?: ChunkOwner): void {
+    this.input.push(chunk, owner);
+    if (this.onInput) return this.onInput();
+    if (this.waiter && this.input.length >= this.waiter.n) {
+      const w = this.waiter;
+      this.waiter = undefined;
+      w.resolve();
+    }
+    if (this.input.length > HANDSHAKE_READ_AHEAD + (this.waiter?.n ?? 0)) this.socket.pause();
   }
 
   /**
@@ -241,6 +278,7 @@ export class Connection {
     if (this.closed) return;
     this.closed = true;
     this.input.clear();
+    this.reader?.release();
     if (this.waiter) {
       const w = this.waiter;
       this.waiter = undefined;

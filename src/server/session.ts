@@ -9,6 +9,7 @@
  */
 import * as C from '../protocol/constants.js';
 import * as codec from '../protocol/codec.js';
+import type { ChunkOwner } from '../util/byte-queue.js';
 import type { Connection } from './connection.js';
 import { nbdErrorFor, nbdErrorName } from './errno.js';
 import type { Negotiated } from './handshake.js';
@@ -258,7 +259,8 @@ export class Session {
         clearTimeout(this.payloadTimer);
         this.payloadTimer = undefined;
         this.setInput(HEADER);
-        this.runWrite(h, input.takeSlices(h.length));
+        const held: ChunkOwner[] = [];
+        this.runWrite(h, input.takeSlices(h.length, held), held);
         continue;
       }
       if (this.throttled()) {
@@ -348,7 +350,8 @@ export class Session {
     this.maybeResume();
   }
 
-  private runWrite(h: codec.RequestHeader, data: Buffer[]): void {
+  /** `held`: the receive slabs the payload sits in, released once the device is done with it. */
+  private runWrite(h: codec.RequestHeader, data: Buffer[], held: ChunkOwner[]): void {
     const started = performance.now();
     const fua = (h.flags & C.NBD_CMD_FLAG_FUA) !== 0;
     this.n.export.device.write(h.offset, data, { fua }).then(
@@ -357,7 +360,10 @@ export class Session {
         this.sendOk(h);
       },
       (e) => this.sendFailure(h, e),
-    ).finally(() => this.finish(h.length));
+    ).finally(() => {
+      for (const o of held) o.unref();
+      this.finish(h.length);
+    });
   }
 
   private run(h: codec.RequestHeader): void {
