@@ -22,6 +22,7 @@ import { DeviceInUse, FileDevice } from '../storage/file-device.js';
 import { ImageLockConflict } from '../storage/native.js';
 import { buildStack, type Stack } from '../storage/stack.js';
 import { Checkpoints, FileCheckpointStore } from '../dirty/checkpoints.js';
+import { defaultStateDir } from '../dirty/state.js';
 import { DEFAULT_GRANULARITY } from '../dirty/bitmap.js';
 import { buildRegistry, startMetricsServer } from '../metrics/exporter.js';
 import { PostcopyDestination, postcopyRefusal } from '../migration/postcopy.js';
@@ -91,12 +92,8 @@ function checkMarkers(e: ExportConfig, force: boolean): void {
     );
 }
 
-/**
- * The export's checkpoints, restored from its state folder: `IMAGE.nbd-migrate.d/` beside an
- * image file, `/var/lib/nbd-migrate/<export>/` for a block device.
- */
-function openCheckpoints(e: ExportConfig, file: FileDevice, granularity: number): Checkpoints {
-  const dir = file.isBlockDevice ? `/var/lib/nbd-migrate/${e.name}` : `${e.path}.nbd-migrate.d`;
+/** The export's checkpoints, restored from its state folder (stateDirOf). */
+function openCheckpoints(e: ExportConfig, dir: string, file: FileDevice, granularity: number): Checkpoints {
   const checkpoints = new Checkpoints({
     size: file.size,
     granularity,
@@ -178,7 +175,7 @@ class ServeProcess implements RunningServer {
         throw new Error(`export "${e.name}": ${e.path} is in use: ${err.holder}; not serving it`, { cause: err });
       throw new Error(`export "${e.name}": cannot open ${e.path}: ${(err as Error).message}`, { cause: err });
     }
-    const checkpoints = openCheckpoints(e, file, this.cfg.dirtyGranularity ?? DEFAULT_GRANULARITY);
+    const checkpoints = openCheckpoints(e, defaultStateDir(e.path, e.name, file.isBlockDevice), file, this.cfg.dirtyGranularity ?? DEFAULT_GRANULARITY);
     const postcopy = e.fetchFrom
       ? new PostcopyDestination({
           exportName: e.name,

@@ -20,8 +20,8 @@
  * returned here are structurally the server's MetaContext.
  */
 import * as fs from 'node:fs';
-import * as path from 'node:path';
 import { DirtyBitmap } from './bitmap.js';
+import { StateFolder } from './state.js';
 
 /** The metadata context namespace of checkpoints: `qemu:dirty-bitmap:NAME`. */
 export const DIRTY_BITMAP_CONTEXT_PREFIX = 'qemu:dirty-bitmap:';
@@ -319,29 +319,6 @@ export class Checkpoints {
 const MANIFEST = 'checkpoints.json';
 const bitsFile = (name: string) => `checkpoint.${name}.bits`;
 
-/** Writes `data` to `file` so that a crash leaves the old file or the new one: tmp, fsync, rename, fsync the folder. */
-function writeAtomic(file: string, data: Buffer | string): void {
-  const tmp = `${file}.tmp`;
-  const fd = fs.openSync(tmp, 'w', 0o600);
-  try {
-    fs.writeFileSync(fd, data);
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-  fs.renameSync(tmp, file);
-  syncDir(path.dirname(file));
-}
-
-function syncDir(dir: string): void {
-  const fd = fs.openSync(dir, 'r');
-  try {
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
 interface Manifest {
   version: 1;
   clean: boolean;
@@ -349,11 +326,13 @@ interface Manifest {
 }
 
 /**
- * Checkpoints in a folder (the export's state folder): `checkpoints.json` lists
- * them, `checkpoint.NAME.bits` holds each one's bits. The folder is created on
- * the first save that has something to store.
+ * Checkpoints in the export's state folder (state.ts): `checkpoints.json` lists
+ * them, `checkpoint.NAME.bits` holds each one's bits, every file replaced
+ * atomically. The folder is created on the first save that has something to store.
  */
 export class FileCheckpointStore implements CheckpointStore {
+  private folder: StateFolder | undefined;
+
   constructor(readonly dir: string) {}
 
   get where(): string {
@@ -361,33 +340,36 @@ export class FileCheckpointStore implements CheckpointStore {
   }
 
   load(): StoredCheckpoints | undefined {
-    let m: Manifest;
-    try {
-      m = JSON.parse(fs.readFileSync(path.join(this.dir, MANIFEST), 'utf8')) as Manifest;
-    } catch (e) {
-      if ((e as { code?: string }).code === 'ENOENT') return undefined;
-      throw new Error(`${path.join(this.dir, MANIFEST)}: ${(e as Error).message}`, { cause: e });
-    }
+    if (!fs.existsSync(this.dir)) return undefined;
+    const folder = (this.folder ??= StateFolder.open(this.dir));
+    const m = folder.readJson<Manifest>(MANIFEST);
+    if (!m) return undefined;
     return {
       clean: m.clean === true,
-      checkpoints: m.checkpoints.map((c) => ({ ...c, bits: fs.readFileSync(path.join(this.dir, c.file)) })),
+      checkpoints: m.checkpoints.map((c) => {
+        const bits = folder.read(c.file);
+        if (!bits) throw new Error(`${folder.file(c.file)} (checkpoint "${c.name}") is missing`);
+        return { ...c, bits };
+      }),
     };
   }
 
   save(state: StoredCheckpoints): void {
-    const manifestPath = path.join(this.dir, MANIFEST);
-    if (state.checkpoints.length === 0 && !fs.existsSync(manifestPath)) return; // nothing stored, nothing to store
-    fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
+    if (!this.folder) {
+      if (state.checkpoints.length === 0 && !fs.existsSync(this.dir)) return; // nothing stored, nothing to store
+      this.folder = StateFolder.open(this.dir);
+    }
+    const folder = this.folder;
+    if (state.checkpoints.length === 0 && folder.read(MANIFEST) === undefined) return;
     // Bits first, then the manifest that names them: a crash in between leaves the old manifest (and unused bits).
-    for (const c of state.checkpoints) writeAtomic(path.join(this.dir, bitsFile(c.name)), c.bits);
+    for (const c of state.checkpoints) folder.writeAtomic(bitsFile(c.name), c.bits);
     const m: Manifest = {
       version: 1,
       clean: state.clean,
       checkpoints: state.checkpoints.map((c) => ({ name: c.name, createdAt: c.createdAt, size: c.size, granularity: c.granularity, file: bitsFile(c.name) })),
     };
-    writeAtomic(manifestPath, JSON.stringify(m, null, 2) + '\n');
+    folder.writeAtomic(MANIFEST, JSON.stringify(m, null, 2) + '\n');
     const keep = new Set(m.checkpoints.map((c) => c.file));
-    for (const f of fs.readdirSync(this.dir))
-      if (f.startsWith('checkpoint.') && f.endsWith('.bits') && !keep.has(f)) fs.rmSync(path.join(this.dir, f), { force: true });
+    for (const f of folder.list()) if (f.startsWith('checkpoint.') && f.endsWith('.bits') && !keep.has(f)) folder.remove(f);
   }
 }
