@@ -371,6 +371,7 @@ export class PostcopyDestination extends EventEmitter {
   private readonly store: PostcopyStore;
   private state: PostcopyState;
   private readonly link: SourceLink | undefined;
+  private readonly fillLink: SourceLink | undefined;
   private readonly log: Logger;
   private limiter: TokenBucket | undefined;
   private stopped = false;
@@ -406,7 +407,7 @@ export class PostcopyDestination extends EventEmitter {
     if (!saved) this.store.writeState(this.state);
     let knownId: string | null | undefined = saved && saved.sourceExportId !== undefined && resumed ? saved.sourceExportId : undefined;
     if (saved && !resumed && saved.sourceExportId) knownId = saved.sourceExportId;
-    this.link = new SourceLink({
+    const linkOptions: SourceLinkOptions = {
       uri: o.source,
       size: o.local.size,
       timeoutMs: o.fetchTimeoutMs,
@@ -418,12 +419,21 @@ export class PostcopyDestination extends EventEmitter {
       },
       destExportId: this.exportId,
       log: this.log,
-    });
-    this.filter = new FetchFilter(o.local, absent, this.link, {
-      persist: () => this.persist(),
-      onPresent: () => this.onPresent(),
-      onFetched: (kind, bytes, ms) => this.onFetched(kind, bytes, ms),
-    });
+    };
+    // Two connections: guest fetches never queue behind the fill's large reads.
+    this.link = new SourceLink(linkOptions);
+    this.fillLink = new SourceLink({ ...linkOptions, onIdentity: () => undefined });
+    this.filter = new FetchFilter(
+      o.local,
+      absent,
+      this.link,
+      {
+        persist: () => this.persist(),
+        onPresent: () => this.onPresent(),
+        onFetched: (kind, bytes, ms) => this.onFetched(kind, bytes, ms),
+      },
+      this.fillLink,
+    );
     this.device = this.filter;
     this.log.info('postcopy-start', {
       image: o.image,
@@ -469,7 +479,7 @@ export class PostcopyDestination extends EventEmitter {
       etaSeconds: !this.completed && rate > 0 ? Math.round((absent / rate) * 10) / 10 : this.completed ? 0 : null,
       maxBandwidth: this.limiter?.rate ?? null,
       sourceConnected: this.link?.connected ?? false,
-      sourceRetries: this.link?.retries ?? 0,
+      sourceRetries: (this.link?.retries ?? 0) + (this.fillLink?.retries ?? 0),
       lastError: this.link?.lastError ?? null,
       fetched: { ...(this.filter?.counters ?? { guestRuns: 0, guestBytes: 0, readAheadRuns: 0, readAheadBytes: 0, fillRuns: 0, fillBytes: 0, fillHoleBytes: 0, sourceReads: 0 }) },
       since: this.state.since,
@@ -496,6 +506,7 @@ export class PostcopyDestination extends EventEmitter {
     if (this.timer) clearInterval(this.timer);
     if (this.sampler) clearInterval(this.sampler);
     await this.link?.close();
+    await this.fillLink?.close();
     await this.fillDone?.catch(() => undefined);
     await this.completing?.catch(() => undefined);
     if (this.filter && !this.completed) await this.persist().catch((e) => this.log.error('present-map-save-failed', { cause: e }));
@@ -600,6 +611,7 @@ export class PostcopyDestination extends EventEmitter {
         this.store.writeState(this.state);
         this.filter!.detach();
         await this.link?.close();
+        await this.fillLink?.close();
         if (this.timer) clearInterval(this.timer);
         this.log.info('postcopy-completed', { image: this.o.image, completedAt: this.state.completedAt, fetched: this.filter!.counters, effect: 'detached from the source; it may be stopped' });
         this.emit('completed');

@@ -81,6 +81,8 @@ export class FetchFilter extends Filter {
     readonly absent: DirtyBitmap,
     source: FetchSource | undefined,
     private readonly o: FetchOptions = {},
+    /** The fill's own way to the source (a second connection), so guest fetches never queue behind fill reads. */
+    private readonly fillSource?: FetchSource,
   ) {
     super(local);
     if (absent.size !== local.size) throw new RangeError(`absent map covers ${absent.size} bytes, the image ${local.size}`);
@@ -128,7 +130,9 @@ export class FetchFilter extends Filter {
       const [first, last] = this.blocksOf(offset, length);
       if (sequential && this.readAheadBytes > 0) {
         const [, aheadLast] = this.blocksOf(offset + length, Math.min(this.readAheadBytes, this.size - offset - length));
-        if (offset + length < this.size) this.ensure(last + 1, aheadLast, 'readahead')?.catch(() => undefined);
+        // In batches: only once half the window is neither present nor asked for, so read-ahead goes out in large runs.
+        if (offset + length < this.size && this.unrequested(last + 1, aheadLast) * 2 >= aheadLast - last)
+          this.ensure(last + 1, aheadLast, 'readahead')?.catch(() => undefined);
       }
       const need = this.ensure(first, last, 'guest');
       if (need) {
@@ -200,12 +204,36 @@ export class FetchFilter extends Filter {
    * the range is present (waiting for fetches others started).
    */
   async fill(block: number, count: number, beforeData?: (bytes: number) => Promise<void>): Promise<void> {
-    const source = this.source;
-    if (!source) return;
+    if (!this.source) return;
+    const source = this.fillSource ?? this.source;
+    const g = this.granularity;
+    count = Math.min(count, this.absent.blocks - block);
+    if (count <= 0) return;
+    // 1. The source's map of the range and the rate limit for its data, before any block is claimed:
+    //    a guest read meanwhile fetches its blocks itself, at once, never behind the limit.
+    const offset = block * g;
+    const end = Math.min((block + count) * g, this.size);
+    const data: Array<[number, number]> = [];
+    let dataBytes = 0;
+    for (let pos = offset; pos < end; ) {
+      const extents = await source.extents(pos, end - pos, EXTENT_BATCH);
+      if (extents.length === 0) throw new DeviceError('EIO', `the source returned no extents at ${pos}`);
+      for (const e of extents) {
+        const n = Math.min(e.length, end - pos);
+        if (n <= 0) break;
+        if (!(e.flags & NBD_STATE_ZERO)) {
+          data.push([pos, n]);
+          dataBytes += n;
+        }
+        pos += n;
+      }
+    }
+    if (dataBytes > 0) await beforeData?.(dataBytes);
+    // 2. Claim what is still absent and not being fetched.
     const waits: Promise<void>[] = [];
     const mine: number[] = [];
     const settle: Array<{ resolve: () => void; reject: (e: unknown) => void }> = [];
-    for (let b = block; b < block + count && b < this.absent.blocks; b++) {
+    for (let b = block; b < block + count; b++) {
       if (this.isPresent(b)) continue;
       const running = this.inflight.get(b);
       if (running) {
@@ -222,11 +250,11 @@ export class FetchFilter extends Filter {
       for (const s of settle) e === undefined ? s.resolve() : s.reject(e);
     };
     try {
-      // My blocks, in contiguous runs.
+      // 3. My blocks, in contiguous runs: only their data crosses the wire.
       for (let i = 0; i < mine.length; ) {
         let j = i + 1;
         while (j < mine.length && mine[j] === mine[j - 1]! + 1) j++;
-        await this.fetchRun(source, mine[i]!, j - i, 'fill', beforeData);
+        await this.fetchRun(source, mine[i]!, j - i, 'fill', data);
         i = j;
       }
       done();
@@ -243,6 +271,13 @@ export class FetchFilter extends Filter {
   private blocksOf(offset: number, length: number): [number, number] {
     const g = this.granularity;
     return [Math.floor(offset / g), Math.floor((offset + Math.max(1, length) - 1) / g)];
+  }
+
+  /** Blocks of [first, last] absent and not being fetched. */
+  private unrequested(first: number, last: number): number {
+    let n = 0;
+    for (let b = first; b <= Math.min(last, this.absent.blocks - 1); b++) if (!this.isPresent(b) && !this.inflight.has(b)) n++;
+    return n;
   }
 
   /** Makes blocks [first, last] present; undefined when they already are. */
@@ -296,34 +331,26 @@ export class FetchFilter extends Filter {
     this.pendingAhead = [];
   }
 
-  /** Fetches blocks [block, block + count) and installs them where still absent. */
-  private async fetchRun(source: FetchSource, block: number, count: number, kind: FetchKind, beforeData?: (bytes: number) => Promise<void>): Promise<void> {
+  /** Fetches blocks [block, block + count) and installs them where still absent; `data`: read only these ranges (the rest is a hole). */
+  private async fetchRun(source: FetchSource, block: number, count: number, kind: FetchKind, data?: ReadonlyArray<readonly [number, number]>): Promise<void> {
     const g = this.granularity;
     const offset = block * g;
     const length = Math.min(count * g, this.size - offset);
     const t0 = performance.now();
     const buf = Buffer.alloc(length);
     let wire = length;
-    if (kind === 'fill') {
+    if (data) {
       wire = 0;
-      // By the source's map: only data crosses the wire.
-      let pos = offset;
-      const end = offset + length;
-      while (pos < end) {
-        const extents = await source.extents(pos, end - pos, EXTENT_BATCH);
-        if (extents.length === 0) throw new DeviceError('EIO', `the source returned no extents at ${pos}`);
-        for (const e of extents) {
-          const n = Math.min(e.length, end - pos);
-          if (n <= 0) break;
-          if (!(e.flags & NBD_STATE_ZERO)) {
-            await beforeData?.(n);
-            await source.read(pos, n, buf, pos - offset);
-            this.counters.sourceReads++;
-            wire += n;
-          }
-          pos += n;
-        }
+      const reads: Promise<void>[] = [];
+      for (const [pos, n] of data) {
+        const a = Math.max(pos, offset);
+        const b = Math.min(pos + n, offset + length);
+        if (b <= a) continue;
+        reads.push(source.read(a, b - a, buf, a - offset));
+        this.counters.sourceReads++;
+        wire += b - a;
       }
+      await Promise.all(reads);
     } else {
       await source.read(offset, length, buf, 0);
       this.counters.sourceReads++;
