@@ -16,6 +16,10 @@ import { type CopyOptions, type CopyStats, copySweep, newCopyStats } from './cop
 import { cutover } from './cutover.js';
 import { JobError } from './errors.js';
 import type { Checkpoint } from '../dirty/checkpoints.js';
+import { NBD_STATE_ZERO } from '../protocol/constants.js';
+
+/** Blocks mirror --since compares between source and target before it trusts the target's seed. */
+const SEED_SAMPLES = 32;
 import { RangeLock } from '../util/range-lock.js';
 import type { MirrorSource } from './source.js';
 import type { MirrorOptions } from './options.js';
@@ -310,21 +314,52 @@ export class MirrorJob extends EventEmitter {
 
   /**
    * --since is the operator's word that the target holds the export as of the checkpoint;
-   * it cannot be proven, but a target that reads as all zeroes while the source holds data
-   * outside the checkpoint was plainly never seeded: refused, before anything is written.
+   * it cannot be proven, but it can be spot-checked before anything is written: blocks the
+   * checkpoint holds unchanged, sampled across the source's data, must read the same on the
+   * target. A target never seeded, or seeded from another disk, fails it and is let go.
    */
   private async checkSeeded(target: Target, cp: Checkpoint): Promise<void> {
-    const held = await allocatedBytes(target, this.source.size);
-    const unchanged = (this.sourceDataBytes ?? 0) - cp.bitmap.dirtyBytes();
-    this.log.info('mirror-since', { checkpoint: cp.name, changedBytes: cp.bitmap.dirtyBytes(), targetDataBytes: held, sourceDataBytes: this.sourceDataBytes });
-    if (held > 0 || unchanged <= 0) return;
+    const local = this.source.stack.local;
+    const g = cp.bitmap.granularity;
+    const data: [number, number][] = [];
+    let dataBytes = 0;
+    for (let pos = 0; pos < this.source.size; ) {
+      const extents = await local.extents(pos, this.source.size - pos, 1024);
+      if (extents.length === 0) break;
+      for (const e of extents) {
+        if (!(e.flags & NBD_STATE_ZERO)) data.push([pos, e.length]), (dataBytes += e.length);
+        pos += e.length;
+      }
+    }
+    const blocks = new Set<number>();
+    for (let i = 0; i < SEED_SAMPLES && dataBytes > 0; i++) {
+      let at = Math.floor((dataBytes * (i + 0.5)) / SEED_SAMPLES);
+      const run = data.find(([, len]) => (at < len ? true : ((at -= len), false)))!;
+      const block = Math.floor((run[0] + at) / g);
+      if (!cp.bitmap.isDirty(block)) blocks.add(block);
+    }
+    let mismatch: number | undefined;
+    for (const block of blocks) {
+      const offset = block * g;
+      const length = Math.min(g, this.source.size - offset);
+      const [mine, theirs] = [Buffer.alloc(length), Buffer.alloc(length)];
+      await local.read(offset, length, mine, 0);
+      await target.read(offset, length, theirs, 0);
+      // A block changed meanwhile (its mark follows its write) is no evidence either way.
+      if (!mine.equals(theirs) && !cp.bitmap.isDirty(block)) {
+        mismatch = offset;
+        break;
+      }
+    }
+    this.log.info('mirror-since', { checkpoint: cp.name, changedBytes: cp.bitmap.dirtyBytes(), sampled: blocks.size, mismatchAt: mismatch ?? null });
+    if (mismatch === undefined) return;
     target.destroy();
     this.target = undefined;
     await this.connector.release();
     throw new JobError(
       'EINVAL',
-      `--since ${cp.name}: target ${this.opts.target} reads as all zeroes, but the source holds data that has not changed since the checkpoint: ` +
-        `the target was never pre-seeded (copy the export there first, or mirror without --since)`,
+      `--since ${cp.name}: target ${this.opts.target} differs from the source at offset ${mismatch}, in a block that has not changed since the checkpoint: ` +
+        `it is not a copy of this export as of ${cp.name} (seed it with copy and copy --changed-since, or mirror without --since)`,
       { permanent: true },
     );
   }
