@@ -4,6 +4,7 @@
  * anything starts.
  */
 import * as fs from 'node:fs';
+import * as net from 'node:net';
 import * as path from 'node:path';
 import { Acl } from '../server/acl.js';
 import { NbdMigrateError } from '../util/errors.js';
@@ -22,6 +23,11 @@ export interface ExportConfig {
   allow?: string[];
   /** Open the image or device O_DIRECT (the host page cache bypassed). */
   direct?: boolean;
+  /**
+   * The export's own address (listen=[fd00::11]:10809): newstyle there offering this export only,
+   * and its oldstyle port (if any) on the same host. Bound as soon as the address appears.
+   */
+  listen?: ListenAddress;
   /** Post-copy destination: serve at once, fetch absent blocks from this NBD URI (migration/postcopy.ts). */
   fetchFrom?: string;
 }
@@ -137,7 +143,7 @@ export function loadConfigFile(file: string): Partial<ServeConfig> {
 }
 
 const TOP_KEYS = new Set(['listen', 'port', 'socket', 'handshakeTimeout', 'adminSocket', 'metrics', 'dirtyGranularity', 'maxConnections', 'maxConnectionsPerExport', 'idleTimeout', 'shutdownTimeout', 'tls', 'tlsCert', 'tlsKey', 'tlsCa', 'exports', '$comment']);
-const EXPORT_KEYS = new Set(['name', 'path', 'readOnly', 'description', 'oldstylePort', 'incoming', 'allow', 'direct', 'fetchFrom', '$comment']);
+const EXPORT_KEYS = new Set(['name', 'path', 'listen', 'readOnly', 'description', 'oldstylePort', 'incoming', 'allow', 'direct', 'fetchFrom', '$comment']);
 
 export function parseConfig(raw: unknown, where: string, baseDir: string): Partial<ServeConfig> {
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new ConfigError(`${where}: expected a JSON object`);
@@ -186,6 +192,8 @@ export function parseConfig(raw: unknown, where: string, baseDir: string): Parti
       if (op !== undefined) ec.oldstylePort = op;
       if (field(eo, 'incoming', w, isBool, 'true or false')) ec.incoming = true;
       if (field(eo, 'direct', w, isBool, 'true or false')) ec.direct = true;
+      const la = field(eo, 'listen', w, isString, 'an address such as "[fd00::11]:10809"');
+      if (la !== undefined) ec.listen = parseListenAddress(la, `${w}.listen`);
       const ff = field(eo, 'fetchFrom', w, isString, 'an NBD URI');
       if (ff !== undefined) ec.fetchFrom = ff;
       const allow = field(eo, 'allow', w, isStringList, 'a list of addresses or CIDRs');
@@ -200,7 +208,7 @@ export function parseConfig(raw: unknown, where: string, baseDir: string): Parti
 export function parseExportSpec(spec: string): ExportConfig {
   const where = `--export ${spec}`;
   const eq = spec.indexOf('=');
-  if (eq <= 0) throw new ConfigError(`${where}: expected NAME=PATH[,oldstyle-port=N][,read-only][,incoming][,direct][,allow=CIDR]...[,description=TEXT]`);
+  if (eq <= 0) throw new ConfigError(`${where}: expected NAME=PATH[,listen=ADDR[:PORT]][,oldstyle-port=N][,read-only][,incoming][,direct][,allow=CIDR]...[,description=TEXT]`);
   const name = spec.slice(0, eq);
   const [p, ...opts] = spec.slice(eq + 1).split(',');
   if (!p) throw new ConfigError(`${where}: missing image path`);
@@ -211,6 +219,7 @@ export function parseExportSpec(spec: string): ExportConfig {
     if (k === 'read-only' && v === undefined) ec.readOnly = true;
     else if (k === 'incoming' && v === undefined) ec.incoming = true;
     else if (k === 'direct' && v === undefined) ec.direct = true;
+    else if (k === 'listen' && v) ec.listen = parseListenAddress(v, where);
     else if (k === 'fetch-from' && v) ec.fetchFrom = v;
     else if (k === 'allow' && v) ec.allow = checkAllow([...(ec.allow ?? []), v], where);
     else if (k === 'oldstyle-port' && v !== undefined && isPort(Number(v)) && v !== '') ec.oldstylePort = Number(v);
@@ -223,6 +232,44 @@ export function parseExportSpec(spec: string): ExportConfig {
   return ec;
 }
 
+/** An export's own address: host (an IP address or name) and port. */
+export interface ListenAddress {
+  host: string;
+  port: number;
+}
+
+/**
+ * `[fd00::11]:10809`, `[fd00::11]`, `fd00::11` (no port), `192.0.2.11:10809`
+ * or `192.0.2.11`; the port defaults to 10809.
+ */
+export function parseListenAddress(text: string, where: string): ListenAddress {
+  const bad = (why: string) => new ConfigError(`${where}: listen=${text}: ${why} (expected ADDR[:PORT], an IPv6 address in brackets: [fd00::11]:10809)`);
+  let host: string;
+  let port: string | undefined;
+  const v6 = /^\[([^\]]*)\](?::(.*))?$/.exec(text);
+  if (v6) {
+    host = v6[1]!;
+    port = v6[2];
+    if (net.isIPv6(host) === false) throw bad(`"${host}" is not an IPv6 address`);
+  } else if ((text.match(/:/g) ?? []).length > 1) {
+    host = text;
+    if (!net.isIPv6(host)) throw bad(`"${host}" is not an IPv6 address`);
+  } else {
+    const i = text.indexOf(':');
+    host = i < 0 ? text : text.slice(0, i);
+    port = i < 0 ? undefined : text.slice(i + 1);
+  }
+  if (!host || /\s/.test(host)) throw bad('no address');
+  const n = port === undefined ? 10809 : Number(port);
+  if (port === '' || !isPort(n)) throw bad(`bad port "${port}"`);
+  return { host, port: n };
+}
+
+/** `[v6]:port` or `v4:port`, as given to NBD_MIGRATE_LISTEN and in messages. */
+export function formatListenAddress(a: ListenAddress): string {
+  return a.host.includes(':') ? `[${a.host}]:${a.port}` : `${a.host}:${a.port}`;
+}
+
 export function checkConfig(c: ServeConfig): void {
   if (!['off', 'on', 'require'].includes(c.tls)) throw new ConfigError(`--tls: expected off, on or require, got "${c.tls}"`);
   if (c.tls !== 'off' && (!c.tlsCert || !c.tlsKey)) throw new ConfigError(`--tls ${c.tls} needs --tls-cert and --tls-key`);
@@ -231,6 +278,7 @@ export function checkConfig(c: ServeConfig): void {
   if (c.exports.length === 0) throw new ConfigError('no exports: give an IMAGE, --export NAME=PATH, or a --config file with "exports"');
   const names = new Set<string>();
   const ports = new Set<number>();
+  const listens = new Map<string, string>();
   for (const e of c.exports) {
     if (Buffer.byteLength(e.name) > 4096) throw new ConfigError(`export "${e.name.slice(0, 32)}...": name is over 4096 bytes`);
     if (names.has(e.name)) throw new ConfigError(`export "${e.name}" is defined twice`);
@@ -239,6 +287,13 @@ export function checkConfig(c: ServeConfig): void {
       if (ports.has(e.oldstylePort) || e.oldstylePort === c.port)
         throw new ConfigError(`export "${e.name}": oldstyle port ${e.oldstylePort} is already used`);
       ports.add(e.oldstylePort);
+    }
+    if (e.listen) {
+      const key = formatListenAddress(e.listen);
+      if (e.listen.port !== 0 && listens.has(key)) throw new ConfigError(`export "${e.name}": listen=${key} is already used by export "${listens.get(key)}"`);
+      if (e.listen.port !== 0 && e.listen.port === c.port && e.listen.host === c.listen)
+        throw new ConfigError(`export "${e.name}": listen=${key} is the server's own --listen/--port`);
+      listens.set(key, e.name);
     }
   }
 }

@@ -217,6 +217,8 @@ class ServeProcess implements RunningServer {
       stack,
       exportId: '',
       disconnectClients: async () => {
+        // The export's own address takes no one new here: its guests reconnect to wherever it moves.
+        this.server.closeExportListeners(e.name, 'handoff');
         const n = await this.server.handOffExport(e.name, HANDOFF_DRAIN_MS);
         log('info', 'handoff', { export: e.name, connections: n });
       },
@@ -234,7 +236,10 @@ class ServeProcess implements RunningServer {
     }
     this.open.set(e.name, oe);
     log('info', 'export-added', { export: e.name, image: e.path, size: file.size, readOnly: e.readOnly, incoming: incoming !== undefined, exportId: exp.id, storage: file.sparseKind, blockDevice: file.isBlockDevice, direct: file.isDirect });
-    if (e.oldstylePort !== undefined) await this.server.listenOldstyle(e.name, this.cfg.listen, e.oldstylePort);
+    if (e.listen) {
+      await this.server.listenExport('export', e.name, e.listen.host, e.listen.port);
+      if (e.oldstylePort !== undefined) await this.server.listenExport('oldstyle', e.name, e.listen.host, e.oldstylePort);
+    } else if (e.oldstylePort !== undefined) await this.server.listenOldstyle(e.name, this.cfg.listen, e.oldstylePort);
     return oe;
   }
 
@@ -243,6 +248,7 @@ class ServeProcess implements RunningServer {
     const oe = this.open.get(name);
     if (!oe) return;
     await this.server.closeOldstyle(name);
+    this.server.closeExportListeners(name, 'export removed');
     this.registry.remove(name);
     this.sources.delete(name);
     this.postcopies.delete(name);

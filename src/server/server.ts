@@ -9,7 +9,7 @@ import { NbdMigrateError } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import { Connection, ConnectionClosed } from './connection.js';
 import type { Acl } from './acl.js';
-import type { Export, ExportRegistry } from './export.js';
+import { type Export, ExportRegistry } from './export.js';
 import {
   DEFAULT_HANDSHAKE_LIMITS,
   HandshakeError,
@@ -50,11 +50,12 @@ export const DEFAULT_SERVER_OPTIONS: ServerOptions = {
   memoryBudget: 256 * 1024 * 1024,
 };
 
-export type ListenerKind = 'newstyle' | 'oldstyle' | 'unix';
+/** 'export': newstyle on an export's own address (listen=), offering that export only. */
+export type ListenerKind = 'newstyle' | 'oldstyle' | 'unix' | 'export';
 
 export interface BoundListener {
   kind: ListenerKind;
-  /** For oldstyle: the one export this port serves. */
+  /** For oldstyle and export listeners: the one export this port serves. */
   exportName?: string;
   address?: string;
   port?: number;
@@ -67,6 +68,8 @@ const log = logger();
 
 export class NbdServer {
   private readonly listeners: Array<{ server: net.Server; info: BoundListener }> = [];
+  /** Exports' own addresses not on this host yet, retried until they appear (by export). */
+  private readonly pendingBinds = new Map<string, Set<() => void>>();
   private readonly connections = new Set<Connection>();
   private readonly sessions = new Set<Session>();
   /** Connections past the handshake (shutdown drains these; the others are simply closed). */
@@ -94,6 +97,80 @@ export class NbdServer {
   async listenOldstyle(exportName: string, host: string, port: number): Promise<BoundListener> {
     if (!this.exports.get(exportName)) throw new Error(`oldstyle port for unknown export "${exportName}"`);
     return this.listen({ kind: 'oldstyle', exportName }, (s) => s.listen(port, host));
+  }
+
+  /**
+   * An export's own listener (--export NAME=PATH,listen=ADDR): newstyle offering
+   * only that export (the default name "" is it), or oldstyle. An address that
+   * is not on this host (EADDRNOTAVAIL: the address moves with the disk and is
+   * still on the other host, or still tentative) is bound as soon as it
+   * appears: the bind is retried with backoff until then. Resolves after the
+   * first attempt, with the listener if it is bound; other errors reject.
+   */
+  async listenExport(kind: 'export' | 'oldstyle', exportName: string, host: string, port: number): Promise<BoundListener | undefined> {
+    if (!this.exports.get(exportName)) throw new Error(`listener for unknown export "${exportName}"`);
+    const attempt = () => this.listen({ kind, exportName }, (s) => s.listen(port, host));
+    try {
+      return await attempt();
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EADDRNOTAVAIL') throw e;
+      log.warn('listen-pending', {
+        listener: kind, export: exportName, address: host, port, cause: (e as Error).message,
+        effect: 'the address is not on this host yet; bound as soon as it appears',
+      });
+    }
+    let delay = 50;
+    let timer: NodeJS.Timeout | undefined;
+    const cancels = this.pendingBinds.get(exportName) ?? new Set<() => void>();
+    this.pendingBinds.set(exportName, cancels);
+    let cancelled = false;
+    const cancel = () => {
+      cancelled = true;
+      clearTimeout(timer);
+      cancels.delete(cancel);
+    };
+    cancels.add(cancel);
+    const retry = () => {
+      timer = setTimeout(() => {
+        if (cancelled || this.closing) return cancel();
+        attempt().then(
+          () => {
+            // Closed (handoff, reload, shutdown) while the bind was under way: it does not stay.
+            if (cancelled || this.closing) this.closeExportListeners(exportName, 'closed while binding');
+            else cancel();
+          },
+          (e: NodeJS.ErrnoException) => {
+            if (cancelled) return;
+            if (e.code !== 'EADDRNOTAVAIL') {
+              cancel();
+              return log.error('listen-failed', { listener: kind, export: exportName, address: host, port, cause: e });
+            }
+            delay = Math.min(delay * 2, 500);
+            retry();
+          },
+        );
+      }, delay);
+      timer.unref();
+    };
+    retry();
+    return undefined;
+  }
+
+  /**
+   * Closes an export's own listeners (handoff, reload) and gives up binding
+   * any still pending. Connections they accepted stay; nothing new is accepted.
+   */
+  closeExportListeners(exportName: string, reason: string): void {
+    for (const cancel of [...(this.pendingBinds.get(exportName) ?? [])]) cancel();
+    this.pendingBinds.delete(exportName);
+    for (let i = this.listeners.length - 1; i >= 0; i--) {
+      const l = this.listeners[i]!;
+      if (l.info.exportName !== exportName) continue;
+      this.listeners.splice(i, 1);
+      // close() stops accepting at once; its callback waits for the connections, which are not waited for here.
+      l.server.close();
+      log.info('listener-closed', { listener: l.info.kind, export: exportName, address: l.info.address, port: l.info.port, reason });
+    }
   }
 
   /** Newstyle on an inherited, already listening socket (systemd socket activation). */
@@ -135,6 +212,18 @@ export class NbdServer {
       socket.destroy();
       return;
     }
+    // An export's own address serves that export only, and only once it takes guests
+    // (an --incoming destination: after MIGRATE_COMPLETE). Before that, a client is closed at once.
+    if (listener.exportName !== undefined) {
+      const exp = this.exports.get(listener.exportName);
+      const why = exp ? exp.admission([]) : `export "${listener.exportName}" is gone`;
+      if (why) {
+        this.stats.refuse('not-open');
+        conn.log.info('connection-refused', { listener: listener.kind, export: listener.exportName, remote, cause: why });
+        conn.destroy();
+        return;
+      }
+    }
     if (this.connections.size >= this.options.maxConnections) {
       this.stats.refuse('connection-limit');
       conn.log.warn('connection-refused', { remote, cause: `${this.options.maxConnections} connections already open (--max-connections)` });
@@ -169,7 +258,8 @@ export class NbdServer {
         if (why) throw new HandshakeError(why);
         negotiated = oldstyleHandshake(conn, exp);
       } else {
-        negotiated = await newstyleHandshake(conn, this.exports, this.options.handshake, (exp, c) => this.admit(exp, c), this.options.tls);
+        const offered = listener.kind === 'export' ? new OneExport(this.exports, listener.exportName!) : this.exports;
+        negotiated = await newstyleHandshake(conn, offered, this.options.handshake, (exp, c) => this.admit(exp, c), this.options.tls);
       }
     } catch (e) {
       if (!(e instanceof ConnectionClosed)) {
@@ -265,6 +355,7 @@ export class NbdServer {
    */
   async close(drainTimeoutMs = DEFAULT_SHUTDOWN_TIMEOUT_MS): Promise<void> {
     this.closing = true;
+    for (const name of [...this.pendingBinds.keys()]) this.closeExportListeners(name, 'shutdown');
     // net.Server.close() calls back only once all its connections are gone, so it is awaited last.
     const listenersClosed = Promise.all(this.listeners.map((l) => new Promise<void>((r) => l.server.close(() => r()))));
     for (const c of this.connections) if (!this.transmitting.has(c)) c.destroy();
@@ -282,6 +373,26 @@ export class NbdServer {
       log.warn('shutdown-timeout', { timeoutMs: drainTimeoutMs, connections: this.connections.size, action: 'disconnect' });
     for (const c of this.connections) c.destroy();
     await listenersClosed;
+  }
+}
+
+/** What an export's own listener offers: that export alone, under its name and as the default (""). */
+class OneExport extends ExportRegistry {
+  constructor(
+    private readonly all: ExportRegistry,
+    private readonly only: string,
+  ) {
+    super();
+  }
+
+  override get(name: string): Export | undefined {
+    const e = this.all.get(this.only);
+    return e && (name === '' || name === e.name) ? e : undefined;
+  }
+
+  override list(): Export[] {
+    const e = this.all.get(this.only);
+    return e ? [e] : [];
   }
 }
 

@@ -50,6 +50,8 @@ export interface StartOptions {
    * instead of on the "ready" log event: for a --log-level that hides it.
    */
   readyPort?: number;
+  /** A command the server runs under, e.g. ['ip', 'netns', 'exec', NS] (test/helpers/netns.ts). */
+  prefix?: string[];
 }
 
 export interface ServerHandle {
@@ -136,7 +138,9 @@ export async function startServer(args: string[], opts: StartOptions = {}): Prom
   // child it sees spawned; that loader breaks the extensionless ESM entry
   // point (ERR_REQUIRE_CYCLE_MODULE). env(1) drops it right before exec'ing
   // node, so the server runs exactly as it would from a shell (same pid).
-  const proc = spawn('/usr/bin/env', ['-u', 'NODE_OPTIONS', process.execPath, cli, ...full], {
+  const argv = ['/usr/bin/env', '-u', 'NODE_OPTIONS', process.execPath, cli, ...full];
+  const pre = opts.prefix ?? [];
+  const proc = spawn(pre[0] ?? argv[0]!, [...pre.slice(1), ...(pre.length ? argv : argv.slice(1))], {
     cwd: REPO_ROOT,
     env: serverEnv(opts.env),
     stdio: ['ignore', 'pipe', 'pipe'],
