@@ -20,7 +20,8 @@ import { NBD_STATE_ZERO } from '../protocol/constants.js';
 
 /** Blocks mirror --since compares between source and target before it trusts the target's seed. */
 const SEED_SAMPLES = 32;
-import { RangeLock } from '../util/range-lock.js';
+import type { MirrorRecord } from '../dirty/export-state.js';
+import { HeldRangeLock } from '../dirty/held-ranges.js';
 import type { MirrorSource } from './source.js';
 import type { MirrorOptions } from './options.js';
 import { type ConvergeMode, type JobState, type JobStatus, TRANSITIONS } from './states.js';
@@ -52,7 +53,8 @@ export class MirrorJob extends EventEmitter {
   private target: Target | undefined;
   private readonly connector: TargetConnector;
   private sourceDataBytes: number | null = null;
-  private readonly locks = new RangeLock();
+  /** Copies and write-through hold ranges here; the activity log's checkpoints cover what is held. */
+  private readonly locks = new HeldRangeLock();
   private limiter: RateLimiter | undefined;
   private cutoverRequested = false;
   private abortRequested = false;
@@ -66,6 +68,14 @@ export class MirrorJob extends EventEmitter {
   private done: Promise<void> | undefined;
   /** mirror --since: the checkpoint whose bits are the first sweep's bitmap. */
   private sinceCheckpoint: Checkpoint | undefined;
+  /** The unfinished job of a previous process that this one resumes (same id, same destination, the recovered bitmap). */
+  private readonly resume: MirrorRecord | undefined;
+  /** What the export's state folder says of this job (mirror.json), once it runs. */
+  private record: MirrorRecord | undefined;
+  private progressTimer: NodeJS.Timeout | undefined;
+  private uncover: (() => void) | undefined;
+  private savedClears = -1;
+
 
   constructor(
     readonly source: MirrorSource,
@@ -73,8 +83,11 @@ export class MirrorJob extends EventEmitter {
   ) {
     super();
     this.opts = opts;
-    this.jobId = opts.jobId ?? randomBytes(8).toString('hex');
+    const { resume, skipped } = resumable(source, opts);
+    this.resume = resume;
+    this.jobId = resume?.jobId ?? opts.jobId ?? randomBytes(8).toString('hex');
     this.log = logger({ export: source.name, target: opts.target, job: this.jobId });
+    if (skipped) this.log.warn('mirror-resume-skipped', skipped);
     if (opts.limiter) this.limiter = opts.limiter;
     else if (opts.maxBandwidth) this.limiter = new TokenBucket(opts.maxBandwidth);
     this.connector = new TargetConnector({
@@ -87,6 +100,7 @@ export class MirrorJob extends EventEmitter {
       localExportIds: opts.localExportIds,
       connect: opts.connect,
       log: this.log,
+      resume: resume ? { destExportId: resume.destExportId! } : undefined,
     });
   }
 
@@ -197,6 +211,66 @@ export class MirrorJob extends EventEmitter {
     this.state = s;
     this.log.info('mirror-state', { from, to: s, pass: this.pass });
     this.emit('state', s, from);
+    if (this.isFinal) this.persistEnd(s);
+  }
+
+  // ---- persistence (the export's state folder): resume after a restart
+
+  /**
+   * The job's bitmap is the export's persistent one: stored now (a fresh job:
+   * every block dirty), then every PROGRESS_SAVE_MS while copies clear bits, so
+   * a restart resumes with what was never copied plus what changed since.
+   * Then the record that lets `ctl mirror NAME URI` resume it.
+   */
+  private async persistStart(): Promise<void> {
+    const state = this.source.state;
+    if (!state) return;
+    this.uncover = state.log.cover(() => this.locks.heldRanges());
+    await state.log.checkpoint();
+    this.record = {
+      jobId: this.jobId,
+      target: this.opts.target,
+      destExportId: this.connector.destExportId,
+      destKind: this.connector.kind,
+      state: 'copying',
+      since: this.resume?.since ?? this.startedAt.toISOString(),
+    };
+    state.setMirror(this.record);
+    this.savedClears = this.source.stack.bitmap.clears;
+    this.progressTimer = setInterval(() => void this.saveProgress(), PROGRESS_SAVE_MS);
+    this.progressTimer.unref();
+  }
+
+  /** Stores the bitmap if copies cleared bits since it was last stored. */
+  private async saveProgress(): Promise<void> {
+    const state = this.source.state;
+    const clears = this.source.stack.bitmap.clears;
+    if (!state || clears === this.savedClears) return;
+    this.savedClears = clears;
+    try {
+      await state.log.checkpoint();
+      this.log.debug('mirror-progress-saved', { dirtyBytes: this.source.stack.bitmap.dirtyBytes(), bytesCopied: this.stats.dataBytes + this.stats.zeroBytes + this.stats.skippedBytes });
+    } catch (e) {
+      this.log.error('mirror-progress-save-failed', { cause: e, effect: 'a restart resumes from the last stored bitmap and the activity log' });
+    }
+  }
+
+  /** Completed or aborted: nothing to resume. Failed: the record says so and the bitmap is stored, to resume after a restart too. */
+  private persistEnd(s: JobState): void {
+    clearInterval(this.progressTimer);
+    const state = this.source.state;
+    if (!state || !this.record) return this.uncover?.();
+    try {
+      if (s === 'failed') {
+        state.setMirror({ ...this.record, state: 'failed', error: this.error ?? undefined });
+        void this.saveProgress().finally(() => this.uncover?.());
+        return;
+      }
+      state.setMirror(undefined);
+    } catch (e) {
+      this.log.error('mirror-record-failed', { cause: e, file: state.folder.file('mirror.json') });
+    }
+    this.uncover?.();
   }
 
   private poke(): void {
@@ -243,7 +317,9 @@ export class MirrorJob extends EventEmitter {
 
   private async run(): Promise<void> {
     try {
-      this.initialBitmap();
+      if (this.resume) this.log.info('mirror-resumed', { from: this.resume.state, since: this.resume.since, dirtyBytes: this.source.stack.bitmap.dirtyBytes(), size: this.source.size });
+      else this.initialBitmap();
+      await this.persistStart();
       const stall = new StallDetector();
       for (;;) {
         if (this.abortRequested) return await this.finishAborted();
@@ -500,4 +576,34 @@ export class MirrorJob extends EventEmitter {
     this.log.error('mirror-failed', { cause: e });
     this.setState('failed');
   }
+}
+
+/** How often a copying job stores its bitmap (when copies cleared bits). */
+const PROGRESS_SAVE_MS = 2000;
+
+/**
+ * Whether `ctl mirror NAME URI` picks up the job a previous process left
+ * (mirror.json): the same target URI, an nbd-migrate destination (whose
+ * identity can be checked), and no --force or --since (those start afresh).
+ */
+function resumable(source: MirrorSource, opts: MirrorOptions): { resume?: MirrorRecord; skipped?: Record<string, unknown> } {
+  let rec: MirrorRecord | undefined;
+  try {
+    rec = source.state?.mirror();
+  } catch (e) {
+    return { skipped: { cause: e, effect: 'starting a fresh mirror' } };
+  }
+  if (!rec) return {};
+  const why =
+    rec.target !== opts.target
+      ? `it went to ${rec.target}`
+      : opts.force
+        ? '--force starts afresh'
+        : opts.since !== undefined
+          ? '--since starts from the checkpoint'
+          : rec.destKind !== 'nbd-migrate-incoming' || !rec.destExportId
+            ? `its target (${rec.destKind ?? 'unknown'}) is not an nbd-migrate destination whose identity can be checked`
+            : undefined;
+  if (why) return { skipped: { previousJob: rec.jobId, cause: `the unfinished job ${rec.jobId} is not resumed: ${why}`, effect: 'starting a fresh mirror (every block is copied)' } };
+  return { resume: rec };
 }
