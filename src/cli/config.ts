@@ -60,6 +60,10 @@ export interface ServeConfig {
   tlsKey?: string;
   /** CA for client certificates: when given, clients must present a certificate it signed. */
   tlsCa?: string;
+  /** Operator command run (sh -c) after each cutover that switched an export, with NBD_MIGRATE_* in its environment. */
+  onCutover?: string;
+  /** Seconds --on-cutover may run before it is killed and reported failed (default 30). */
+  onCutoverTimeout?: number;
   /** Post-copy: seconds a guest read of an absent block waits for the source before EIO (default 120). */
   fetchTimeout?: number;
   /** Post-copy: background fill rate limit in bytes/s (undefined: unlimited). */
@@ -142,7 +146,7 @@ export function loadConfigFile(file: string): Partial<ServeConfig> {
   return parseConfig(raw, file, path.dirname(path.resolve(file)));
 }
 
-const TOP_KEYS = new Set(['listen', 'port', 'socket', 'handshakeTimeout', 'adminSocket', 'metrics', 'dirtyGranularity', 'maxConnections', 'maxConnectionsPerExport', 'idleTimeout', 'shutdownTimeout', 'tls', 'tlsCert', 'tlsKey', 'tlsCa', 'exports', '$comment']);
+const TOP_KEYS = new Set(['listen', 'port', 'socket', 'handshakeTimeout', 'adminSocket', 'metrics', 'dirtyGranularity', 'maxConnections', 'maxConnectionsPerExport', 'idleTimeout', 'shutdownTimeout', 'tls', 'tlsCert', 'tlsKey', 'tlsCa', 'onCutover', 'onCutoverTimeout', 'exports', '$comment']);
 const EXPORT_KEYS = new Set(['name', 'path', 'listen', 'readOnly', 'description', 'oldstylePort', 'incoming', 'allow', 'direct', 'fetchFrom', '$comment']);
 
 export function parseConfig(raw: unknown, where: string, baseDir: string): Partial<ServeConfig> {
@@ -163,6 +167,8 @@ export function parseConfig(raw: unknown, where: string, baseDir: string): Parti
     ['idleTimeout', isNonNegative, 'a number of seconds (0 = never)'],
     ['shutdownTimeout', isNonNegative, 'a number of seconds'],
     ['tls', isTlsMode, '"off", "on" or "require"'],
+    ['onCutover', isString, 'a shell command'],
+    ['onCutoverTimeout', isPositive, 'a number of seconds'],
   ];
   for (const [key, check, what] of plain) {
     const v = field(o, key, where, check as (v: unknown) => v is unknown, what);
@@ -323,6 +329,8 @@ export interface ServeArgs {
   'tls-cert'?: string;
   'tls-key'?: string;
   'tls-ca'?: string;
+  'on-cutover'?: string;
+  'on-cutover-timeout'?: number;
   incoming?: boolean;
   force?: boolean;
   'dirty-granularity'?: string | number;
@@ -378,6 +386,10 @@ export function serveConfigFrom(argv: ServeArgs): ServeConfig {
   if (admin !== undefined) cfg.adminSocket = admin;
   const metrics = argv.metrics ?? file.metrics;
   if (metrics !== undefined) cfg.metrics = metrics;
+  const hook = argv['on-cutover'] ?? file.onCutover;
+  if (hook) cfg.onCutover = hook;
+  const hookTimeout = argv['on-cutover-timeout'] ?? file.onCutoverTimeout;
+  if (hookTimeout !== undefined) cfg.onCutoverTimeout = hookTimeout;
   const cert = argv['tls-cert'] ? path.resolve(argv['tls-cert']) : file.tlsCert;
   const key = argv['tls-key'] ? path.resolve(argv['tls-key']) : file.tlsKey;
   const ca = argv['tls-ca'] ? path.resolve(argv['tls-ca']) : file.tlsCa;

@@ -13,6 +13,7 @@ import { AdminServer } from '../admin/server.js';
 import { MigrationController } from '../migration/controller.js';
 import type { MirrorSource } from '../migration/job.js';
 import { IncomingMigration } from '../migration/incoming.js';
+import type { CutoverHook } from '../migration/on-cutover.js';
 import { readFenced, readIncoming, readReceived, writeIncoming } from '../migration/markers.js';
 import { Acl } from '../server/acl.js';
 import { Export, ExportRegistry, newExportId } from '../server/export.js';
@@ -27,7 +28,7 @@ import { DEFAULT_GRANULARITY } from '../dirty/bitmap.js';
 import { buildRegistry, startMetricsServer } from '../metrics/exporter.js';
 import { PostcopyDestination, postcopyRefusal } from '../migration/postcopy.js';
 import { log } from '../util/log.js';
-import { ConfigError, type ExportConfig, type ServeConfig } from './config.js';
+import { ConfigError, type ExportConfig, formatListenAddress, type ServeConfig } from './config.js';
 
 export interface RunningServer {
   server: NbdServer;
@@ -216,6 +217,7 @@ class ServeProcess implements RunningServer {
       size: file.size,
       stack,
       exportId: '',
+      cutoverHook: this.cutoverHook(e),
       disconnectClients: async () => {
         // The export's own address takes no one new here: its guests reconnect to wherever it moves.
         this.server.closeExportListeners(e.name, 'handoff');
@@ -241,6 +243,22 @@ class ServeProcess implements RunningServer {
       if (e.oldstylePort !== undefined) await this.server.listenExport('oldstyle', e.name, e.listen.host, e.oldstylePort);
     } else if (e.oldstylePort !== undefined) await this.server.listenOldstyle(e.name, this.cfg.listen, e.oldstylePort);
     return oe;
+  }
+
+  /** --on-cutover for export `e`, with the export's part of the command's environment. */
+  private cutoverHook(e: ExportConfig): CutoverHook | undefined {
+    if (!this.cfg.onCutover) return undefined;
+    return {
+      command: this.cfg.onCutover,
+      timeoutMs: (this.cfg.onCutoverTimeout ?? 30) * 1000,
+      env: {
+        NBD_MIGRATE_EXPORT: e.name,
+        NBD_MIGRATE_IMAGE: e.path,
+        NBD_MIGRATE_LISTEN: e.listen ? formatListenAddress(e.listen) : '',
+        NBD_MIGRATE_LISTEN_HOST: e.listen?.host ?? '',
+        NBD_MIGRATE_LISTEN_PORT: e.listen ? String(e.listen.port) : '',
+      },
+    };
   }
 
   /** Takes an export away from new clients; connected ones keep it until they disconnect. */
@@ -361,7 +379,7 @@ export async function startServe(cfg: ServeConfig): Promise<RunningServer> {
 /** What SIGHUP does not re-apply: listeners, admin socket, metrics, TLS and limits are set up once, at startup. */
 const RESTART_ONLY = [
   'listen', 'port', 'socket', 'adminSocket', 'metrics', 'tls', 'tlsCert', 'tlsKey', 'tlsCa',
-  'handshakeTimeout', 'maxConnections', 'maxConnectionsPerExport', 'idleTimeout', 'shutdownTimeout', 'dirtyGranularity',
+  'onCutover', 'onCutoverTimeout', 'handshakeTimeout', 'maxConnections', 'maxConnectionsPerExport', 'idleTimeout', 'shutdownTimeout', 'dirtyGranularity',
 ] as const;
 
 /** A reload that changes settings only a restart applies says so, naming them, instead of ignoring them silently. */

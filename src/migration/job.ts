@@ -14,6 +14,7 @@ import { allocatedBytes, TargetConnector } from './connector.js';
 import { fitsDowntime, guestThrottleRate, RateMeter, StallDetector } from './convergence.js';
 import { type CopyOptions, type CopyStats, copySweep, newCopyStats } from './copy.js';
 import { cutover } from './cutover.js';
+import { type HookStatus, hookEnv, runCutoverHook } from './on-cutover.js';
 import { JobError } from './errors.js';
 import type { Checkpoint } from '../dirty/checkpoints.js';
 import { NBD_STATE_ZERO } from '../protocol/constants.js';
@@ -47,6 +48,7 @@ export class MirrorJob extends EventEmitter {
   private retries = 0;
   private retrying = false;
   private pauseMs: number | null = null;
+  private hookStatus: HookStatus | null = null;
   private error: string | null = null;
   private readonly startedAt = new Date();
   private finishedAt: Date | null = null;
@@ -156,6 +158,7 @@ export class MirrorJob extends EventEmitter {
       startedAt: this.startedAt.toISOString(),
       finishedAt: this.finishedAt?.toISOString() ?? null,
       error: this.error,
+      onCutover: this.hookStatus,
     };
   }
 
@@ -521,6 +524,12 @@ export class MirrorJob extends EventEmitter {
     }
     this.finishedAt = new Date();
     this.setState('completed');
+    // The operator's --on-cutover (moving the export's address, say): reported in the log and the status, bounded.
+    const hook = this.source.cutoverHook;
+    if (hook) {
+      const env = hookEnv(hook, { target: this.opts.target, jobId: this.jobId, handoff: this.opts.handoff, pauseMs: this.pauseMs });
+      await runCutoverHook(hook, env, this.log, (s) => (this.hookStatus = s));
+    }
     return true;
   }
 

@@ -2,6 +2,7 @@
 import type { ExportState } from '../dirty/export-state.js';
 import type { Checkpoints } from '../dirty/checkpoints.js';
 import type { Stack } from '../storage/stack.js';
+import type { CutoverHook } from './on-cutover.js';
 
 export interface MirrorSource {
   name: string;
@@ -20,4 +21,6 @@ export interface MirrorSource {
    * listeners: requests already read are answered first. Resolves once closed.
    */
   disconnectClients(): void | Promise<void>;
+  /** serve --on-cutover: run after a cutover that switched this export (after the handoff). */
+  cutoverHook?: CutoverHook;
 }

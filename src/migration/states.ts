@@ -1,5 +1,6 @@
 /** A mirror job's states, the transitions between them, and what status reports. */
 import type { TargetKind } from './connector.js';
+import type { HookStatus } from './on-cutover.js';
 
 export type JobState = 'created' | 'copying' | 'ready' | 'cutting-over' | 'completed' | 'aborted' | 'failed';
 export type ConvergeMode = 'active' | 'throttle';
@@ -62,4 +63,6 @@ export interface JobStatus {
   startedAt: string;
   finishedAt: string | null;
   error: string | null;
+  /** The --on-cutover command after the switch: running, ok or failed (exit code, stderr tail); null if none ran. */
+  onCutover: HookStatus | null;
 }
