@@ -79,6 +79,12 @@ export interface ConnectorOptions {
   localExportIds?: () => ReadonlySet<string>;
   connect?: ConnectFn;
   log: Logger;
+  /**
+   * This job resumes one a previous process left (src/dirty/export-state.ts):
+   * the destination must be that job's (this export id, still bound to it),
+   * or the job is refused rather than leave a disk half-copied.
+   */
+  resume?: { destExportId: string };
 }
 
 export class TargetConnector {
@@ -96,6 +102,11 @@ export class TargetConnector {
 
   get freeBytes(): number | null {
     return this.facts?.freeBytes ?? null;
+  }
+
+  /** The destination's export id (nbd-migrate targets), once connected. */
+  get destExportId(): string | null {
+    return this.facts?.exportId ?? null;
   }
 
   private get incomingContext(): string {
@@ -116,6 +127,8 @@ export class TargetConnector {
     const metaContexts = [C.BASE_ALLOCATION, this.incomingContext];
     // Only the job's first connection may take a destination over; its reconnects must find it still bound to it.
     if (first && this.o.force) metaContexts.push(I.MIGRATE_TAKEOVER_CONTEXT);
+    // A resumed job asks the destination to admit it only if it is already bound to it.
+    if (first && this.o.resume) metaContexts.push(I.MIGRATE_RESUME_CONTEXT);
     let client: Target;
     try {
       const connecting = this.open({ metaContexts, listMetaContexts: [C.MIGRATE_NAMESPACE], requestTimeoutMs: this.o.requestTimeoutMs });
@@ -124,6 +137,8 @@ export class TargetConnector {
     } catch (e) {
       if (e instanceof JobError) throw e;
       const msg = (e as Error).message;
+      if (msg.includes(I.RESUME_REFUSAL))
+        throw new JobError('EIDENTITY', `target ${uri} refused to resume this job: ${msg.replace(/^.*?: the server refused export "[^"]*" \([^)]*\): /, '')}`, { cause: e, permanent: true });
       if (/bound to migration job/.test(msg))
         throw new JobError('EBUSY', `target ${uri} refused this job: ${msg.replace(/^.*?: the server refused export "[^"]*" \([^)]*\): /, '')}`, { cause: e, permanent: true });
       throw new JobError('EUNREACHABLE', `target ${uri} is unreachable: ${msg}`, { cause: e });
@@ -171,6 +186,14 @@ export class TargetConnector {
     }
     if (facts.incoming && !client.contexts.has(this.incomingContext))
       throw unfit('EPROTO', `target ${uri} is an nbd-migrate destination but did not accept this job's incoming context`);
+    const resume = this.o.resume;
+    if (resume && (!facts.incoming || facts.exportId !== resume.destExportId || !client.contexts.has(I.MIGRATE_RESUME_CONTEXT)))
+      throw unfit(
+        'EIDENTITY',
+        `target ${uri} is not the destination this job was copying to before the restart (export id ${resume.destExportId} then, ` +
+          `${facts.exportId ?? 'none'}${facts.incoming ? '' : ', not receiving'} now): resuming would copy only what changed into a disk that lacks the rest. ` +
+          `Pass --force to start a fresh mirror (the whole disk is copied again)`,
+      );
     this.facts = facts;
     this.kind = facts.exportId === undefined ? 'foreign' : facts.incoming ? 'nbd-migrate-incoming' : 'nbd-migrate-live';
     if (facts.freeBytes !== undefined) this.checkSpace(facts.freeBytes + (facts.allocatedBytes ?? 0));

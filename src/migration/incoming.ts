@@ -32,6 +32,15 @@ export const MIGRATE_INCOMING_CONTEXT = 'nbd-migrate:incoming';
 export const MIGRATE_INCOMING_JOB_PREFIX = 'nbd-migrate:incoming:';
 /** Selected with the incoming context: take a destination bound to another job over (the source's --force). */
 export const MIGRATE_TAKEOVER_CONTEXT = 'nbd-migrate:takeover';
+/**
+ * Selected with the incoming context by a source that resumes a job after a
+ * restart (it copies only what is dirty): admitted only if this destination
+ * is bound to that very job, i.e. holds its earlier copy (not a fresh or
+ * reused destination, nor one another job took over).
+ */
+export const MIGRATE_RESUME_CONTEXT = 'nbd-migrate:resume';
+/** The words of the refusal a resuming source recognises. */
+export const RESUME_REFUSAL = 'holds no earlier copy from migration job';
 /** Listed on an incoming export: `nbd-migrate:free-bytes:<n>`, free space on the destination's filesystem. */
 export const FREE_BYTES_CONTEXT_PREFIX = 'nbd-migrate:free-bytes:';
 /** Listed on an incoming export: `nbd-migrate:allocated-bytes:<n>`, space the destination image already occupies. */
@@ -88,7 +97,7 @@ export class IncomingMigration implements ExportExtension {
 
   contexts(): MetaContext[] {
     if (!this.receiving) return [];
-    const all = [flat(MIGRATE_INCOMING_CONTEXT, 2), flat(MIGRATE_TAKEOVER_CONTEXT, 4)];
+    const all = [flat(MIGRATE_INCOMING_CONTEXT, 2), flat(MIGRATE_TAKEOVER_CONTEXT, 4), flat(MIGRATE_RESUME_CONTEXT, 7)];
     // Facts for the source's pre-checks; read when listed, so they are current.
     try {
       all.push(flat(FREE_BYTES_CONTEXT_PREFIX + this.freeBytes(), 5), flat(ALLOCATED_BYTES_CONTEXT_PREFIX + this.allocatedBytes(), 6));
@@ -108,6 +117,13 @@ export class IncomingMigration implements ExportExtension {
     const job = incomingJobOf(contexts);
     if (!job)
       return `export "${this.marker.export}" is receiving a migration and holds a half-copied disk; it opens to clients when the migration completes`;
+    if (contexts.some((c) => c.name === MIGRATE_RESUME_CONTEXT) && this.marker.job?.id !== job.jobId) {
+      const bound = this.marker.job;
+      return (
+        `export "${this.marker.export}" ${RESUME_REFUSAL} ${job.jobId} (${bound ? `it is bound to job ${bound.id} since ${bound.since}` : 'no job is bound to it'}): ` +
+        `resuming would copy only what changed into a disk that lacks the rest; start a fresh mirror (ctl mirror --force)`
+      );
+    }
     return this.refusal(job.jobId, job.takeover);
   }
 
