@@ -13,7 +13,7 @@
  *   BENCH_SUITES=fio,mirror              which suites (default: both); the rest only matter to one suite
  *
  * The mirror suite (mirror.ts):
- *   BENCH_MIRROR_ROWS=copy,cutover,bitmap  which mirror rows (default: all three)
+ *   BENCH_MIRROR_ROWS=copy,cutover,bitmap,actlog  which mirror rows (default: all)
  *   BENCH_COPY_METHODS=nbd-migrate-mirror,qemu-img  which copiers (default: all but the *-tiz ones)
  *   BENCH_COPY_REPEAT=5  BENCH_COPY_SIZE=2G  samples per copier / image size (half data, half holes)
  *   BENCH_MIRROR_REPEAT=3                rounds of the cutover and bitmap rows
@@ -29,7 +29,7 @@ import { SERVER_NAMES, type ServerName } from './servers.js';
 
 export const SUITE_NAMES = ['fio', 'mirror'] as const;
 export type SuiteName = (typeof SUITE_NAMES)[number];
-export const MIRROR_ROW_NAMES = ['copy', 'cutover', 'bitmap'] as const;
+export const MIRROR_ROW_NAMES = ['copy', 'cutover', 'bitmap', 'actlog'] as const;
 export type MirrorRowName = (typeof MIRROR_ROW_NAMES)[number];
 export const CUTOVER_TARGETS = ['qemu-nbd', 'nbd-migrate', 'nbdkit'] as const;
 export type CutoverTarget = (typeof CUTOVER_TARGETS)[number];

@@ -38,6 +38,7 @@ export async function createImage(size: number): Promise<string> {
 
 export function removeImage(file: string): void {
   fs.rmSync(file, { force: true });
+  fs.rmSync(`${file}.nbd-migrate.d`, { recursive: true, force: true }); // nbd-migrate's state folder
 }
 
 /** A fresh path on tmpfs for a benchmark file; `tag` tells the files of one run apart. */
@@ -89,5 +90,5 @@ export function removeBenchFiles(): void {
   } catch {
     return;
   }
-  for (const n of names) if (n.startsWith(prefix) && !n.startsWith(`${prefix}MISMATCH`)) fs.rmSync(path.join(dir, n), { force: true });
+  for (const n of names) if (n.startsWith(prefix) && !n.startsWith(`${prefix}MISMATCH`)) fs.rmSync(path.join(dir, n), { recursive: true, force: true });
 }

@@ -6,12 +6,14 @@
  *             qemu-img convert, same image, same qemu-nbd target (copyspeed.ts)
  *  - cutover: the guest-visible pause of a cutover under fio write load (cutover.ts)
  *  - bitmap:  the dirty bitmap's size and the server's RSS for a 1 TiB image (bitmapmem.ts)
+ *  - actlog:  4 KiB random writes with the activity log against in-memory tracking only (actlog.ts)
  *
  * Samples are interleaved like the fio suite's: methods (or baseline and
  * migrate) alternate within a round and their order rotates each round.
  */
 import * as fs from 'node:fs';
 import { formatBytes } from '../src/util/units.js';
+import { ACTLOG_MODES, formatActlog, measureActlog, summariseActlog, type ActlogRow, type ActlogSample } from './actlog.js';
 import { BITMAP_SMALL_SIZE, measureBitmap, type BitmapSample, type GoodBitmapSample } from './bitmapmem.js';
 import type { BenchConfig, CopyMethodName, MirrorConfig } from './config.js';
 import { COPY_METHOD_LABELS, createCopySource, measureCopy, type CopySample, type GoodCopySample } from './copyspeed.js';
@@ -83,6 +85,7 @@ export interface MirrorResults {
     samples: CutoverSample[];
   };
   bitmap?: { settings: { sizes: number[]; repeat: number }; rows: BitmapRow[]; samples: BitmapSample[] };
+  actlog?: { settings: { size: number; repeat: number; iodepth: number; runtimeSec: number; rampSec: number }; row: ActlogRow; samples: ActlogSample[] };
   /** Copies that differed from their source: the run exits non-zero. */
   mismatches: string[];
 }
@@ -108,6 +111,7 @@ export function estimateMirrorSec(m: MirrorConfig): number {
   if (m.rows.includes('copy')) s += 3 + m.copyMethods.length * (m.copyRepeat * 5 + 3);
   if (m.rows.includes('cutover')) s += 1 + m.repeat * (2 * m.cutoverRuntimeSec + 10);
   if (m.rows.includes('bitmap')) s += m.repeat * 2 * 2.5;
+  if (m.rows.includes('actlog')) s += 2 + m.repeat * 2 * 8;
   return s;
 }
 
@@ -287,6 +291,29 @@ export async function runMirrorSuite(ctx: MirrorContext, results: MirrorResults)
         }
       }
     }
+
+    if (m.rows.includes('actlog')) {
+      check();
+      const samples: ActlogSample[] = [];
+      const cfg = ctx.cfg;
+      const image = createHalfAllocatedImage(benchPath('actlog'), cfg.imageSize);
+      results.actlog = { settings: { size: cfg.imageSize, repeat: m.repeat, iodepth: cfg.iodepth, runtimeSec: cfg.runtimeSec, rampSec: cfg.rampSec }, row: summariseActlog([]), samples };
+      try {
+        const total = m.repeat * ACTLOG_MODES.length;
+        for (let round = 1; round <= m.repeat; round++) {
+          for (const mode of rotate(ACTLOG_MODES, round - 1)) {
+            check();
+            const s = await measureActlog(ctx, image, mode, round);
+            samples.push(s);
+            results.actlog.row = summariseActlog(samples);
+            const what = s.ok ? `${Math.round(s.iops!)} IOPS` : `FAILED: ${(s.error ?? '').split('\n')[0]}`;
+            ctx.progress(`[actlog ${samples.length}/${total}] round ${round} ${mode.padEnd(7)} ${what}`);
+          }
+        }
+      } finally {
+        removeImageAndMarkers(image);
+      }
+    }
   } finally {
     removeSocketDir();
   }
@@ -452,6 +479,11 @@ export function formatMirrorResults(r: MirrorResults): string {
     }
     out.push(table([head, ...body]));
     for (const f of b.samples) if (!f.ok) out.push(`  round ${f.round} ${fmtBytes(f.size)} failed: ${f.error.split('\n')[0]}`);
+  }
+
+  if (r.actlog) {
+    if (out.length) out.push('');
+    out.push(formatActlog(r.actlog.row, r.actlog.samples, r.actlog.settings));
   }
 
   if (r.mismatches.length) {

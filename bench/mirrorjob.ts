@@ -126,9 +126,11 @@ export async function stopPair(source: ServerHandle | undefined, target: { stop(
 /** Removes an image and the marker/lock files nbd-migrate keeps beside it. */
 export function removeImageAndMarkers(image: string): void {
   for (const f of [image, `${image}.nbd-migrate-fenced`, `${image}.nbd-migrate-incoming`, `${image}.nbd-migrate.lock`]) fs.rmSync(f, { force: true });
+  fs.rmSync(`${image}.nbd-migrate.d`, { recursive: true, force: true }); // the state folder
 }
 
 /** Removes only the markers (the source image itself is reused between samples). */
 export function removeMarkers(image: string): void {
   for (const f of [`${image}.nbd-migrate-fenced`, `${image}.nbd-migrate-incoming`, `${image}.nbd-migrate.lock`]) fs.rmSync(f, { force: true });
+  fs.rmSync(`${image}.nbd-migrate.d`, { recursive: true, force: true }); // the state folder (a failed job's record would be resumed)
 }

@@ -202,7 +202,7 @@ async function main(): Promise<void> {
   const mirror: MirrorResults = { mismatches: [] };
   const partial = () => {
     if (samples.length) process.stdout.write(formatResults(summarise(samples, cfg.jobs, cfg.servers), samples, cfg.servers, cfg.repeat) + '\n');
-    if (mirror.copy || mirror.cutover || mirror.bitmap) process.stdout.write('\n' + formatMirrorResults(mirror) + '\n');
+    if (mirror.copy || mirror.cutover || mirror.bitmap || mirror.actlog) process.stdout.write('\n' + formatMirrorResults(mirror) + '\n');
   };
 
   let n = 0;
@@ -239,7 +239,7 @@ async function main(): Promise<void> {
   } catch (e) {
     await cleanUp();
     if (e instanceof Interrupted || interrupted) {
-      if (samples.length || mirror.copy || mirror.cutover || mirror.bitmap) {
+      if (samples.length || mirror.copy || mirror.cutover || mirror.bitmap || mirror.actlog) {
         process.stdout.write(`\n(interrupted${fioSuite ? ` after ${samples.length}/${total} fio runs` : ''}; partial results, nothing written)\n`);
         partial();
       }
