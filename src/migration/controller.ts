@@ -5,7 +5,7 @@
 import { EventEmitter } from 'node:events';
 import { CheckpointError, type CheckpointInfo } from '../dirty/checkpoints.js';
 import { DEFAULT_MIRROR_OPTIONS, JobError, type JobStatus, MirrorJob, type MirrorOptions, type MirrorSource } from './job.js';
-import { type EvacuationStatus, Evacuations } from './evacuation.js';
+import { type EvacuationExportStatus, type EvacuationStatus, Evacuations } from './evacuation.js';
 
 export interface ExportStatus {
   name: string;
@@ -95,7 +95,10 @@ export class MigrationController extends EventEmitter {
     return j.status();
   }
 
-  async abort(exportName: string): Promise<JobStatus> {
+  async abort(exportName: string): Promise<JobStatus | EvacuationExportStatus> {
+    // An export still queued in an evacuation has no job yet: it leaves the queue.
+    const queued = this.evacuations.abortQueued(exportName);
+    if (queued) return queued;
     const j = this.job(exportName);
     await j.abort();
     return j.status();

@@ -24,7 +24,7 @@ export interface EvacuationHost {
   mirror(exportName: string, opts: Partial<MirrorOptions> & { target: string }): Promise<JobStatus>;
   jobStatus(exportName: string): JobStatus;
   cutover(exportName: string): JobStatus;
-  abort(exportName: string): Promise<JobStatus>;
+  abort(exportName: string): Promise<unknown>;
   on(event: 'job-state', fn: (exportName: string, to: JobState, from: JobState) => void): unknown;
   off(event: 'job-state', fn: (exportName: string, to: JobState, from: JobState) => void): unknown;
 }
@@ -184,6 +184,18 @@ export class Evacuation extends EventEmitter {
         this.log.warn('evacuation-export', { export: i.name, state: 'aborted', error: i.error });
       }
     this.checkDone();
+  }
+
+  /** `ctl abort` of an export still queued: it leaves the queue (aborted); undefined when it is not queued here. */
+  abortQueued(name: string): EvacuationExportStatus | undefined {
+    const i = this.items.find((x) => x.name === name && x.phase === 'queued');
+    if (!i) return undefined;
+    i.phase = 'cancelled';
+    i.error = 'aborted before it started';
+    i.finishedAt = new Date();
+    this.log.info('evacuation-export', { export: i.name, state: 'aborted', error: i.error });
+    this.checkDone();
+    return this.itemStatus(i);
   }
 
   /** `ctl cutover --all`: requests the switch of every job that is ready now; returns their names and the others'. */
@@ -421,6 +433,15 @@ export class Evacuations {
       out.notReady.push(...r.notReady);
     }
     return out;
+  }
+
+  /** `ctl abort` of a queued export: it leaves its evacuation's queue. */
+  abortQueued(name: string): EvacuationExportStatus | undefined {
+    for (const e of this.list) {
+      const st = e.isDone ? undefined : e.abortQueued(name);
+      if (st) return st;
+    }
+    return undefined;
   }
 
   /** Server shutdown: queued exports never start. */

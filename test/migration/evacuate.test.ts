@@ -246,3 +246,25 @@ t.test('manual evacuation: --wait stops at ready, `cutover --all` switches every
     t.equal(cmp.code, 0, `${n}: the destination holds the source\n${describeRun(cmp)}`);
   }
 });
+
+t.test('ctl abort takes a queued export out of the queue; the others go on', async (t) => {
+  const { s, admin, to, src, dst } = await setup(t, { a: 8 * MiB, b: 8 * MiB, c: 8 * MiB });
+  // 4 MiB/s, one at a time: a copies for about 2 s while b and c wait.
+  const run = cli(['ctl', '--socket', admin, 'evacuate', '--to', to, '--parallel', '1', '--max-bandwidth', '4M', '--cutover', 'auto', '--wait']);
+  await s.waitForLog((e) => e.event === 'evacuation-export' && e.export === 'a' && e.state === 'starting', 30_000);
+  const ab = await cli(['ctl', '--socket', admin, 'abort', 'c']);
+  t.equal(ab.code, 0, describeRun(ab));
+  const st = (await adminRequest(admin, { cmd: 'status' })) as Status;
+  t.equal(st.evacuations[0]!.exports.find((e) => e.export === 'c')!.state, 'aborted', 'c left the queue');
+  t.notOk(st.jobs.some((j) => j.export === 'c'), 'and never had a job');
+  const r = await run;
+  t.equal(r.code, 1, `exit 1: an export was aborted\n${describeRun(r)}`);
+  t.match(r.stdout, /: 2 completed, 0 failed, 1 aborted \(of 3\)/);
+  t.match(r.stdout, /^  c:\s+aborted\s.*error: aborted before it started$/m);
+  for (const n of ['a', 'b']) {
+    const cmp = await compare(src[n]!, dst[n]!);
+    t.equal(cmp.code, 0, `${n}: the destination holds the source\n${describeRun(cmp)}`);
+  }
+  const after = (await adminRequest(admin, { cmd: 'status' })) as Status;
+  t.same(after.exports.map((e) => [e.name, e.backend]), [['a', 'target'], ['b', 'target'], ['c', 'local']], 'c stays here');
+});
