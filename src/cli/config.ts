@@ -23,6 +23,8 @@ export interface ExportConfig {
   allow?: string[];
   /** Open the image or device O_DIRECT (the host page cache bypassed). */
   direct?: boolean;
+  /** The export's state folder (default: IMAGE.nbd-migrate.d/, or DIR/<name> under --state-dir). */
+  stateDir?: string;
   /**
    * The export's own address (listen=[fd00::11]:10809): newstyle there offering this export only,
    * and its oldstyle port (if any) on the same host. Bound as soon as the address appears.
@@ -45,6 +47,12 @@ export interface ServeConfig {
   metrics?: string;
   /** Bytes per dirty-bitmap bit. */
   dirtyGranularity: number;
+  /** Parent of the exports' state folders (DIR/<export name>/); default: beside each image, /var/lib/nbd-migrate for devices. */
+  stateDir?: string;
+  /** Crash-safe dirty tracking (the activity log in each writable export's state folder); default on. */
+  activityLog?: boolean;
+  /** Bytes per activity-log extent (default 4 MiB). */
+  activityExtent?: number;
   /** Serve fenced or half-received images read-write anyway. */
   force: boolean;
   /** Connections open at once (all listeners), and per export. */
@@ -146,8 +154,8 @@ export function loadConfigFile(file: string): Partial<ServeConfig> {
   return parseConfig(raw, file, path.dirname(path.resolve(file)));
 }
 
-const TOP_KEYS = new Set(['listen', 'port', 'socket', 'handshakeTimeout', 'adminSocket', 'metrics', 'dirtyGranularity', 'maxConnections', 'maxConnectionsPerExport', 'idleTimeout', 'shutdownTimeout', 'tls', 'tlsCert', 'tlsKey', 'tlsCa', 'onCutover', 'onCutoverTimeout', 'exports', '$comment']);
-const EXPORT_KEYS = new Set(['name', 'path', 'listen', 'readOnly', 'description', 'oldstylePort', 'incoming', 'allow', 'direct', 'fetchFrom', '$comment']);
+const TOP_KEYS = new Set(['stateDir', 'activityLog', 'activityExtent', 'listen', 'port', 'socket', 'handshakeTimeout', 'adminSocket', 'metrics', 'dirtyGranularity', 'maxConnections', 'maxConnectionsPerExport', 'idleTimeout', 'shutdownTimeout', 'tls', 'tlsCert', 'tlsKey', 'tlsCa', 'onCutover', 'onCutoverTimeout', 'exports', '$comment']);
+const EXPORT_KEYS = new Set(['stateDir', 'name', 'path', 'listen', 'readOnly', 'description', 'oldstylePort', 'incoming', 'allow', 'direct', 'fetchFrom', '$comment']);
 
 export function parseConfig(raw: unknown, where: string, baseDir: string): Partial<ServeConfig> {
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new ConfigError(`${where}: expected a JSON object`);
@@ -180,6 +188,12 @@ export function parseConfig(raw: unknown, where: string, baseDir: string): Parti
   }
   const gran = field(o, 'dirtyGranularity', where, isGranularity, 'a power of two of at least 512 bytes');
   if (gran !== undefined) out.dirtyGranularity = gran;
+  const sd = field(o, 'stateDir', where, isString, 'a directory path');
+  if (sd !== undefined) out.stateDir = path.resolve(baseDir, sd);
+  const al = field(o, 'activityLog', where, isBool, 'true or false');
+  if (al !== undefined) out.activityLog = al;
+  const ae = field(o, 'activityExtent', where, isGranularity, 'a power of two of at least 512 bytes');
+  if (ae !== undefined) out.activityExtent = ae;
   const exps = field(o, 'exports', where, Array.isArray, 'an array of exports');
   if (exps) {
     out.exports = exps.map((e, i) => {
@@ -198,6 +212,8 @@ export function parseConfig(raw: unknown, where: string, baseDir: string): Parti
       if (op !== undefined) ec.oldstylePort = op;
       if (field(eo, 'incoming', w, isBool, 'true or false')) ec.incoming = true;
       if (field(eo, 'direct', w, isBool, 'true or false')) ec.direct = true;
+      const esd = field(eo, 'stateDir', w, isString, 'a directory path');
+      if (esd !== undefined) ec.stateDir = path.resolve(baseDir, esd);
       const la = field(eo, 'listen', w, isString, 'an address such as "[fd00::11]:10809"');
       if (la !== undefined) ec.listen = parseListenAddress(la, `${w}.listen`);
       const ff = field(eo, 'fetchFrom', w, isString, 'an NBD URI');
@@ -225,6 +241,7 @@ export function parseExportSpec(spec: string): ExportConfig {
     if (k === 'read-only' && v === undefined) ec.readOnly = true;
     else if (k === 'incoming' && v === undefined) ec.incoming = true;
     else if (k === 'direct' && v === undefined) ec.direct = true;
+    else if (k === 'state-dir' && v) ec.stateDir = path.resolve(v);
     else if (k === 'listen' && v) ec.listen = parseListenAddress(v, where);
     else if (k === 'fetch-from' && v) ec.fetchFrom = v;
     else if (k === 'allow' && v) ec.allow = checkAllow([...(ec.allow ?? []), v], where);
@@ -334,6 +351,9 @@ export interface ServeArgs {
   incoming?: boolean;
   force?: boolean;
   'dirty-granularity'?: string | number;
+  'state-dir'?: string;
+  'activity-log'?: boolean;
+  'activity-extent'?: string | number;
   'fetch-from'?: string;
   'fetch-timeout'?: number;
   'max-bandwidth'?: string;
@@ -382,6 +402,12 @@ export function serveConfigFrom(argv: ServeArgs): ServeConfig {
   if (argv['read-cache'] !== undefined) cfg.readCache = bytesArg(argv['read-cache'], '--read-cache') || undefined;
   const socket = argv.socket ?? file.socket;
   if (socket !== undefined) cfg.socket = socket;
+  const stateDir = argv['state-dir'] !== undefined ? path.resolve(argv['state-dir']) : file.stateDir;
+  if (stateDir !== undefined) cfg.stateDir = stateDir;
+  const activityLog = argv['activity-log'] ?? file.activityLog;
+  if (activityLog !== undefined) cfg.activityLog = activityLog;
+  const extent = argv['activity-extent'] !== undefined ? powerOfTwoArg(argv['activity-extent'], '--activity-extent') : file.activityExtent;
+  if (extent !== undefined) cfg.activityExtent = extent;
   const admin = argv['admin-socket'] ?? file.adminSocket;
   if (admin !== undefined) cfg.adminSocket = admin;
   const metrics = argv.metrics ?? file.metrics;
@@ -407,6 +433,18 @@ function bytesArg(v: string | number, option: string): number {
   } catch (e) {
     throw new ConfigError((e as Error).message);
   }
+}
+
+/** A power-of-two size option (at least 512 bytes). */
+function powerOfTwoArg(v: string | number, option: string): number {
+  let n: number;
+  try {
+    n = parseSize(v, option);
+  } catch (e) {
+    throw new ConfigError((e as Error).message);
+  }
+  if (!isGranularity(n)) throw new ConfigError(`${option}: expected a power of two of at least 512 bytes, got ${v}`);
+  return n;
 }
 
 function granularityArg(v: string | number | undefined): number | undefined {

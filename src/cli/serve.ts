@@ -7,6 +7,7 @@
  * over its image.
  */
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import * as tls from 'node:tls';
 import { adminHandlers } from '../admin/commands.js';
 import { AdminServer } from '../admin/server.js';
@@ -22,6 +23,7 @@ import { DEFAULT_SERVER_OPTIONS, NbdServer } from '../server/server.js';
 import { DeviceInUse, FileDevice } from '../storage/file-device.js';
 import { ImageLockConflict } from '../storage/native.js';
 import { buildStack, type Stack } from '../storage/stack.js';
+import { ExportState } from '../dirty/export-state.js';
 import { Checkpoints, FileCheckpointStore } from '../dirty/checkpoints.js';
 import { defaultStateDir } from '../dirty/state.js';
 import { DEFAULT_GRANULARITY } from '../dirty/bitmap.js';
@@ -118,9 +120,64 @@ function closeCheckpoints(oe: OpenExport): void {
   }
 }
 
+/** The export's state folder: its own stateDir, else DIR/<name> under --state-dir, else the default (state.ts). */
+export function stateDirOf(e: ExportConfig, cfg: ServeConfig, isBlockDevice: boolean): string {
+  if (e.stateDir) return e.stateDir;
+  if (cfg.stateDir) return path.join(cfg.stateDir, e.name.replace(/[/\0]/g, '_') || '_');
+  return defaultStateDir(e.path, e.name, isBlockDevice);
+}
+
+/**
+ * Crash-safe dirty tracking for a writable export (not while it receives a
+ * migration: a half-copied destination has no changes worth keeping): the
+ * bitmap recovered from the state folder, the activity log under the tracking.
+ */
+function openState(e: ExportConfig, cfg: ServeConfig, file: FileDevice, stack: Stack, receiving: boolean): ExportState | undefined {
+  if (e.readOnly || receiving || cfg.activityLog === false) return undefined;
+  const dir = stateDirOf(e, cfg, file.isBlockDevice);
+  let state: ExportState;
+  try {
+    state = ExportState.open(dir, stack.bitmap, {
+      extentBytes: cfg.activityExtent,
+      onError: (err) => log('error', 'activity-log-failed', { export: e.name, cause: err, effect: 'writes into extents not yet logged fail with EIO until restart' }),
+    });
+  } catch (err) {
+    throw new Error(`export "${e.name}": cannot open its state folder ${dir}: ${(err as Error).message} (give another with --state-dir, or --no-activity-log)`, { cause: err });
+  }
+  stack.tracking.activityLog = state.log;
+  const r = state.recovery;
+  const mirror = state.mirror();
+  log(r.logExtents > 0 || r.markedAll ? 'warn' : 'info', 'dirty-recovered', {
+    export: e.name,
+    stateDir: dir,
+    clean: r.logExtents === 0 && !r.markedAll,
+    logExtents: r.logExtents,
+    dirtyBytes: stack.bitmap.dirtyBytes(),
+    ...(r.markedAll ? { markedAll: r.markedAll } : {}),
+    extentBytes: state.log.extentBytes,
+  });
+  if (mirror)
+    log('warn', 'mirror-resumable', {
+      export: e.name,
+      job: mirror.jobId,
+      target: mirror.target,
+      state: mirror.state,
+      dirtyBytes: stack.bitmap.dirtyBytes(),
+      effect: `nbd-migrate ctl mirror ${e.name} ${mirror.target} resumes it, copying only what is dirty`,
+    });
+  return state;
+}
+
+/** Clean close of the state: the exact bitmap stored (a failure is logged: the next start over-reports from the log). */
+async function closeState(oe: OpenExport): Promise<void> {
+  await oe.state?.close().catch((e) => log('error', 'dirty-store-failed', { export: oe.config.name, cause: e, effect: 'the next start recovers from the activity log' }));
+}
+
 /** One open export: its config, its device stack and what the mirror needs of it. */
 interface OpenExport {
   config: ExportConfig;
+  /** Its state folder and activity log (writable exports). */
+  state?: ExportState;
   file: FileDevice;
   stack: Stack;
   source: MirrorSource;
@@ -176,7 +233,7 @@ class ServeProcess implements RunningServer {
         throw new Error(`export "${e.name}": ${e.path} is in use: ${err.holder}; not serving it`, { cause: err });
       throw new Error(`export "${e.name}": cannot open ${e.path}: ${(err as Error).message}`, { cause: err });
     }
-    const checkpoints = openCheckpoints(e, defaultStateDir(e.path, e.name, file.isBlockDevice), file, this.cfg.dirtyGranularity ?? DEFAULT_GRANULARITY);
+    const checkpoints = openCheckpoints(e, stateDirOf(e, this.cfg, file.isBlockDevice), file, this.cfg.dirtyGranularity ?? DEFAULT_GRANULARITY);
     const postcopy = e.fetchFrom
       ? new PostcopyDestination({
           exportName: e.name,
@@ -226,7 +283,9 @@ class ServeProcess implements RunningServer {
       },
     };
     source.checkpoints = checkpoints;
-    const oe: OpenExport = { config: e, file, stack, source, checkpoints };
+    const state = openState(e, this.cfg, file, stack, incoming !== undefined);
+    source.state = state;
+    const oe: OpenExport = { config: e, file, stack, source, checkpoints, state };
     const exp = new Export({ name: e.name, description: e.description, device: stack.device, extension: incoming, id: postcopy?.exportId ?? incoming?.exportId ?? received?.exportId, acl: e.allow ? Acl.parse(e.allow) : undefined, contexts: () => checkpoints.contexts() });
     source.exportId = exp.id;
     this.registry.add(exp);
@@ -285,6 +344,7 @@ class ServeProcess implements RunningServer {
       await oe.stack.device.flush().catch(() => undefined);
       closeCheckpoints(oe);
       await oe.postcopy?.close().catch((e) => log('error', 'postcopy-close-failed', { export: oe.config.name, cause: e }));
+      await closeState(oe);
       await oe.file.close().catch((e) => log('error', 'close-failed', { image: oe.file.path, cause: e }));
     }
     if (this.retiring.size === 0 && this.reaper) {
@@ -363,6 +423,7 @@ class ServeProcess implements RunningServer {
       await oe.stack.switch.target?.close().catch(() => undefined);
       closeCheckpoints(oe);
       await oe.postcopy?.close().catch((e) => log('error', 'postcopy-close-failed', { export: oe.config.name, cause: e }));
+      await closeState(oe);
       await oe.file.close().catch((e) => log('error', 'close-failed', { image: oe.file.path, cause: e }));
     }
     this.open.clear();

@@ -130,6 +130,15 @@ function decodeSlot(b: Buffer): Slot | undefined {
   return { seq: Number(b.readBigUInt64LE(4)), extentBytes: b.readUInt32LE(12), extents };
 }
 
+/**
+ * The byte ranges of the extents the log names now (undefined: no log): read it
+ * before ActivityLog.open, which empties it. Checkpoints add these after a crash.
+ */
+export function loggedRanges(folder: StateFolder): [offset: number, length: number][] | undefined {
+  const log = readLog(folder);
+  return log?.extents.map((e) => [e * log.extentBytes, log.extentBytes]);
+}
+
 /** The log: the valid slot with the highest sequence number (undefined: empty or missing). */
 function readLog(folder: StateFolder): Slot | undefined {
   const b = folder.read(LOG_FILE);
@@ -232,14 +241,15 @@ export type CoverFn = () => Iterable<readonly [number, number]>;
 
 export class ActivityLog {
   readonly extentBytes: number;
-  private readonly shift: number;
   /** Extents named by the slot on disk (or by both the old and the slot being written). */
   private active = new Set<number>();
+  /** The same as flags, one byte per extent: the data path's test. */
+  private readonly activeFlags: Uint8Array;
   /** Extents asked for since the last slot write started, and the promise of the slot that will name them. */
   private batch = new Set<number>();
   private next: Deferred | undefined;
   /** Writes in flight per extent (begin .. end). */
-  private readonly inflight = new Map<number, number>();
+  private readonly inflight: Uint32Array;
   private running = false;
   private checkpointWanted: Deferred | undefined;
   private seq: number;
@@ -248,6 +258,8 @@ export class ActivityLog {
   private failure: Error | undefined;
   private closed = false;
   private readonly covers = new Set<CoverFn>();
+  /** Run at each checkpoint after the snapshot is stored and before extents leave the log (checkpoints store their bits). */
+  private readonly beforeDrop = new Set<() => void | Promise<void>>();
   /** Counters, for status and the bench. */
   readonly stats = { slotWrites: 0, checkpoints: 0, waits: 0 };
 
@@ -260,7 +272,9 @@ export class ActivityLog {
     this.extentBytes = opts.extentBytes ?? DEFAULT_EXTENT_BYTES;
     if (!Number.isInteger(this.extentBytes) || (this.extentBytes & (this.extentBytes - 1)) !== 0 || this.extentBytes < bitmap.granularity)
       throw new RangeError(`activity-log extent must be a power of two of at least the dirty granularity (${bitmap.granularity}), got ${this.extentBytes}`);
-    this.shift = Math.log2(this.extentBytes);
+    const extents = Math.max(1, Math.ceil(bitmap.size / this.extentBytes));
+    this.activeFlags = new Uint8Array(extents);
+    this.inflight = new Uint32Array(extents);
     this.seq = recovery.seq;
     this.generation = recovery.generation;
     this.fd = folder.openFd(LOG_FILE);
@@ -289,18 +303,29 @@ export class ActivityLog {
   }
 
   /**
+   * Runs `fn` at every checkpoint, once the snapshot is stored and before the new
+   * slot lets extents leave the log: whoever keeps bits of its own (checkpoints)
+   * stores them there, so stored bits ∪ the log covers every change. Returns the removal.
+   */
+  beforeExtentsLeave(fn: () => void | Promise<void>): () => void {
+    this.beforeDrop.add(fn);
+    return () => this.beforeDrop.delete(fn);
+  }
+
+  /**
    * A change to [offset, offset + length) is about to be made. Returns
    * undefined when its extents are all in the log already (go on at once), or
    * a promise that resolves once they are on disk (rejects if the log cannot
    * be written). Every begin is paired with an end, whatever happens.
    */
   begin(offset: number, length: number): Promise<void> | undefined {
-    const first = Math.floor(offset / this.extentBytes);
-    const last = length > 0 ? Math.floor((offset + length - 1) / this.extentBytes) : first;
+    const n = this.inflight.length;
+    const first = Math.min(Math.floor(offset / this.extentBytes), n - 1);
+    const last = length > 0 ? Math.min(Math.floor((offset + length - 1) / this.extentBytes), n - 1) : first;
     let missing = false;
     for (let e = first; e <= last; e++) {
-      this.inflight.set(e, (this.inflight.get(e) ?? 0) + 1);
-      if (!this.active.has(e)) {
+      this.inflight[e]!++;
+      if (this.activeFlags[e] === 0) {
         missing = true;
         this.batch.add(e);
       }
@@ -315,13 +340,10 @@ export class ActivityLog {
 
   /** The change begun at [offset, offset + length) is done (and marked in the bitmap). */
   end(offset: number, length: number): void {
-    const first = Math.floor(offset / this.extentBytes);
-    const last = length > 0 ? Math.floor((offset + length - 1) / this.extentBytes) : first;
-    for (let e = first; e <= last; e++) {
-      const n = (this.inflight.get(e) ?? 1) - 1;
-      if (n <= 0) this.inflight.delete(e);
-      else this.inflight.set(e, n);
-    }
+    const n = this.inflight.length;
+    const first = Math.min(Math.floor(offset / this.extentBytes), n - 1);
+    const last = length > 0 ? Math.min(Math.floor((offset + length - 1) / this.extentBytes), n - 1) : first;
+    for (let e = first; e <= last; e++) if (this.inflight[e]! > 0) this.inflight[e]!--;
   }
 
   /** Makes the stored bitmap current and empties the log (see the file comment); resolves when durable. */
@@ -330,6 +352,13 @@ export class ActivityLog {
     const d = (this.checkpointWanted ??= deferred());
     this.kick();
     return d.promise;
+  }
+
+  /** Replaces the active set (and its flags). */
+  private setActive(next: Set<number>): void {
+    for (const e of this.active) this.activeFlags[e] = 0;
+    this.active = next;
+    for (const e of next) this.activeFlags[e] = 1;
   }
 
   /** Extents in the log now. */
@@ -361,7 +390,7 @@ export class ActivityLog {
           }
           if (grown && grown.size <= SLOT_CAPACITY) {
             await this.writeSlot(grown);
-            this.active = grown;
+            this.setActive(grown);
           } else {
             await this.checkpointNow(batch);
             this.stats.checkpoints++;
@@ -394,24 +423,25 @@ export class ActivityLog {
   private snapshot(): DirtyBitmap {
     const snap = new DirtyBitmap(this.bitmap.size, this.bitmap.granularity);
     snap.orWords(this.bitmap.copyWords());
-    for (const e of this.inflight.keys()) snap.mark(e * this.extentBytes, this.extentBytes);
+    for (let e = 0; e < this.inflight.length; e++) if (this.inflight[e]! > 0) snap.mark(e * this.extentBytes, this.extentBytes);
     for (const fn of this.covers) for (const [o, l] of fn()) snap.mark(o, l);
     return snap;
   }
 
   private async checkpointNow(batch: Set<number>): Promise<void> {
-    this.active = new Set(); // step 1: every write from now on waits for a slot
+    this.setActive(new Set()); // step 1: every write from now on waits for a slot
     const snap = this.snapshot(); // step 2
     this.generation++;
     await this.folder.writeAtomicAsync(BITMAP_FILE, encodeBitmap(snap.size, snap.granularity, snap.copyWords(), this.generation)); // step 3
+    for (const fn of this.beforeDrop) await fn(); // the checkpoints' bits, before the old slot goes
     // Step 4: the extents that asked (covered by the snapshot already: naming them spares their next writes a wait).
     const next = new Set<number>();
     for (const e of batch) if (next.size < SLOT_CAPACITY) next.add(e);
-    for (const e of this.batch) if (next.size < SLOT_CAPACITY && this.inflight.has(e)) next.add(e);
+    for (const e of this.batch) if (next.size < SLOT_CAPACITY && this.inflight[e]! > 0) next.add(e);
     await this.writeSlot(next);
     // Writes that asked during this checkpoint wait for the next slot, unless this one named their extents.
     for (const e of next) this.batch.delete(e);
-    this.active = next;
+    this.setActive(next);
     if (this.batch.size === 0 && this.next) {
       this.next.resolve();
       this.next = undefined;
@@ -434,7 +464,7 @@ export class ActivityLog {
     this.seq++;
     fs.writeSync(this.fd, encodeSlot(this.seq, this.extentBytes, []), 0, SLOT_BYTES, (this.seq % 2) * SLOT_BYTES);
     fs.fdatasyncSync(this.fd);
-    this.active = new Set();
+    this.setActive(new Set());
   }
 
   /** Clean close: waits for the slot being written, stores the exact bitmap, empties the log. */
