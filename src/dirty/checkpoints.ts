@@ -55,6 +55,8 @@ export interface StoredCheckpoint {
 export interface StoredCheckpoints {
   /** True when written at a clean shutdown: the bits are exact. */
   clean: boolean;
+  /** An activity log kept them crash-safe (attachLog): after a crash, its extents complete the bits. */
+  activityLog?: boolean;
   checkpoints: StoredCheckpoint[];
 }
 
@@ -196,6 +198,8 @@ export interface CheckpointsOptions {
 export class Checkpoints {
   private readonly byName = new Map<string, Checkpoint>();
   private nextId = FIRST_CONTEXT_ID;
+  private detach: (() => void) | undefined;
+  private logAttached = false;
   private readonly log: NonNullable<CheckpointsOptions['log']>;
 
   constructor(private readonly o: CheckpointsOptions) {
@@ -211,7 +215,7 @@ export class Checkpoints {
     if (!store) return;
     const stored = store.load();
     if (!stored) return;
-    const recovered = stored.clean ? undefined : this.o.recoveredRanges?.();
+    const recovered = stored.clean || !stored.activityLog ? undefined : this.o.recoveredRanges?.();
     for (const s of stored.checkpoints) {
       const bitmap = new DirtyBitmap(this.o.size, this.o.granularity);
       let how: string;
@@ -293,8 +297,21 @@ export class Checkpoints {
     }));
   }
 
+  /**
+   * Crash safety from the export's activity log: at each of its checkpoints the bits
+   * are stored (not clean) before extents leave the log, so after a crash the stored
+   * bits plus the log's extents cover every change (recoveredRanges reads those).
+   */
+  attachLog(log: { beforeExtentsLeave(fn: () => void): () => void }): void {
+    this.detach?.();
+    this.detach = log.beforeExtentsLeave(() => this.persist(false));
+    this.logAttached = true;
+    this.persist(false);
+  }
+
   /** A clean shutdown: the exact bits are stored, marked clean. */
   close(): void {
+    this.detach?.();
     this.persist(true);
   }
 
@@ -303,6 +320,7 @@ export class Checkpoints {
     if (!store) return;
     store.save({
       clean,
+      activityLog: this.logAttached,
       checkpoints: [...this.byName.values()].map((cp) => ({
         name: cp.name,
         createdAt: cp.createdAt,
@@ -322,6 +340,7 @@ const bitsFile = (name: string) => `checkpoint.${name}.bits`;
 interface Manifest {
   version: 1;
   clean: boolean;
+  activityLog?: boolean;
   checkpoints: { name: string; createdAt: string; size: number; granularity: number; file: string }[];
 }
 
@@ -346,6 +365,7 @@ export class FileCheckpointStore implements CheckpointStore {
     if (!m) return undefined;
     return {
       clean: m.clean === true,
+      activityLog: m.activityLog === true,
       checkpoints: m.checkpoints.map((c) => {
         const bits = folder.read(c.file);
         if (!bits) throw new Error(`${folder.file(c.file)} (checkpoint "${c.name}") is missing`);
@@ -366,6 +386,7 @@ export class FileCheckpointStore implements CheckpointStore {
     const m: Manifest = {
       version: 1,
       clean: state.clean,
+      activityLog: state.activityLog === true,
       checkpoints: state.checkpoints.map((c) => ({ name: c.name, createdAt: c.createdAt, size: c.size, granularity: c.granularity, file: bitsFile(c.name) })),
     };
     folder.writeAtomic(MANIFEST, JSON.stringify(m, null, 2) + '\n');

@@ -121,6 +121,9 @@ export class MigrationController extends EventEmitter {
     if (!set) throw new JobError('EINVAL', `export "${exportName}" keeps no checkpoints`);
     if (action === 'list') return set.list();
     if (name === undefined) throw new JobError('EINVAL', `checkpoint ${action} needs a checkpoint name`);
+    // After cutover the export's I/O goes to the target: a checkpoint made now would never see a change.
+    if (action === 'create' && src.stack.switch.switched)
+      throw new JobError('EINVAL', `export "${exportName}" was migrated (its I/O goes to ${this.jobs.get(exportName)?.status().target ?? 'the target'}): create the checkpoint on the destination`);
     try {
       return action === 'create' ? set.create(name) : set.delete(name);
     } catch (e) {

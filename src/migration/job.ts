@@ -18,9 +18,6 @@ import { type HookStatus, hookEnv, runCutoverHook } from './on-cutover.js';
 import { JobError } from './errors.js';
 import type { Checkpoint } from '../dirty/checkpoints.js';
 import { NBD_STATE_ZERO } from '../protocol/constants.js';
-
-/** Blocks mirror --since compares between source and target before it trusts the target's seed. */
-const SEED_SAMPLES = 32;
 import type { MirrorRecord } from '../dirty/export-state.js';
 import { HeldRangeLock } from '../dirty/held-ranges.js';
 import type { MirrorSource } from './source.js';
@@ -38,6 +35,9 @@ export type MirrorTarget = Target;
 
 export { TRANSITIONS, type ConvergeMode, type JobState, type JobStatus } from './states.js';
 export { DEFAULT_MIRROR_OPTIONS, type MirrorOptions } from './options.js';
+
+/** Blocks mirror --since compares between source and target before it trusts the target's seed. */
+const SEED_SAMPLES = 32;
 
 export class MirrorJob extends EventEmitter {
   state: JobState = 'created';

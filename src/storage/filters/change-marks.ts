@@ -1,9 +1,12 @@
 /**
  * Change marks: tells a listener (the export's checkpoints) of every WRITE,
- * TRIM and WRITE_ZEROES, after the change below and before it is answered
- * (failed or not: a failed write may have changed part of the range). It sits
- * above write-through, so a change mirrored to the target (which the dirty
- * tracking below leaves unmarked) is still a change of the disk.
+ * TRIM and WRITE_ZEROES, before the change starts below and again when it is
+ * done, before it is answered (failed or not: a failed write may have changed
+ * part of the range). Marking first means any change that has reached the
+ * activity log below is already in the checkpoints' bits when the log stores
+ * them at its checkpoint (their crash safety rests on that). It sits above
+ * write-through, so a change mirrored to the target (which the dirty tracking
+ * below leaves unmarked) is still a change of the disk.
  */
 import type { Device, WriteOptions, ZeroOptions } from '../device.js';
 import { byteLength, Filter } from './filter.js';
@@ -33,6 +36,7 @@ export class ChangeMarkFilter extends Filter {
   }
 
   private async marked(offset: number, length: number, op: () => Promise<void>): Promise<void> {
+    this.listener.mark(offset, length);
     try {
       await op();
     } finally {

@@ -142,16 +142,22 @@ t.test('persistence: exact after a clean close, everything after a crash, deleti
   c4.mark(12 * G, 1); // crash again
   const c5 = new Checkpoints({ size: SIZE, granularity: G, store: new FileCheckpointStore(dir), recoveredRanges: () => [[12 * G, 1]] });
   c5.open();
-  t.equal(c5.list()[0]!.dirtyBytes, SIZE, 'the stored (all-dirty) bits stay');
+  t.equal(c5.list()[0]!.dirtyBytes, SIZE, 'no log kept them (attachLog) in the run that crashed: a log file there proves nothing, every block');
   c5.delete('keep');
   c5.create('fresh');
   c5.close();
   const c6 = new Checkpoints({ size: SIZE, granularity: G, store: new FileCheckpointStore(dir) });
   c6.open();
-  c6.mark(G, 1);
+  // An activity log keeps them: at its checkpoints the bits are stored before extents leave it.
+  let hook: (() => void) | undefined;
+  c6.attachLog({ beforeExtentsLeave: (fn) => ((hook = fn), () => (hook = undefined)) });
+  c6.mark(3 * G, 1);
+  hook!();
+  c6.mark(G, 1); // after the last store: the log (below, the recovered ranges) must name it
   const c7 = new Checkpoints({ size: SIZE, granularity: G, store: new FileCheckpointStore(dir), recoveredRanges: () => [[12 * G, 1]] });
   c7.open();
-  t.same(c7.list().map((c) => [c.name, c.dirtyBytes]), [['fresh', G]], 'stored (clean) bits plus the activity log after a crash');
+  t.same(c7.list().map((c) => [c.name, c.dirtyBytes]), [['fresh', 2 * G]], 'the bits stored at the log\'s checkpoint plus its extents after a crash');
+  t.ok(c7.get('fresh').bitmap.isDirty(3) && c7.get('fresh').bitmap.isDirty(12), 'blocks 3 (stored) and 12 (logged)');
   t.notOk(fs.existsSync(path.join(dir, 'checkpoint.keep.bits')), 'a deleted checkpoint leaves no file');
   // A resized image: every block changed.
   c7.close();
