@@ -29,6 +29,7 @@ import { defaultStateDir } from '../dirty/state.js';
 import { DEFAULT_GRANULARITY } from '../dirty/bitmap.js';
 import { buildRegistry, startMetricsServer } from '../metrics/exporter.js';
 import { PostcopyDestination, postcopyRefusal } from '../migration/postcopy.js';
+import { ReadCacheFilter } from '../storage/filters/read-cache.js';
 import { log } from '../util/log.js';
 import { ConfigError, type ExportConfig, formatListenAddress, type ServeConfig } from './config.js';
 
@@ -274,6 +275,7 @@ class ServeProcess implements RunningServer {
       size: file.size,
       stack,
       exportId: '',
+      wrapRemote: this.cfg.readCache ? (remote) => new ReadCacheFilter(remote, this.cfg.readCache!) : undefined,
       cutoverHook: this.cutoverHook(e),
       disconnectClients: async () => {
         // The export's own address takes no one new here: its guests reconnect to wherever it moves.

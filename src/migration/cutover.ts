@@ -63,7 +63,8 @@ export async function cutover(ctx: CutoverContext): Promise<CutoverOutcome> {
     fenced = true;
     if (connector.boundOn(target)) await bounded(target.request(NBD_CMD_MIGRATE_COMPLETE, 0, 0, 0));
     // Guests now talk to the target; a dropped connection is re-established under them.
-    stack.switch.swap(new ReconnectingDevice(target, () => connector.connect(false), connector.uri));
+    const forward = new ReconnectingDevice(target, () => connector.connect(false), connector.uri);
+    stack.switch.swap(source.wrapRemote?.(forward) ?? forward);
     switched = true;
     stack.throttle.setRate(undefined);
   } catch (e) {

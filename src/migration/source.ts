@@ -1,6 +1,7 @@
 /** The export side of a migration: what a job copies from and switches. */
 import type { ExportState } from '../dirty/export-state.js';
 import type { Checkpoints } from '../dirty/checkpoints.js';
+import type { Device } from '../storage/device.js';
 import type { Stack } from '../storage/stack.js';
 import type { CutoverHook } from './on-cutover.js';
 
@@ -10,6 +11,8 @@ export interface MirrorSource {
   size: number;
   /** The export's device stack: the job reads below the switch, drives the gate, throttle, write-through and switch. */
   stack: Stack;
+  /** Wraps the remote device the export switches to at cutover (the read cache of --read-cache). */
+  wrapRemote?: (remote: Device) => Device;
   /** The export's identity (its `nbd-migrate:export-id:` context): a mirror onto it is a mirror onto itself. */
   exportId: string;
   /** The export's checkpoints (`ctl checkpoint`; a mirror `--since` one starts from its bits). */
