@@ -150,6 +150,8 @@ export interface GuestOptions {
   onLine?: (line: string) => void;
   /** A prebuilt guest; default: buildGuest(). */
   guest?: Guest;
+  /** A command QEMU runs under, e.g. ['ip', 'netns', 'exec', NS] (test/helpers/netns.ts); it must exec QEMU. */
+  prefix?: string[];
 }
 
 export interface GuestResult {
@@ -394,7 +396,8 @@ export async function startGuest(t: Teardownable | undefined, opts: GuestOptions
     '-append', `console=ttyS0 panic=-1 oops=panic loglevel=4 nbdm.disks=${opts.disks.length}`,
     ...opts.disks.flatMap((d, i) => blockdevArgs(d, i)),
   ];
-  const vm = new GuestVm(qemu, args, opts, () => rm(dir, { recursive: true, force: true }));
+  const [cmd, ...argv] = [...(opts.prefix ?? []), qemu, ...args];
+  const vm = new GuestVm(cmd!, argv, opts, () => rm(dir, { recursive: true, force: true }));
   t?.teardown(() => vm.kill());
   return vm;
 }

@@ -13,6 +13,11 @@ export class NetLab {
   private readonly namespaces: string[] = [];
   private ipPath = 'ip';
 
+  /** The `ip` binary (absolute), for commands the servers run. */
+  get ipBin(): string {
+    return this.ipPath;
+  }
+
   private constructor() {}
 
   /** A lab whose namespaces are deleted in t.teardown. Needs root and `ip` (iproute2). */
