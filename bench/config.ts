@@ -29,7 +29,7 @@ import { SERVER_NAMES, type ServerName } from './servers.js';
 
 export const SUITE_NAMES = ['fio', 'mirror'] as const;
 export type SuiteName = (typeof SUITE_NAMES)[number];
-export const MIRROR_ROW_NAMES = ['copy', 'cutover', 'bitmap', 'actlog'] as const;
+export const MIRROR_ROW_NAMES = ['readcache', 'copy', 'cutover', 'bitmap', 'actlog'] as const;
 export type MirrorRowName = (typeof MIRROR_ROW_NAMES)[number];
 export const CUTOVER_TARGETS = ['qemu-nbd', 'nbd-migrate', 'nbdkit'] as const;
 export type CutoverTarget = (typeof CUTOVER_TARGETS)[number];

@@ -18,6 +18,7 @@ import { BITMAP_SMALL_SIZE, measureBitmap, type BitmapSample, type GoodBitmapSam
 import type { BenchConfig, CopyMethodName, MirrorConfig } from './config.js';
 import { COPY_METHOD_LABELS, createCopySource, measureCopy, type CopySample, type GoodCopySample } from './copyspeed.js';
 import { AFTER_CUTOVER_SEC, MIRROR_AT_SEC, measureCutover, type CutoverKind, type CutoverSample, type GoodCutoverSample } from './cutover.js';
+import { formatReadCache, measureReadCache, READCACHE_MODES, readCacheSettings, summariseReadCache, type ReadCacheRow, type ReadCacheSample, type ReadCacheSettings } from './readcache.js';
 import { benchPath, createHalfAllocatedImage } from './image.js';
 import { removeImageAndMarkers, removeSocketDir } from './mirrorjob.js';
 import { Interrupted } from './proc.js';
@@ -86,6 +87,7 @@ export interface MirrorResults {
   };
   bitmap?: { settings: { sizes: number[]; repeat: number }; rows: BitmapRow[]; samples: BitmapSample[] };
   actlog?: { settings: { size: number; repeat: number; iodepth: number; runtimeSec: number; rampSec: number }; row: ActlogRow; samples: ActlogSample[] };
+  readcache?: { settings: ReadCacheSettings & { repeat: number }; row: ReadCacheRow; samples: ReadCacheSample[] };
   /** Copies that differed from their source: the run exits non-zero. */
   mismatches: string[];
 }
@@ -111,6 +113,7 @@ export function estimateMirrorSec(m: MirrorConfig): number {
   if (m.rows.includes('copy')) s += 3 + m.copyMethods.length * (m.copyRepeat * 5 + 3);
   if (m.rows.includes('cutover')) s += 1 + m.repeat * (2 * m.cutoverRuntimeSec + 10);
   if (m.rows.includes('bitmap')) s += m.repeat * 2 * 2.5;
+  if (m.rows.includes('readcache')) s += m.repeat * 2 * 12;
   if (m.rows.includes('actlog')) s += 2 + m.repeat * 2 * 8;
   return s;
 }
@@ -314,6 +317,24 @@ export async function runMirrorSuite(ctx: MirrorContext, results: MirrorResults)
         removeImageAndMarkers(image);
       }
     }
+    if (m.rows.includes('readcache')) {
+      check();
+      const settings = readCacheSettings();
+      const samples: ReadCacheSample[] = [];
+      results.readcache = { settings: { ...settings, repeat: m.repeat }, row: summariseReadCache([]), samples };
+      const dir = benchPath('readcache').replace(/\/[^/]*$/, '');
+      const total = m.repeat * READCACHE_MODES.length;
+      for (let round = 1; round <= m.repeat; round++) {
+        for (const mode of rotate(READCACHE_MODES, round - 1)) {
+          check();
+          const s = await measureReadCache({ bin: ctx.cfg.nbdMigrateBin, dir, settings, stopRequested: ctx.stopRequested }, mode, round);
+          samples.push(s);
+          results.readcache.row = summariseReadCache(samples);
+          const what = s.ok ? `median ${s.medianMs!.toFixed(2)} ms, ${Math.round(s.readsPerSec!)} reads/s` : `FAILED: ${(s.error ?? '').split('\n')[0]}`;
+          ctx.progress(`[readcache ${samples.length}/${total}] round ${round} ${mode.padEnd(5)} ${what}`);
+        }
+      }
+    }
   } finally {
     removeSocketDir();
   }
@@ -484,6 +505,11 @@ export function formatMirrorResults(r: MirrorResults): string {
   if (r.actlog) {
     if (out.length) out.push('');
     out.push(formatActlog(r.actlog.row, r.actlog.samples, r.actlog.settings));
+  }
+
+  if (r.readcache) {
+    out.push('');
+    out.push(formatReadCache(r.readcache.row, r.readcache.samples, r.readcache.settings));
   }
 
   if (r.mismatches.length) {
