@@ -25,7 +25,8 @@ import { ImageLockConflict } from '../storage/native.js';
 import { buildStack, type Stack } from '../storage/stack.js';
 import { ExportState } from '../dirty/export-state.js';
 import { Checkpoints, FileCheckpointStore } from '../dirty/checkpoints.js';
-import { defaultStateDir } from '../dirty/state.js';
+import { defaultStateDir, StateFolder } from '../dirty/state.js';
+import { loggedRanges } from '../dirty/activity-log.js';
 import { DEFAULT_GRANULARITY } from '../dirty/bitmap.js';
 import { buildRegistry, startMetricsServer } from '../metrics/exporter.js';
 import { PostcopyDestination, postcopyRefusal } from '../migration/postcopy.js';
@@ -102,6 +103,8 @@ function openCheckpoints(e: ExportConfig, dir: string, file: FileDevice, granula
     size: file.size,
     granularity,
     store: new FileCheckpointStore(dir),
+    // After a crash: the extents the activity log names (read before the log is opened, which empties it).
+    recoveredRanges: () => (fs.existsSync(dir) ? loggedRanges(StateFolder.open(dir)) : undefined),
     log: (level, event, fields) => log(level, event, { export: e.name, ...fields }),
   });
   try {
@@ -287,6 +290,7 @@ class ServeProcess implements RunningServer {
     source.checkpoints = checkpoints;
     const state = openState(e, this.cfg, file, stack, incoming !== undefined);
     source.state = state;
+    if (state) checkpoints.attachLog(state.log);
     const oe: OpenExport = { config: e, file, stack, source, checkpoints, state };
     const exp = new Export({ name: e.name, description: e.description, device: stack.device, extension: incoming, id: postcopy?.exportId ?? incoming?.exportId ?? received?.exportId, acl: e.allow ? Acl.parse(e.allow) : undefined, contexts: () => checkpoints.contexts() });
     source.exportId = exp.id;

@@ -2,7 +2,8 @@
 // qemu-img map x-dirty-bitmap show exactly the changed ranges, the same as qemu-nbd -B
 // on a qcow2 persistent bitmap made by `qemu-img bitmap --add` after the same changes;
 // LIST and SET of the qemu: namespaces answer as qemu-nbd's; checkpoints persist across a
-// clean restart (exact) and a kill -9 (every block).
+// clean restart (exact) and a kill -9 (the stored bits plus the activity log's extents; every
+// block when the crashed run kept no activity log).
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -178,7 +179,7 @@ t.test('LIST and SET of qemu:, qemu:dirty-bitmap: and full names answer as qemu-
   t.same(R.ours, R.theirs, 'every answer is qemu-nbd\'s');
 });
 
-t.test('checkpoints persist: exact across a clean restart, every block after kill -9; delete persists', async (t) => {
+t.test('checkpoints persist: exact across a clean restart; after kill -9 the stored bits plus the activity log, or every block without one; delete persists', async (t) => {
   const dir = await tmpDir(t);
   const first = await nbdMigrateWithChanges(t, dir);
   const before = await nbdinfoMap(first.s.uri('vm1'), 'qemu:dirty-bitmap:ck1');
@@ -196,9 +197,24 @@ t.test('checkpoints persist: exact across a clean restart, every block after kil
   const third = await serve(t, first.args);
   const recovered = await third.waitForLog((e) => e.event === 'checkpoint-restored');
   t.equal(recovered.level, 'warn');
-  t.match(recovered.how, /unclean shutdown/);
+  t.match(recovered.how, /unclean shutdown: stored bits plus the 1 extents of the activity log/);
   const map = await nbdinfoMap(third.uri('vm1'), 'qemu:dirty-bitmap:ck1');
-  t.same(map.lines, [[0, SIZE, 1]], 'after a crash every block reads changed: more than was written, never less');
+  const covered = (off: number, len: number) => map.dirty.some(([o, l]) => o! <= off && off + len <= o! + l!);
+  for (const [o, l] of [...EXPECTED, [5 * MiB, 4 * KiB]]) t.ok(covered(o!, l!), `after kill -9, [${o}, +${l}) still reads changed`);
+  t.same(map.dirty.filter(([o]) => o! >= 4 * MiB && o! < 8 * MiB), [[4 * MiB, 5 * MiB]], 'the write since the last store comes back as its 4 MiB activity-log extent (4-8 MiB, run on into the trimmed 8-9 MiB)');
+  t.ok(map.dirty.reduce((n, r) => n + r[1]!, 0) < SIZE / 2, 'not the whole disk: the activity log bounds the over-report');
+  await third.stop();
+
+  // A run without the activity log that crashes: every block, since nothing logged its changes.
+  const nolog = await serve(t, [...first.args, '--no-activity-log']);
+  await nolog.waitForLog((e) => e.event === 'checkpoint-restored');
+  await qemuIo(['-f', 'raw', nolog.uri('vm1')], ['write -P 0x45 13M 4k']);
+  nolog.proc.kill('SIGKILL');
+  await nolog.stop();
+  const fifth = await serve(t, first.args);
+  const all = await fifth.waitForLog((e) => e.event === 'checkpoint-restored');
+  t.match(all.how, /no activity log: every block/);
+  t.same((await nbdinfoMap(fifth.uri('vm1'), 'qemu:dirty-bitmap:ck1')).lines, [[0, SIZE, 1]], 'every block reads changed: more than was written, never less');
   const list = await cli(['ctl', '--socket', first.admin, 'checkpoint', 'list', 'vm1']);
   t.match(list.stdout, /ck1: .*recovered after an unclean shutdown/, describeRun(list));
   const del = await cli(['ctl', '--socket', first.admin, 'checkpoint', 'delete', 'vm1', 'ck1']);
@@ -206,7 +222,7 @@ t.test('checkpoints persist: exact across a clean restart, every block after kil
   const again = await cli(['ctl', '--socket', first.admin, 'checkpoint', 'delete', 'vm1', 'ck1']);
   t.not(again.code, 0);
   t.match(again.stderr, /ENOENT: no checkpoint named "ck1"/, 'one line naming what is missing');
-  await third.stop();
+  await fifth.stop();
 
   const fourth = await serve(t, first.args);
   const empty = await cli(['ctl', '--socket', first.admin, 'checkpoint', 'list', 'vm1']);
