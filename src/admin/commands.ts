@@ -19,6 +19,8 @@ export interface AdminContext {
   readonly server: Pick<NbdServer, 'setAcl'>;
   /** Post-copy destinations (serve --fetch-from), by export. */
   readonly postcopy?: ReadonlyMap<string, PostcopyDestination>;
+  /** `postcopy`: hands an export over to a post-copy destination (serve does it; absent elsewhere). */
+  readonly handOver?: (exportName: string, o: { target: string; handoff: 'forward' | 'disconnect' }) => Promise<unknown>;
 }
 
 export interface AdminCommand<S extends Schema = Schema> {
@@ -138,6 +140,22 @@ export const ADMIN_COMMANDS = {
       name: { kind: 'string', doc: 'The checkpoint (create and delete)' },
     },
     run: ({ controller }, a) => controller.checkpoint(a.action, a.export, a.name),
+  }),
+  postcopy: command({
+    summary: 'Hand an export over to a post-copy destination (serve --fetch-from there): hold guest writes, flush, fence the image, serve it read-only to that destination alone, move the guests',
+    args: {
+      target: { kind: 'string', required: true, doc: 'The destination (nbd://HOST[:PORT]/NAME), served with --fetch-from pointing at this export' },
+      handoff: {
+        kind: 'enum',
+        values: ['forward', 'disconnect'],
+        doc: 'Guests: keep them connected and forward their I/O to the destination, or disconnect them',
+      },
+      export: exportArg,
+    },
+    run: ({ handOver }, a) => {
+      if (!handOver) throw new InvalidArgument('this server cannot hand exports over');
+      return handOver(a.export, { target: a.target, handoff: a.handoff ?? 'forward' });
+    },
   }),
   'set-acl': command({
     summary: 'Replace an export\'s client address list; connected clients it no longer admits are disconnected',

@@ -102,6 +102,14 @@ export interface CtlSubcommand {
  * gains is a ctl option at once (camelCase as --kebab-case).
  */
 export const CTL_SUBCOMMANDS: { readonly [K in AdminCommandName]: CtlSubcommand | 'socket-only' } = {
+  postcopy: {
+    positionals: '<export> <target>',
+    defaults: { handoff: 'forward' },
+    run: async (socket, req, a) => {
+      const r = (await adminRequest(socket, req)) as { pauseMs: number; handoff: string };
+      out(`${a.export} handed over to ${a.target}: image fenced, guests ${r.handoff === 'forward' ? 'forwarded' : 'disconnected'} (writes held ${r.pauseMs} ms); the destination fetches the rest`);
+    },
+  },
   status: {
     positionals: '[export]',
     local: { json: { type: 'boolean', describe: 'Print the raw JSON reply' } },

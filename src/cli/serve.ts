@@ -29,7 +29,8 @@ import { defaultStateDir, StateFolder } from '../dirty/state.js';
 import { loggedRanges } from '../dirty/activity-log.js';
 import { DEFAULT_GRANULARITY } from '../dirty/bitmap.js';
 import { buildRegistry, startMetricsServer } from '../metrics/exporter.js';
-import { PostcopyDestination, postcopyRefusal } from '../migration/postcopy.js';
+import { handOver, PostcopyDestination, postcopyRefusal } from '../migration/postcopy.js';
+import { JobError } from '../migration/errors.js';
 import { ReadCacheFilter } from '../storage/filters/read-cache.js';
 import { log } from '../util/log.js';
 import { ConfigError, type ExportConfig, formatListenAddress, type ServeConfig } from './config.js';
@@ -292,7 +293,7 @@ class ServeProcess implements RunningServer {
     source.state = state;
     if (state) checkpoints.attachLog(state.log);
     const oe: OpenExport = { config: e, file, stack, source, checkpoints, state };
-    const exp = new Export({ name: e.name, description: e.description, device: stack.device, extension: incoming, id: postcopy?.exportId ?? incoming?.exportId ?? received?.exportId, acl: e.allow ? Acl.parse(e.allow) : undefined, contexts: () => checkpoints.contexts() });
+    const exp = new Export({ name: e.name, description: e.description, device: stack.device, extension: incoming, id: postcopy?.exportId ?? incoming?.exportId ?? received?.exportId, acl: e.allow ? Acl.parse(e.allow) : undefined, contexts: () => [...checkpoints.contexts(), ...(postcopy?.contexts() ?? [])] });
     source.exportId = exp.id;
     this.registry.add(exp);
     this.sources.set(e.name, source);
@@ -324,6 +325,30 @@ class ServeProcess implements RunningServer {
         NBD_MIGRATE_LISTEN_PORT: e.listen ? String(e.listen.port) : '',
       },
     };
+  }
+
+  /** `ctl postcopy`: the export is handed over to a post-copy destination (migration/postcopy.ts handOver). */
+  async handOver(name: string, o: { target: string; handoff: 'forward' | 'disconnect' }): Promise<unknown> {
+    const oe = this.open.get(name);
+    const old = this.registry.get(name);
+    if (!oe || !old || old.name !== name) throw new JobError('ENOENT', `no export named "${name}"`);
+    if (this.controller.running().some((j) => j.source.name === name)) throw new JobError('EBUSY', `a mirror of "${name}" is running: abort it first`);
+    if (oe.stack.switch.switched) throw new JobError('EINVAL', `export "${name}" was already switched to another disk`);
+    if (oe.config.readOnly) throw new JobError('EROFS', `export "${name}" is read-only: nothing to hold; let the destination fetch from it as it is`);
+    return handOver({
+      name,
+      image: oe.config.path,
+      exportId: oe.source.exportId,
+      stack: oe.stack,
+      destination: o.target,
+      handoff: o.handoff,
+      replaceExport: (device, extension) => {
+        this.registry.remove(name);
+        this.registry.add(new Export({ name, description: old.description, device, extension, id: old.id, acl: old.acl }));
+      },
+      disconnectClients: () => oe.source.disconnectClients(),
+      wrapRemote: oe.source.wrapRemote,
+    });
   }
 
   /** Takes an export away from new clients; connected ones keep it until they disconnect. */
@@ -369,7 +394,7 @@ class ServeProcess implements RunningServer {
       } else await this.server.listenNewstyle(this.cfg.listen, this.cfg.port);
       if (this.cfg.socket) await this.server.listenUnix(this.cfg.socket);
       if (this.cfg.adminSocket) {
-        this.admin = new AdminServer(this.cfg.adminSocket, adminHandlers({ controller: this.controller, server: this.server, postcopy: this.postcopies }));
+        this.admin = new AdminServer(this.cfg.adminSocket, adminHandlers({ controller: this.controller, server: this.server, postcopy: this.postcopies, handOver: (n, o) => this.handOver(n, o) }));
         await this.admin.listen();
       }
       if (this.cfg.metrics)

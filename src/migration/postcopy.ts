@@ -22,7 +22,12 @@ import { NbdClient } from '../client/nbd-client.js';
 import { isConnectionLost } from '../client/errors.js';
 import { DirtyBitmap } from '../dirty/bitmap.js';
 import * as C from '../protocol/constants.js';
-import { type Device, DeviceError, type Extent } from '../storage/device.js';
+import { type Capabilities, type Device, DeviceError, type Extent } from '../storage/device.js';
+import type { ExportExtension, ExtraCommand, MetaContext } from '../server/export.js';
+import { Filter } from '../storage/filters/filter.js';
+import type { Stack } from '../storage/stack.js';
+import { clearFenced, writeFenced } from './markers.js';
+import { ReconnectingDevice } from './reconnecting-device.js';
 import { FetchFilter, type FetchKind, type FetchSource } from '../storage/filters/fetch.js';
 import { type Logger, logger } from '../util/log.js';
 import { TokenBucket } from '../util/token-bucket.js';
@@ -30,6 +35,13 @@ import { targetFacts } from './connector.js';
 
 /** Selected by a destination's fetcher: `nbd-migrate:fetch:<destination export id>` (a post-copy supplier admits only it). */
 export const FETCH_CONTEXT_PREFIX = 'nbd-migrate:fetch:';
+/** Listed by a destination still filling (`serve --fetch-from`): what `ctl postcopy` on the source checks. */
+export const POSTCOPY_DESTINATION_CONTEXT = 'nbd-migrate:postcopy-destination';
+/** Listed by a source export handed over (`ctl postcopy`): read-only, and only the destination's fetcher attaches. */
+export const POSTCOPY_SUPPLIER_CONTEXT = 'nbd-migrate:postcopy-supplier';
+
+/** A context that only names something: block status says 0 for all of it. */
+const flat = (name: string, id: number): MetaContext => ({ id, name, extents: (_o, l) => Promise.resolve([{ length: l, flags: 0 }]) });
 
 // ------------------------------------------------------------------ state
 
@@ -207,6 +219,7 @@ export class SourceLink implements FetchSource {
   lastError: string | null = null;
   retries = 0;
   private exportId: string | null | undefined;
+  private waitingLogged = false;
 
   constructor(private readonly o: SourceLinkOptions) {
     this.exportId = o.exportId;
@@ -286,6 +299,13 @@ export class SourceLink implements FetchSource {
       connectTimeoutMs: Math.min(10_000, this.o.timeoutMs),
     });
     const id = targetFacts(c.listedContexts).exportId ?? null;
+    // A live nbd-migrate export that has not been handed over may still change under its guests: wait for `ctl postcopy`.
+    if (id !== null && !c.readOnly && !c.listedContexts.includes(POSTCOPY_SUPPLIER_CONTEXT)) {
+      c.destroy();
+      if (!this.waitingLogged) this.o.log.warn('source-not-handed-over', { source: this.o.uri, effect: 'fetches wait; run `nbd-migrate ctl postcopy` on the source (it holds its guests, fences its image and supplies this destination)' });
+      this.waitingLogged = true;
+      throw new DeviceError('EAGAIN', `the source ${this.o.uri} is a live export that has not been handed over yet (ctl postcopy on the source)`);
+    }
     const unfit = (msg: string) => {
       c.destroy();
       this.o.log.error('source-refused', { source: this.o.uri, cause: msg });
@@ -463,6 +483,11 @@ export class PostcopyDestination extends EventEmitter {
     return this.state.completedAt !== undefined;
   }
 
+  /** Contexts the export lists: it is a post-copy destination until completed. */
+  contexts(): MetaContext[] {
+    return this.completed ? [] : [flat(POSTCOPY_DESTINATION_CONTEXT, 40)];
+  }
+
   status(): PostcopyStatus {
     const absent = this.filter && !this.completed ? this.filter.absent.dirtyBytes() : 0;
     const rate = this.rate();
@@ -622,4 +647,122 @@ export class PostcopyDestination extends EventEmitter {
     })();
     return this.completing;
   }
+}
+
+// ------------------------------------------------------------------ the source side (ctl postcopy)
+
+/** The handed-over image as the supplier serves it: reads only. */
+class ReadOnlyFilter extends Filter {
+  override capabilities(): Capabilities {
+    return { ...this.next.capabilities(), canWrite: false, canTrim: false, canZero: false, canFastZero: false, canFua: false };
+  }
+  override async write(): Promise<void> {
+    throw new DeviceError('EROFS', 'the export was handed over (post-copy): its image is fenced');
+  }
+  override async trim(): Promise<void> {
+    throw new DeviceError('EROFS', 'the export was handed over (post-copy): its image is fenced');
+  }
+  override async zero(): Promise<void> {
+    throw new DeviceError('EROFS', 'the export was handed over (post-copy): its image is fenced');
+  }
+}
+
+/** The handed-over export for new connections: only the destination's fetcher attaches. */
+export class SupplierExtension implements ExportExtension {
+  readonly commands: ReadonlyMap<number, ExtraCommand> = new Map();
+  constructor(
+    readonly exportName: string,
+    readonly destination: string,
+    readonly destExportId: string,
+  ) {}
+  contexts(): MetaContext[] {
+    return [flat(POSTCOPY_SUPPLIER_CONTEXT, 41)];
+  }
+  matchSet(query: string): MetaContext | undefined {
+    return query === FETCH_CONTEXT_PREFIX + this.destExportId ? flat(query, 42) : undefined;
+  }
+  admission(contexts: readonly MetaContext[]): string | undefined {
+    if (contexts.some((c) => c.name === FETCH_CONTEXT_PREFIX + this.destExportId)) return undefined;
+    return `export "${this.exportName}" was handed over to ${this.destination} (post-copy): only that destination's fetcher may attach here; attach guests to the destination`;
+  }
+  attached(_contexts: readonly MetaContext[], peer: string): void {
+    logger({ export: this.exportName, component: 'postcopy' }).info('supplier-attached', { peer, destination: this.destination });
+  }
+}
+
+export interface HandOverContext {
+  name: string;
+  image: string;
+  exportId: string;
+  stack: Stack;
+  destination: string;
+  handoff: 'forward' | 'disconnect';
+  /** New connections to the export's name get `device` under `extension` from now on; connected guests keep theirs. */
+  replaceExport(device: Device, extension: ExportExtension): void;
+  disconnectClients(): void | Promise<void>;
+  wrapRemote?: (remote: Device) => Device;
+}
+
+export interface HandOverResult {
+  export: string;
+  destination: string;
+  destinationExportId: string;
+  handoff: 'forward' | 'disconnect';
+  pauseMs: number;
+}
+
+/**
+ * `ctl postcopy EXPORT nbd://DEST/NAME`: the source hands its export over to a
+ * post-copy destination. The destination is checked first (it must list
+ * nbd-migrate:postcopy-destination and be the same size); then guest changes
+ * are held, the image flushed and fenced (a restart refuses to serve it
+ * read-write), the export turned into a read-only supplier that admits only
+ * the destination's fetcher (`nbd-migrate:fetch:<its export id>`), and the
+ * guests moved: forwarded to the destination, or disconnected.
+ */
+export async function handOver(ctx: HandOverContext): Promise<HandOverResult> {
+  const log = logger({ export: ctx.name, destination: ctx.destination, component: 'postcopy' });
+  const refuse = (code: string, msg: string) => new DeviceError(code, msg);
+  let c: NbdClient;
+  try {
+    c = await NbdClient.connect(ctx.destination, { listMetaContexts: [C.MIGRATE_NAMESPACE], connectTimeoutMs: 10_000, requestTimeoutMs: 30_000 });
+  } catch (e) {
+    throw refuse('EUNREACHABLE', `destination ${ctx.destination} is unreachable: ${(e as Error).message}`);
+  }
+  const facts = targetFacts(c.listedContexts);
+  try {
+    if (!c.listedContexts.includes(POSTCOPY_DESTINATION_CONTEXT) || !facts.exportId)
+      throw refuse('EINVAL', `destination ${ctx.destination} is not a post-copy destination: serve the destination image there with --fetch-from nbd://THIS-HOST/${ctx.name}`);
+    if (facts.exportId === ctx.exportId) throw refuse('ESELF', `destination ${ctx.destination} is export "${ctx.name}" itself`);
+    if (c.size !== ctx.stack.local.size) throw refuse('ETOOSMALL', `destination ${ctx.destination} is ${c.size} bytes, the export ${ctx.stack.local.size}`);
+    if (c.readOnly) throw refuse('EROFS', `destination ${ctx.destination} is read-only`);
+  } catch (e) {
+    c.destroy();
+    throw e;
+  }
+  const stack = ctx.stack;
+  const t0 = performance.now();
+  let fenced = false;
+  try {
+    await stack.gate.hold();
+    stack.writeThrough.setWriteThrough(undefined);
+    await stack.local.flush();
+    writeFenced(ctx.image, { export: ctx.name, target: ctx.destination, time: new Date().toISOString() });
+    fenced = true;
+    ctx.replaceExport(new ReadOnlyFilter(stack.local), new SupplierExtension(ctx.name, ctx.destination, facts.exportId!));
+    const forward = new ReconnectingDevice(c, () => NbdClient.connect(ctx.destination, { requestTimeoutMs: 30_000 }), ctx.destination);
+    stack.switch.swap(ctx.wrapRemote?.(forward) ?? forward);
+    stack.throttle.setRate(undefined);
+  } catch (e) {
+    c.destroy();
+    if (fenced) clearFenced(ctx.image);
+    log.error('postcopy-handover-failed', { cause: e, effect: 'guests stay on the local image' });
+    throw e;
+  } finally {
+    stack.gate.release();
+  }
+  const pauseMs = Math.round((performance.now() - t0) * 100) / 100;
+  log.info('postcopy-handover', { destinationExportId: facts.exportId, handoff: ctx.handoff, pauseMs, effect: 'the image is fenced; only the destination fetches from it' });
+  if (ctx.handoff === 'disconnect') await ctx.disconnectClients();
+  return { export: ctx.name, destination: ctx.destination, destinationExportId: facts.exportId!, handoff: ctx.handoff, pauseMs };
 }
