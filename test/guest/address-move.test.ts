@@ -22,13 +22,14 @@
 // 10 more seconds with no I/O error, and storage2's image holds its last data.
 // Everything the test creates is removed in teardown, also on failure.
 import t from 'tap';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { adminRequest } from '../helpers/admin.js';
 import { NetLab } from '../helpers/netns.js';
-import { makeImage, serve, tmpDir, writeAt } from '../helpers/server.js';
+import { makeImage, REPO_ROOT, serve, tmpDir, writeAt } from '../helpers/server.js';
 import { SECTOR, md5, patternSectors, runTag } from './workload.js';
 import { DEFAULT_LAYOUT, migrateAndVerify, ready, waitJob, workloadScript, type Setup } from './migration.js';
-import { startGuest } from './qemu.js';
+import { libvirtDiskXml, type NbdDisk, startGuest } from './qemu.js';
 
 const VOLUME = 'fd00::11';
 const PORT = 10809;
@@ -77,8 +78,11 @@ t.test('the volume address moves with the disk; storage1 is stopped; the guest n
   await srcSrv.waitForLog((e) => e.event === 'listening' && e.listener === 'export' && e.address === VOLUME);
 
   const tag = runTag('addr');
+  const disk: NbdDisk = { server: { type: 'inet', host: VOLUME, port: PORT }, export: 'vm1', reconnectDelay: 30 };
+  const example = readFileSync(join(REPO_ROOT, 'config', 'libvirt-disk-volume-address.xml'), 'utf8').replace(/<!--[^]*?-->\s*/, '');
+  t.equal(example.trim(), libvirtDiskXml(disk), "config/libvirt-disk-volume-address.xml is the disk this guest gets (QEMU's arguments as libvirt makes them)");
   const vm = await startGuest(t, {
-    disks: [{ server: { type: 'inet', host: VOLUME, port: PORT }, export: 'vm1', reconnectDelay: 30 }],
+    disks: [disk],
     script: workloadScript(tag, md5(base), layout),
     timeoutMs: 300_000,
     prefix: lab.execArgs(hv),
