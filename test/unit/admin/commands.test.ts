@@ -42,7 +42,8 @@ function fakeContext(): { ctx: AdminContext; calls: Call[] } {
     },
   };
   const server = { setAcl: (name: string, acl: Acl | undefined) => (calls.push(['setAcl', name, acl?.entries ?? null]), 0) };
-  return { ctx: { controller: controller as unknown as AdminContext['controller'], server }, calls };
+  const handOver = async (name: string, o: { target: string; handoff: string }) => (calls.push(['handOver', name, o]), { export: name, destination: o.target, handoff: o.handoff, pauseMs: 0 });
+  return { ctx: { controller: controller as unknown as AdminContext['controller'], server, handOver }, calls };
 }
 
 async function adminAt(t: Test): Promise<{ socket: string; calls: Call[] }> {
@@ -159,7 +160,7 @@ t.test('bad requests are refused with the codes and messages of before, and reac
     [{ cmd: 'set-acl', export: 'vm1', allow: '10.0.0.0/8' }, 'EINVAL', '"allow" must be a list of addresses/CIDRs, or null to admit everyone'],
     [{ cmd: 'set-acl', export: 'vm1', allow: ['bogus'] }, 'EINVAL', 'allow-list entry "bogus" is not an address or CIDR'],
     [{ cmd: 'set-acl', allow: null }, 'EINVAL', '"export" must be a non-empty string'],
-    [{ cmd: 'explode' }, 'ENOSYS', 'unknown command "explode"; known: status, mirror, cutover, abort, set-speed, checkpoint, set-acl, evacuate'],
+    [{ cmd: 'explode' }, 'ENOSYS', 'unknown command "explode"; known: status, mirror, cutover, abort, set-speed, checkpoint, postcopy, set-acl, evacuate'],
     [{ cmd: 'toString' }, 'ENOSYS', /^unknown command "toString"/],
   ];
   for (const [req, code, message] of refusals)
