@@ -209,7 +209,7 @@ export class NbdServer {
     const conn = new Connection(id, socket, logger({ conn: id }));
     if (this.closing) {
       this.stats.refuse('shutdown');
-      socket.destroy();
+      conn.destroy(); // the accepted socket's handle now belongs to the connection's socket
       return;
     }
     // An export's own address serves that export only, and only once it takes guests
@@ -227,7 +227,7 @@ export class NbdServer {
     if (this.connections.size >= this.options.maxConnections) {
       this.stats.refuse('connection-limit');
       conn.log.warn('connection-refused', { remote, cause: `${this.options.maxConnections} connections already open (--max-connections)` });
-      socket.destroy();
+      conn.destroy();
       return;
     }
     this.connections.add(conn);

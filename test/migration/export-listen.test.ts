@@ -11,7 +11,7 @@ import { adminRequest, waitForJob } from '../helpers/admin.js';
 import { NetLab } from '../helpers/netns.js';
 import { makeImage, MiB, serve, tmpDir, type ServerHandle } from '../helpers/server.js';
 import { describeRun, requirePythonNbd, requireTool, run } from '../helpers/tools.js';
-import { compare } from './harness.js';
+import { compare, freePort } from './harness.js';
 
 /** The port an export's own listener got (logged as listener "export"). */
 async function exportPort(s: ServerHandle, name: string): Promise<number> {
@@ -85,8 +85,14 @@ t.test('handoff disconnect closes the source export\'s own listener; the destina
   t.not(early.code, 0, 'before the migration completes the destination refuses guests on the export\'s address');
   await dstSrv.waitForLog((e) => e.event === 'connection-refused' && e.listener === 'export' && e.export === 'vm1');
 
-  const srcSrv = await serve(t, ['--export', `vm1=${src},listen=127.0.0.1:0`, '--admin-socket', admin]);
+  const oldPort = await freePort();
+  const srcSrv = await serve(t, ['--listen', '127.0.0.2', '--export', `vm1=${src},listen=127.0.0.1:0,oldstyle-port=${oldPort}`, '--admin-socket', admin]);
   const srcPort = await exportPort(srcSrv, 'vm1');
+  const oldstyle = await srcSrv.waitForLog((e) => e.event === 'listening' && e.listener === 'oldstyle' && e.export === 'vm1');
+  t.match(oldstyle, { address: '127.0.0.1', port: oldPort }, "oldstyle-port is bound on the export's own address, not --listen");
+  const old = await nbdinfo([`nbd://127.0.0.1:${oldPort}`]);
+  t.equal(old.code, 0, 'nbdinfo on the oldstyle port', { diag: describeRun(old) });
+  t.equal(JSON.parse(old.stdout).protocol, 'oldstyle', 'it speaks oldstyle');
   // A guest on the export's address, holding its connection until the server closes it.
   const py = await requirePythonNbd();
   const guest = run(py, ['-c', `
@@ -102,9 +108,12 @@ print('closed')
   await srcSrv.waitForLog((e) => e.event === 'transmission' && e.export === 'vm1');
   await adminRequest(admin, { cmd: 'mirror', export: 'vm1', target: dstSrv.uri('vm1'), cutover: 'auto', handoff: 'disconnect' });
   await waitForJob(admin, 'vm1', (j) => j.state === 'completed', { failOn: ['failed', 'aborted'] });
-  const closed = await srcSrv.waitForLog((e) => e.event === 'listener-closed' && e.export === 'vm1');
+  const closed = await srcSrv.waitForLog((e) => e.event === 'listener-closed' && e.export === 'vm1' && e.listener === 'export');
   t.equal(closed.reason, 'handoff', "the source closed the export's own listener at the handoff");
-  t.equal(await refusedConnect(srcPort), 'ECONNREFUSED', 'nothing listens on it any more');
+  const closedOld = await srcSrv.waitForLog((e) => e.event === 'listener-closed' && e.export === 'vm1' && e.listener === 'oldstyle');
+  t.equal(closedOld.reason, 'handoff', 'and its oldstyle port');
+  t.equal(await refusedConnect(srcPort), 'ECONNREFUSED', 'nothing listens on its address any more');
+  t.equal(await refusedConnect(oldPort), 'ECONNREFUSED', 'nor on its oldstyle port');
   const g = await guest;
   t.match(g.stdout, /written\nclosed/, 'the guest on that address was disconnected', { diag: describeRun(g) });
   const cmp = await compare(src, `nbd://127.0.0.1:${dstPort}/`);
