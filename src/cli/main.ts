@@ -11,10 +11,16 @@ import { DEFAULT_ADMIN_SOCKET, projectRoot } from '../util/paths.js';
 import { CONFIG_DEFAULTS, ConfigError, numericArg, numericArgs, serveConfigFrom, type ServeArgs } from './config.js';
 import { copyCommand } from './copy.js';
 import { ctlCommand, ctlCommandNames, ctlErrorLine, ctlRunning } from './ctl.js';
-import { serveUntilSignal } from './serve.js';
+import type * as Serve from './serve.js';
 import { parseSize } from '../util/units.js';
 
 const DEMO_SIZE = 1024 * 1024 * 1024;
+
+/**
+ * The server's modules (prom-client, the admin and migration layers) load only when a
+ * command serves: `copy` starts in about half the time without them.
+ */
+const serveUntilSignal: typeof Serve.serveUntilSignal = async (...args) => (await import('./serve.js')).serveUntilSignal(...args);
 
 function setUpLogging(argv: { 'log-format'?: string; 'log-level'?: string }): void {
   const format = argv['log-format'] === 'auto' || !argv['log-format'] ? (process.stderr.isTTY ? 'text' : 'json') : argv['log-format'];
