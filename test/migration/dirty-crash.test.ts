@@ -13,6 +13,7 @@
 //   - the log fills (1018 extents) and checkpoints many times on the way
 //     (about 1,400 new blocks per round).
 import t from 'tap';
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { NbdClient } from '../../src/client/nbd-client.js';
 import { readRecovered, SLOT_CAPACITY } from '../../src/dirty/activity-log.js';
@@ -110,4 +111,30 @@ t.test('kill -9 in a loop: every acknowledged write is dirty after the restart, 
     t.ok(recovery.logExtents <= SLOT_CAPACITY);
   }
   t.ok(acked.size > SLOT_CAPACITY * 4, `the writes (${acked.size} blocks) overflowed the log many times over`);
+});
+
+t.test('where the state folder goes: beside the image, --state-dir DIR/<name>, state-dir= per export; none with --no-activity-log', async (t) => {
+  const dir = await tmpDir(t, 'nbd-migrate-state-dir-');
+  const a = await makeImage(path.join(dir, 'a.img'), 64 * KiB * 16);
+  const b = await makeImage(path.join(dir, 'b.img'), 64 * KiB * 16);
+  const c = await makeImage(path.join(dir, 'c.img'), 64 * KiB * 16);
+  const parent = path.join(dir, 'states');
+  const own = path.join(dir, 'own-b');
+  const s = await startServer(['--export', `a=${a}`, '--export', `b=${b},state-dir=${own}`, '--state-dir', parent]);
+  const lines = await Promise.all(['a', 'b'].map((n) => s.waitForLog((e) => e.event === 'dirty-recovered' && e.export === n)));
+  t.equal(lines[0]!.stateDir, path.join(parent, 'a'), '--state-dir DIR puts export a in DIR/a');
+  t.equal(lines[1]!.stateDir, own, 'state-dir= names export b\'s own folder');
+  const client = await NbdClient.connect(s.uri('a'));
+  await client.write(0, [Buffer.alloc(4096, 1)], { fua: false });
+  await client.close();
+  await s.stop();
+  const rec = readRecovered(StateFolder.open(path.join(parent, 'a')), 64 * KiB * 16, GRAN);
+  t.ok(rec.bitmap.isDirty(0) && rec.recovery.logExtents === 0, 'the clean stop stored the exact bitmap there');
+  const beside = await startServer([c, '--name', 'c']);
+  await beside.stop();
+  t.ok(fs.existsSync(path.join(`${c}.nbd-migrate.d`, 'dirty.bitmap')), 'by default: IMAGE.nbd-migrate.d beside the image');
+  fs.rmSync(`${c}.nbd-migrate.d`, { recursive: true });
+  const off = await startServer([c, '--name', 'c', '--no-activity-log']);
+  await off.stop();
+  t.notOk(fs.existsSync(`${c}.nbd-migrate.d`) && fs.existsSync(path.join(`${c}.nbd-migrate.d`, 'dirty.bitmap')), '--no-activity-log keeps nothing');
 });
