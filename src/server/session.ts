@@ -199,7 +199,7 @@ export class Session {
       this.conn.destroy();
       return started - this.inflight;
     }
-    this.conn.log.info('connection-handed-off', { export: this.n.export.name, answered: started, reason: 'handoff' });
+    this.conn.log.info('connection-dropped', { export: this.n.export.name, reason: 'handoff', answered: started });
     this.conn.end();
     return started;
   }
