@@ -11,6 +11,8 @@ import { Export } from '../../../src/server/export.js';
 import { buildStack } from '../../../src/storage/stack.js';
 import { RangeLock } from '../../../src/util/range-lock.js';
 import { MemoryDevice } from '../../helpers/memory-device.js';
+import { ActivityLog, loggedRanges } from '../../../src/dirty/activity-log.js';
+import { StateFolder } from '../../../src/dirty/state.js';
 
 const KiB = 1024;
 const G = 4 * KiB;
@@ -164,4 +166,32 @@ t.test('persistence: exact after a clean close, everything after a crash, deleti
   const c8 = new Checkpoints({ size: SIZE * 2, granularity: G, store: new FileCheckpointStore(dir) });
   c8.open();
   t.equal(c8.list()[0]!.dirtyBytes, SIZE * 2);
+});
+
+t.test('with the real activity log: a change whose extent left the log at a log checkpoint survives a crash in the stored bits', async (t) => {
+  const dir = path.join(tmp(t), 'img.nbd-migrate.d');
+  const E = 16 * KiB; // activity-log extent
+  const size = 256 * KiB;
+  const local = new MemoryDevice(size);
+  const store = new FileCheckpointStore(dir);
+  const cps = new Checkpoints({ size, granularity: G, store });
+  cps.open();
+  const s = buildStack({ local, dirtyGranularity: G, changes: cps });
+  const { log } = ActivityLog.open(StateFolder.open(dir), s.bitmap, { extentBytes: E });
+  s.tracking.activityLog = log;
+  cps.attachLog(log);
+  cps.create('ck');
+  await s.device.write(E + 100, [Buffer.alloc(10, 1)], { fua: false }); // extent 1
+  await log.checkpoint(); // extent 1 leaves the log: only the checkpoint's stored bits hold it now
+  await s.device.write(5 * E, [Buffer.alloc(10, 2)], { fua: false }); // extent 5, in the log
+  t.same(loggedRanges(StateFolder.open(dir)), [[5 * E, E]], 'the log names only the later write');
+  // Crash: nothing is closed. The next start reads the log before opening it.
+  const after = new Checkpoints({ size, granularity: G, store: new FileCheckpointStore(dir), recoveredRanges: () => loggedRanges(StateFolder.open(dir)) });
+  after.open();
+  const bm = after.get('ck').bitmap;
+  t.ok(bm.isDirty(Math.floor((E + 100) / G)), 'the write before the log checkpoint: from the bits stored at it');
+  t.ok(bm.isDirty(Math.floor((5 * E) / G)), 'the write after it: from the log');
+  t.ok(after.get('ck').info().dirtyBytes <= 2 * E, `no more than the two extents (${after.get('ck').info().dirtyBytes} bytes)`);
+  t.equal(after.get('ck').info().recovered, true);
+  await log.close();
 });
