@@ -12,7 +12,7 @@
  * export's outcome is kept for the summary.
  */
 import { EventEmitter } from 'node:events';
-import { logger } from '../util/log.js';
+import { logger, type Logger } from '../util/log.js';
 import { SharedBandwidth, type BandwidthShare } from '../util/shared-bandwidth.js';
 import { JobError } from './errors.js';
 import type { MirrorOptions } from './options.js';
@@ -125,7 +125,7 @@ export class Evacuation extends EventEmitter {
   private readonly startedAt = new Date();
   private finishedAt: Date | null = null;
   private cancelled = false;
-  private readonly log;
+  private readonly log: Logger;
   private readonly onJobState = (name: string, to: JobState) => this.jobStateChanged(name, to);
 
   constructor(
