@@ -20,6 +20,9 @@
  *   BENCH_CUTOVER_RUNTIME=20  BENCH_CUTOVER_IODEPTH=16  BENCH_CUTOVER_SIZE=1G  the fio load during cutover
  *   BENCH_CUTOVER_TARGET=qemu-nbd        or nbd-migrate (serve --incoming), or nbdkit (file plugin)
  *   BENCH_BITMAP_SIZE=1T                 the big sparse image of the bitmap row (compared with 1G)
+ *   BENCH_WAN_METHODS=nbd-migrate-copy,nbdcopy  copiers of the wan row (default: mirror, copy, nbdcopy; qemu-img takes ~30 s)
+ *   BENCH_WAN_REPEAT=2  BENCH_WAN_SIZE=1G  samples per copier / image size (half data, half holes)
+ *   BENCH_WAN_DELAY_MS=40  BENCH_WAN_BANDWIDTH=125000000  one-way delay / bytes per second each way (1 Gbit/s), shared
  */
 import * as path from 'node:path';
 import { parseSize } from '../src/util/units.js';
@@ -29,7 +32,7 @@ import { SERVER_NAMES, type ServerName } from './servers.js';
 
 export const SUITE_NAMES = ['fio', 'mirror'] as const;
 export type SuiteName = (typeof SUITE_NAMES)[number];
-export const MIRROR_ROW_NAMES = ['readcache', 'copy', 'cutover', 'bitmap', 'actlog'] as const;
+export const MIRROR_ROW_NAMES = ['readcache', 'copy', 'wan', 'cutover', 'bitmap', 'actlog'] as const;
 export type MirrorRowName = (typeof MIRROR_ROW_NAMES)[number];
 export const CUTOVER_TARGETS = ['qemu-nbd', 'nbd-migrate', 'nbdkit'] as const;
 export type CutoverTarget = (typeof CUTOVER_TARGETS)[number];
@@ -69,6 +72,7 @@ export interface MirrorConfig {
   cutoverSize: number;
   cutoverTarget: CutoverTarget;
   bitmapSize: number;
+  wan: { methods: CopyMethodName[]; repeat: number; size: number; delayMs: number; bandwidth: number };
 }
 
 function list<T extends string>(env: string, value: string | undefined, valid: readonly T[], dflt: readonly T[] = valid): T[] {
@@ -139,6 +143,13 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): BenchConfig {
       cutoverSize: size('BENCH_CUTOVER_SIZE', env.BENCH_CUTOVER_SIZE, 1024 ** 3),
       cutoverTarget: oneOf('BENCH_CUTOVER_TARGET', env.BENCH_CUTOVER_TARGET, CUTOVER_TARGETS),
       bitmapSize: size('BENCH_BITMAP_SIZE', env.BENCH_BITMAP_SIZE, 1024 ** 4),
+      wan: {
+        methods: list('BENCH_WAN_METHODS', env.BENCH_WAN_METHODS, COPY_METHOD_NAMES, ['nbd-migrate-mirror', 'nbd-migrate-copy', 'nbdcopy']),
+        repeat: number('BENCH_WAN_REPEAT', env.BENCH_WAN_REPEAT, 2, 1, true),
+        size: size('BENCH_WAN_SIZE', env.BENCH_WAN_SIZE, 1024 ** 3),
+        delayMs: number('BENCH_WAN_DELAY_MS', env.BENCH_WAN_DELAY_MS, 40, 0, false),
+        bandwidth: number('BENCH_WAN_BANDWIDTH', env.BENCH_WAN_BANDWIDTH, 125_000_000, 1_000_000, true),
+      },
     },
   };
 }

@@ -26,6 +26,7 @@ import * as fs from 'node:fs';
 import { makeImage, type ServerHandle } from '../test/helpers/server.js';
 import { run } from '../test/helpers/tools.js';
 import { compare } from '../test/helpers/peers.js';
+import { startDelayProxy, type DelayProxy } from '../test/helpers/delay-proxy.js';
 import { benchPath, createHalfAllocatedImage } from './image.js';
 import type { BenchConfig, CopyMethodName } from './config.js';
 import { adminSocketPath, MIRROR_EXPORT, MirrorBenchError, removeImageAndMarkers, removeMarkers, startMirror, startNbdMigrate, startTarget, stopPair, waitForState, type MirrorTarget } from './mirrorjob.js';
@@ -115,12 +116,30 @@ export async function compareImages(a: string, b: string): Promise<boolean> {
   throw new MirrorBenchError(`qemu-img compare ${a} ${b} exited ${r.code ?? r.signal}: ${r.stderr.trim()}`);
 }
 
-/** One timed copy with a fresh target; verifies the result if `verify`. */
-export async function measureCopy(ctx: CopyContext, src: string, method: CopyMethodName, round: number, verify: boolean): Promise<CopySample> {
+/** A simulated WAN between copier and target (test/helpers/delay-proxy.ts). */
+export interface LinkSettings {
+  delayMs: number;
+  /** Bytes per second, each direction, shared by all connections. */
+  bandwidth: number;
+}
+
+/**
+ * One timed copy with a fresh target; verifies the result if `verify`. `opts.size`: the
+ * image size (default the copy row's); `opts.link`: copy through a delay proxy.
+ */
+export async function measureCopy(
+  ctx: CopyContext,
+  src: string,
+  method: CopyMethodName,
+  round: number,
+  verify: boolean,
+  opts: { size?: number; link?: LinkSettings } = {},
+): Promise<CopySample> {
   const { cfg } = ctx;
   const dst = benchPath('copy-dst');
   removeImageAndMarkers(dst);
-  await makeImage(dst, cfg.mirror.copySize);
+  await makeImage(dst, opts.size ?? cfg.mirror.copySize);
+  let proxy: DelayProxy | undefined;
   let target: MirrorTarget | undefined;
   let source: ServerHandle | undefined;
   let sourceHung = false;
@@ -131,7 +150,13 @@ export async function measureCopy(ctx: CopyContext, src: string, method: CopyMet
     let seconds: number;
     let copierCpuSec: number | null = null;
     let mirror: GoodCopySample['mirror'];
-    const cmd = copyCommand(method, src, target.uri, cfg.nbdMigrateBin);
+    let uri = target.uri;
+    if (opts.link) {
+      const u = new URL(target.uri);
+      proxy = await startDelayProxy({ targetHost: u.hostname, targetPort: Number(u.port), delayMs: opts.link.delayMs, bandwidth: opts.link.bandwidth });
+      uri = proxy.uri(u.pathname.slice(1));
+    }
+    const cmd = copyCommand(method, src, uri, cfg.nbdMigrateBin);
     if (!cmd) {
       removeMarkers(src);
       const sock = adminSocketPath('copy-src');
@@ -139,7 +164,7 @@ export async function measureCopy(ctx: CopyContext, src: string, method: CopyMet
       const pid = source.proc.pid ?? -1;
       const cpu0 = processCpuSeconds(pid);
       const t0 = performance.now();
-      await startMirror(sock, target.uri, 'auto');
+      await startMirror(sock, uri, 'auto');
       const done = await waitForState(source, sock, ['completed'], t0 + 300_000, ctx.stopRequested);
       seconds = (done.at - t0) / 1000;
       const cpu1 = processCpuSeconds(pid);
@@ -183,6 +208,7 @@ export async function measureCopy(ctx: CopyContext, src: string, method: CopyMet
     return { round, method, ok: false, error: e.message };
   } finally {
     await stopPair(source, target);
+    await proxy?.close();
     if (fs.existsSync(dst)) removeImageAndMarkers(dst);
     removeMarkers(src);
   }

@@ -21,6 +21,7 @@ import { AFTER_CUTOVER_SEC, MIRROR_AT_SEC, measureCutover, type CutoverKind, typ
 import { formatReadCache, measureReadCache, READCACHE_MODES, readCacheSettings, summariseReadCache, type ReadCacheRow, type ReadCacheSample, type ReadCacheSettings } from './readcache.js';
 import { benchPath, createHalfAllocatedImage } from './image.js';
 import { removeImageAndMarkers, removeSocketDir } from './mirrorjob.js';
+import { formatWan, runWan, type WanResults } from './wan.js';
 import { Interrupted } from './proc.js';
 import { median, table } from './report.js';
 
@@ -88,6 +89,7 @@ export interface MirrorResults {
   bitmap?: { settings: { sizes: number[]; repeat: number }; rows: BitmapRow[]; samples: BitmapSample[] };
   actlog?: { settings: { size: number; repeat: number; iodepth: number; runtimeSec: number; rampSec: number }; row: ActlogRow; samples: ActlogSample[] };
   readcache?: { settings: ReadCacheSettings & { repeat: number }; row: ReadCacheRow; samples: ReadCacheSample[] };
+  wan?: WanResults;
   /** Copies that differed from their source: the run exits non-zero. */
   mismatches: string[];
 }
@@ -111,6 +113,7 @@ const med = <T>(xs: readonly T[], pick: (x: T) => number | null | undefined): nu
 export function estimateMirrorSec(m: MirrorConfig): number {
   let s = 0;
   if (m.rows.includes('copy')) s += 3 + m.copyMethods.length * (m.copyRepeat * 5 + 3);
+  if (m.rows.includes('wan')) s += 2 + m.wan.repeat * m.wan.methods.reduce((n, x) => n + (x.startsWith('qemu-img') ? 32 : 8), 0);
   if (m.rows.includes('cutover')) s += 1 + m.repeat * (2 * m.cutoverRuntimeSec + 10);
   if (m.rows.includes('bitmap')) s += m.repeat * 2 * 2.5;
   if (m.rows.includes('readcache')) s += m.repeat * 2 * 12;
@@ -238,6 +241,17 @@ export async function runMirrorSuite(ctx: MirrorContext, results: MirrorResults)
         }
         removeImageAndMarkers(src);
       }
+    }
+
+    if (m.rows.includes('wan')) {
+      check();
+      const total = m.wan.repeat * m.wan.methods.length;
+      results.wan = await runWan(ctx, m, (r, s) => {
+        results.wan = r;
+        if (s.ok && s.verified === false) results.mismatches.push(`wan ${COPY_METHOD_LABELS[s.method]}: target ${s.keptTarget} differs from its source`);
+        const what = s.ok ? `${s.seconds.toFixed(2).padStart(6)} s${s.verified === true ? '  (verified)' : s.verified === false ? '  MISMATCH' : ''}` : `FAILED: ${s.error.split('\n')[0]}`;
+        ctx.progress(`[wan ${String(r.samples.length).padStart(String(total).length)}/${total}] round ${s.round} ${COPY_METHOD_LABELS[s.method].padEnd(32)} ${what}`);
+      });
     }
 
     if (m.rows.includes('cutover')) {
@@ -403,6 +417,11 @@ export function formatMirrorResults(r: MirrorResults): string {
     out.push(table([rawHead, ...rawBody]));
     const failed = c.samples.filter((s) => !s.ok);
     for (const f of failed) if (!f.ok) out.push(`  round ${f.round} ${COPY_METHOD_LABELS[f.method]} failed: ${f.error.split('\n')[0]}`);
+  }
+
+  if (r.wan) {
+    if (out.length) out.push('');
+    out.push(formatWan(r.wan));
   }
 
   if (r.cutover) {
