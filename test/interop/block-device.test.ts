@@ -13,8 +13,9 @@ import { CLI, MiB, REPO_ROOT, makeImage, patternBuffer, readAt, serve, tmpDir, w
 import { SYSTEM_PYTHON, describeRun, requirePythonNbd, requireTool, run } from '../helpers/tools.js';
 import { libnbdScenario, sha256 } from '../helpers/libnbd.js';
 import { adminRequest, waitForJob } from '../helpers/admin.js';
-import { rm } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 
 const losetup = await requireTool('losetup', 'mount');
 const qemuIo = await requireTool('qemu-io', 'qemu-utils');
@@ -24,6 +25,13 @@ const fio = await requireTool('fio', 'fio');
 await requirePythonNbd();
 
 const SIZE = 16 * MiB;
+
+// A device's state folder defaults to /var/lib/nbd-migrate/<export name>/: every server here gets
+// --state-dir inside a temporary folder instead (the test's own, or this file's for refusals), so
+// nothing is left behind in /var/lib.
+const STATE_ROOT = await mkdtemp(join(tmpdir(), 'nbd-migrate-bdev-state-'));
+t.teardown(() => rm(STATE_ROOT, { recursive: true, force: true }));
+const stateDir = (dir: string) => ['--state-dir', join(dir, 'state')];
 
 /** Attaches FILE to a free loop device; detached in t.teardown whatever happens. Fails (never skips) when losetup is refused. */
 async function attachLoop(t: Teardownable, file: string): Promise<string> {
@@ -40,7 +48,7 @@ async function attachLoop(t: Teardownable, file: string): Promise<string> {
 
 /** `nbd-migrate serve ARGS` that is expected to exit on its own (a refusal). */
 const serveOnce = (args: string[], env: NodeJS.ProcessEnv = {}) =>
-  run('/usr/bin/env', ['-u', 'NODE_OPTIONS', process.execPath, CLI, 'serve', ...args, '--listen', '127.0.0.1', '--port', '0', '--log-format', 'json'], {
+  run('/usr/bin/env', ['-u', 'NODE_OPTIONS', process.execPath, CLI, 'serve', ...args, '--state-dir', STATE_ROOT, '--listen', '127.0.0.1', '--port', '0', '--log-format', 'json'], {
     cwd: REPO_ROOT,
     timeoutMs: 15_000,
     env: { ...process.env, ...env },
@@ -78,10 +86,12 @@ t.test('a loop device served read-write: size, qemu-io, compare, map, trim, zero
   const backing = await makeImage(join(dir, 'backing.img'), SIZE);
   await writeAt(backing, 0, patternBuffer(2 * MiB, 7));
   const dev = await attachLoop(t, backing);
-  const srv = await serve(t, [dev, '--name', 'lv']);
+  const srv = await serve(t, [dev, '--name', 'lv', ...stateDir(dir)]);
   const uri = srv.uri('lv');
   const added = await srv.waitForLog((e) => e.event === 'export-added');
   t.equal(added.size, SIZE, 'the export size is the device size (BLKGETSIZE64)');
+  t.ok(existsSync(join(dir, 'state', 'lv', 'dirty.bitmap')), 'the state folder is under --state-dir (DIR/<name>/)');
+  t.notOk(existsSync('/var/lib/nbd-migrate/lv'), 'and nothing is left in /var/lib/nbd-migrate');
 
   const info = await run(nbdinfo, ['--json', uri], { timeoutMs: 30_000 });
   t.equal(info.code, 0, 'nbdinfo', { output: describeRun(info) });
@@ -174,7 +184,7 @@ t.test('a loop device served read-write: size, qemu-io, compare, map, trim, zero
 t.test('QEMU image locks apply to a served device', async (t) => {
   const dir = await tmpDir(t);
   const dev = await attachLoop(t, await makeImage(join(dir, 'backing.img'), SIZE));
-  await serve(t, [dev, '--name', 'lv']);
+  await serve(t, [dev, '--name', 'lv', ...stateDir(dir)]);
   const w = await run(qemuIo, ['-f', 'raw', '-c', 'write -P 0xcc 0 4k', dev], { timeoutMs: 30_000 });
   t.not(w.code, 0, 'qemu-io cannot write the device nbd-migrate serves', { output: describeRun(w) });
   t.match(w.stderr, /Failed to get "write" lock/, 'it names the write lock');
@@ -190,7 +200,7 @@ t.test('a device held by another exclusive opener, or another server, is refused
   holder.kill('SIGKILL');
   await new Promise((resolve) => holder.once('exit', resolve));
 
-  await serve(t, [dev, '--name', 'lv']);
+  await serve(t, [dev, '--name', 'lv', ...stateDir(dir)]);
   const second = await serveOnce([dev, '--name', 'again']);
   t.not(second.code, 0, 'a second read-write server of the same device is refused', { output: describeRun(second) });
   t.match(fatalCause(second.stderr) ?? '', `device ${dev} is in use (mounted, or held by another program)`);
@@ -223,7 +233,7 @@ t.test('a mirror of an image-file export onto `serve --incoming /dev/loopN` land
   });
   const admin = join(dir, 'src.sock');
   const s = await serve(t, [src, '--name', 'vm1', '--admin-socket', admin]);
-  const d = await serve(t, [dev, '--name', 'vm1', '--incoming']);
+  const d = await serve(t, [dev, '--name', 'vm1', '--incoming', ...stateDir(dir)]);
   const st = (await adminRequest(admin, { cmd: 'mirror', export: 'vm1', target: d.uri('vm1'), cutover: 'auto' })) as { targetKind?: string; targetFreeBytes?: number | null };
   t.equal(st.targetKind, 'nbd-migrate-incoming', 'the device export is a migration destination');
   t.equal(st.targetFreeBytes, null, "a device destination reports no free space (its room is its size, not /dev's free space)");
@@ -256,7 +266,7 @@ t.test('--direct: O_DIRECT on a device and on an image file, unaligned requests 
   const img = await makeImage(join(dir, 'file.img'), SIZE, { fill: 0x5a });
   const cfg = join(dir, 'direct.json');
   await (await import('node:fs/promises')).writeFile(cfg, JSON.stringify({ exports: [{ name: 'file', path: img, direct: true }] }));
-  const srv = await serve(t, [dev, '--name', 'lv', '--direct', '--config', cfg]);
+  const srv = await serve(t, [dev, '--name', 'lv', '--direct', '--config', cfg, ...stateDir(dir)]);
   const pid = srv.proc.pid!;
   const devFlags = await openFlags(pid, dev);
   t.ok(devFlags !== undefined && (devFlags & O_DIRECT) !== 0, 'the device is open O_DIRECT (--direct)', { devFlags });
@@ -356,7 +366,7 @@ t.test('a mounted device is refused', async (t) => {
   const r = await serveOnce([dev, '--name', 'lv']);
   t.not(r.code, 0, 'serve exits with an error', { output: describeRun(r) });
   t.equal(fatalCause(r.stderr), `export "lv": device ${dev} is in use (mounted, or held by another program); not serving it`, 'one clear line');
-  const ro = await serve(t, [dev, '--name', 'lv', '--read-only']);
+  const ro = await serve(t, [dev, '--name', 'lv', '--read-only', ...stateDir(dir)]);
   t.ok(ro.logs.some((e) => e.event === 'ready'), 'read-only (no O_EXCL) it may be served');
   await ro.stop();
   await umount();
