@@ -65,7 +65,9 @@ export async function waitForJob(socket: string, exportName: string, untilReady:
     const s = (await adminRequest(socket, { cmd: 'status', export: exportName })) as JobStatus;
     bar.draw(progressFigures(s));
     const final = s.state === 'completed' || s.state === 'aborted' || s.state === 'failed';
-    if (final || (untilReady && s.state === 'ready')) {
+    // After the switch, the --on-cutover command is part of the outcome: waited for, and a failure fails ctl.
+    const hookRunning = s.state === 'completed' && s.onCutover?.state === 'running';
+    if ((final && !hookRunning) || (untilReady && s.state === 'ready')) {
       bar.end(
         s.state === 'completed'
           ? `completed: ${formatBytes(s.dataBytes)} copied, ${formatBytes(s.zeroBytes)} zeroed, ${formatBytes(s.skippedBytes)} skipped, cutover pause ${s.pauseMs} ms`
@@ -73,6 +75,13 @@ export async function waitForJob(socket: string, exportName: string, untilReady:
             ? `failed: ${s.error}`
             : s.state,
       );
+      const h = s.onCutover;
+      if (h?.state === 'ok') out(`on-cutover: done in ${h.durationMs} ms`);
+      else if (h?.state === 'failed') {
+        const why = h.timedOut ? `killed after ${h.durationMs} ms (--on-cutover-timeout)` : h.signal ? `killed by ${h.signal}` : `exit code ${h.exitCode}`;
+        process.stderr.write(`on-cutover failed: ${why}${h.stderrTail ? `: ${h.stderrTail.split('\n').slice(-3).join(' / ')}` : ''}\n`);
+        process.exitCode = 1;
+      }
       return s;
     }
     await new Promise((r) => setTimeout(r, 250));

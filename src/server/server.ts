@@ -113,7 +113,8 @@ export class NbdServer {
     try {
       return await attempt();
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EADDRNOTAVAIL') throw e;
+      if ((e as NodeJS.ErrnoException).code !== 'EADDRNOTAVAIL')
+        throw new Error(`export "${exportName}": cannot listen on ${host.includes(':') ? `[${host}]` : host}:${port}: ${(e as Error).message}`, { cause: e });
       log.warn('listen-pending', {
         listener: kind, export: exportName, address: host, port, cause: (e as Error).message,
         effect: 'the address is not on this host yet; bound as soon as it appears',

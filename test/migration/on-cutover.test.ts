@@ -6,9 +6,11 @@
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { adminRequest, waitForJob, type JobStatus } from '../helpers/admin.js';
+import { waitForJob, type JobStatus } from '../helpers/admin.js';
 import { freePort } from '../helpers/net.js';
 import { makeImage, MiB, serve, tmpDir } from '../helpers/server.js';
+import { describeRun } from '../helpers/tools.js';
+import { cli } from './harness.js';
 
 async function migrate(t: Tap, hookArgs: string[], listen = true) {
   const dir = await tmpDir(t);
@@ -20,11 +22,11 @@ async function migrate(t: Tap, hookArgs: string[], listen = true) {
   const spec = listen ? `vm1=${src},listen=127.0.0.1:${port}` : `vm1=${src}`;
   const srcSrv = await serve(t, ['--export', spec, '--admin-socket', admin, ...hookArgs]);
   const target = dstSrv.uri('vm1');
-  await adminRequest(admin, { cmd: 'mirror', export: 'vm1', target, cutover: 'auto', handoff: 'disconnect' });
-  await waitForJob(admin, 'vm1', (j) => j.state === 'completed', { failOn: ['failed', 'aborted'] });
+  // As the operator would: ctl mirror --wait follows the job to its end, the command included.
+  const ctl = await cli(['ctl', '--socket', admin, 'mirror', 'vm1', target, '--cutover', 'auto', '--handoff', 'disconnect', '--wait']);
   const ended = await srcSrv.waitForLog((e) => e.event === 'on-cutover-done' || e.event === 'on-cutover-failed', 20_000);
   const status = await waitForJob(admin, 'vm1', (j) => j.onCutover !== null && j.onCutover.state !== 'running');
-  return { dir, port, target, srcSrv, ended, status };
+  return { dir, port, target, srcSrv, ended, status, ctl };
 }
 type Tap = typeof t;
 
@@ -32,6 +34,8 @@ t.test('the command runs after the handoff with the export, its address and the 
   const out = path.join(await tmpDir(t), 'env.txt');
   const m = await migrate(t, ['--on-cutover', `env | grep ^NBD_MIGRATE_ | sort > ${out}; echo moved`]);
   t.equal(m.ended.event, 'on-cutover-done', 'logged as done');
+  t.equal(m.ctl.code, 0, 'ctl mirror --wait succeeded', { diag: describeRun(m.ctl) });
+  t.match(m.ctl.stdout, /on-cutover: done in \d+ ms/, 'and said the command ran');
   const env = Object.fromEntries(fs.readFileSync(out, 'utf8').trim().split('\n').map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));
   t.match(env, {
     NBD_MIGRATE_EXPORT: 'vm1',
@@ -73,6 +77,8 @@ for (const [name, args, check] of failures) {
   t.test(name, async (t) => {
     const m = await migrate(t, args, false);
     t.equal(m.ended.event, 'on-cutover-failed', 'logged as failed');
+    t.equal(m.ctl.code, 1, 'ctl mirror --wait exits 1', { diag: describeRun(m.ctl) });
+    t.match(m.ctl.stderr, /^on-cutover failed: (exit code 3: moving the address \/ RTNETLINK|killed after \d+ ms)/m, 'and says why');
     check(t, m.status.onCutover, m.ended);
     t.equal(m.status.state, 'completed', 'the cutover stands');
     t.equal(m.ended.export, 'vm1', 'the log line names the export');
