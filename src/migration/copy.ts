@@ -9,7 +9,12 @@
  * keeps two copies of one block, or a copy and a write-through, from racing
  * on the target, so stale data can never land last.
  *
- * Bounds: `maxInflight` chunks of at most `chunkBytes` each are in flight.
+ * Bounds: `maxInflight` chunks are in flight, and of them at most
+ * `maxInflightBytes` of data between its read and the target's answer. The
+ * two are apart so that holes (a block-status round trip to the target each,
+ * and no data) never stall the data behind them: across a WAN a round trip is
+ * 80 ms, and the byte window must cover the bandwidth-delay product (1 Gbit/s
+ * x 80 ms = 10 MB; the default 32 MiB covers 3 Gbit/s, or 1 Gbit/s at 250 ms).
  *
  * Buffers: a sweep reads into buffers it reuses (one per chunk in flight), not a
  * fresh one per chunk: fresh memory costs a page fault per 4 KiB and GC work
@@ -44,6 +49,39 @@ export interface CopyOptions {
   onRetry?: (e: unknown, attempt: number) => void;
   /** Read buffers to reuse; a sweep makes its own when none is given. */
   buffers?: BufferPool;
+  /** Data bytes in flight (read, not yet acknowledged by the target); default DEFAULT_WINDOW_BYTES. */
+  maxInflightBytes?: number;
+  /** The sweep's byte window (made from maxInflightBytes). */
+  window?: ByteWindow;
+}
+
+/** Default bound on data in flight: covers the bandwidth-delay product of 1 Gbit/s at 250 ms. */
+export const DEFAULT_WINDOW_BYTES = 32 * 1024 * 1024;
+
+/** A byte budget handed out first come, first served; a request larger than the whole budget goes alone. */
+export class ByteWindow {
+  private used = 0;
+  private readonly waiting: Array<{ n: number; go: () => void }> = [];
+  constructor(readonly limit: number) {}
+
+  async acquire(n: number): Promise<void> {
+    if (this.waiting.length === 0 && (this.used === 0 || this.used + n <= this.limit)) {
+      this.used += n;
+      return;
+    }
+    await new Promise<void>((go) => this.waiting.push({ n, go }));
+  }
+
+  release(n: number): void {
+    this.used -= n;
+    while (this.waiting.length > 0) {
+      const next = this.waiting[0]!;
+      if (this.used !== 0 && this.used + next.n > this.limit) break;
+      this.waiting.shift();
+      this.used += next.n;
+      next.go();
+    }
+  }
 }
 
 /** Reused read buffers of `size` bytes: one per chunk in flight, returned once the target has the data. */
@@ -74,9 +112,9 @@ export function isAllZero(b: Buffer): boolean {
   return true;
 }
 
-export const DEFAULT_COPY_OPTIONS: CopyOptions = { chunkBytes: 4 * 1024 * 1024, maxInflight: 8, skipTargetZeros: false, retries: 0 };
+export const DEFAULT_COPY_OPTIONS: CopyOptions = { chunkBytes: 4 * 1024 * 1024, maxInflight: 64, skipTargetZeros: false, retries: 0 };
 
-type TargetOpts = Pick<CopyOptions, 'limiter' | 'skipTargetZeros' | 'shouldStop' | 'retries' | 'onRetry' | 'buffers'>;
+type TargetOpts = Pick<CopyOptions, 'limiter' | 'skipTargetZeros' | 'shouldStop' | 'retries' | 'onRetry' | 'buffers' | 'window'>;
 
 /** Runs one target request, retrying transient target errors (bounded). */
 async function onTarget<T>(opts: TargetOpts, op: () => Promise<T>): Promise<T> {
@@ -132,7 +170,13 @@ export async function copySweep(
   let cursor = 0;
   // Once one chunk fails (the target is likely gone), the others stop at their next step.
   const stopped = () => failure !== undefined || (opts.shouldStop?.() ?? false);
-  const runOpts = { ...opts, shouldStop: stopped, buffers: opts.buffers ?? new BufferPool(opts.chunkBytes, opts.maxInflight) };
+  const windowBytes = opts.maxInflightBytes ?? DEFAULT_WINDOW_BYTES;
+  const runOpts = {
+    ...opts,
+    shouldStop: stopped,
+    window: opts.window ?? new ByteWindow(windowBytes),
+    buffers: opts.buffers ?? new BufferPool(opts.chunkBytes, Math.min(opts.maxInflight, Math.ceil(windowBytes / opts.chunkBytes) + 1)),
+  };
   while (!stopped()) {
     const run = bitmap.nextRun(cursor, chunkBlocks);
     if (!run) break;
@@ -192,18 +236,25 @@ export async function copyRange(
       else {
         if (opts.limiter) await opts.limiter.take(n, opts.shouldStop);
         if (opts.shouldStop?.()) throw new CopyStopped();
-        const whole = opts.buffers ? opts.buffers.get(n) : Buffer.allocUnsafe(n);
-        const buf = whole.length === n ? whole : whole.subarray(0, n);
-        await source.read(pos, n, buf, 0);
-        if (isAllZero(buf)) {
-          opts.buffers?.put(whole);
-          await zeroRange(target, pos, n, { ...opts, limiter: undefined }, stats);
-        } else {
-          await onTarget(opts, () => target.write(pos, [buf], { fua: false }));
-          // Only once the target has answered: until then the bytes may still be on their way.
-          opts.buffers?.put(whole);
-          stats.dataBytes += n;
+        await opts.window?.acquire(n);
+        let zeros = false;
+        try {
+          if (opts.shouldStop?.()) throw new CopyStopped();
+          const whole = opts.buffers ? opts.buffers.get(n) : Buffer.allocUnsafe(n);
+          const buf = whole.length === n ? whole : whole.subarray(0, n);
+          await source.read(pos, n, buf, 0);
+          zeros = isAllZero(buf);
+          if (zeros) opts.buffers?.put(whole);
+          else {
+            await onTarget(opts, () => target.write(pos, [buf], { fua: false }));
+            // Only once the target has answered: until then the bytes may still be on their way.
+            opts.buffers?.put(whole);
+            stats.dataBytes += n;
+          }
+        } finally {
+          opts.window?.release(n);
         }
+        if (zeros) await zeroRange(target, pos, n, { ...opts, limiter: undefined }, stats);
       }
       pos += n;
     }
