@@ -14,8 +14,8 @@
 // The hypervisor reaches the volume address through a host route
 // (fd00::11/128 via the storage host that has it), as a routed per-volume
 // address is announced. The guest writes and verifies its disk continuously
-// while the disk migrates from storage1 to storage2 (auto cutover, handoff
-// disconnect). storage1's --on-cutover moves the address: `ip addr del` on
+// while the disk migrates from storage1 to storage2 (cutover once in sync,
+// handoff disconnect). storage1's --on-cutover moves the address: `ip addr del` on
 // storage1, `ip addr add` on storage2, the route to storage2, each through
 // `ip netns exec`. storage2 binds the address when it appears; QEMU
 // reconnects to it; storage1's nbd-migrate is stopped; the guest goes on for
@@ -95,12 +95,16 @@ t.test('the volume address moves with the disk; storage1 is stopped; the guest n
     const p = await progress(2);
     t.comment(`guest workload running on [${VOLUME}]:${PORT}: round ${p.args[0]} at ${(p.atMs / 1000).toFixed(1)} s`);
     await adminRequest(adminSock, {
-      cmd: 'mirror', export: 'vm1', target: `nbd://[fd00::2]:${PORT}/vm1`, cutover: 'auto', handoff: 'disconnect', maxBandwidth: '8M',
+      cmd: 'mirror', export: 'vm1', target: `nbd://[fd00::2]:${PORT}/vm1`, cutover: 'manual', handoff: 'disconnect', maxBandwidth: '8M',
     });
+    await waitJob(adminSock, (j) => j.state === 'ready', 'the job to be ready', 120_000);
+    // The guest goes on writing while the disk is in sync on both hosts, then the switch.
+    const atReady = await progress(lastRound() + 1);
+    await adminRequest(adminSock, { cmd: 'cutover', export: 'vm1' });
     const done = await waitJob(adminSock, (j) => j.state === 'completed', 'the cutover', 120_000);
     const atCut = lastRound();
     t.comment(`cutover at guest round ${atCut}, guests held ${done.pauseMs} ms`);
-    t.ok(atCut > Number(p.args[0]), 'the guest wrote while its disk was copied');
+    t.ok(Number(atReady.args[0]) > Number(p.args[0]), 'the guest wrote while its disk migrated');
 
     const closed = await srcSrv.waitForLog((e) => e.event === 'listener-closed' && e.export === 'vm1');
     t.equal(closed.reason, 'handoff', "storage1 closed the volume's listener at the handoff");
