@@ -152,17 +152,25 @@ export function bitmapExtents(bitmap: DirtyBitmap, offset: number, length: numbe
   return out;
 }
 
-/** A bitmap's bits as stored: one bit per block, LSB first. */
+/** A bitmap's bits as stored: one bit per block, LSB first (its 32-bit words, little-endian). */
 export function encodeBits(bitmap: DirtyBitmap): Buffer {
+  const words = bitmap.copyWords();
   const bits = Buffer.alloc(Math.ceil(bitmap.blocks / 8));
-  for (let run = bitmap.nextRun(0, bitmap.blocks); run; run = bitmap.nextRun(run.block + run.count, bitmap.blocks)) {
-    for (let b = run.block; b < run.block + run.count; b++) bits[b >>> 3]! |= 1 << (b & 7);
+  for (let i = 0; i < words.length; i++) {
+    const w = words[i]!;
+    for (let k = 0; k < 4 && 4 * i + k < bits.length; k++) bits[4 * i + k] = (w >>> (8 * k)) & 0xff;
   }
   return bits;
 }
 
 /** Marks into `into` every byte range the stored bits (`granularity` bytes each) cover. */
 export function decodeBits(bits: Buffer, granularity: number, into: DirtyBitmap): void {
+  if (granularity === into.granularity && bits.length === Math.ceil(into.blocks / 8)) {
+    // The same layout: whole words at once.
+    const words = new Uint32Array(Math.ceil(into.blocks / 32));
+    for (let i = 0; i < bits.length; i++) words[i >>> 2]! |= bits[i]! << (8 * (i & 3));
+    return into.orWords(words);
+  }
   const blocks = bits.length * 8;
   let b = 0;
   while (b < blocks) {
@@ -200,6 +208,8 @@ export class Checkpoints {
   private nextId = FIRST_CONTEXT_ID;
   private detach: (() => void) | undefined;
   private logAttached = false;
+  /** Marks since the bits were last stored. */
+  private unstored = false;
   private readonly log: NonNullable<CheckpointsOptions['log']>;
 
   constructor(private readonly o: CheckpointsOptions) {
@@ -242,7 +252,9 @@ export class Checkpoints {
 
   /** A client changed [offset, offset + length): every checkpoint marks it. */
   mark(offset: number, length: number): void {
+    if (this.byName.size === 0) return;
     for (const cp of this.byName.values()) cp.bitmap.mark(offset, length);
+    this.unstored = true;
   }
 
   get size(): number {
@@ -304,7 +316,9 @@ export class Checkpoints {
    */
   attachLog(log: { beforeExtentsLeave(fn: () => void): () => void }): void {
     this.detach?.();
-    this.detach = log.beforeExtentsLeave(() => this.persist(false));
+    // Only when something was marked since the bits were last stored (a mirror makes the log checkpoint every 2 s).
+    // Synchronous: a store still in flight could otherwise land after a later one (a create, the clean close).
+    this.detach = log.beforeExtentsLeave(() => (this.unstored ? this.persist(false) : undefined));
     this.logAttached = true;
     this.persist(false);
   }
@@ -318,7 +332,12 @@ export class Checkpoints {
   private persist(clean: boolean): void {
     const store = this.o.store;
     if (!store) return;
-    store.save({
+    this.unstored = false;
+    store.save(this.state(clean));
+  }
+
+  private state(clean: boolean): StoredCheckpoints {
+    return {
       clean,
       activityLog: this.logAttached,
       checkpoints: [...this.byName.values()].map((cp) => ({
@@ -328,7 +347,7 @@ export class Checkpoints {
         granularity: cp.bitmap.granularity,
         bits: encodeBits(cp.bitmap),
       })),
-    });
+    };
   }
 }
 
@@ -336,6 +355,16 @@ export class Checkpoints {
 
 const MANIFEST = 'checkpoints.json';
 const bitsFile = (name: string) => `checkpoint.${name}.bits`;
+
+function manifestOf(state: StoredCheckpoints): string {
+  const m: Manifest = {
+    version: 1,
+    clean: state.clean,
+    activityLog: state.activityLog === true,
+    checkpoints: state.checkpoints.map((c) => ({ name: c.name, createdAt: c.createdAt, size: c.size, granularity: c.granularity, file: bitsFile(c.name) })),
+  };
+  return JSON.stringify(m, null, 2) + '\n';
+}
 
 interface Manifest {
   version: 1;
@@ -375,22 +404,26 @@ export class FileCheckpointStore implements CheckpointStore {
   }
 
   save(state: StoredCheckpoints): void {
-    if (!this.folder) {
-      if (state.checkpoints.length === 0 && !fs.existsSync(this.dir)) return; // nothing stored, nothing to store
-      this.folder = StateFolder.open(this.dir);
-    }
-    const folder = this.folder;
-    if (state.checkpoints.length === 0 && folder.read(MANIFEST) === undefined) return;
+    const folder = this.folderFor(state);
+    if (!folder) return;
     // Bits first, then the manifest that names them: a crash in between leaves the old manifest (and unused bits).
     for (const c of state.checkpoints) folder.writeAtomic(bitsFile(c.name), c.bits);
-    const m: Manifest = {
-      version: 1,
-      clean: state.clean,
-      activityLog: state.activityLog === true,
-      checkpoints: state.checkpoints.map((c) => ({ name: c.name, createdAt: c.createdAt, size: c.size, granularity: c.granularity, file: bitsFile(c.name) })),
-    };
-    folder.writeAtomic(MANIFEST, JSON.stringify(m, null, 2) + '\n');
-    const keep = new Set(m.checkpoints.map((c) => c.file));
+    folder.writeAtomic(MANIFEST, manifestOf(state));
+    this.removeStale(folder, state);
+  }
+
+  /** The folder to write into; undefined when there is nothing to store and nothing stored. */
+  private folderFor(state: StoredCheckpoints): StateFolder | undefined {
+    if (!this.folder) {
+      if (state.checkpoints.length === 0 && !fs.existsSync(this.dir)) return undefined;
+      this.folder = StateFolder.open(this.dir);
+    }
+    if (state.checkpoints.length === 0 && this.folder.read(MANIFEST) === undefined) return undefined;
+    return this.folder;
+  }
+
+  private removeStale(folder: StateFolder, state: StoredCheckpoints): void {
+    const keep = new Set(state.checkpoints.map((c) => bitsFile(c.name)));
     for (const f of folder.list()) if (f.startsWith('checkpoint.') && f.endsWith('.bits') && !keep.has(f)) folder.remove(f);
   }
 }
