@@ -59,8 +59,8 @@ export const ADMIN_COMMANDS = {
       cutover: { kind: 'enum', values: ['auto', 'manual'], doc: 'Switch as soon as ready (auto) or on `ctl cutover` (manual)' },
       converge: {
         kind: 'enum',
-        values: ['active', 'throttle'],
-        doc: 'When the guest outpaces the copy: write-through to both sides, or throttle guest writes',
+        values: ['active', 'throttle', 'postcopy'],
+        doc: 'When the guest outpaces the copy: write-through to both sides, throttle guest writes, or switch to post-copy (the target must be served with --fetch-from)',
       },
       handoff: {
         kind: 'enum',

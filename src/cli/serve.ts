@@ -31,6 +31,7 @@ import { DEFAULT_GRANULARITY } from '../dirty/bitmap.js';
 import { buildRegistry, startMetricsServer } from '../metrics/exporter.js';
 import { handOver, PostcopyDestination, postcopyRefusal } from '../migration/postcopy.js';
 import { JobError } from '../migration/errors.js';
+import type { DirtyBitmap } from '../dirty/bitmap.js';
 import { ReadCacheFilter } from '../storage/filters/read-cache.js';
 import { log } from '../util/log.js';
 import { ConfigError, type ExportConfig, formatListenAddress, type ServeConfig } from './config.js';
@@ -280,6 +281,7 @@ class ServeProcess implements RunningServer {
       stack,
       exportId: '',
       wrapRemote: this.cfg.readCache ? (remote) => new ReadCacheFilter(remote, this.cfg.readCache!) : undefined,
+      handOver: (o) => this.doHandOver(e.name, o),
       cutoverHook: this.cutoverHook(e),
       disconnectClients: async () => {
         // The export's own address takes no one new here: its guests reconnect to wherever it moves.
@@ -335,6 +337,14 @@ class ServeProcess implements RunningServer {
     if (this.controller.running().some((j) => j.source.name === name)) throw new JobError('EBUSY', `a mirror of "${name}" is running: abort it first`);
     if (oe.stack.switch.switched) throw new JobError('EINVAL', `export "${name}" was already switched to another disk`);
     if (oe.config.readOnly) throw new JobError('EROFS', `export "${name}" is read-only: nothing to hold; let the destination fetch from it as it is`);
+    return this.doHandOver(name, o);
+  }
+
+  /** The hand-over itself: after ctl postcopy's checks, or a mirror's --converge postcopy switch (with its dirty bitmap). */
+  private doHandOver(name: string, o: { target: string; handoff: 'forward' | 'disconnect'; dirty?: DirtyBitmap }) {
+    const oe = this.open.get(name);
+    const old = this.registry.get(name);
+    if (!oe || !old || old.name !== name) throw new JobError('ENOENT', `no export named "${name}"`);
     return handOver({
       name,
       image: oe.config.path,
@@ -342,9 +352,14 @@ class ServeProcess implements RunningServer {
       stack: oe.stack,
       destination: o.target,
       handoff: o.handoff,
+      dirty: o.dirty,
       replaceExport: (device, extension) => {
         this.registry.remove(name);
         this.registry.add(new Export({ name, description: old.description, device, extension, id: old.id, acl: old.acl }));
+      },
+      restoreExport: () => {
+        this.registry.remove(name);
+        this.registry.add(old);
       },
       disconnectClients: () => oe.source.disconnectClients(),
       wrapRemote: oe.source.wrapRemote,

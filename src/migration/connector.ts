@@ -71,6 +71,8 @@ export interface ConnectorOptions {
   force: boolean;
   /** Refuse, instead of warning, a destination that cannot hold the full virtual size. */
   requireSpace: boolean;
+  /** --converge postcopy: the target must be a post-copy destination (serve --fetch-from), and as such is accepted. */
+  postcopyDestination?: boolean;
   /** Per-request timeout on every connection. */
   requestTimeoutMs: number;
   /** The source export: its identity, size and allocated data. */
@@ -176,7 +178,11 @@ export class TargetConnector {
       this.o.log.info('target-connected', { reconnect: true, contexts: [...client.contexts.keys()] });
       return;
     }
-    if (facts.exportId !== undefined && !facts.incoming && !this.o.force) {
+    // Listed by a post-copy destination (migration/postcopy.ts POSTCOPY_DESTINATION_CONTEXT).
+    const postcopyDest = client.listedContexts?.includes('nbd-migrate:postcopy-destination') ?? false;
+    if (this.o.postcopyDestination && !postcopyDest)
+      throw unfit('EINVAL', `--converge postcopy: target ${uri} is not a post-copy destination; serve the destination image with --fetch-from nbd://THIS-HOST/${source.name}`);
+    if (facts.exportId !== undefined && !facts.incoming && !this.o.force && !(this.o.postcopyDestination && postcopyDest)) {
       const local = this.o.localExportIds?.().has(facts.exportId) ? ' (an export of this same server)' : '';
       throw unfit(
         'ELIVE',

@@ -97,6 +97,7 @@ export class MirrorJob extends EventEmitter {
       jobId: this.jobId,
       force: opts.force,
       requireSpace: opts.requireSpace,
+      postcopyDestination: opts.converge === 'postcopy',
       requestTimeoutMs: opts.targetTimeoutMs,
       source: { name: source.name, exportId: source.exportId, size: source.size, dataBytes: () => this.sourceDataBytes },
       localExportIds: opts.localExportIds,
@@ -371,6 +372,7 @@ export class MirrorJob extends EventEmitter {
           }
         } else if (stall.observe(dirty) && this.status().convergence === 'none') {
           // Not shrinking: the guest dirties data as fast as we copy it.
+          if (this.opts.converge === 'postcopy') return await this.switchToPostcopy(dirty);
           this.engage(this.opts.converge);
         }
         if (dirty === 0) await this.idle(100);
@@ -461,6 +463,33 @@ export class MirrorJob extends EventEmitter {
   }
 
   /** Switches convergence on: write-through (active) or guest throttling. */
+  /**
+   * --converge postcopy: the copy cannot catch up, so instead of slowing the
+   * guest the export is handed over (migration/postcopy.ts handOver) between
+   * sweeps, with nothing in flight: the destination marks the blocks still
+   * dirty absent again and fetches them, and the guest moves now.
+   */
+  private async switchToPostcopy(dirtyBytes: number): Promise<void> {
+    const handOver = this.source.handOver;
+    if (!handOver) throw new JobError('EINVAL', 'this export cannot be handed over (post-copy)', { permanent: true });
+    this.log.info('mirror-postcopy-switch', { pass: this.pass, dirtyBytes, rate: Math.round(this.meter.rate), effect: 'the guest moves to the destination now; it fetches what is left' });
+    if (this.state === 'copying') this.setState('ready');
+    this.setState('cutting-over');
+    this.disengage();
+    this.target?.destroy();
+    this.target = undefined;
+    try {
+      const r = await handOver({ target: this.opts.target, handoff: this.opts.handoff, dirty: this.source.stack.bitmap });
+      this.pauseMs = r.pauseMs;
+    } catch (e) {
+      this.setState('ready');
+      throw e;
+    }
+    this.finishedAt = new Date();
+    this.setState('completed');
+    this.log.info('mirror-postcopy-done', { pauseMs: this.pauseMs, dirtyBytes });
+  }
+
   private engage(mode: ConvergeMode): void {
     if (mode === 'active') {
       if (this.source.stack.writeThrough.writeThroughActive || !this.target) return;

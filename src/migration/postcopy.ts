@@ -39,6 +39,15 @@ export const FETCH_CONTEXT_PREFIX = 'nbd-migrate:fetch:';
 export const POSTCOPY_DESTINATION_CONTEXT = 'nbd-migrate:postcopy-destination';
 /** Listed by a source export handed over (`ctl postcopy`): read-only, and only the destination's fetcher attaches. */
 export const POSTCOPY_SUPPLIER_CONTEXT = 'nbd-migrate:postcopy-supplier';
+/**
+ * On a supplier handed over from a mirror (`ctl mirror --converge postcopy`):
+ * block status 1 for every block the pre-copy had not brought over yet (or
+ * that changed after it did). The destination marks those absent again before
+ * it serves anything, then asks block status of POSTCOPY_APPLIED_CONTEXT,
+ * which tells the source it may move its guests.
+ */
+export const POSTCOPY_DIRTY_CONTEXT = 'nbd-migrate:postcopy-dirty';
+export const POSTCOPY_APPLIED_CONTEXT = 'nbd-migrate:postcopy-applied';
 
 /** A context that only names something: block status says 0 for all of it. */
 const flat = (name: string, id: number): MetaContext => ({ id, name, extents: (_o, l) => Promise.resolve([{ length: l, flags: 0 }]) });
@@ -55,6 +64,8 @@ export interface PostcopyState {
   size: number;
   granularity: number;
   since: string;
+  /** The supplier's dirty list (hybrid) was applied: never again (later guest writes would be undone). */
+  dirtyAppliedAt?: string;
   completedAt?: string;
 }
 
@@ -201,6 +212,10 @@ export interface SourceLinkOptions {
   onIdentity(exportId: string | null): void;
   /** This destination's identity: the fetcher selects `nbd-migrate:fetch:<it>`. */
   destExportId: string;
+  /** The source is a live nbd-migrate export that has not handed over yet (a pre-copy may be writing here). */
+  onLiveSource?(): void;
+  /** A supplier (its listing): the dirty list, if it offers one, is applied once, before any connection serves anything. */
+  onSupplier?(listed: readonly string[]): Promise<void>;
   log: Logger;
 }
 
@@ -271,7 +286,9 @@ export class SourceLink implements FetchSource {
         this.retries++;
         if (attempt === 1 || attempt % 10 === 0)
           this.o.log.warn('fetch-retry', { source: this.o.uri, what, attempt, cause: e, leftMs: left, effect: 'the request waits; it fails with EIO only after --fetch-timeout' });
-        await new Promise((r) => setTimeout(r, Math.min(50 * 2 ** Math.min(attempt - 1, 6), 2000, left)));
+        // Waiting for a hand-over: ask often, the source holds its guests until this destination attaches.
+        const backoff = (e as { code?: string }).code === 'EAGAIN' ? 100 : Math.min(50 * 2 ** Math.min(attempt - 1, 6), 2000);
+        await new Promise((r) => setTimeout(r, Math.min(backoff, left)));
       }
     }
   }
@@ -302,6 +319,7 @@ export class SourceLink implements FetchSource {
     // A live nbd-migrate export that has not been handed over may still change under its guests: wait for `ctl postcopy`.
     if (id !== null && !c.readOnly && !c.listedContexts.includes(POSTCOPY_SUPPLIER_CONTEXT)) {
       c.destroy();
+      this.o.onLiveSource?.();
       if (!this.waitingLogged) this.o.log.warn('source-not-handed-over', { source: this.o.uri, effect: 'fetches wait; run `nbd-migrate ctl postcopy` on the source (it holds its guests, fences its image and supplies this destination)' });
       this.waitingLogged = true;
       throw new DeviceError('EAGAIN', `the source ${this.o.uri} is a live export that has not been handed over yet (ctl postcopy on the source)`);
@@ -329,6 +347,14 @@ export class SourceLink implements FetchSource {
     if (this.closed) {
       c.destroy();
       throw new DeviceError('ESHUTDOWN', 'detached');
+    }
+    if (this.o.onSupplier && c.listedContexts.includes(POSTCOPY_SUPPLIER_CONTEXT)) {
+      try {
+        await this.o.onSupplier(c.listedContexts);
+      } catch (e) {
+        c.destroy();
+        throw e;
+      }
     }
     this.conn = c;
     this.connected = true;
@@ -438,6 +464,13 @@ export class PostcopyDestination extends EventEmitter {
         this.store.writeState(this.state);
       },
       destExportId: this.exportId,
+      onLiveSource: () => {
+        if (this.filter && !this.state.dirtyAppliedAt && !this.filter.precopy) {
+          this.filter.precopy = true;
+          this.log.info('postcopy-precopy-phase', { effect: 'writes are taken without fetching (a pre-copy may be writing here); blocks they cover in part stay absent' });
+        }
+      },
+      onSupplier: (listed) => this.onSupplier(listed),
       log: this.log,
     };
     // Two connections: guest fetches never queue behind the fill's large reads.
@@ -539,6 +572,63 @@ export class PostcopyDestination extends EventEmitter {
 
   // ---- internals
 
+  private applying: Promise<void> | undefined;
+
+  /**
+   * The first supplier connection: its dirty list (if it offers one) marks
+   * blocks absent again, once; then the source is told, and moves its guests.
+   * Each of the two steps has a connection of its own selecting only its
+   * context: BLOCK_STATUS answers for every selected context, so a fetch
+   * connection selecting the "applied" one would say so before it is true.
+   */
+  private onSupplier(listed: readonly string[]): Promise<void> {
+    const filter = this.filter!;
+    const fetchCtx = FETCH_CONTEXT_PREFIX + this.exportId;
+    const open = (ctx: string) => NbdClient.connect(this.o.source, { metaContexts: [fetchCtx, ctx], connectTimeoutMs: 10_000, requestTimeoutMs: 30_000 });
+    const run = async () => {
+      if (!this.state.dirtyAppliedAt && listed.includes(POSTCOPY_DIRTY_CONTEXT)) {
+        const c = await open(POSTCOPY_DIRTY_CONTEXT);
+        let marked = 0;
+        try {
+          for (let pos = 0; pos < c.size; ) {
+            const ext = await c.contextExtents(POSTCOPY_DIRTY_CONTEXT, pos, c.size - pos, 4096);
+            if (ext.length === 0) break;
+            for (const e of ext) {
+              if (e.flags & 1) {
+                filter.absent.mark(pos, e.length);
+                marked += e.length;
+              }
+              pos += e.length;
+            }
+          }
+        } finally {
+          await c.close().catch(() => c.destroy());
+        }
+        await this.persist();
+        this.log.info('postcopy-dirty-applied', { markedAbsentBytes: marked, absentBytes: filter.absent.dirtyBytes() });
+      }
+      if (!this.state.dirtyAppliedAt) {
+        this.state = { ...this.state, dirtyAppliedAt: new Date().toISOString() };
+        this.store.writeState(this.state);
+      }
+      filter.precopy = false;
+      if (listed.includes(POSTCOPY_APPLIED_CONTEXT)) {
+        const c = await open(POSTCOPY_APPLIED_CONTEXT);
+        try {
+          await c.contextExtents(POSTCOPY_APPLIED_CONTEXT, 0, Math.min(c.size, 4096), 1);
+        } finally {
+          await c.close().catch(() => c.destroy());
+        }
+      }
+      this.onPresent();
+    };
+    this.applying ??= run().catch((e) => {
+      this.applying = undefined;
+      throw e;
+    });
+    return this.applying;
+  }
+
   /** Image durable first, then the map as it was before: never a block claimed present before its data is on disk. */
   persist(): Promise<void> {
     if (this.persistWaiting) return this.persistWaiting;
@@ -557,7 +647,8 @@ export class PostcopyDestination extends EventEmitter {
 
   private onPresent(): void {
     this.changed = true;
-    if (this.filter!.absent.dirtyBlocks() === 0 && !this.completed) void this.complete();
+    // Never during a pre-copy: the source is live, and its dirty list may make blocks absent again.
+    if (this.filter!.absent.dirtyBlocks() === 0 && !this.completed && !this.filter!.precopy) void this.complete();
   }
 
   private onFetched(kind: FetchKind, bytes: number, ms: number): void {
@@ -670,13 +761,46 @@ class ReadOnlyFilter extends Filter {
 /** The handed-over export for new connections: only the destination's fetcher attaches. */
 export class SupplierExtension implements ExportExtension {
   readonly commands: ReadonlyMap<number, ExtraCommand> = new Map();
+  private appliedResolve: (() => void) | undefined;
+  /** Resolves once the destination has applied the dirty list (asked block status of POSTCOPY_APPLIED_CONTEXT). */
+  readonly applied: Promise<void>;
   constructor(
     readonly exportName: string,
     readonly destination: string,
     readonly destExportId: string,
-  ) {}
+    /** The blocks the destination must not trust (hybrid: the mirror's dirty bitmap, frozen under the hold). */
+    private readonly dirty?: DirtyBitmap,
+  ) {
+    this.applied = new Promise((r) => (this.appliedResolve = r));
+  }
   contexts(): MetaContext[] {
-    return [flat(POSTCOPY_SUPPLIER_CONTEXT, 41)];
+    const all = [flat(POSTCOPY_SUPPLIER_CONTEXT, 41)];
+    const dirty = this.dirty;
+    if (dirty) {
+      all.push({
+        id: 43,
+        name: POSTCOPY_DIRTY_CONTEXT,
+        extents: async (o, l, max) => {
+          const out: Extent[] = [];
+          const g = dirty.granularity;
+          let pos = o;
+          const end = Math.min(o + l, dirty.size);
+          while (pos < end && out.length < max) {
+            const b = Math.floor(pos / g);
+            const d = dirty.isDirty(b);
+            let e = b + 1;
+            while (e * g < end && dirty.isDirty(e) === d) e++;
+            const n = Math.min(e * g, end) - pos;
+            out.push({ length: n, flags: d ? 1 : 0 });
+            pos += n;
+          }
+          return out;
+        },
+      });
+    }
+    // Always: the destination may have taken writes without fetching while the source was live (precopy), and must stop first.
+    all.push({ id: 44, name: POSTCOPY_APPLIED_CONTEXT, extents: async (_o, l) => (this.appliedResolve?.(), [{ length: l, flags: 0 }]) });
+    return all;
   }
   matchSet(query: string): MetaContext | undefined {
     return query === FETCH_CONTEXT_PREFIX + this.destExportId ? flat(query, 42) : undefined;
@@ -699,6 +823,11 @@ export interface HandOverContext {
   handoff: 'forward' | 'disconnect';
   /** New connections to the export's name get `device` under `extension` from now on; connected guests keep theirs. */
   replaceExport(device: Device, extension: ExportExtension): void;
+  /** Undoes replaceExport (a hand-over that failed). */
+  restoreExport(): void;
+  /** Hybrid: the mirror's dirty bitmap; the destination applies it before the guests move (bounded by appliedTimeoutMs). */
+  dirty?: DirtyBitmap;
+  appliedTimeoutMs?: number;
   disconnectClients(): void | Promise<void>;
   wrapRemote?: (remote: Device) => Device;
 }
@@ -732,7 +861,7 @@ export async function handOver(ctx: HandOverContext): Promise<HandOverResult> {
   const facts = targetFacts(c.listedContexts);
   try {
     if (!c.listedContexts.includes(POSTCOPY_DESTINATION_CONTEXT) || !facts.exportId)
-      throw refuse('EINVAL', `destination ${ctx.destination} is not a post-copy destination: serve the destination image there with --fetch-from nbd://THIS-HOST/${ctx.name}`);
+      throw refuse('EINVAL', `destination ${ctx.destination} is not a post-copy destination (it lists ${c.listedContexts.join(', ') || 'nothing of nbd-migrate'}): serve the destination image there with --fetch-from nbd://THIS-HOST/${ctx.name}`);
     if (facts.exportId === ctx.exportId) throw refuse('ESELF', `destination ${ctx.destination} is export "${ctx.name}" itself`);
     if (c.size !== ctx.stack.local.size) throw refuse('ETOOSMALL', `destination ${ctx.destination} is ${c.size} bytes, the export ${ctx.stack.local.size}`);
     if (c.readOnly) throw refuse('EROFS', `destination ${ctx.destination} is read-only`);
@@ -743,18 +872,32 @@ export async function handOver(ctx: HandOverContext): Promise<HandOverResult> {
   const stack = ctx.stack;
   const t0 = performance.now();
   let fenced = false;
+  let replaced = false;
   try {
     await stack.gate.hold();
     stack.writeThrough.setWriteThrough(undefined);
     await stack.local.flush();
     writeFenced(ctx.image, { export: ctx.name, target: ctx.destination, time: new Date().toISOString() });
     fenced = true;
-    ctx.replaceExport(new ReadOnlyFilter(stack.local), new SupplierExtension(ctx.name, ctx.destination, facts.exportId!));
+    const supplier = new SupplierExtension(ctx.name, ctx.destination, facts.exportId!, ctx.dirty);
+    ctx.replaceExport(new ReadOnlyFilter(stack.local), supplier);
+    replaced = true;
+    {
+      // Guests move only once the destination has attached (and no longer trusts the blocks a pre-copy left dirty).
+      const limit = ctx.appliedTimeoutMs ?? 30_000;
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([
+        supplier.applied,
+        new Promise<never>((_r, reject) => (timer = setTimeout(() => reject(new DeviceError('ETIMEDOUT', `destination ${ctx.destination} did not take the dirty list within ${limit} ms`)), limit))),
+      ]).finally(() => clearTimeout(timer));
+      log.info('postcopy-destination-attached', { dirtyBytes: ctx.dirty?.dirtyBytes() ?? null });
+    }
     const forward = new ReconnectingDevice(c, () => NbdClient.connect(ctx.destination, { requestTimeoutMs: 30_000 }), ctx.destination);
     stack.switch.swap(ctx.wrapRemote?.(forward) ?? forward);
     stack.throttle.setRate(undefined);
   } catch (e) {
     c.destroy();
+    if (replaced) ctx.restoreExport();
     if (fenced) clearFenced(ctx.image);
     log.error('postcopy-handover-failed', { cause: e, effect: 'guests stay on the local image' });
     throw e;

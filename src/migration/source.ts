@@ -2,6 +2,7 @@
 import type { ExportState } from '../dirty/export-state.js';
 import type { Checkpoints } from '../dirty/checkpoints.js';
 import type { Device } from '../storage/device.js';
+import type { DirtyBitmap } from '../dirty/bitmap.js';
 import type { Stack } from '../storage/stack.js';
 import type { CutoverHook } from './on-cutover.js';
 
@@ -13,6 +14,8 @@ export interface MirrorSource {
   stack: Stack;
   /** Wraps the remote device the export switches to at cutover (the read cache of --read-cache). */
   wrapRemote?: (remote: Device) => Device;
+  /** Post-copy hand-over (`ctl postcopy`; a mirror's `--converge postcopy` switch gives its dirty bitmap), when the server offers it. */
+  handOver?: (o: { target: string; handoff: 'forward' | 'disconnect'; dirty?: DirtyBitmap }) => Promise<{ pauseMs: number }>;
   /** The export's identity (its `nbd-migrate:export-id:` context): a mirror onto it is a mirror onto itself. */
   exportId: string;
   /** The export's checkpoints (`ctl checkpoint`; a mirror `--since` one starts from its bits). */

@@ -3,7 +3,7 @@ import type { TargetKind } from './connector.js';
 import type { HookStatus } from './on-cutover.js';
 
 export type JobState = 'created' | 'copying' | 'ready' | 'cutting-over' | 'completed' | 'aborted' | 'failed';
-export type ConvergeMode = 'active' | 'throttle';
+export type ConvergeMode = 'active' | 'throttle' | 'postcopy';
 
 /**
  * The job's states and the only ways between them (libnbd's state machine as

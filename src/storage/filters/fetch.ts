@@ -73,6 +73,12 @@ export class FetchFilter extends Filter {
   private guestsIdle: Array<() => void> = [];
   private readonly maxFetchBlocks: number;
   private readonly readAheadBytes: number;
+  /**
+   * Pre-copy phase (the source is live and a mirror may be writing here): writes
+   * never fetch, blocks they cover in part stay absent (the source's data wins
+   * there later), and block status of absent blocks is the local image's.
+   */
+  precopy = false;
   /** Fetch counters: runs and bytes read from the source, by kind (fillHoleBytes: holes the fill zeroed without reading). */
   readonly counters = { guestRuns: 0, guestBytes: 0, readAheadRuns: 0, readAheadBytes: 0, fillRuns: 0, fillBytes: 0, fillHoleBytes: 0, sourceReads: 0 };
 
@@ -179,7 +185,8 @@ export class FetchFilter extends Filter {
     const g = this.granularity;
     // The homogeneous run (all present or all absent) that starts at offset, answered by its side.
     const b = Math.floor(offset / g);
-    const present = this.isPresent(b);
+    const present = this.isPresent(b) || this.precopy;
+    if (this.precopy) return this.next.extents(offset, end - offset, maxExtents);
     let e = b + 1;
     while (e * g < end && this.isPresent(e) === present) e++;
     const runEnd = Math.min(e * g, end);
@@ -399,6 +406,21 @@ export class FetchFilter extends Filter {
     const g = this.granularity;
     const [first, last] = this.blocksOf(offset, length);
     const end = offset + length;
+    if (this.precopy && !aligned) {
+      // Only blocks covered whole become present; the rest keeps waiting for the source's final data.
+      const release = await this.locks.acquire(first * g, (last + 1) * g - first * g);
+      try {
+        await op();
+        const whole0 = Math.ceil(offset / g);
+        const whole1 = end === this.size ? last + 1 : Math.floor(end / g);
+        if (whole1 > whole0) this.absent.clearBlocks(whole0, whole1 - whole0);
+      } finally {
+        release();
+      }
+      this.o.onPresent?.();
+      if (fua && this.o.persist) await this.o.persist();
+      return;
+    }
     if (!aligned) {
       const edges: Promise<void>[] = [];
       const head = offset % g !== 0 ? this.ensure(first, first, 'guest') : undefined;
