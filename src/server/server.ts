@@ -135,9 +135,9 @@ export class NbdServer {
       timer = setTimeout(() => {
         if (cancelled || this.closing) return cancel();
         attempt().then(
-          () => {
+          (info) => {
             // Closed (handoff, reload, shutdown) while the bind was under way: it does not stay.
-            if (cancelled || this.closing) this.closeExportListeners(exportName, 'closed while binding');
+            if (cancelled || this.closing) this.closeListener(info, 'closed while binding');
             else cancel();
           },
           (e: NodeJS.ErrnoException) => {
@@ -164,14 +164,16 @@ export class NbdServer {
   closeExportListeners(exportName: string, reason: string): void {
     for (const cancel of [...(this.pendingBinds.get(exportName) ?? [])]) cancel();
     this.pendingBinds.delete(exportName);
-    for (let i = this.listeners.length - 1; i >= 0; i--) {
-      const l = this.listeners[i]!;
-      if (l.info.exportName !== exportName) continue;
-      this.listeners.splice(i, 1);
-      // close() stops accepting at once; its callback waits for the connections, which are not waited for here.
-      l.server.close();
-      log.info('listener-closed', { listener: l.info.kind, export: exportName, address: l.info.address, port: l.info.port, reason });
-    }
+    for (const l of this.listeners.filter((x) => x.info.exportName === exportName)) this.closeListener(l.info, reason);
+  }
+
+  private closeListener(info: BoundListener, reason: string): void {
+    const i = this.listeners.findIndex((l) => l.info === info);
+    if (i < 0) return;
+    const [l] = this.listeners.splice(i, 1);
+    // close() stops accepting at once; its callback waits for the connections, which are not waited for here.
+    l!.server.close();
+    log.info('listener-closed', { listener: info.kind, export: info.exportName, address: info.address, port: info.port, reason });
   }
 
   /** Newstyle on an inherited, already listening socket (systemd socket activation). */

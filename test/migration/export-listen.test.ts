@@ -4,6 +4,7 @@
 // `--incoming` destination binds it as soon as the address appears and takes
 // guests on it only once the migration is complete.
 import t from 'tap';
+import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { checkConfig, ConfigError, parseConfig, parseExportSpec, serveConfigFrom } from '../../src/cli/config.js';
@@ -134,4 +135,23 @@ t.test('an address that is not on the host yet is bound as soon as it appears', 
   const info = await nbdinfo(['nbd://[fd00::11]:10809/'], lab.execArgs(ns));
   t.equal(info.code, 0, 'nbdinfo inside the namespace', { diag: describeRun(info) });
   t.equal(JSON.parse(info.stdout).exports[0]["export-size"], 1 * MiB, 'a guest reaches the export on its address');
+});
+
+t.test('SIGHUP with a new listen= moves the export to its new address', async (t) => {
+  const dir = await tmpDir(t);
+  const img = await makeImage(path.join(dir, 'a.img'), 1 * MiB);
+  const [p1, p2] = [await freePort(), await freePort()];
+  const conf = path.join(dir, 'c.json');
+  const write = (port: number) => fs.writeFileSync(conf, JSON.stringify({ exports: [{ name: 'vm1', path: img, listen: `127.0.0.1:${port}` }] }));
+  write(p1);
+  const s = await serve(t, ['--config', conf]);
+  t.equal(await exportPort(s, 'vm1'), p1, 'bound on the configured address');
+  write(p2);
+  s.proc.kill('SIGHUP');
+  const closed = await s.waitForLog((e) => e.event === 'listener-closed' && e.port === p1);
+  t.equal(closed.reason, 'export removed', 'the old address is closed');
+  await s.waitForLog((e) => e.event === 'listening' && e.listener === 'export' && e.port === p2);
+  t.equal(await refusedConnect(p1), 'ECONNREFUSED', 'nothing on the old address');
+  const info = await nbdinfo([`nbd://127.0.0.1:${p2}/`]);
+  t.equal(info.code, 0, 'the export is on the new one', { diag: describeRun(info) });
 });
