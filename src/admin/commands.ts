@@ -7,6 +7,7 @@
  * A new command is one entry here and one line in ctl (or 'socket-only').
  */
 import type { MigrationController } from '../migration/controller.js';
+import type { EvacuationJobOptions } from '../migration/evacuation.js';
 import type { PostcopyDestination } from '../migration/postcopy.js';
 import { Acl } from '../server/acl.js';
 import type { NbdServer } from '../server/server.js';
@@ -39,6 +40,49 @@ const exportArg = { kind: 'string', required: true, doc: 'The export' } as const
 
 type MirrorOpts = Parameters<MigrationController['mirror']>[1];
 
+/** The mirror options that apply to each job: `ctl mirror` takes them, and `ctl evacuate` passes them to every job. */
+const JOB_ARGS = {
+  maxDowntime: { kind: 'duration', doc: 'Ready when the dirty data left can be copied within this' },
+  converge: {
+    kind: 'enum',
+    values: ['active', 'throttle', 'postcopy'],
+    doc: 'When the guest outpaces the copy: write-through to both sides, throttle guest writes, or switch to post-copy (the target must be served with --fetch-from)',
+  },
+  handoff: {
+    kind: 'enum',
+    values: ['forward', 'disconnect'],
+    doc: 'After cutover: keep guests connected and forward to the target, or disconnect them',
+  },
+  maxRetries: { kind: 'integer', doc: 'Consecutive target failures before the job fails' },
+  targetTimeout: { kind: 'duration', positive: true, doc: 'A target that answers nothing for this long is dropped and reconnected' },
+  cutoverTimeout: { kind: 'duration', positive: true, doc: 'A cutover not done within this fails; guests go on with the local image' },
+  writeThroughTimeout: {
+    kind: 'duration',
+    positive: true,
+    doc: 'A guest write the target has not taken within this is left to the background copy',
+  },
+  force: {
+    kind: 'boolean',
+    doc: 'Mirror onto a live nbd-migrate export, or take over a destination bound to another job (the copy starts again)',
+  },
+  requireSpace: { kind: 'boolean', doc: 'Refuse a destination that cannot hold the full virtual size (default: warn)' },
+} as const;
+
+/** The JOB_ARGS given, as mirror options: only what was given (an option set to undefined would override the job's default). */
+function jobOptions(a: Args<typeof JOB_ARGS>): EvacuationJobOptions {
+  const o: EvacuationJobOptions = {};
+  if (a.maxDowntime !== undefined) o.maxDowntimeMs = a.maxDowntime;
+  if (a.converge !== undefined) o.converge = a.converge;
+  if (a.handoff !== undefined) o.handoff = a.handoff;
+  if (a.maxRetries !== undefined) o.maxRetries = a.maxRetries;
+  if (a.targetTimeout !== undefined) o.targetTimeoutMs = a.targetTimeout;
+  if (a.cutoverTimeout !== undefined) o.cutoverTimeoutMs = a.cutoverTimeout;
+  if (a.writeThroughTimeout !== undefined) o.writeThroughTimeoutMs = a.writeThroughTimeout;
+  if (a.force !== undefined) o.force = a.force;
+  if (a.requireSpace !== undefined) o.requireSpace = a.requireSpace;
+  return o;
+}
+
 /** The commands, in the order `known:` lists them in an unknown command's reply. */
 export const ADMIN_COMMANDS = {
   status: command({
@@ -51,35 +95,12 @@ export const ADMIN_COMMANDS = {
   }),
   mirror: command({
     summary: 'Start mirroring an export to an NBD target (nbd://HOST[:PORT]/NAME or nbd+unix:///NAME?socket=PATH)',
-    // Checked in this order (export last), as before the table: the first bad field is the one reported.
+    // Checked in this order (export last): the first bad field is the one reported.
     args: {
       target: { kind: 'string', required: true, doc: 'The NBD target (nbd://HOST[:PORT]/NAME or nbd+unix:///NAME?socket=PATH)' },
       maxBandwidth: { kind: 'size', doc: 'Copy rate limit, e.g. 200M (bytes/s, binary units)' },
-      maxDowntime: { kind: 'duration', doc: 'Ready when the dirty data left can be copied within this' },
       cutover: { kind: 'enum', values: ['auto', 'manual'], doc: 'Switch as soon as ready (auto) or on `ctl cutover` (manual)' },
-      converge: {
-        kind: 'enum',
-        values: ['active', 'throttle', 'postcopy'],
-        doc: 'When the guest outpaces the copy: write-through to both sides, throttle guest writes, or switch to post-copy (the target must be served with --fetch-from)',
-      },
-      handoff: {
-        kind: 'enum',
-        values: ['forward', 'disconnect'],
-        doc: 'After cutover: keep guests connected and forward to the target, or disconnect them',
-      },
-      maxRetries: { kind: 'integer', doc: 'Consecutive target failures before the job fails' },
-      targetTimeout: { kind: 'duration', positive: true, doc: 'A target that answers nothing for this long is dropped and reconnected' },
-      cutoverTimeout: { kind: 'duration', positive: true, doc: 'A cutover not done within this fails; guests go on with the local image' },
-      writeThroughTimeout: {
-        kind: 'duration',
-        positive: true,
-        doc: 'A guest write the target has not taken within this is left to the background copy',
-      },
-      force: {
-        kind: 'boolean',
-        doc: 'Mirror onto a live nbd-migrate export, or take over a destination bound to another job (the copy starts again)',
-      },
-      requireSpace: { kind: 'boolean', doc: 'Refuse a destination that cannot hold the full virtual size (default: warn)' },
+      ...JOB_ARGS,
       since: {
         kind: 'string',
         doc: 'The destination already holds this export as of checkpoint NAME (pre-seeded by copy): send only what changed since (you vouch for it)',
@@ -87,19 +108,10 @@ export const ADMIN_COMMANDS = {
       export: exportArg,
     },
     run: ({ controller }, a) => {
-      const opts: MirrorOpts = { target: a.target };
+      const opts: MirrorOpts = { target: a.target, ...jobOptions(a) };
       // Only what was given: an option set to undefined would override the job's default.
       if (a.maxBandwidth !== undefined) opts.maxBandwidth = a.maxBandwidth || undefined; // 0: unlimited
-      if (a.maxDowntime !== undefined) opts.maxDowntimeMs = a.maxDowntime;
       if (a.cutover !== undefined) opts.cutover = a.cutover;
-      if (a.converge !== undefined) opts.converge = a.converge;
-      if (a.handoff !== undefined) opts.handoff = a.handoff;
-      if (a.maxRetries !== undefined) opts.maxRetries = a.maxRetries;
-      if (a.targetTimeout !== undefined) opts.targetTimeoutMs = a.targetTimeout;
-      if (a.cutoverTimeout !== undefined) opts.cutoverTimeoutMs = a.cutoverTimeout;
-      if (a.writeThroughTimeout !== undefined) opts.writeThroughTimeoutMs = a.writeThroughTimeout;
-      if (a.force !== undefined) opts.force = a.force;
-      if (a.requireSpace !== undefined) opts.requireSpace = a.requireSpace;
       if (a.since !== undefined) opts.since = a.since;
       return controller.mirror(a.export, opts);
     },
@@ -123,9 +135,16 @@ export const ADMIN_COMMANDS = {
     run: ({ controller }, a) => controller.abort(a.export),
   }),
   'set-speed': command({
-    summary: 'Change the copy rate limit (0 = unlimited)',
-    args: { export: exportArg, rate: { kind: 'size', required: true, doc: 'The new limit, e.g. 500M (bytes/s); 0 lifts it' } },
+    summary: 'Change the copy rate limit of an export\'s job, or (--evacuation ID) the budget an evacuation\'s jobs share (0 = unlimited)',
+    args: {
+      export: { kind: 'string', doc: 'The export (or give evacuation)' },
+      evacuation: { kind: 'string', doc: 'An evacuation\'s id (evac-N, in status): change the budget its jobs share instead' },
+      rate: { kind: 'size', required: true, doc: 'The new limit, e.g. 500M (bytes/s); 0 lifts it' },
+    },
     run: ({ controller, postcopy }, a) => {
+      if (a.evacuation !== undefined && a.export !== undefined) throw new InvalidArgument('give "export" or "evacuation", not both');
+      if (a.evacuation !== undefined) return controller.evacuations.setSpeed(a.evacuation, a.rate || undefined);
+      if (a.export === undefined) throw new InvalidArgument('"export" must be a non-empty string');
       const pc = postcopy?.get(a.export);
       if (!pc) return controller.setSpeed(a.export, a.rate || undefined);
       pc.setSpeed(a.rate || undefined);
@@ -174,15 +193,20 @@ export const ADMIN_COMMANDS = {
       parallel: { kind: 'integer', doc: 'Jobs copying at once (the others wait queued); default 2' },
       maxBandwidth: { kind: 'size', doc: 'One copy rate limit shared fairly by the running jobs, e.g. 400M (bytes/s; 0: unlimited)' },
       cutover: { kind: 'enum', values: ['auto', 'manual'], doc: 'Each job switches as soon as ready (auto), or on `ctl cutover --all` (manual)' },
+      // Every job gets these, as `ctl mirror` takes them.
+      ...JOB_ARGS,
     },
-    run: ({ controller }, a) =>
-      controller.evacuations.start({
+    run: ({ controller }, a) => {
+      const job = jobOptions(a);
+      return controller.evacuations.start({
         to: a.to,
         ...(a.exports !== undefined ? { exports: a.exports } : {}),
         parallel: a.parallel ?? 2,
         ...(a.maxBandwidth ? { maxBandwidth: a.maxBandwidth } : {}),
         cutover: a.cutover ?? 'manual',
-      }),
+        ...(Object.keys(job).length > 0 ? { job } : {}),
+      });
+    },
   }),
 } as const;
 

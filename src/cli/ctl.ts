@@ -171,10 +171,20 @@ export const CTL_SUBCOMMANDS: { readonly [K in AdminCommandName]: CtlSubcommand 
     },
   },
   'set-speed': {
-    positionals: '<export> <rate>',
+    // ctl set-speed EXPORT RATE, or ctl set-speed --evacuation ID RATE (the one positional is then the rate).
+    positionals: '[export] [rate]',
     run: async (socket, req, a) => {
-      await adminRequest(socket, req);
-      out(`speed of ${a.export} set to ${a.rate}`);
+      if (req.evacuation !== undefined && req.rate === undefined && req.export !== undefined) {
+        req.rate = req.export;
+        delete req.export;
+      }
+      const r = (await adminRequest(socket, req)) as EvacuationStatus;
+      if (req.evacuation === undefined) return out(`speed of ${a.export} set to ${a.rate}`);
+      const shared = r.exports.filter((e) => e.state === 'copying' || e.state === 'starting').length;
+      out(
+        `budget of evacuation ${r.id} set to ${r.maxBandwidth !== null ? `${formatBytes(r.maxBandwidth)}/s` : 'unlimited'}` +
+          ` (shared by ${shared} running job${shared === 1 ? '' : 's'}, ${r.counts.queued} queued)`,
+      );
     },
   },
   checkpoint: {

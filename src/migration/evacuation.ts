@@ -5,7 +5,11 @@
  * of them copy at once, each as an ordinary mirror job of the controller.
  *
  * One `--max-bandwidth` is shared by the jobs that run (SharedBandwidth: fair
- * by bytes, and a job that finishes hands its part to the others). A job holds
+ * by bytes, and a job that finishes hands its part to the others); it can be
+ * changed, set or lifted while the evacuation runs (`ctl set-speed
+ * --evacuation ID RATE`), so every job takes a share even when unlimited.
+ * The per-job mirror options (`--max-downtime`, `--handoff`, ...) go to every
+ * job as they are. A job holds
  * its slot while it copies: once it is ready under manual cutover (it then
  * copies only what guests write) or has ended, the next queued export starts.
  * One export failing, at its start or later, does not stop the others; each
@@ -39,7 +43,12 @@ export interface EvacuationOptions {
   /** One budget for all running jobs, bytes/s; undefined = unlimited. */
   maxBandwidth?: number;
   cutover: 'auto' | 'manual';
+  /** The mirror options every job gets (those of `ctl mirror` that are not the evacuation's own). */
+  job?: EvacuationJobOptions;
 }
+
+/** What each job of an evacuation is told besides its target, cutover and share of the budget. */
+export type EvacuationJobOptions = Omit<Partial<MirrorOptions>, 'target' | 'limiter' | 'maxBandwidth' | 'cutover' | 'since' | 'jobId' | 'connect' | 'localExportIds'>;
 
 /** An export's place in the evacuation: waiting, its mirror starting, its job's state, or failed before a job existed. */
 export type EvacuationExportState = 'queued' | 'starting' | JobState;
@@ -81,6 +90,8 @@ export interface EvacuationStatus {
   parallel: number;
   maxBandwidth: number | null;
   cutover: 'auto' | 'manual';
+  /** The mirror options given to every job (only those set; the others are the mirror defaults). */
+  job: EvacuationJobOptions;
   /** running; ready (manual: every export that did not fail is ready for `ctl cutover --all`); done (every export ended). */
   state: 'running' | 'ready' | 'done';
   counts: EvacuationCounts;
@@ -121,7 +132,8 @@ let seq = 0;
 export class Evacuation extends EventEmitter {
   readonly id: string;
   private readonly items: Item[];
-  private readonly budget: SharedBandwidth | undefined;
+  /** Always there (Infinity when unlimited), so that a limit can be set on the running jobs later. */
+  private readonly budget: SharedBandwidth;
   private readonly startedAt = new Date();
   private finishedAt: Date | null = null;
   private cancelled = false;
@@ -136,7 +148,7 @@ export class Evacuation extends EventEmitter {
     super();
     this.id = `evac-${++seq}`;
     this.log = logger({ evacuation: this.id });
-    this.budget = opts.maxBandwidth ? new SharedBandwidth(opts.maxBandwidth) : undefined;
+    this.budget = new SharedBandwidth(opts.maxBandwidth || Infinity);
     this.items = exports.map((e) => ({
       name: e.name,
       target: targetFor(opts.to, e.name),
@@ -168,8 +180,21 @@ export class Evacuation extends EventEmitter {
       parallel: this.opts.parallel,
       maxBandwidth: this.opts.maxBandwidth ?? null,
       cutover: this.opts.cutover,
+      job: this.opts.job ?? {},
     });
     this.pump();
+  }
+
+  /**
+   * `ctl set-speed --evacuation`: a new budget for the running jobs and the ones still
+   * queued (undefined lifts it). The shares keep their fairness; the rate applies at once.
+   */
+  setSpeed(bytesPerSecond: number | undefined): EvacuationStatus {
+    if (this.finishedAt) throw new JobError('EINVAL', `evacuation ${this.id} is done`);
+    const from = this.budget.unlimited ? null : this.budget.rate;
+    this.budget.setRate(bytesPerSecond || Infinity);
+    this.log.info('evacuation-speed', { from, maxBandwidth: bytesPerSecond || null, sharedBy: this.budget.size });
+    return this.status();
   }
 
   /** Server shutdown: nothing queued starts any more (the controller aborts the running jobs). */
@@ -236,8 +261,9 @@ export class Evacuation extends EventEmitter {
       id: this.id,
       to: this.opts.to,
       parallel: this.opts.parallel,
-      maxBandwidth: this.opts.maxBandwidth ?? null,
+      maxBandwidth: this.budget.unlimited ? null : this.budget.rate,
       cutover: this.opts.cutover,
+      job: this.opts.job ?? {},
       state: this.finishedAt ? 'done' : counts.queued === 0 && counts.running === 0 && this.opts.cutover === 'manual' ? 'ready' : 'running',
       counts,
       bytesTotal: sum((e) => e.size),
@@ -278,7 +304,7 @@ export class Evacuation extends EventEmitter {
       dataBytes: s?.dataBytes ?? 0,
       rate: s && !FINAL.includes(s.state) ? s.rate : 0,
       etaSeconds: s && !FINAL.includes(s.state) ? s.etaSeconds : null,
-      maxBandwidth: i.share && !i.ended ? i.share.rate : null,
+      maxBandwidth: i.share && !i.ended && !this.budget.unlimited ? i.share.rate : null,
       pauseMs: s?.pauseMs ?? null,
       error: i.error ?? s?.error ?? null,
       startedAt: i.startedAt?.toISOString() ?? null,
@@ -317,11 +343,10 @@ export class Evacuation extends EventEmitter {
   private async launch(i: Item): Promise<void> {
     i.phase = 'starting';
     i.startedAt = new Date();
-    i.share = this.budget?.share(i.name);
+    i.share = this.budget.share(i.name);
     this.log.info('evacuation-export', { export: i.name, state: 'starting', target: i.target });
     try {
-      const opts: Partial<MirrorOptions> & { target: string } = { target: i.target, cutover: this.opts.cutover };
-      if (i.share) opts.limiter = i.share;
+      const opts: Partial<MirrorOptions> & { target: string } = { ...this.opts.job, target: i.target, cutover: this.opts.cutover, limiter: i.share };
       const s = await this.host.mirror(i.name, opts);
       i.phase = 'job';
       i.last = s;
@@ -420,6 +445,16 @@ export class Evacuations {
 
   status(): EvacuationStatus[] {
     return this.list.map((e) => e.status());
+  }
+
+  /** `ctl set-speed --evacuation ID RATE`: the shared budget of a running evacuation (undefined: unlimited). */
+  setSpeed(id: string, bytesPerSecond: number | undefined): EvacuationStatus {
+    const e = this.list.find((x) => x.id === id);
+    if (!e) {
+      const known = this.list.filter((x) => !x.isDone).map((x) => x.id);
+      throw new JobError('ENOENT', `no evacuation "${id}"${known.length ? ` (running: ${known.join(', ')})` : ' (none is running)'}`);
+    }
+    return e.setSpeed(bytesPerSecond);
   }
 
   /** `cutover --all`: every ready job of every manual evacuation that is not done. */

@@ -12,6 +12,10 @@
  * shares that do, so when a job finishes (its share `leave`s) or stops
  * copying, the others split the whole budget. The total never exceeds the
  * budget's rate (plus one burst): every grant is paid from the one bucket.
+ *
+ * A rate of Infinity is no limit (an evacuation started without a budget):
+ * every request passes at once, still counted, so that `setRate` can put a
+ * limit on the same shares later (`ctl set-speed --evacuation`).
  */
 import { EventEmitter } from 'node:events';
 import type { RateLimiter } from './token-bucket.js';
@@ -38,7 +42,12 @@ export class SharedBandwidth extends EventEmitter {
     this.tokens = this.burst;
   }
 
-  /** The whole budget, bytes/s. */
+  /** No limit (the rate is Infinity). */
+  get unlimited(): boolean {
+    return this.budget === Infinity;
+  }
+
+  /** The whole budget, bytes/s (Infinity: unlimited). */
   get rate(): number {
     return this.budget;
   }
@@ -60,11 +69,15 @@ export class SharedBandwidth extends EventEmitter {
     return s;
   }
 
+  /** A new budget for the shares from now on (Infinity lifts it); what waits is granted at the new rate. */
   setRate(rate: number): void {
     if (!(rate > 0)) throw new RangeError(`shared bandwidth: the rate must be more than 0, got ${rate}`);
     this.refill();
+    const wasUnlimited = this.unlimited;
     this.budget = rate;
-    this.tokens = Math.min(this.tokens, this.burst);
+    // From unlimited, the bucket starts full at the new rate; to unlimited, no debt is kept.
+    this.tokens = wasUnlimited || this.unlimited ? this.burst : Math.min(this.tokens, this.burst);
+    this.last = performance.now();
     this.pump();
   }
 
@@ -79,6 +92,14 @@ export class SharedBandwidth extends EventEmitter {
   /** @internal */
   enqueue(s: BandwidthShare, w: Waiter): void {
     if (!this.members.has(s)) return w.resolve();
+    if (this.unlimited && s.queue.length === 0) {
+      s.served += w.n;
+      s.granted += w.n;
+      this.granted += w.n;
+      w.resolve();
+      this.emit('grant', s, w.n);
+      return;
+    }
     // Back from idle: it starts level with the shares that are waiting now, without credit for its idle time.
     if (s.queue.length === 0) s.served = Math.max(s.served, this.levelOfOthers(s));
     s.queue.push(w);
@@ -100,7 +121,8 @@ export class SharedBandwidth extends EventEmitter {
 
   private refill(): void {
     const now = performance.now();
-    this.tokens = Math.min(this.burst, this.tokens + ((now - this.last) / 1000) * this.budget);
+    // Unlimited: always full (Infinity times no time elapsed would be NaN).
+    this.tokens = this.unlimited ? Infinity : Math.min(this.burst, this.tokens + ((now - this.last) / 1000) * this.budget);
     this.last = now;
   }
 

@@ -268,3 +268,49 @@ t.test('ctl abort takes a queued export out of the queue; the others go on', asy
   const after = (await adminRequest(admin, { cmd: 'status' })) as Status;
   t.same(after.exports.map((e) => [e.name, e.backend]), [['a', 'target'], ['b', 'target'], ['c', 'local']], 'c stays here');
 });
+
+t.test('the mirror options go to every job; set-speed --evacuation changes the shared budget while it runs', async (t) => {
+  const { s, admin, to, src, dst } = await setup(t, { a: 16 * MiB, b: 16 * MiB });
+  const total = 32 * MiB;
+  const run = cli([
+    'ctl', '--socket', admin, 'evacuate', '--to', to, '--parallel', '2', '--max-bandwidth', '2M', '--cutover', 'auto',
+    '--max-downtime', '2s', '--handoff', 'disconnect', '--target-timeout', '10s', '--cutover-timeout', '7s', '--wait',
+  ]);
+  for (const n of ['a', 'b']) await s.waitForLog((e) => e.event === 'mirror-state' && e.export === n && e.to === 'copying', 30_000);
+  let st = (await adminRequest(admin, { cmd: 'status' })) as Status & { jobs: Array<{ export: string; maxDowntimeMs: number; maxBandwidth: number | null }> };
+  const ev = st.evacuations.at(-1)!;
+  t.same(ev.job, { maxDowntimeMs: 2000, handoff: 'disconnect', targetTimeoutMs: 10_000, cutoverTimeoutMs: 7000 }, 'the evacuation shows the job options');
+  t.equal(ev.maxBandwidth, 2 * MiB);
+  t.same(st.jobs.map((j) => [j.export, j.maxDowntimeMs, j.maxBandwidth]), [['a', 2000, MiB], ['b', 2000, MiB]], 'each job: --max-downtime, half the budget');
+
+  const bad = await cli(['ctl', '--socket', admin, 'set-speed', '--evacuation', 'evac-999', '1M']);
+  t.not(bad.code, 0, 'an unknown evacuation is refused');
+  t.match(bad.stderr, /ENOENT: no evacuation "evac-999" \(running: evac-\d+\)/, describeRun(bad));
+
+  // At 2M the 32 MiB take 16 s; lifted to 64M, what is left takes well under a second.
+  st = (await adminRequest(admin, { cmd: 'status' })) as typeof st;
+  const left = total - st.evacuations.at(-1)!.bytesDone;
+  t.ok(left > 16 * MiB, `most of it is left at 2M (${(left / MiB).toFixed(1)} MiB)`);
+  const t0 = performance.now();
+  const sp = await cli(['ctl', '--socket', admin, 'set-speed', '--evacuation', ev.id, '64M']);
+  t.equal(sp.code, 0, describeRun(sp));
+  t.match(sp.stdout, new RegExp(`^budget of evacuation ${ev.id} set to 64\\.0 MiB/s \\(shared by 2 running jobs, 0 queued\\)$`, 'm'));
+  const logged = await s.waitForLog((e) => e.event === 'evacuation-speed');
+  t.match(logged, { evacuation: ev.id, from: 2 * MiB, maxBandwidth: 64 * MiB, sharedBy: 2 });
+  const r = await run;
+  const secs = (performance.now() - t0) / 1000;
+  t.equal(r.code, 0, describeRun(r));
+  t.ok(secs < (left / (2 * MiB)) / 2, `done ${secs.toFixed(1)} s after the new budget, against ${(left / (2 * MiB)).toFixed(1)} s at the old one`);
+  t.match(r.stderr, /budget 64\.0 MiB\/s/, 'the progress block shows the new budget');
+  for (const n of ['a', 'b']) {
+    const cut = await s.waitForLog((e) => e.event === 'cutover' && e.export === n);
+    t.equal(cut.handoff, 'disconnect', `${n} cut over with --handoff disconnect`);
+    const cmp = await compare(src[n]!, dst[n]!);
+    t.equal(cmp.code, 0, `${n}: the destination holds the source\n${describeRun(cmp)}`);
+  }
+  const after = (await adminRequest(admin, { cmd: 'status' })) as Status;
+  t.equal(after.evacuations.at(-1)!.maxBandwidth, 64 * MiB);
+  const done = await cli(['ctl', '--socket', admin, 'set-speed', '--evacuation', ev.id, '0']);
+  t.not(done.code, 0, 'a done evacuation is refused');
+  t.match(done.stderr, /is done/, describeRun(done));
+});

@@ -39,6 +39,9 @@ function fakeContext(): { ctx: AdminContext; calls: Call[] } {
         calls.push(['evacuate', opts]), { id: 'evac-1', to: opts.to, parallel: opts.parallel, exports: [{ export: 'vm1' }] }
       ),
       cutoverAll: () => (calls.push(['cutoverAll']), { requested: [], notReady: [] }),
+      setSpeed: (id: string, rate: unknown) => (
+        calls.push(['evacuationSpeed', id, rate]), { id, maxBandwidth: rate ?? null, counts: { queued: 1 }, exports: [{ export: 'vm1', state: 'copying' }] }
+      ),
     },
   };
   const server = { setAcl: (name: string, acl: Acl | undefined) => (calls.push(['setAcl', name, acl?.entries ?? null]), 0) };
@@ -85,7 +88,22 @@ t.test('requests reach the controller with checked, parsed arguments', async (t)
   await adminRequest(socket, { cmd: 'set-acl', export: 'vm1', allow: null });
   await adminRequest(socket, { cmd: 'evacuate', to: 'nbd://dst/{name}', exports: ['a', 'b'], parallel: 3, maxBandwidth: '40M', cutover: 'auto' });
   await adminRequest(socket, { cmd: 'evacuate', to: 'nbd://dst/{name}', maxBandwidth: 0 });
+  await adminRequest(socket, {
+    cmd: 'evacuate',
+    to: 'nbd://dst/{name}',
+    maxDowntime: '2s',
+    handoff: 'disconnect',
+    targetTimeout: '10s',
+    cutoverTimeout: '7s',
+    converge: 'throttle',
+    maxRetries: 2,
+    writeThroughTimeout: 300,
+    force: true,
+    requireSpace: true,
+  });
   await adminRequest(socket, { cmd: 'cutover', all: true });
+  await adminRequest(socket, { cmd: 'set-speed', evacuation: 'evac-1', rate: '8M' });
+  await adminRequest(socket, { cmd: 'set-speed', evacuation: 'evac-1', rate: 0 });
   t.strictSame(calls, [
     [
       'mirror',
@@ -118,7 +136,29 @@ t.test('requests reach the controller with checked, parsed arguments', async (t)
     ['evacuate', { to: 'nbd://dst/{name}', exports: ['a', 'b'], parallel: 3, maxBandwidth: 40 * 2 ** 20, cutover: 'auto' }],
     // The defaults: every export, 2 at a time, unlimited (0 lifts the limit), manual cutover.
     ['evacuate', { to: 'nbd://dst/{name}', parallel: 2, cutover: 'manual' }],
+    // The per-job mirror options go to every job, parsed as ctl mirror's are.
+    [
+      'evacuate',
+      {
+        to: 'nbd://dst/{name}',
+        parallel: 2,
+        cutover: 'manual',
+        job: {
+          maxDowntimeMs: 2000,
+          converge: 'throttle',
+          handoff: 'disconnect',
+          maxRetries: 2,
+          targetTimeoutMs: 10_000,
+          cutoverTimeoutMs: 7000,
+          writeThroughTimeoutMs: 300,
+          force: true,
+          requireSpace: true,
+        },
+      },
+    ],
     ['cutoverAll'],
+    ['evacuationSpeed', 'evac-1', 8 * 2 ** 20],
+    ['evacuationSpeed', 'evac-1', undefined],
   ]);
   t.notOk(Object.hasOwn((calls[1]![2] as object), 'maxDowntimeMs'), 'an absent option is not passed as undefined');
 });
@@ -156,6 +196,10 @@ t.test('bad requests are refused with the codes and messages of before, and reac
     [{ cmd: 'abort', export: 7 }, 'EINVAL', '"export" must be a non-empty string'],
     [{ cmd: 'set-speed', export: 'vm1' }, 'EINVAL', /^rate: expected a number .*, got undefined$/],
     [{ cmd: 'set-speed', rate: '1M' }, 'EINVAL', '"export" must be a non-empty string'],
+    [{ cmd: 'set-speed', export: 'vm1', evacuation: 'evac-1', rate: '1M' }, 'EINVAL', 'give "export" or "evacuation", not both'],
+    [{ cmd: 'set-speed', evacuation: '', rate: '1M' }, 'EINVAL', '"evacuation" must be a non-empty string'],
+    [{ cmd: 'evacuate', to: 'nbd://dst/{name}', handoff: 'later' }, 'EINVAL', '"handoff" must be one of forward, disconnect'],
+    [{ cmd: 'evacuate', to: 'nbd://dst/{name}', targetTimeout: 0 }, 'EINVAL', '"targetTimeout" must be more than 0'],
     [{ cmd: 'set-acl', export: 'vm1' }, 'EINVAL', '"allow" must be a list of addresses/CIDRs, or null to admit everyone'],
     [{ cmd: 'set-acl', export: 'vm1', allow: '10.0.0.0/8' }, 'EINVAL', '"allow" must be a list of addresses/CIDRs, or null to admit everyone'],
     [{ cmd: 'set-acl', export: 'vm1', allow: ['bogus'] }, 'EINVAL', 'allow-list entry "bogus" is not an address or CIDR'],
@@ -195,7 +239,7 @@ t.test('every table command has a ctl subcommand or is socket-only; ctl sends wh
   const { socket, calls } = await adminAt(t);
   const sample: Record<string, string> = { export: 'vm1', target: 'nbd://dst/vm1', rate: '1M', action: 'list' };
   // What a subcommand needs besides its required positionals (cutover: an export or --all; evacuate: --to).
-  const needs: Partial<Record<AdminCommandName, string[]>> = { cutover: ['vm1'], evacuate: ['--to', 'nbd://dst/{name}'] };
+  const needs: Partial<Record<AdminCommandName, string[]>> = { cutover: ['vm1'], evacuate: ['--to', 'nbd://dst/{name}'], 'set-speed': ['vm1', '1M'] };
   for (const name of Object.keys(ADMIN_COMMANDS) as AdminCommandName[]) {
     const sub = CTL_SUBCOMMANDS[name];
     if (sub === 'socket-only') continue;
@@ -242,6 +286,19 @@ t.test('every table command has a ctl subcommand or is socket-only; ctl sends wh
     [['evacuate', { to: 'nbd://dst/{name}', exports: ['a', 'b', 'c'], parallel: 3, maxBandwidth: 40 * 2 ** 20, cutover: 'manual' }], ['cutoverAll']],
     'ctl evacuate: --exports takes commas, ctl defaults to manual cutover; cutover --all',
   );
+  // The per-job options are ctl mirror's, sent only when given (the job defaults apply otherwise).
+  calls.length = 0;
+  await ctl(socket, ['evacuate', '--to', 'nbd://dst/{name}', '--max-downtime', '2s', '--handoff', 'disconnect', '--target-timeout', '10s', '--cutover-timeout', '7s']);
+  t.strictSame(calls, [
+    ['evacuate', { to: 'nbd://dst/{name}', parallel: 2, cutover: 'manual', job: { maxDowntimeMs: 2000, handoff: 'disconnect', targetTimeoutMs: 10_000, cutoverTimeoutMs: 7000 } }],
+  ]);
+  await t.rejects(ctl(socket, ['evacuate', '--to', 'nbd://dst/{name}', '--handoff', 'later']), /Invalid values/, 'evacuate\'s --handoff choices are mirror\'s');
+  // set-speed --evacuation ID RATE: the one positional is the rate.
+  calls.length = 0;
+  const sp = await ctl(socket, ['set-speed', '--evacuation', 'evac-1', '8M']);
+  await ctl(socket, ['set-speed', 'vm1', '2M']);
+  t.strictSame(calls, [['evacuationSpeed', 'evac-1', 8 * 2 ** 20], ['setSpeed', 'vm1', 2 * 2 ** 20]]);
+  t.equal(sp, 'budget of evacuation evac-1 set to 8.0 MiB/s (shared by 1 running job, 1 queued)\n');
   await t.rejects(ctl(socket, ['mirror', 'vm1', 'nbd://dst/vm1', '--cutover', 'later']), /Invalid values/, 'enum choices come from the table');
 });
 

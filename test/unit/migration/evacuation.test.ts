@@ -168,3 +168,31 @@ t.test('shutdown: queued exports never start; one that connects meanwhile is abo
   t.same(host.started.map((s) => s.name), ['a'], 'b and d never started');
   t.equal(evs.status()[0]!.state, 'done');
 });
+
+t.test('the per-job mirror options go to every job; set-speed changes the shared budget of a running evacuation', async (t) => {
+  const host = four();
+  const evs = new Evacuations(host);
+  const job = { maxDowntimeMs: 2000, handoff: 'disconnect' as const, targetTimeoutMs: 10_000, cutoverTimeoutMs: 7000 };
+  const st = evs.start({ to: 'nbd://dst/{name}', parallel: 2, cutover: 'auto', job });
+  t.same(st.job, job, 'status shows the job options');
+  t.equal(st.maxBandwidth, null, 'unlimited');
+  await host.connect('a');
+  await host.connect('b');
+  for (const s of host.started) {
+    t.match(s.opts, { ...job, cutover: 'auto', target: `nbd://dst/${s.name}` }, `${s.name} got the job options`);
+    t.ok(s.opts.limiter instanceof BandwidthShare, `${s.name} takes a share even when unlimited (a limit may come later)`);
+  }
+  t.equal(host.started[0]!.opts.limiter!.rate, Infinity);
+  const limited = evs.setSpeed(st.id, 8 * MiB);
+  t.equal(limited.maxBandwidth, 8 * MiB, 'the new budget');
+  t.same(limited.exports.map((e) => e.maxBandwidth), [4 * MiB, 4 * MiB, null, null], 'split between the two running jobs');
+  t.equal(host.started[0]!.opts.limiter!.rate, 4 * MiB, 'the running job\'s limiter is held to it');
+  t.equal(evs.setSpeed(st.id, undefined).maxBandwidth, null, 'undefined (0) lifts it');
+  t.throws(() => evs.setSpeed('evac-999', MiB), { code: 'ENOENT', message: /no evacuation "evac-999" \(running: evac-\d+\)/ });
+  for (const n of ['a', 'b']) host.move(n, 'completed');
+  await host.connect('c');
+  await host.connect('d');
+  for (const n of ['c', 'd']) host.move(n, 'completed');
+  t.equal(evs.status().at(-1)!.state, 'done');
+  t.throws(() => evs.setSpeed(st.id, MiB), { code: 'EINVAL', message: /is done/ });
+});

@@ -111,3 +111,37 @@ t.test('a cancelled wait ends at once and takes nothing; leave lets waiters thro
   await a.take(1 * MiB); // a share that left is no longer limited
   t.pass('a share that left passes at once');
 });
+
+t.test('unlimited (Infinity): every request passes at once, counted; setRate limits the same shares, and lifts the limit again', async (t) => {
+  const budget = new SharedBandwidth(Infinity);
+  t.ok(budget.unlimited);
+  const [a, b] = ['a', 'b'].map((n) => budget.share(n)) as [BandwidthShare, BandwidthShare];
+  const t0 = performance.now();
+  for (let i = 0; i < 64; i++) await Promise.all([a.take(4 * MiB), b.take(4 * MiB)]);
+  t.ok(performance.now() - t0 < 500, `512 MiB granted without waiting (${(performance.now() - t0).toFixed(0)} ms)`);
+  t.equal(budget.granted, 512 * MiB, 'and counted');
+  t.equal(a.rate, Infinity);
+
+  const rate = 8 * MiB;
+  budget.setRate(rate);
+  t.notOk(budget.unlimited);
+  t.equal(a.rate, rate / 2, 'limited: each share is half of the new budget');
+  const la = demand(a, 256 * 1024);
+  const lb = demand(b, 256 * 1024);
+  t.teardown(() => [la, lb].forEach((l) => l.stop()));
+  await untilGranted(budget, budget.burst);
+  const a0 = a.granted;
+  const b0 = b.granted;
+  const secs = await untilGranted(budget, 8 * MiB);
+  const got = [a.granted - a0, b.granted - b0];
+  const total = got[0]! + got[1]!;
+  t.ok(total <= rate * secs + 8 * 256 * 1024, `at most the new budget: ${(total / MiB / secs).toFixed(1)} MiB/s of ${rate / MiB}`);
+  t.ok(total / secs > 0.8 * rate, `and near it (${(total / MiB / secs).toFixed(1)} MiB/s)`);
+  t.ok(within(got[0]!, got[1]!, 0.15), `shared fairly: ${got.map((g) => (g / MiB).toFixed(2)).join(', ')} MiB`);
+
+  budget.setRate(Infinity);
+  const t1 = performance.now();
+  await untilGranted(budget, 64 * MiB);
+  t.ok(performance.now() - t1 < 1000, `lifted: 64 MiB more in ${(performance.now() - t1).toFixed(0)} ms`);
+  t.throws(() => budget.setRate(0), RangeError, '0 is not a rate (unlimited is Infinity)');
+});
