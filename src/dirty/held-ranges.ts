@@ -9,6 +9,15 @@ import { RangeLock } from '../util/range-lock.js';
 export class HeldRangeLock extends RangeLock {
   private readonly ranges = new Set<readonly [number, number]>();
 
+  /**
+   * @param onRelease told of every range when it is released: a copy or a
+   *   write-through write holds its range until the target answered it (the
+   *   job counts those as acknowledged but not yet flushed).
+   */
+  constructor(private readonly onRelease?: (offset: number, length: number) => void) {
+    super();
+  }
+
   override async acquire(offset: number, length: number): Promise<() => void> {
     const r = [offset, length] as const;
     this.ranges.add(r);
@@ -21,6 +30,7 @@ export class HeldRangeLock extends RangeLock {
     }
     return () => {
       this.ranges.delete(r);
+      this.onRelease?.(offset, length);
       release();
     };
   }

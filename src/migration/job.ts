@@ -17,6 +17,7 @@ import { cutover } from './cutover.js';
 import { type HookStatus, hookEnv, runCutoverHook } from './on-cutover.js';
 import { JobError } from './errors.js';
 import type { Checkpoint } from '../dirty/checkpoints.js';
+import { DirtyBitmap } from '../dirty/bitmap.js';
 import { NBD_STATE_ZERO } from '../protocol/constants.js';
 import type { MirrorRecord } from '../dirty/export-state.js';
 import { HeldRangeLock } from '../dirty/held-ranges.js';
@@ -56,7 +57,17 @@ export class MirrorJob extends EventEmitter {
   private readonly connector: TargetConnector;
   private sourceDataBytes: number | null = null;
   /** Copies and write-through hold ranges here; the activity log's checkpoints cover what is held. */
-  private readonly locks = new HeldRangeLock();
+  private readonly locks = new HeldRangeLock((offset, length) => this.unflushed.mark(offset, length));
+  /**
+   * Ranges the target acknowledged (copies, write-through) since the last
+   * NBD_CMD_FLUSH sent: a destination that loses power may not hold them, so
+   * every stored bitmap covers them (dirty) until a flush sent after them has
+   * completed. `flushing` is the part a flush in progress will make durable.
+   */
+  private unflushed: DirtyBitmap;
+  private flushing: DirtyBitmap | undefined;
+  private saving: Promise<void> | undefined;
+  private targetFlushes = 0;
   private limiter: RateLimiter | undefined;
   private cutoverRequested = false;
   private abortRequested = false;
@@ -85,6 +96,7 @@ export class MirrorJob extends EventEmitter {
   ) {
     super();
     this.opts = opts;
+    this.unflushed = new DirtyBitmap(source.size, source.stack.bitmap.granularity);
     const { resume, skipped } = resumable(source, opts);
     this.resume = resume;
     this.jobId = resume?.jobId ?? opts.jobId ?? randomBytes(8).toString('hex');
@@ -229,7 +241,7 @@ export class MirrorJob extends EventEmitter {
   private async persistStart(): Promise<void> {
     const state = this.source.state;
     if (!state) return;
-    this.uncover = state.log.cover(() => this.locks.heldRanges());
+    this.uncover = state.log.cover(() => this.coveredRanges());
     await state.log.checkpoint();
     this.record = {
       jobId: this.jobId,
@@ -245,23 +257,97 @@ export class MirrorJob extends EventEmitter {
     this.progressTimer.unref();
   }
 
-  /** Stores the bitmap if copies cleared bits since it was last stored. */
-  private async saveProgress(): Promise<void> {
-    const state = this.source.state;
-    const clears = this.source.stack.bitmap.clears;
-    if (!state || clears === this.savedClears) return;
-    this.savedClears = clears;
-    try {
-      await state.log.checkpoint();
-      this.log.debug('mirror-progress-saved', { dirtyBytes: this.source.stack.bitmap.dirtyBytes(), bytesCopied: this.stats.dataBytes + this.stats.zeroBytes + this.stats.skippedBytes });
-    } catch (e) {
-      this.log.error('mirror-progress-save-failed', { cause: e, effect: 'a restart resumes from the last stored bitmap and the activity log' });
+  /**
+   * What every stored bitmap must count as dirty while the job runs: the
+   * chunks being copied (cleared, not acknowledged yet), and what the target
+   * acknowledged but has not flushed.
+   */
+  private *coveredRanges(): Iterable<readonly [number, number]> {
+    yield* this.locks.heldRanges();
+    for (const b of [this.unflushed, this.flushing]) {
+      if (!b) continue;
+      const g = b.granularity;
+      for (let run = b.nextRun(0, b.blocks); run; run = b.nextRun(run.block + run.count, b.blocks)) yield [run.block * g, run.count * g] as const;
     }
+  }
+
+  /**
+   * NBD_CMD_FLUSH on the target, so that what it acknowledged so far may be
+   * stored as copied. True when everything acknowledged before the flush was
+   * sent is durable there (or nothing was pending); false when the flush could
+   * not be sent or failed (those ranges stay covered).
+   */
+  private async flushTarget(): Promise<boolean> {
+    if (this.unflushed.dirtyBlocks() === 0) return true;
+    const target = this.target;
+    if (!target || target.closed) return false;
+    const pending = this.unflushed;
+    this.unflushed = new DirtyBitmap(pending.size, pending.granularity);
+    this.flushing = pending;
+    try {
+      await target.flush();
+      this.targetFlushes++;
+      return true;
+    } catch (e) {
+      this.unflushed.orWords(pending.copyWords());
+      this.log.warn('target-flush-failed', { cause: e, effect: 'what the target acknowledged since its last flush stays dirty in the stored bitmap' });
+      return false;
+    } finally {
+      this.flushing = undefined;
+    }
+  }
+
+  /**
+   * The target connection is gone (or the job ends without completing): what it
+   * acknowledged but never flushed may be lost with it (a destination that lost
+   * power and came back), so it is copied again.
+   */
+  private remarkUnflushed(): void {
+    const lost = [this.unflushed, this.flushing];
+    for (const b of lost) if (b && b.dirtyBlocks() > 0) this.source.stack.bitmap.orWords(b.copyWords());
+    this.unflushed = new DirtyBitmap(this.unflushed.size, this.unflushed.granularity);
+  }
+
+  /**
+   * Stores the bitmap if copies cleared bits since it was last stored, after a
+   * flush of the target: only what a completed flush covers is stored as copied.
+   */
+  private saveProgress(): Promise<void> {
+    // One at a time: a save asked for while one runs waits for it and then runs again.
+    const prev = this.saving;
+    const run = (async () => {
+      await prev;
+      const state = this.source.state;
+      const clears = this.source.stack.bitmap.clears;
+      if (!state || (clears === this.savedClears && this.unflushed.dirtyBlocks() === 0)) return;
+      try {
+        const t0 = performance.now();
+        const flushed = await this.flushTarget();
+        const flushMs = Math.round(performance.now() - t0);
+        await state.log.checkpoint();
+        if (flushed) this.savedClears = clears;
+        this.log.debug('mirror-progress-saved', {
+          dirtyBytes: this.source.stack.bitmap.dirtyBytes(),
+          bytesCopied: this.stats.dataBytes + this.stats.zeroBytes + this.stats.skippedBytes,
+          targetFlushed: flushed,
+          targetFlushes: this.targetFlushes,
+          flushMs,
+        });
+      } catch (e) {
+        this.log.error('mirror-progress-save-failed', { cause: e, effect: 'a restart resumes from the last stored bitmap and the activity log' });
+      }
+    })();
+    this.saving = run;
+    void run.finally(() => {
+      if (this.saving === run) this.saving = undefined;
+    });
+    return run;
   }
 
   /** Completed or aborted: nothing to resume. Failed: the record says so and the bitmap is stored, to resume after a restart too. */
   private persistEnd(s: JobState): void {
     clearInterval(this.progressTimer);
+    if (s !== 'completed') this.remarkUnflushed();
     const state = this.source.state;
     if (!state || !this.record) return this.uncover?.();
     try {
@@ -572,6 +658,7 @@ export class MirrorJob extends EventEmitter {
     this.source.stack.writeThrough.setWriteThrough(undefined);
     this.target?.destroy();
     this.target = undefined;
+    this.remarkUnflushed();
     this.retrying = true;
     try {
       for (;;) {
