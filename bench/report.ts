@@ -89,7 +89,9 @@ export function summarise(samples: readonly Sample[], jobs: readonly JobName[], 
       };
     });
     for (const c of cells) {
-      const peers = cells.filter((p) => p !== c && p.median !== null).map((p) => p.median!);
+      // nbd-migrate's rows are compared with the peers, not with each other (nbd-migrate-metrics is the same server).
+      const ours = c.server.startsWith('nbd-migrate');
+      const peers = cells.filter((p) => p !== c && p.median !== null && !(ours && p.server.startsWith('nbd-migrate'))).map((p) => p.median!);
       if (c.median !== null && peers.length > 0) {
         const best = Math.max(...peers);
         c.ratio = best > 0 ? c.median / best : null;
@@ -118,7 +120,7 @@ export function table(rows: string[][], leftCols = 1): string {
 export function formatResults(rows: readonly Row[], samples: readonly Sample[], servers: readonly ServerName[], repeat: number): string {
   const out: string[] = [];
   const ratioHeader = servers.length > 1;
-  out.push(`median of ${repeat} run${repeat === 1 ? '' : 's'}` + (ratioHeader ? '; ratio = median / best other server\'s median on the row (>1.00x: this server is ahead)' : ''));
+  out.push(`median of ${repeat} run${repeat === 1 ? '' : 's'}` + (ratioHeader ? '; ratio = median / best other server\'s median on the row, nbd-migrate\'s over the best peer (qemu-nbd, nbdkit) (>1.00x: this server is ahead)' : ''));
   out.push('');
   const head = ['job', 'unit', ...servers.flatMap((s) => (ratioHeader ? [s, 'ratio'] : [s]))];
   const body = rows.map((r) => [
@@ -130,6 +132,14 @@ export function formatResults(rows: readonly Row[], samples: readonly Sample[], 
     }),
   ]);
   out.push(table([head, ...body]));
+  const metricsCost = rows
+    .map((r) => {
+      const [off, on] = ['nbd-migrate', 'nbd-migrate-metrics'].map((n) => r.cells.find((c) => c.server === n)?.median ?? null);
+      return off && on ? `${r.job} ${(on / off).toFixed(2)}x` : undefined;
+    })
+    .filter((x) => x !== undefined);
+  if (metricsCost.length)
+    out.push(`with/without --metrics (nbd-migrate-metrics median / nbd-migrate median; goal 1.00x): ${metricsCost.join(', ')}`);
 
   out.push('');
   out.push('per server (medians over the measured window): server CPU in % of one core and in CPU-microseconds per request;');

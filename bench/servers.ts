@@ -27,7 +27,8 @@ import { nbdkit, nbdkitArgs, qemuNbd, qemuNbdArgs } from '../test/helpers/peers.
 
 export { freePort };
 
-export const SERVER_NAMES = ['nbd-migrate', 'qemu-nbd', 'nbdkit'] as const;
+/** nbd-migrate-metrics: nbd-migrate with --metrics on (the with/without --metrics row: the goal is no difference). */
+export const SERVER_NAMES = ['nbd-migrate', 'nbd-migrate-metrics', 'qemu-nbd', 'nbdkit'] as const;
 export type ServerName = (typeof SERVER_NAMES)[number];
 
 export const EXPORT_NAME = 'bench';
@@ -36,6 +37,7 @@ export const HOST = '127.0.0.1';
 /** The executable each server needs, and the Debian package that ships it. */
 export const SERVER_TOOLS: Record<ServerName, { cmd: string; pkg: string }> = {
   'nbd-migrate': { cmd: 'node', pkg: 'nodejs' },
+  'nbd-migrate-metrics': { cmd: 'node', pkg: 'nodejs' },
   'qemu-nbd': { cmd: 'qemu-nbd', pkg: 'qemu-utils' },
   nbdkit: { cmd: 'nbdkit', pkg: 'nbdkit' },
 };
@@ -45,6 +47,8 @@ export interface ServerOptions {
   port: number;
   /** nbd-migrate's bin script. */
   nbdMigrateBin: string;
+  /** nbd-migrate-metrics: the port of its /metrics listener. */
+  metricsPort?: number;
 }
 
 /** qemu-nbd's settings beyond qemuNbd()'s defaults (see the top of this file). */
@@ -65,6 +69,8 @@ export function serverCommand(name: ServerName, o: ServerOptions): { cmd: string
   switch (name) {
     case 'nbd-migrate':
       return { cmd: process.execPath, args: [o.nbdMigrateBin, 'serve', ...nbdMigrateArgs(o)] };
+    case 'nbd-migrate-metrics':
+      return { cmd: process.execPath, args: [o.nbdMigrateBin, 'serve', ...nbdMigrateArgs(o), '--metrics', `${HOST}:${o.metricsPort ?? 'PORT'}`] };
     case 'qemu-nbd':
       return { cmd: 'qemu-nbd', args: qemuNbdArgs(o.image, EXPORT_NAME, o.port, QEMU_NBD_SETTINGS) };
     case 'nbdkit':
@@ -98,6 +104,9 @@ export async function startServer(name: ServerName, o: ServerOptions): Promise<R
     switch (name) {
       case 'nbd-migrate':
         h = await startNbdMigrate(nbdMigrateArgs(o), { cli: o.nbdMigrateBin, readyPort: o.port });
+        break;
+      case 'nbd-migrate-metrics':
+        h = await startNbdMigrate([...nbdMigrateArgs(o), '--metrics', `${HOST}:${o.metricsPort ?? (await freePort())}`], { cli: o.nbdMigrateBin, readyPort: o.port });
         break;
       case 'qemu-nbd':
         h = await qemuNbd(o.image, EXPORT_NAME, o.port, QEMU_NBD_SETTINGS);

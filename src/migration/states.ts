@@ -60,6 +60,8 @@ export interface JobStatus {
   retrying: boolean;
   /** Guest write pause measured at cutover. */
   pauseMs: number | null;
+  /** Why a cutover that is due (auto, or asked for) waits: the estimated final sweep would not fit --max-downtime; null otherwise. */
+  cutoverWaiting: string | null;
   startedAt: string;
   finishedAt: string | null;
   error: string | null;
