@@ -187,3 +187,26 @@ t.test('mirror --since onto a destination that is not a copy (never seeded) is r
   const st = (await adminRequest(admin, { cmd: 'status' })) as { jobs: unknown[] };
   t.same(st.jobs, [], 'no job was left behind');
 });
+
+t.test('mirror --since onto a qemu-nbd destination seeded by copy sends only the changes', async (t) => {
+  const dir = await tmpDir(t);
+  const src = await sourceImage(dir);
+  const admin = path.join(dir, 'admin.sock');
+  const s = await serve(t, [src, '--name', 'vm1', '--admin-socket', admin]);
+  await adminRequest(admin, { cmd: 'checkpoint', action: 'create', export: 'vm1', name: 'ck1' });
+  const dst = path.join(dir, 'dst.img');
+  const full = await copy(t, [s.uri('vm1'), dst]);
+  await qemuIo(['-f', 'raw', s.uri('vm1')], CHANGES);
+  const port = await freePort();
+  const q = await qemuNbd(dst, 'vm1', port);
+  t.teardown(() => q.stop());
+  await adminRequest(admin, { cmd: 'mirror', export: 'vm1', target: `nbd://127.0.0.1:${port}/vm1`, since: 'ck1', cutover: 'auto' });
+  const done = await waitForJob(admin, 'vm1', (j) => j.state === 'completed', { what: 'the --since mirror to complete' });
+  t.equal(done.targetKind, 'foreign');
+  const sent = done.dataBytes + done.zeroBytes;
+  t.ok(sent <= CHANGED, `the mirror sent ${sent} bytes: the changes (${CHANGED} bytes of blocks), not the disk (${full.sent})`);
+  await s.stop(); // the switched source forwards to qemu-nbd: stop it first
+  await q.stop();
+  const cmp = await compare(src, dst);
+  t.equal(cmp.code, 0, `the destination equals the source\n${describeRun(cmp)}`);
+});
