@@ -10,7 +10,7 @@
  *   BENCH_IMAGE_SIZE=1G                  image size (K/M/G suffixes, binary)
  *   BENCH_OUT=bench/results/latest.json  where the JSON results go
  *   BENCH_NBD_MIGRATE=/path/bin/nbd-migrate  another build of the server (e.g. a baseline checkout)
- *   BENCH_SUITES=fio,mirror              which suites (default: both); the rest only matter to one suite
+ *   BENCH_SUITES=fio,mirror,blockdev     which suites (default: all); the rest only matter to one suite
  *
  * The mirror suite (mirror.ts):
  *   BENCH_MIRROR_ROWS=copy,cutover,bitmap,actlog  which mirror rows (default: all)
@@ -30,7 +30,8 @@ import { REPO_ROOT } from '../test/helpers/server.js';
 import { JOBS, type JobName } from './jobs.js';
 import { SERVER_NAMES, type ServerName } from './servers.js';
 
-export const SUITE_NAMES = ['fio', 'mirror'] as const;
+/** blockdev: the fio rows on a loop device, nbd-migrate against nbdkit (blockdev.ts). */
+export const SUITE_NAMES = ['fio', 'mirror', 'blockdev'] as const;
 export type SuiteName = (typeof SUITE_NAMES)[number];
 export const MIRROR_ROW_NAMES = ['readcache', 'copy', 'wan', 'cutover', 'bitmap', 'actlog'] as const;
 export type MirrorRowName = (typeof MIRROR_ROW_NAMES)[number];

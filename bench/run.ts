@@ -30,6 +30,7 @@ import { MIRROR_EXPORT, QEMU_NBD_TARGET_SETTINGS, removeSocketDir } from './mirr
 import { cpuBetween, cpuSnapshot, firstLine, Interrupted, runningCommands, type CpuSnapshot } from './proc.js';
 import { fmtValue, formatResults, summarise, unitOf, valueOf, type Sample } from './report.js';
 import { freePort, SERVER_TOOLS, serverCommand, startServer, type ServerName } from './servers.js';
+import { estimateBlockdevSec, formatBlockdev, runBlockdevSuite, type BlockdevResults } from './blockdev.js';
 
 /** Seconds of overhead per sample besides fio's runtime (server start/stop, fio start), for the time estimate. */
 const SAMPLE_OVERHEAD_SEC = 1;
@@ -186,7 +187,8 @@ async function main(): Promise<void> {
   const fioSuite = cfg.suites.includes('fio');
   const mirrorSuite = cfg.suites.includes('mirror') && cfg.mirror.rows.length > 0;
   const total = fioSuite ? cfg.repeat * cfg.jobs.length * cfg.servers.length : 0;
-  const estimate = total * (cfg.runtimeSec + cfg.rampSec + SAMPLE_OVERHEAD_SEC) + (mirrorSuite ? estimateMirrorSec(cfg.mirror) : 0);
+  const blockdevSuite = cfg.suites.includes('blockdev');
+  const estimate = total * (cfg.runtimeSec + cfg.rampSec + SAMPLE_OVERHEAD_SEC) + (mirrorSuite ? estimateMirrorSec(cfg.mirror) : 0) + (blockdevSuite ? estimateBlockdevSec(cfg) : 0);
   const gib = cfg.imageSize / 1024 ** 3;
   const header = fioSuite
     ? `nbd-migrate benchmark: fio ${cfg.jobs.join(', ')} via the nbd engine (1 connection, iodepth ${cfg.iodepth}, ` +
@@ -200,6 +202,7 @@ async function main(): Promise<void> {
   const loadBefore = os.loadavg();
   const samples: Sample[] = [];
   const mirror: MirrorResults = { mismatches: [] };
+  const bdev: { blockdev?: BlockdevResults } = {};
   const partial = () => {
     if (samples.length) process.stdout.write(formatResults(summarise(samples, cfg.jobs, cfg.servers), samples, cfg.servers, cfg.repeat) + '\n');
     if (mirror.copy || mirror.cutover || mirror.bitmap || mirror.actlog) process.stdout.write('\n' + formatMirrorResults(mirror) + '\n');
@@ -236,6 +239,7 @@ async function main(): Promise<void> {
         mirror,
       );
     }
+    if (blockdevSuite) await runBlockdevSuite({ cfg, fio, stopRequested: () => interrupted, progress: (line) => process.stderr.write(line + '\n') }, bdev);
   } catch (e) {
     await cleanUp();
     if (e instanceof Interrupted || interrupted) {
@@ -253,6 +257,7 @@ async function main(): Promise<void> {
   process.stdout.write(`\n${header}\n`);
   if (fioSuite) process.stdout.write(formatResults(rows, samples, cfg.servers, cfg.repeat) + '\n');
   if (mirrorSuite) process.stdout.write((fioSuite ? '\n' : '') + formatMirrorResults(mirror) + '\n');
+  if (bdev.blockdev) process.stdout.write('\n' + formatBlockdev(bdev.blockdev) + '\n');
 
   const placeholder = { image: 'IMAGE', port: 0, nbdMigrateBin: cfg.nbdMigrateBin };
   const doc = {
@@ -295,6 +300,7 @@ async function main(): Promise<void> {
     rows,
     samples,
     mirror: mirrorSuite ? mirror : null,
+    blockdev: bdev.blockdev ?? null,
   };
   fs.mkdirSync(path.dirname(cfg.outFile), { recursive: true });
   fs.writeFileSync(cfg.outFile, JSON.stringify(doc, null, 2) + '\n');

@@ -1,0 +1,211 @@
+/**
+ * Suite "blockdev" (issue 11, block devices): the fio rows again, with the
+ * servers serving a block device instead of a file. A random-filled file on
+ * tmpfs (BENCH_IMAGE_SIZE, 1 GiB by default) is attached to a loop device
+ * (`losetup --find --show`), and nbd-migrate (`serve /dev/loopN`, its state
+ * folder in a temporary --state-dir) and nbdkit's file plugin
+ * (`file=/dev/loopN`) serve that same device in turn, one fresh server per
+ * sample, interleaved job by job with the order rotating each round, exactly
+ * as the fio suite does (same jobs, BENCH_JOBS, BENCH_REPEAT, iodepth, runtime).
+ * The table is the fio suite's (report.ts): medians, and nbd-migrate's ratio
+ * to nbdkit.
+ *
+ * The loop device is always detached: in a finally when the suite ends or
+ * fails, and synchronously on process exit (a second Ctrl-C, a crash) for as
+ * long as it is attached. Needs root (/dev/loop-control), `losetup` (Debian
+ * package mount), nbdkit and fio.
+ *
+ * Also runnable alone: `node dist/bench/blockdev.js` (the same BENCH_* settings).
+ */
+import { spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { nbdkit } from '../test/helpers/peers.js';
+import { makeImage, startServer as startNbdMigrate } from '../test/helpers/server.js';
+import { run, which } from '../test/helpers/tools.js';
+import type { BenchConfig } from './config.js';
+import { FioError, runFio, type FioSettings } from './fio.js';
+import { benchPath } from './image.js';
+import { jobByName, type JobName } from './jobs.js';
+import { cpuBetween, cpuSnapshot, Interrupted } from './proc.js';
+import { fmtValue, formatResults, summarise, unitOf, valueOf, type Row, type Sample } from './report.js';
+import { EXPORT_NAME, freePort, HOST, nbdkitFileArgs, type ServerName } from './servers.js';
+
+export const BLOCKDEV_SERVERS: readonly ServerName[] = ['nbd-migrate', 'nbdkit'];
+
+export interface BlockdevResults {
+  settings: { size: number; device: string; backing: string; jobs: JobName[]; repeat: number; iodepth: number; runtimeSec: number; rampSec: number };
+  rows: Row[];
+  samples: Sample[];
+}
+
+interface Ctx {
+  cfg: BenchConfig;
+  fio: string;
+  stopRequested: () => boolean;
+  progress: (line: string) => void;
+}
+
+/** Seconds the suite takes, for run.ts's estimate (image, attach, and a second per sample besides fio). */
+export function estimateBlockdevSec(cfg: BenchConfig): number {
+  return 5 + cfg.repeat * cfg.jobs.length * BLOCKDEV_SERVERS.length * (cfg.runtimeSec + cfg.rampSec + 1);
+}
+
+/** Attached loop devices, detached synchronously if the process exits with them still attached. */
+const attached = new Set<string>();
+let exitHook = false;
+function detachAllSync(): void {
+  for (const dev of attached) {
+    const r = spawnSync('losetup', ['-d', dev], { stdio: 'ignore', timeout: 30_000 });
+    if (r.status === 0) attached.delete(dev);
+    else process.stderr.write(`bench blockdev: could not detach ${dev} (losetup -d exited ${r.status ?? r.signal}); detach it by hand\n`);
+  }
+}
+
+async function attachLoop(file: string): Promise<string> {
+  const r = await run('losetup', ['--find', '--show', file], { timeoutMs: 30_000 });
+  const dev = r.stdout.trim();
+  if (r.code !== 0 || !dev.startsWith('/dev/loop'))
+    throw new Error(`losetup --find --show ${file} failed (needs root and /dev/loop-control): exit ${r.code ?? r.signal}: ${r.stderr.trim()}`);
+  attached.add(dev);
+  if (!exitHook) {
+    exitHook = true;
+    process.on('exit', detachAllSync);
+  }
+  return dev;
+}
+
+async function detachLoop(dev: string): Promise<void> {
+  const r = await run('losetup', ['-d', dev], { timeoutMs: 30_000 });
+  if (r.code !== 0) throw new Error(`losetup -d ${dev} failed: exit ${r.code ?? r.signal}: ${r.stderr.trim()}`);
+  attached.delete(dev);
+}
+
+/** One server serving the device on a free port, started fresh for one sample. */
+async function startOn(server: ServerName, dev: string, stateDir: string, bin: string) {
+  const port = await freePort();
+  const h =
+    server === 'nbdkit'
+      ? await nbdkit(port, nbdkitFileArgs(dev, EXPORT_NAME))
+      : await startNbdMigrate([dev, '--name', EXPORT_NAME, '--listen', HOST, '--port', String(port), '--state-dir', stateDir, '--log-format', 'json', '--log-level', 'warn'], {
+          cli: bin,
+          readyPort: port,
+        });
+  return { ...h, pid: h.proc.pid ?? -1, uri: `nbd://${HOST}:${port}/${EXPORT_NAME}`, alive: () => h.proc.exitCode === null && h.proc.signalCode === null };
+}
+
+async function measure(ctx: Ctx, dev: string, stateDir: string, server: ServerName, job: JobName, round: number): Promise<Sample> {
+  const { cfg } = ctx;
+  const settings: FioSettings = { runtimeSec: cfg.runtimeSec, rampSec: cfg.rampSec, iodepth: cfg.iodepth };
+  const srv = await startOn(server, dev, stateDir, cfg.nbdMigrateBin);
+  try {
+    if (ctx.stopRequested()) throw new Interrupted();
+    let start: ReturnType<typeof cpuSnapshot> | undefined;
+    const timer = setTimeout(() => (start = cpuSnapshot(srv.pid)), cfg.rampSec * 1000 + 300);
+    let result;
+    try {
+      result = await runFio(ctx.fio, jobByName(job), srv.uri, settings, cfg.repoRoot);
+    } catch (e) {
+      if (ctx.stopRequested()) throw new Interrupted();
+      if (!(e instanceof FioError)) throw e;
+      const died = srv.alive() ? '' : `\n  ${server} died; its stderr: ${srv.stderr().trim() || '(empty)'}`;
+      return { round, server, job, ok: false, error: e.message + died };
+    } finally {
+      clearTimeout(timer);
+    }
+    if (ctx.stopRequested()) throw new Interrupted();
+    const cpu = start ? cpuBetween(start, cpuSnapshot(srv.pid)) : { procPct: null, hostPct: null };
+    return {
+      round,
+      server,
+      job,
+      ok: true,
+      value: valueOf(job, result),
+      fio: result,
+      serverCpuPct: cpu.procPct,
+      serverCpuUsPerOp: cpu.procPct !== null && result.iops > 0 ? (cpu.procPct / 100) * (1e6 / result.iops) : null,
+      hostBusyPct: cpu.hostPct,
+    };
+  } finally {
+    await srv.stop();
+  }
+}
+
+/** Runs the suite; `results` is filled as samples come in (partial results survive an interruption). */
+export async function runBlockdevSuite(ctx: Ctx, results: { blockdev?: BlockdevResults }): Promise<void> {
+  const { cfg } = ctx;
+  for (const [cmd, pkg] of [['losetup', 'mount'], ['nbdkit', 'nbdkit'], ['fio', 'fio']] as const)
+    if ((await which(cmd)) === null) throw new Error(`blockdev suite: ${cmd} not found on PATH; install the Debian package "${pkg}" (apt-get install ${pkg}), or leave the suite out with BENCH_SUITES=...`);
+  const backing = benchPath('blockdev');
+  const stateDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-migrate-bench-blockdev-state-'));
+  let dev: string | undefined;
+  try {
+    await makeImage(backing, cfg.imageSize, { fill: 'random' });
+    dev = await attachLoop(backing);
+    ctx.progress(`[blockdev] ${dev} attached over ${backing} (${cfg.imageSize / 1024 ** 2} MiB of random data on tmpfs)`);
+    const samples: Sample[] = [];
+    results.blockdev = {
+      settings: { size: cfg.imageSize, device: dev, backing, jobs: cfg.jobs, repeat: cfg.repeat, iodepth: cfg.iodepth, runtimeSec: cfg.runtimeSec, rampSec: cfg.rampSec },
+      rows: [],
+      samples,
+    };
+    const total = cfg.repeat * cfg.jobs.length * BLOCKDEV_SERVERS.length;
+    for (let round = 1; round <= cfg.repeat; round++) {
+      const order = round % 2 ? [...BLOCKDEV_SERVERS] : [...BLOCKDEV_SERVERS].reverse();
+      for (const job of cfg.jobs)
+        for (const server of order) {
+          if (ctx.stopRequested()) throw new Interrupted();
+          const s = await measure(ctx, dev, stateDir, server, job, round);
+          samples.push(s);
+          results.blockdev.rows = summarise(samples, cfg.jobs, [...BLOCKDEV_SERVERS]);
+          const what = s.ok
+            ? `${fmtValue(s.value, unitOf(job)).padStart(7)} ${unitOf(job)}` + (s.serverCpuPct === null ? '' : `  server cpu ${Math.round(s.serverCpuPct)}%`)
+            : `FAILED: ${s.error.split('\n')[0]}`;
+          ctx.progress(`[blockdev ${String(samples.length).padStart(String(total).length)}/${total}] round ${round} ${job.padEnd(9)} ${server.padEnd(11)} ${what}`);
+        }
+    }
+  } finally {
+    // Always detached, whatever happened above (the exit hook covers a process that dies first).
+    if (dev) await detachLoop(dev).catch((e: unknown) => (ctx.progress(`[blockdev] ${(e as Error).message}; retrying at exit`), undefined));
+    fs.rmSync(backing, { force: true });
+    fs.rmSync(stateDir, { recursive: true, force: true });
+  }
+}
+
+export function formatBlockdev(r: BlockdevResults): string {
+  const s = r.settings;
+  return [
+    `block-device rows: fio through each server serving ${s.device}, a loop device over ${s.size / 1024 ** 2} MiB of random data on tmpfs` +
+      ` (nbd-migrate serve ${s.device} against nbdkit file=${s.device}; iodepth ${s.iodepth}, ${s.runtimeSec} s + ${s.rampSec} s ramp);` +
+      ` ratio = nbd-migrate's median over nbdkit's`,
+    formatResults(r.rows, r.samples, [...BLOCKDEV_SERVERS], s.repeat),
+  ].join('\n');
+}
+
+/** `node dist/bench/blockdev.js`: the suite alone, printed (BENCH_JOBS, BENCH_REPEAT, ... apply). */
+async function main(): Promise<void> {
+  const { loadConfig } = await import('./config.js');
+  const cfg = loadConfig();
+  const results: { blockdev?: BlockdevResults } = {};
+  let stop = false;
+  const onSignal = () => {
+    if (stop) {
+      detachAllSync();
+      process.exit(130);
+    }
+    stop = true;
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  try {
+    await runBlockdevSuite({ cfg, fio: (await which('fio')) ?? 'fio', stopRequested: () => stop, progress: (l) => process.stderr.write(l + '\n') }, results);
+  } finally {
+    if (results.blockdev) process.stdout.write(formatBlockdev(results.blockdev) + '\n');
+  }
+}
+
+if (process.argv[1] && /blockdev\.[jt]s$/.test(process.argv[1])) void main().catch((e: unknown) => {
+  process.stderr.write(`bench blockdev: ${(e as Error).stack ?? String(e)}\n`);
+  process.exit(1);
+});
