@@ -454,9 +454,10 @@ class ServeProcess implements RunningServer {
   async stop(): Promise<void> {
     await this.admin?.close();
     await this.metrics?.close();
-    // Mirrors not yet switched are aborted: the source stays authoritative. A cutover in progress finishes.
+    // Mirrors not yet switched stop, resumable (flushed target, stored bitmap and record, the destination
+    // still bound: MirrorJob.stop); the source stays authoritative. A cutover in progress finishes.
     this.controller.evacuations.cancel(); // queued exports of an evacuation do not start
-    await Promise.all(this.controller.running().map((j) => (j.state === 'cutting-over' ? j.finished() : j.abort().catch(() => undefined))));
+    await Promise.all(this.controller.running().map((j) => (j.state === 'cutting-over' ? j.finished() : j.stop().catch(() => undefined))));
     await this.server.close(this.cfg.shutdownTimeout * 1000);
     if (this.reaper) clearInterval(this.reaper);
     for (const oe of [...this.open.values(), ...this.retiring]) {

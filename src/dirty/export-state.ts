@@ -24,8 +24,8 @@ export interface MirrorRecord {
   destExportId: string | null;
   /** nbd-migrate-incoming, nbd-migrate-live or foreign. */
   destKind: string | null;
-  /** copying: the source stopped (crash, kill) while it ran; failed: the target side failed it. */
-  state: 'copying' | 'failed';
+  /** copying: the source stopped (crash, kill) while it ran; failed: the target side failed it; stopped: a clean server shutdown (SIGTERM) stopped it. */
+  state: 'copying' | 'failed' | 'stopped';
   since: string;
   error?: string;
 }

@@ -11,7 +11,7 @@ import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { logger, type Logger } from '../util/log.js';
 import { allocatedBytes, TargetConnector } from './connector.js';
-import { fitsDowntime, guestThrottleRate, RateMeter, StallDetector, waitingReason } from './convergence.js';
+import { fitsDowntime, guestThrottleRate, RateMeter, StallDetector } from './convergence.js';
 import { type CopyOptions, type CopyStats, copySweep, newCopyStats } from './copy.js';
 import { cutover } from './cutover.js';
 import { type HookStatus, hookEnv, runCutoverHook } from './on-cutover.js';
@@ -49,8 +49,6 @@ export class MirrorJob extends EventEmitter {
   private retries = 0;
   private retrying = false;
   private pauseMs: number | null = null;
-  /** Why the job is not cutting over yet though it would (auto, or asked): the estimated final sweep does not fit. */
-  private cutoverWaiting: string | null = null;
   private hookStatus: HookStatus | null = null;
   private error: string | null = null;
   private readonly startedAt = new Date();
@@ -73,6 +71,9 @@ export class MirrorJob extends EventEmitter {
   private limiter: RateLimiter | undefined;
   private cutoverRequested = false;
   private abortRequested = false;
+  /** Server shutdown: the job ends here but stays resumable (stop()). */
+  private stopRequested = false;
+  private stopped = false;
   private readonly aborter = new AbortController();
   private wake: (() => void) | undefined;
   private firstSweepDone = false;
@@ -170,7 +171,6 @@ export class MirrorJob extends EventEmitter {
       retries: this.retries,
       retrying: this.retrying,
       pauseMs: this.pauseMs,
-      cutoverWaiting: this.cutoverWaiting,
       startedAt: this.startedAt.toISOString(),
       finishedAt: this.finishedAt?.toISOString() ?? null,
       error: this.error,
@@ -220,6 +220,39 @@ export class MirrorJob extends EventEmitter {
     this.target?.destroy();
     await this.finished();
     if (this.state === 'completed') throw new JobError('EINVAL', 'the cutover had already switched the export to the target; the job completed');
+  }
+
+  /**
+   * Server shutdown (SIGTERM), not the operator's abort: the job ends in this
+   * process but stays resumable. Copies stop, the target is flushed, the bitmap
+   * and the record (state stopped) are stored, and the destination stays bound
+   * to the job (no MIGRATE_RELEASE): after the restart, `ctl mirror NAME URI`
+   * picks it up. A job that could not be resumed (no state folder, a target
+   * whose identity cannot be checked) is aborted as before. A target that does
+   * not answer within `timeoutMs` is dropped: what it had not flushed stays dirty.
+   */
+  async stop(timeoutMs = 5000): Promise<void> {
+    if (this.isFinal) return;
+    const why = !this.source.state
+      ? 'the export keeps no state folder'
+      : this.connector.kind !== 'nbd-migrate-incoming' || !this.connector.destExportId
+        ? `its target (${this.connector.kind ?? 'unknown'}) is not an nbd-migrate destination whose identity can be checked`
+        : undefined;
+    if (why) {
+      this.log.info('mirror-stop-aborts', { cause: `the job cannot be resumed after the restart: ${why}`, effect: 'aborted; the next mirror starts afresh' });
+      await this.abort().catch(() => undefined);
+      return;
+    }
+    this.stopRequested = true;
+    this.abortRequested = true;
+    this.aborter.abort();
+    this.poke();
+    const timer = setTimeout(() => this.target?.destroy(), timeoutMs);
+    try {
+      await this.finished();
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   // ------------------------------------------------------------------ internals
@@ -347,13 +380,21 @@ export class MirrorJob extends EventEmitter {
     return run;
   }
 
-  /** Completed or aborted: nothing to resume. Failed: the record says so and the bitmap is stored, to resume after a restart too. */
+  /**
+   * Completed or aborted: nothing to resume. Failed, or stopped by a server
+   * shutdown: the record says so and the bitmap is stored, to resume after a restart.
+   */
   private persistEnd(s: JobState): void {
     clearInterval(this.progressTimer);
     if (s !== 'completed') this.remarkUnflushed();
     const state = this.source.state;
     if (!state || !this.record) return this.uncover?.();
     try {
+      if (s === 'aborted' && this.stopped) {
+        state.setMirror({ ...this.record, state: 'stopped' });
+        this.uncover?.();
+        return;
+      }
       if (s === 'failed') {
         state.setMirror({ ...this.record, state: 'failed', error: this.error ?? undefined });
         void this.saveProgress().finally(() => this.uncover?.());
@@ -449,12 +490,7 @@ export class MirrorJob extends EventEmitter {
         const dirty = this.source.stack.bitmap.dirtyBytes();
         this.log.debug('mirror-sweep', { pass: this.pass, seconds, moved, dirty, rate: this.meter.rate });
         this.emit('progress', this.status());
-        const fits = fitsDowntime(dirty, this.meter.rate, this.opts.maxDowntimeMs);
-        this.cutoverWaiting =
-          fits || (this.opts.cutover !== 'auto' && !this.cutoverRequested)
-            ? null
-            : waitingReason(dirty, this.meter.rate, this.opts.maxDowntimeMs);
-        if (fits) {
+        if (fitsDowntime(dirty, this.meter.rate, this.opts.maxDowntimeMs)) {
           stall.reset(dirty);
           if (this.state === 'copying') this.setState('ready');
           // Stay synchronised until cutover: guest writes go to both sides (again, after a slow target dropped it).
@@ -464,9 +500,8 @@ export class MirrorJob extends EventEmitter {
             if (this.abortRequested) return await this.finishAborted();
             continue;
           }
-        } else if (stall.observe(dirty, seconds, this.meter.rate) && this.status().convergence === 'none') {
-          // Not shrinking: the guest dirties data as fast as we copy it (decided from the rates after one sweep).
-          this.log.info('mirror-not-converging', { pass: this.pass, dirty, ...stall.reason });
+        } else if (stall.observe(dirty) && this.status().convergence === 'none') {
+          // Not shrinking: the guest dirties data as fast as we copy it.
           if (this.opts.converge === 'postcopy') return await this.switchToPostcopy(dirty);
           this.engage(this.opts.converge);
         }
@@ -694,11 +729,34 @@ export class MirrorJob extends EventEmitter {
 
   private async finishAborted(): Promise<void> {
     this.disengage();
+    if (this.stopRequested) return this.finishStopped();
     this.target?.destroy();
     this.target = undefined;
     await this.connector.release();
     this.finishedAt = new Date();
     this.setState('aborted');
+  }
+
+  /** stop(): flush the target, store the bitmap, keep the record and the destination's binding. */
+  private async finishStopped(): Promise<void> {
+    const flushed = await this.flushTarget();
+    this.target?.destroy();
+    this.target = undefined;
+    this.remarkUnflushed(); // nothing left unless the flush failed: then that is copied again
+    try {
+      await this.source.state?.log.checkpoint();
+    } catch (e) {
+      this.log.error('mirror-progress-save-failed', { cause: e, effect: 'a restart resumes from the last stored bitmap and the activity log' });
+    }
+    this.stopped = true;
+    this.finishedAt = new Date();
+    this.setState('aborted');
+    this.log.warn('mirror-resumable', {
+      state: 'stopped',
+      targetFlushed: flushed,
+      dirtyBytes: this.source.stack.bitmap.dirtyBytes(),
+      effect: `stopped with the server; the destination stays bound to this job: nbd-migrate ctl mirror ${this.source.name} ${this.opts.target} resumes it after the restart (ctl abort releases it)`,
+    });
   }
 
   private finishFailed(e: unknown): void {
