@@ -224,7 +224,9 @@ class ServeProcess implements RunningServer {
 
   async openExport(e: ExportConfig): Promise<OpenExport> {
     checkMarkers(e, this.cfg.force);
-    const pcRefusal = postcopyRefusal(e, this.cfg.force);
+    // The export's state folder (src/dirty/state.ts placement; --state-dir names another): the present-map lives there.
+    const pcDir = stateDirOf(e, this.cfg, ((p) => { try { return fs.statSync(p).isBlockDevice(); } catch { return false; } })(e.path));
+    const pcRefusal = postcopyRefusal(e, this.cfg.force, pcDir);
     if (pcRefusal) throw new ConfigError(pcRefusal);
     if (e.incoming && e.readOnly) throw new ConfigError(`export "${e.name}": --incoming needs a writable image`);
     let file: FileDevice;
@@ -244,6 +246,7 @@ class ServeProcess implements RunningServer {
       ? new PostcopyDestination({
           exportName: e.name,
           image: e.path,
+          stateDir: pcDir,
           source: e.fetchFrom,
           local: file,
           granularity: this.cfg.dirtyGranularity,

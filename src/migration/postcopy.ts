@@ -16,11 +16,11 @@
  */
 import { EventEmitter } from 'node:events';
 import * as fs from 'node:fs';
-import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { NbdClient } from '../client/nbd-client.js';
 import { isConnectionLost } from '../client/errors.js';
 import { DirtyBitmap } from '../dirty/bitmap.js';
+import { StateFolder } from '../dirty/state.js';
 import * as C from '../protocol/constants.js';
 import { type Capabilities, type Device, DeviceError, type Extent } from '../storage/device.js';
 import type { ExportExtension, ExtraCommand, MetaContext } from '../server/export.js';
@@ -69,60 +69,50 @@ export interface PostcopyState {
   completedAt?: string;
 }
 
-export const defaultStateDir = (image: string): string => `${image}.nbd-migrate.d`;
+/** The state folder when none is named (an image file's: beside it; serve passes the export's, as src/dirty/state.ts places it). */
+export const defaultStateDir = (image: string): string => `${path.resolve(image)}.nbd-migrate.d`;
 
 const MAGIC = Buffer.from('NBDMABS1');
 
-/** The post-copy state files of one export (until src/dirty/state.ts offers the shared folder, kept here behind this class). */
+/** The post-copy files of one export, in its state folder (src/dirty/state.ts: every write atomic and durable). */
 export class PostcopyStore {
+  private opened: StateFolder | undefined;
   constructor(readonly dir: string) {}
 
-  private get stateFile(): string {
-    return path.join(this.dir, 'postcopy.json');
+  /** The folder, created on first write (a check that only reads creates nothing). */
+  private get folder(): StateFolder {
+    return (this.opened ??= StateFolder.open(this.dir));
   }
 
-  private get mapFile(): string {
-    return path.join(this.dir, 'present-map');
+  private read(name: string): Buffer | undefined {
+    if (!this.opened && !fs.existsSync(this.dir)) return undefined;
+    return this.folder.read(name);
   }
 
   readState(): PostcopyState | undefined {
+    const b = this.read(STATE_FILE);
+    if (!b) return undefined;
     try {
-      return JSON.parse(fs.readFileSync(this.stateFile, 'utf8')) as PostcopyState;
+      return JSON.parse(b.toString('utf8')) as PostcopyState;
     } catch (e) {
-      if ((e as { code?: string }).code === 'ENOENT') return undefined;
-      throw new Error(`${this.stateFile} is unreadable (${(e as Error).message}); the destination's post-copy state cannot be trusted`, { cause: e });
+      throw new Error(`${path.join(this.dir, STATE_FILE)} is unreadable (${(e as Error).message}); the destination's post-copy state cannot be trusted`, { cause: e });
     }
   }
 
   writeState(s: PostcopyState): void {
-    fs.mkdirSync(this.dir, { recursive: true });
-    const tmp = `${this.stateFile}.tmp${process.pid}`;
-    const fd = fs.openSync(tmp, 'w', 0o644);
-    try {
-      fs.writeSync(fd, JSON.stringify(s) + '\n');
-      fs.fsyncSync(fd);
-    } finally {
-      fs.closeSync(fd);
-    }
-    fs.renameSync(tmp, this.stateFile);
-    syncDirSync(this.dir);
+    this.folder.writeAtomic(STATE_FILE, JSON.stringify(s) + '\n');
   }
 
   /** Sets `absent` from the saved map; false when there is none (everything is absent then). */
   loadAbsent(absent: DirtyBitmap): boolean {
-    let buf: Buffer;
-    try {
-      buf = fs.readFileSync(this.mapFile);
-    } catch (e) {
-      if ((e as { code?: string }).code === 'ENOENT') return false;
-      throw e;
-    }
+    const buf = this.read(MAP_FILE);
+    if (!buf) return false;
     if (buf.length < 32 || !buf.subarray(0, 8).equals(MAGIC) || (buf.length - 8) % 8 !== 0)
-      throw new Error(`${this.mapFile} is not a present-map`);
+      throw new Error(`${path.join(this.dir, MAP_FILE)} is not a present-map`);
     const f = new Float64Array(buf.buffer.slice(buf.byteOffset + 8, buf.byteOffset + buf.length));
     const [size, granularity, runs] = [f[0]!, f[1]!, f[2]!];
     if (size !== absent.size || granularity !== absent.granularity || f.length !== 3 + 2 * runs)
-      throw new Error(`${this.mapFile} is for ${size} bytes at ${granularity} per block, not ${absent.size} at ${absent.granularity}`);
+      throw new Error(`${path.join(this.dir, MAP_FILE)} is for ${size} bytes at ${granularity} per block, not ${absent.size} at ${absent.granularity}`);
     absent.clearAll();
     for (let i = 0; i < runs; i++) absent.markBlocks(f[3 + 2 * i]!, f[4 + 2 * i]!);
     return true;
@@ -145,47 +135,27 @@ export class PostcopyStore {
     return Buffer.concat([MAGIC, Buffer.from(f.buffer)]);
   }
 
-  async saveMap(snapshot: Buffer): Promise<void> {
-    await fsp.mkdir(this.dir, { recursive: true });
-    const tmp = `${this.mapFile}.tmp${process.pid}`;
-    const fh = await fsp.open(tmp, 'w', 0o644);
-    try {
-      await fh.writeFile(snapshot);
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    await fsp.rename(tmp, this.mapFile);
-    const dh = await fsp.open(this.dir, 'r');
-    try {
-      await dh.sync();
-    } finally {
-      await dh.close();
-    }
+  saveMap(snapshot: Buffer): Promise<void> {
+    return this.folder.writeAtomicAsync(MAP_FILE, snapshot);
   }
 }
 
-function syncDirSync(dir: string): void {
-  const fd = fs.openSync(dir, 'r');
-  try {
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
+const STATE_FILE = 'postcopy.json';
+const MAP_FILE = 'present-map';
+
 
 /**
  * Why an export may not be served as configured (undefined: it may): a
  * half-filled post-copy destination served without --fetch-from would show
  * zeros where the source still holds the data.
  */
-export function postcopyRefusal(e: { name: string; path: string; fetchFrom?: string; incoming?: boolean; readOnly: boolean }, force: boolean): string | undefined {
+export function postcopyRefusal(e: { name: string; path: string; fetchFrom?: string; incoming?: boolean; readOnly: boolean }, force: boolean, stateDir = defaultStateDir(e.path)): string | undefined {
   if (e.fetchFrom && e.incoming) return `export "${e.name}": --fetch-from and --incoming exclude each other (post-copy pulls, pre-copy is pushed)`;
   if (e.fetchFrom && e.readOnly) return `export "${e.name}": --fetch-from needs a writable image (fetched blocks are written into it)`;
   if (e.fetchFrom || force) return undefined;
   let st: PostcopyState | undefined;
   try {
-    st = new PostcopyStore(defaultStateDir(e.path)).readState();
+    st = new PostcopyStore(stateDir).readState();
   } catch (err) {
     return `export "${e.name}": ${(err as Error).message}`;
   }
@@ -397,8 +367,10 @@ export interface PostcopyStatus {
   granularity: number;
   presentBytes: number;
   absentBytes: number;
-  /** Bytes per second brought over (guest fetches, read-ahead and fill), last seconds. */
+  /** Bytes per second made present (guest fetches, read-ahead, fill, holes zeroed), last seconds: what the ETA uses. */
   rate: number;
+  /** Bytes per second read from the source (what --max-bandwidth limits, plus guest fetches), last seconds. */
+  sourceRate: number;
   etaSeconds: number | null;
   maxBandwidth: number | null;
   sourceConnected: boolean;
@@ -427,7 +399,7 @@ export class PostcopyDestination extends EventEmitter {
   private persistChain: Promise<void> = Promise.resolve();
   private persistWaiting: Promise<void> | undefined;
   private completing: Promise<void> | undefined;
-  private readonly samples: Array<{ t: number; bytes: number }> = [];
+  private readonly samples: Array<{ t: number; bytes: number; wire: number }> = [];
   private sampler: NodeJS.Timeout | undefined;
 
   constructor(private readonly o: PostcopyOptions) {
@@ -534,6 +506,7 @@ export class PostcopyDestination extends EventEmitter {
       presentBytes: this.o.local.size - absent,
       absentBytes: absent,
       rate: Math.round(rate),
+      sourceRate: Math.round(this.rate(true)),
       etaSeconds: !this.completed && rate > 0 ? Math.round((absent / rate) * 10) / 10 : this.completed ? 0 : null,
       maxBandwidth: this.limiter?.rate ?? null,
       sourceConnected: this.link?.connected ?? false,
@@ -655,22 +628,21 @@ export class PostcopyDestination extends EventEmitter {
     if (kind !== 'fill') this.log.debug('fetched', { kind, bytes, ms: Math.round(ms * 100) / 100 });
   }
 
-  private brought(): number {
+  private brought(wire = false): number {
     const c = this.filter?.counters;
-    return c ? c.guestBytes + c.readAheadBytes + c.fillBytes + c.fillHoleBytes : 0;
+    return c ? c.guestBytes + c.readAheadBytes + c.fillBytes + (wire ? 0 : c.fillHoleBytes) : 0;
   }
 
   private sample(): void {
-    this.samples.push({ t: performance.now(), bytes: this.brought() });
+    this.samples.push({ t: performance.now(), bytes: this.brought(), wire: this.brought(true) });
     while (this.samples.length > 20) this.samples.shift();
   }
 
-  private rate(): number {
+  private rate(wire = false): number {
     if (this.samples.length < 2) return 0;
     const a = this.samples[0]!;
-    const b = { t: performance.now(), bytes: this.brought() };
-    const secs = (b.t - a.t) / 1000;
-    return secs > 0 ? (b.bytes - a.bytes) / secs : 0;
+    const secs = (performance.now() - a.t) / 1000;
+    return secs > 0 ? (this.brought(wire) - (wire ? a.wire : a.bytes)) / secs : 0;
   }
 
   /** Every absent block, in chunks, holes not read; guest reads go first. */
