@@ -205,7 +205,12 @@ async function main(): Promise<void> {
   }
 }
 
-if (process.argv[1] && /blockdev\.[jt]s$/.test(process.argv[1])) void main().catch((e: unknown) => {
-  process.stderr.write(`bench blockdev: ${(e as Error).stack ?? String(e)}\n`);
-  process.exit(1);
-});
+if (process.argv[1] && /blockdev\.[jt]s$/.test(process.argv[1]))
+  void main().catch((e: unknown) => {
+    if (e instanceof Interrupted) {
+      process.stderr.write('bench blockdev: interrupted (partial results above; the loop device is detached)\n');
+      process.exit(130);
+    }
+    process.stderr.write(`bench blockdev: ${(e as Error).stack ?? String(e)}\n`);
+    process.exit(1);
+  });
