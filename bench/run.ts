@@ -194,8 +194,8 @@ async function main(): Promise<void> {
     ? `nbd-migrate benchmark: fio ${cfg.jobs.join(', ')} via the nbd engine (1 connection, iodepth ${cfg.iodepth}, ` +
       `${cfg.runtimeSec} s + ${cfg.rampSec} s ramp) against ${cfg.servers.join(', ')}; ` +
       `${gib >= 1 ? `${gib} GiB` : `${cfg.imageSize / 1024 ** 2} MiB`} random raw image on tmpfs; ${os.cpus().length} CPUs`
-    : `nbd-migrate benchmark: mirror suite only (${cfg.mirror.rows.join(', ')}); ${os.cpus().length} CPUs`;
-  const runs = [fioSuite ? `${total} fio runs` : '', mirrorSuite ? `mirror rows ${cfg.mirror.rows.join(', ')}` : ''].filter(Boolean).join(' + ');
+    : `nbd-migrate benchmark: ${[mirrorSuite ? `mirror suite (${cfg.mirror.rows.join(', ')})` : '', blockdevSuite ? 'blockdev suite' : ''].filter(Boolean).join(' and ')} only; ${os.cpus().length} CPUs`;
+  const runs = [fioSuite ? `${total} fio runs` : '', mirrorSuite ? `mirror rows ${cfg.mirror.rows.join(', ')}` : '', blockdevSuite ? `${cfg.repeat * cfg.jobs.length * 2} blockdev fio runs` : ''].filter(Boolean).join(' + ');
   process.stderr.write(`${header}\n${runs}, about ${Math.ceil(estimate / 60)} min\n`);
 
   const t0 = Date.now();
