@@ -236,6 +236,23 @@ function deferred(): Deferred {
   return { promise, resolve, reject };
 }
 
+/** An export's activity log in `ctl status` (counters since the export was opened). */
+export interface ActivityLogStatus {
+  extentBytes: number;
+  /** Extents the log names now. */
+  activeExtents: number;
+  /** Extents written into the log (a first change into an extent not logged). */
+  extentsLogged: number;
+  /** Slot writes, each followed by an fdatasync of the log. */
+  syncs: number;
+  /** Checkpoints: the bitmap stored and the log started again (a full log, a mirror's progress save). */
+  checkpoints: number;
+  /** Changes that waited for a slot to be synced. */
+  waits: number;
+  /** The log cannot be written (changes into extents not logged fail with EIO). */
+  failed: boolean;
+}
+
 /** Ranges [offset, length] a caller has in flight outside the write path, covered by every snapshot. */
 export type CoverFn = () => Iterable<readonly [number, number]>;
 
@@ -260,8 +277,8 @@ export class ActivityLog {
   private readonly covers = new Set<CoverFn>();
   /** Run at each checkpoint after the snapshot is stored and before extents leave the log (checkpoints store their bits). */
   private readonly beforeDrop = new Set<() => void | Promise<void>>();
-  /** Counters, for status and the bench. */
-  readonly stats = { slotWrites: 0, checkpoints: 0, waits: 0 };
+  /** Counters, for status and the bench: slot writes (each one fdatasync), checkpoints, changes that waited, extents newly logged. */
+  readonly stats = { slotWrites: 0, checkpoints: 0, waits: 0, extentsLogged: 0 };
 
   private constructor(
     private readonly folder: StateFolder,
@@ -366,6 +383,19 @@ export class ActivityLog {
     return this.active.size;
   }
 
+  /** The counters as `ctl status` shows them per export (since the export was opened). */
+  status(): ActivityLogStatus {
+    return {
+      extentBytes: this.extentBytes,
+      activeExtents: this.active.size,
+      extentsLogged: this.stats.extentsLogged,
+      syncs: this.stats.slotWrites,
+      checkpoints: this.stats.checkpoints,
+      waits: this.stats.waits,
+      failed: this.failure !== undefined,
+    };
+  }
+
   private kick(): void {
     if (this.running || this.closed) return;
     this.running = true;
@@ -390,6 +420,7 @@ export class ActivityLog {
           }
           if (grown && grown.size <= SLOT_CAPACITY) {
             await this.writeSlot(grown);
+            this.stats.extentsLogged += grown.size - this.active.size;
             this.setActive(grown);
           } else {
             await this.checkpointNow(batch);
@@ -439,6 +470,7 @@ export class ActivityLog {
     for (const e of batch) if (next.size < SLOT_CAPACITY) next.add(e);
     for (const e of this.batch) if (next.size < SLOT_CAPACITY && this.inflight[e]! > 0) next.add(e);
     await this.writeSlot(next);
+    this.stats.extentsLogged += next.size;
     // Writes that asked during this checkpoint wait for the next slot, unless this one named their extents.
     for (const e of next) this.batch.delete(e);
     this.setActive(next);

@@ -113,6 +113,17 @@ export function buildRegistry(src: MetricsSources): client.Registry {
   gauge('dirty_bitmap_bytes', 'Memory held by the export\'s dirty bitmap', ['export'], (set) => {
     for (const e of status().exports) set({ export: e.name }, e.bitmapBytes);
   });
+  const logs = (f: (exp: string, l: import('../dirty/activity-log.js').ActivityLogStatus) => void) => {
+    for (const e of status().exports) if (e.activityLog) f(e.name, e.activityLog);
+  };
+  gauge('activity_log_active_extents', 'Extents the export\'s activity log names now', ['export'], (set) => logs((exp, l) => set({ export: exp }, l.activeExtents)));
+  counter('activity_log_extents_logged_total', 'Extents written into the activity log (first changes into extents not logged)', ['export'], (set) =>
+    logs((exp, l) => set({ export: exp }, l.extentsLogged)),
+  );
+  counter('activity_log_syncs_total', 'Activity-log slot writes, each followed by an fdatasync', ['export'], (set) => logs((exp, l) => set({ export: exp }, l.syncs)));
+  counter('activity_log_checkpoints_total', 'Activity-log checkpoints (the bitmap stored, the log started again)', ['export'], (set) =>
+    logs((exp, l) => set({ export: exp }, l.checkpoints)),
+  );
   gauge('mirror_state', 'Mirror job state (1 for the current one)', ['export', 'state'], (set) => {
     for (const j of status().jobs) for (const s of JOB_STATES) set({ export: j.export, state: s }, j.state === s ? 1 : 0);
   });

@@ -6,6 +6,7 @@ import { EventEmitter } from 'node:events';
 import { CheckpointError, type CheckpointInfo } from '../dirty/checkpoints.js';
 import { DEFAULT_MIRROR_OPTIONS, JobError, type JobStatus, MirrorJob, type MirrorOptions, type MirrorSource } from './job.js';
 import { type EvacuationExportStatus, type EvacuationStatus, Evacuations } from './evacuation.js';
+import type { ActivityLogStatus } from '../dirty/activity-log.js';
 
 export interface ExportStatus {
   name: string;
@@ -18,6 +19,8 @@ export interface ExportStatus {
   bitmapBytes: number;
   /** Where the export's I/O goes now. */
   backend: 'local' | 'target';
+  /** The export's activity log (crash-safe dirty tracking); null without one (--no-activity-log, read-only, --incoming). */
+  activityLog: ActivityLogStatus | null;
 }
 
 export class MigrationController extends EventEmitter {
@@ -81,6 +84,7 @@ export class MigrationController extends EventEmitter {
       granularity: s.stack.bitmap.granularity,
       bitmapBytes: s.stack.bitmap.memoryBytes(),
       backend: (s.stack.switch.switched ? 'target' : 'local') as ExportStatus['backend'],
+      activityLog: s.state?.log.status() ?? null,
     }));
     return { exports, jobs: [...this.jobs.values()].map((j) => j.status()), evacuations: this.evacuations.status() };
   }
