@@ -25,7 +25,7 @@ import { ImageLockConflict } from '../storage/native.js';
 import { buildStack, type Stack } from '../storage/stack.js';
 import { ExportState } from '../dirty/export-state.js';
 import { Checkpoints, FileCheckpointStore } from '../dirty/checkpoints.js';
-import { defaultStateDir, StateFolder } from '../dirty/state.js';
+import { defaultStateDir, lockStateFolder, StateFolder, StateFolderInUse } from '../dirty/state.js';
 import { loggedRanges } from '../dirty/activity-log.js';
 import { DEFAULT_GRANULARITY } from '../dirty/bitmap.js';
 import { buildRegistry, startMetricsServer } from '../metrics/exporter.js';
@@ -174,6 +174,45 @@ function openState(e: ExportConfig, cfg: ServeConfig, file: FileDevice, stack: S
   return state;
 }
 
+/** The state folder is held by another owner; `sameProcess`: this server's own export of that name, still being retired. */
+class StateFolderBusy extends Error {
+  constructor(
+    message: string,
+    readonly sameProcess: boolean,
+    options?: ErrorOptions,
+  ) {
+    super(message, options);
+  }
+}
+
+/**
+ * The state folder's lock (state.ts lockStateFolder) for a writable export that
+ * keeps state there (the activity log's exports, post-copy destinations, or a
+ * folder that exists already: checkpoints); undefined where nothing is kept.
+ */
+function lockState(e: ExportConfig, cfg: ServeConfig, dir: string): (() => void) | undefined {
+  if (e.readOnly) return undefined;
+  const receiving = e.incoming === true && !readReceived(e.path);
+  if ((receiving || cfg.activityLog === false) && !e.fetchFrom && !fs.existsSync(dir)) return undefined;
+  try {
+    return lockStateFolder(dir, `export "${e.name}" image ${e.path}`);
+  } catch (err) {
+    if (!(err instanceof StateFolderInUse)) throw new Error(`export "${e.name}": cannot lock its state folder ${dir}: ${(err as Error).message}`, { cause: err });
+    if (err.pid === process.pid)
+      throw new StateFolderBusy(
+        `export "${e.name}": its state folder ${dir} is in use by this server's previous export of that name, retired by the reload and still serving its clients: it opens once they have disconnected`,
+        true,
+        { cause: err },
+      );
+    throw new StateFolderBusy(
+      `export "${e.name}": its state folder ${dir} is in use by ${err.holder ?? 'another process'} (another nbd-migrate server): two owners would mix their activity logs and bitmaps. ` +
+        'Give this export a folder of its own (--state-dir DIR, or state-dir= on the export), or stop the other server',
+      false,
+      { cause: err },
+    );
+  }
+}
+
 /** Clean close of the state: the exact bitmap stored (a failure is logged: the next start over-reports from the log). */
 async function closeState(oe: OpenExport): Promise<void> {
   await oe.state?.close().catch((e) => log('error', 'dirty-store-failed', { export: oe.config.name, cause: e, effect: 'the next start recovers from the activity log' }));
@@ -184,6 +223,8 @@ interface OpenExport {
   config: ExportConfig;
   /** Its state folder and activity log (writable exports). */
   state?: ExportState;
+  /** Releases the state folder's lock (after everything in the folder is stored). */
+  unlockState?: () => void;
   file: FileDevice;
   stack: Stack;
   source: MirrorSource;
@@ -204,6 +245,8 @@ class ServeProcess implements RunningServer {
   private readonly open = new Map<string, OpenExport>();
   /** Exports removed by a reload whose images stay open until their last connection ends. */
   private readonly retiring = new Set<OpenExport>();
+  /** Exports a reload could not open yet: their state folder is still held by the retired export of that name. */
+  private readonly deferred = new Map<string, ExportConfig>();
   readonly server: NbdServer;
   readonly controller: MigrationController;
   private admin: AdminServer | undefined;
@@ -241,7 +284,17 @@ class ServeProcess implements RunningServer {
         throw new Error(`export "${e.name}": ${e.path} is in use: ${err.holder}; not serving it`, { cause: err });
       throw new Error(`export "${e.name}": cannot open ${e.path}: ${(err as Error).message}`, { cause: err });
     }
-    const checkpoints = openCheckpoints(e, stateDirOf(e, this.cfg, file.isBlockDevice), file, this.cfg.dirtyGranularity ?? DEFAULT_GRANULARITY);
+    // One owner per state folder (two servers, or a reload's new export beside the old one still draining).
+    let unlockState: (() => void) | undefined;
+    let checkpoints: Checkpoints;
+    try {
+      unlockState = lockState(e, this.cfg, stateDirOf(e, this.cfg, file.isBlockDevice));
+      checkpoints = openCheckpoints(e, stateDirOf(e, this.cfg, file.isBlockDevice), file, this.cfg.dirtyGranularity ?? DEFAULT_GRANULARITY);
+    } catch (err) {
+      unlockState?.();
+      await file.close().catch(() => undefined);
+      throw err;
+    }
     const postcopy = e.fetchFrom
       ? new PostcopyDestination({
           exportName: e.name,
@@ -294,10 +347,17 @@ class ServeProcess implements RunningServer {
       },
     };
     source.checkpoints = checkpoints;
-    const state = openState(e, this.cfg, file, stack, incoming !== undefined);
+    let state: ExportState | undefined;
+    try {
+      state = openState(e, this.cfg, file, stack, incoming !== undefined);
+    } catch (err) {
+      unlockState?.();
+      await file.close().catch(() => undefined);
+      throw err;
+    }
     source.state = state;
     if (state) checkpoints.attachLog(state.log);
-    const oe: OpenExport = { config: e, file, stack, source, checkpoints, state };
+    const oe: OpenExport = { config: e, file, stack, source, checkpoints, state, unlockState };
     const exp = new Export({ name: e.name, description: e.description, device: stack.device, extension: incoming, id: postcopy?.exportId ?? incoming?.exportId ?? received?.exportId, acl: e.allow ? Acl.parse(e.allow) : undefined, contexts: () => [...checkpoints.contexts(), ...(postcopy?.contexts() ?? [])] });
     source.exportId = exp.id;
     this.registry.add(exp);
@@ -395,6 +455,16 @@ class ServeProcess implements RunningServer {
       await oe.postcopy?.close().catch((e) => log('error', 'postcopy-close-failed', { export: oe.config.name, cause: e }));
       await closeState(oe);
       await oe.file.close().catch((e) => log('error', 'close-failed', { image: oe.file.path, cause: e }));
+      oe.unlockState?.();
+      // A reload's new export of that name waited for this one's state folder: it opens now.
+      const waiting = this.deferred.get(oe.config.name);
+      if (waiting && !this.open.has(waiting.name)) {
+        this.deferred.delete(waiting.name);
+        await this.openExport(waiting).then(
+          () => log('info', 'export-open-resumed', { export: waiting.name, image: waiting.path }),
+          (err) => log('error', 'reload-export-failed', { export: waiting.name, cause: err }),
+        );
+      }
     }
     if (this.retiring.size === 0 && this.reaper) {
       clearInterval(this.reaper);
@@ -431,6 +501,7 @@ class ServeProcess implements RunningServer {
    */
   async reload(next: ServeConfig): Promise<void> {
     const wanted = new Map(next.exports.map((e) => [e.name, e]));
+    this.deferred.clear(); // this configuration decides: still blocked ones are deferred again below
     const busy = new Set(this.controller.running().map((j) => j.source.name));
     for (const [name, oe] of [...this.open]) {
       const w = wanted.get(name);
@@ -448,7 +519,10 @@ class ServeProcess implements RunningServer {
       try {
         await this.openExport(e);
       } catch (err) {
-        log('error', 'reload-export-failed', { export: name, cause: err });
+        if (err instanceof StateFolderBusy && err.sameProcess && [...this.retiring].some((r) => r.config.name === name)) {
+          this.deferred.set(name, e);
+          log('warn', 'export-open-deferred', { export: name, image: e.path, cause: err, effect: 'opens once the retired export of that name has closed' });
+        } else log('error', 'reload-export-failed', { export: name, cause: err });
       }
     }
     log('info', 'reloaded', { exports: [...this.open.keys()] });
@@ -475,7 +549,9 @@ class ServeProcess implements RunningServer {
       await oe.postcopy?.close().catch((e) => log('error', 'postcopy-close-failed', { export: oe.config.name, cause: e }));
       await closeState(oe);
       await oe.file.close().catch((e) => log('error', 'close-failed', { image: oe.file.path, cause: e }));
+      oe.unlockState?.();
     }
+    this.deferred.clear();
     this.open.clear();
     this.retiring.clear();
   }

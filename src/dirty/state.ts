@@ -17,6 +17,64 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { sparseOps } from '../storage/native.js';
+
+/** The folder's lock file: held (flock, exclusive) by the one export that owns the folder. */
+export const LOCK_FILE = 'lock';
+
+/** Another owner holds the state folder's lock (another server, or this one's export still being retired). */
+export class StateFolderInUse extends Error {
+  readonly code = 'EWOULDBLOCK';
+  constructor(
+    readonly dir: string,
+    /** What the holder wrote into the lock file: `pid PID OWNER`. */
+    readonly holder: string | undefined,
+    /** The pid the holder wrote, if it did. */
+    readonly pid: number | undefined,
+  ) {
+    super(`state folder ${dir} is in use by ${holder ? holder : 'another process'}`);
+  }
+}
+
+/**
+ * Takes the state folder's lock, so that two exports (two servers, or a reload's
+ * new export while the old one of that name still drains) never keep their
+ * activity logs, bitmaps and records in one folder at once: an exclusive flock
+ * on `DIR/lock`, not waiting. flock belongs to the open file description, so a
+ * second open in this same process conflicts as another process's does; the
+ * kernel drops it when the process dies (a crash leaves no stale lock). Writes
+ * `pid PID OWNER` into the file for the refusal's message. Throws
+ * StateFolderInUse when it is held. Returns the release.
+ */
+export function lockStateFolder(dir: string, owner: string): () => void {
+  const folder = StateFolder.open(dir);
+  const file = folder.file(LOCK_FILE);
+  const fd = fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
+  const ops = sparseOps().ops;
+  try {
+    ops.lock(fd, file, true);
+  } catch (e) {
+    fs.closeSync(fd);
+    if ((e as { code?: string }).code !== 'EWOULDBLOCK') throw e;
+    let holder: string | undefined;
+    try {
+      holder = fs.readFileSync(file, 'utf8').trim() || undefined;
+    } catch {
+      /* unreadable: say "another process" */
+    }
+    const pid = Number(/^pid (\d+)/.exec(holder ?? '')?.[1]);
+    throw new StateFolderInUse(folder.dir, holder, Number.isInteger(pid) ? pid : undefined);
+  }
+  fs.ftruncateSync(fd, 0);
+  fs.writeSync(fd, `pid ${process.pid} ${owner}\n`, 0);
+  let released = false;
+  return () => {
+    if (released) return;
+    released = true;
+    ops.unlock(file);
+    fs.closeSync(fd);
+  };
+}
 
 /** Where an export's state folder is when nothing names it. */
 export function defaultStateDir(image: string, exportName: string, isBlockDevice: boolean): string {
