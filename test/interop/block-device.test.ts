@@ -91,7 +91,8 @@ t.test('a loop device served read-write: size, qemu-io, compare, map, trim, zero
   const added = await srv.waitForLog((e) => e.event === 'export-added');
   t.equal(added.size, SIZE, 'the export size is the device size (BLKGETSIZE64)');
   t.ok(existsSync(join(dir, 'state', 'lv', 'dirty.bitmap')), 'the state folder is under --state-dir (DIR/<name>/)');
-  t.notOk(existsSync('/var/lib/nbd-migrate/lv'), 'and nothing is left in /var/lib/nbd-migrate');
+  const recovered = await srv.waitForLog((e) => e.event === 'dirty-recovered');
+  t.equal(recovered.stateDir, join(dir, 'state', 'lv'), 'not /var/lib/nbd-migrate/lv: nothing of this test is left behind');
 
   const info = await run(nbdinfo, ['--json', uri], { timeoutMs: 30_000 });
   t.equal(info.code, 0, 'nbdinfo', { output: describeRun(info) });
