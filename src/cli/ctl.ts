@@ -8,6 +8,7 @@ import { AdminError, adminRequest } from '../admin/server.js';
 import type { CheckpointInfo } from '../dirty/checkpoints.js';
 import type { ExportStatus } from '../migration/controller.js';
 import type { JobStatus } from '../migration/job.js';
+import type { PostcopyStatus } from '../migration/postcopy.js';
 import { DEFAULT_ADMIN_SOCKET } from '../util/paths.js';
 import { formatBytes } from '../util/units.js';
 import { ProgressBar, type ProgressFigures } from './progress.js';
@@ -89,8 +90,14 @@ export async function waitForJob(socket: string, exportName: string, untilReady:
 }
 
 /** `ctl status` without --json: tables (src/cli/evacuate.ts). */
-function printStatus(st: { exports: ExportStatus[]; jobs: JobStatus[]; evacuations?: EvacuationStatus[] }): void {
+function printStatus(st: { exports: ExportStatus[]; jobs: JobStatus[]; evacuations?: EvacuationStatus[]; postcopy?: PostcopyStatus[] }): void {
   printStatusTables(st, out);
+  for (const p of st.postcopy ?? [])
+    out(
+      `post-copy ${p.export} from ${p.source}: ${p.state}; present ${formatBytes(p.presentBytes)} of ${formatBytes(p.size)}, ` +
+        `absent ${formatBytes(p.absentBytes)}, ${formatBytes(p.rate)}/s (source ${formatBytes(p.sourceRate)}/s), ETA ${p.etaSeconds === null ? '-' : `${p.etaSeconds} s`}` +
+        (p.lastError && !p.sourceConnected && p.state !== 'completed' ? `; source away: ${p.lastError}` : ''),
+    );
 }
 
 /** One ctl subcommand: which table arguments are positionals, what ctl sends by default, and what it prints. */

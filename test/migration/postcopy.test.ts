@@ -80,6 +80,8 @@ t.test('serves at once, fetches on read, fills under --max-bandwidth, completes 
   const s2 = await waitStatus(sock, (s) => s.sourceRate > 0 && s.etaSeconds !== null, 'a rate and ETA');
   t.ok(s2.sourceRate < 4 * MiB, `the fill reads the source near its limit (${s2.sourceRate} B/s; ${s2.rate} B/s made present, holes included)`);
 
+  const table = await cli(['ctl', '--socket', sock, 'status']);
+  t.match(table.stdout, /post-copy vm1 from nbd:\/\/.*: filling; present .* of 32(\.0)? MiB, absent .*ETA/, 'plain ctl status prints a line for the post-copy destination', { diag: describeRun(table) });
   const speed = await cli(['ctl', '--socket', sock, 'set-speed', 'vm1', '0']);
   t.equal(speed.code, 0, 'ctl set-speed lifts the limit', { diag: describeRun(speed) });
   const done = await dstSrv.waitForLog((e) => e.event === 'postcopy-completed', 60_000);
