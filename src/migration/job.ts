@@ -11,7 +11,7 @@ import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { logger, type Logger } from '../util/log.js';
 import { allocatedBytes, TargetConnector } from './connector.js';
-import { fitsDowntime, guestThrottleRate, RateMeter, StallDetector } from './convergence.js';
+import { fitsDowntime, guestThrottleRate, RateMeter, StallDetector, waitingReason } from './convergence.js';
 import { type CopyOptions, type CopyStats, copySweep, newCopyStats } from './copy.js';
 import { cutover } from './cutover.js';
 import { type HookStatus, hookEnv, runCutoverHook } from './on-cutover.js';
@@ -49,6 +49,8 @@ export class MirrorJob extends EventEmitter {
   private retries = 0;
   private retrying = false;
   private pauseMs: number | null = null;
+  /** Why the job is not cutting over yet though it would (auto, or asked): the estimated final sweep does not fit. */
+  private cutoverWaiting: string | null = null;
   private hookStatus: HookStatus | null = null;
   private error: string | null = null;
   private readonly startedAt = new Date();
@@ -91,7 +93,6 @@ export class MirrorJob extends EventEmitter {
   private progressTimer: NodeJS.Timeout | undefined;
   private uncover: (() => void) | undefined;
   private savedClears = -1;
-
 
   constructor(
     readonly source: MirrorSource,
@@ -171,6 +172,7 @@ export class MirrorJob extends EventEmitter {
       retries: this.retries,
       retrying: this.retrying,
       pauseMs: this.pauseMs,
+      cutoverWaiting: this.cutoverWaiting,
       startedAt: this.startedAt.toISOString(),
       finishedAt: this.finishedAt?.toISOString() ?? null,
       error: this.error,
@@ -490,7 +492,12 @@ export class MirrorJob extends EventEmitter {
         const dirty = this.source.stack.bitmap.dirtyBytes();
         this.log.debug('mirror-sweep', { pass: this.pass, seconds, moved, dirty, rate: this.meter.rate });
         this.emit('progress', this.status());
-        if (fitsDowntime(dirty, this.meter.rate, this.opts.maxDowntimeMs)) {
+        const fits = fitsDowntime(dirty, this.meter.rate, this.opts.maxDowntimeMs);
+        this.cutoverWaiting =
+          fits || (this.opts.cutover !== 'auto' && !this.cutoverRequested)
+            ? null
+            : waitingReason(dirty, this.meter.rate, this.opts.maxDowntimeMs);
+        if (fits) {
           stall.reset(dirty);
           if (this.state === 'copying') this.setState('ready');
           // Stay synchronised until cutover: guest writes go to both sides (again, after a slow target dropped it).
@@ -500,8 +507,9 @@ export class MirrorJob extends EventEmitter {
             if (this.abortRequested) return await this.finishAborted();
             continue;
           }
-        } else if (stall.observe(dirty) && this.status().convergence === 'none') {
-          // Not shrinking: the guest dirties data as fast as we copy it.
+        } else if (stall.observe(dirty, seconds, this.meter.rate) && this.status().convergence === 'none') {
+          // Not shrinking: the guest dirties data as fast as we copy it (decided from the rates after one sweep).
+          this.log.info('mirror-not-converging', { pass: this.pass, dirty, ...stall.reason });
           if (this.opts.converge === 'postcopy') return await this.switchToPostcopy(dirty);
           this.engage(this.opts.converge);
         }
