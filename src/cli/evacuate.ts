@@ -150,7 +150,9 @@ export function printStatusTables(st: { exports: ExportStatus[]; jobs: JobStatus
     out('');
     out(
       `evacuation ${ev.id} to ${ev.to}: ${ev.state}, parallel ${ev.parallel}, ` +
-        `max-bandwidth ${ev.maxBandwidth !== null ? `${formatBytes(ev.maxBandwidth)}/s` : 'unlimited'}, cutover ${ev.cutover}, ${ev.elapsedSeconds.toFixed(1)} s`,
+        `max-bandwidth ${ev.maxBandwidth !== null ? `${formatBytes(ev.maxBandwidth)}/s` : 'unlimited'}, cutover ${ev.cutover}, ${ev.elapsedSeconds.toFixed(1)} s` +
+        // The mirror options given to every job (ctl evacuate --max-downtime ...), as the job sees them.
+        (Object.keys(ev.job ?? {}).length ? `; each job: ${Object.entries(ev.job).map(([k, v]) => `${k} ${String(v)}`).join(', ')}` : ''),
     );
     out(
       formatTable(

@@ -283,6 +283,8 @@ t.test('the mirror options go to every job; set-speed --evacuation changes the s
   t.equal(ev.maxBandwidth, 2 * MiB);
   t.same(st.jobs.map((j) => [j.export, j.maxDowntimeMs, j.maxBandwidth]), [['a', 2000, MiB], ['b', 2000, MiB]], 'each job: --max-downtime, half the budget');
 
+  const table = await cli(['ctl', '--socket', admin, 'status']);
+  t.match(table.stdout, /^evacuation evac-\d+ .*max-bandwidth 2\.0 MiB\/s.*; each job: maxDowntimeMs 2000, handoff disconnect, targetTimeoutMs 10000, cutoverTimeoutMs 7000$/m, `ctl status names the job options\n${describeRun(table)}`);
   const bad = await cli(['ctl', '--socket', admin, 'set-speed', '--evacuation', 'evac-999', '1M']);
   t.not(bad.code, 0, 'an unknown evacuation is refused');
   t.match(bad.stderr, /ENOENT: no evacuation "evac-999" \(running: evac-\d+\)/, describeRun(bad));
