@@ -347,8 +347,11 @@ export class MirrorJob extends EventEmitter {
   }
 
   /**
-   * Stores the bitmap if copies cleared bits since it was last stored, after a
-   * flush of the target: only what a completed flush covers is stored as copied.
+   * Stores the bitmap if copies cleared bits, or the target acknowledged writes,
+   * since it was last stored, after a flush of the target: only what a completed
+   * flush covers is stored as copied. (Acknowledgements count on their own: the
+   * copy engine clears many chunks before their copies are answered, so a store
+   * triggered by clears alone would keep them dirty until the sweep ends.)
    */
   private saveProgress(): Promise<void> {
     // One at a time: a save asked for while one runs waits for it and then runs again.
