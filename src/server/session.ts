@@ -10,6 +10,7 @@
 import * as C from '../protocol/constants.js';
 import * as codec from '../protocol/codec.js';
 import type { ChunkOwner } from '../util/byte-queue.js';
+import { returnReplyBuffer, takeReplyBuffer } from './reply-pool.js';
 import type { Connection } from './connection.js';
 import { nbdErrorFor, nbdErrorName } from './errno.js';
 import type { Negotiated } from './handshake.js';
@@ -424,16 +425,22 @@ export class Session {
         return false;
       }
       // One allocation holds the chunk header and the data; the device reads straight into it.
-      buf = Buffer.allocUnsafe(codec.OFFSET_DATA_PREFIX + h.length);
+      buf = takeReplyBuffer(codec.OFFSET_DATA_PREFIX + h.length);
       await dev.read(h.offset, h.length, buf, codec.OFFSET_DATA_PREFIX);
       codec.writeOffsetDataPrefix(buf, C.NBD_REPLY_FLAG_DONE, h.cookie, h.offset, h.length);
     } else {
-      buf = Buffer.allocUnsafe(C.SIMPLE_REPLY_HEADER_LENGTH + h.length);
+      buf = takeReplyBuffer(C.SIMPLE_REPLY_HEADER_LENGTH + h.length);
       await dev.read(h.offset, h.length, buf, C.SIMPLE_REPLY_HEADER_LENGTH);
       codec.writeSimpleReplyHeader(buf, 0, 0, h.cookie);
     }
     const length = h.length;
-    return this.conn.send(buf, () => this.budget.release(length)) !== undefined;
+    const reply = buf;
+    const queued = this.conn.send(reply, () => {
+      this.budget.release(length);
+      returnReplyBuffer(reply);
+    });
+    if (queued === undefined) returnReplyBuffer(reply);
+    return queued !== undefined;
   }
 
   private async blockStatus(h: codec.RequestHeader): Promise<void> {
