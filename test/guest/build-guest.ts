@@ -8,6 +8,8 @@
 //   - its virtio modules (virtio_ring, virtio, virtio_pci_legacy_dev,
 //     virtio_pci_modern_dev, virtio_pci, virtio_blk: all `=m` in that kernel),
 //     stored uncompressed because busybox insmod may not read .ko.xz/.ko.zst;
+//     and what an ext4 root filesystem needs (ext4, jbd2, mbcache, crc16,
+//     crc32c_generic), which that kernel builds in, so nothing more is loaded;
 //   - busybox from `busybox-static`, and the /init and /lib/nbdm.sh found in
 //     test/guest/rootfs/.
 //
@@ -52,7 +54,14 @@ const INITRD_FORMAT = 1;
 /** The meta-package whose dependency names the current cloud kernel. */
 const KERNEL_META_PACKAGE = 'linux-image-cloud-amd64';
 
-/** Loaded in this order by /init (each depends only on those before it). */
+/**
+ * Loaded in this order by /init (each depends only on those before it). The
+ * last five are what mounting an ext4 root filesystem needs (a guest booted
+ * with `rootImage`, see root-image.ts); the cloud kernel builds them in
+ * (CONFIG_EXT4_FS=y, JBD2, FS_MBCACHE, CRC16, CRYPTO_CRC32C all =y in
+ * 6.1.0-*-cloud-amd64), so today only the virtio ones are loaded, but a
+ * kernel that has them as modules gets them into the initramfs.
+ */
 export const GUEST_MODULES = [
   'virtio_ring',
   'virtio',
@@ -60,7 +69,15 @@ export const GUEST_MODULES = [
   'virtio_pci_modern_dev',
   'virtio_pci',
   'virtio_blk',
+  'crc16',
+  'mbcache',
+  'jbd2',
+  'crc32c_generic',
+  'ext4',
 ] as const;
+
+/** Bumped when GUEST_MODULES (or anything else kernel.json records) changes: an older cached kernel is fetched again. */
+const KERNEL_FORMAT = 2;
 
 export interface Guest {
   /** The bzImage to pass as -kernel. */
@@ -79,6 +96,8 @@ export interface Guest {
 }
 
 interface KernelMeta {
+  /** KERNEL_FORMAT when written (absent: 1, before the ext4 modules were looked for). */
+  format?: number;
   package: string;
   version: string;
   release: string;
@@ -364,7 +383,7 @@ async function fetchKernel(pkg: string, version: string, dest: string, busybox: 
   }
   await copyFile(vmlinuz, join(dest, 'vmlinuz'));
   await rm(scratch, { recursive: true, force: true });
-  const meta: KernelMeta = { package: pkg, version, release, modules };
+  const meta: KernelMeta = { format: KERNEL_FORMAT, package: pkg, version, release, modules };
   await writeFile(join(dest, 'kernel.json'), JSON.stringify(meta, null, 2) + '\n');
   return meta;
 }
@@ -518,7 +537,7 @@ async function doBuild(root: string, log: Log): Promise<Guest> {
       const release = want.pkg.replace(/^linux-image-/, '');
       const kdir = join(root, cacheKey(release, want.version));
       const meta = await readMeta(kdir);
-      if (meta) {
+      if (meta && (meta.format ?? 1) >= KERNEL_FORMAT) {
         found = { dir: kdir, meta };
       } else {
         await rm(kdir, { recursive: true, force: true });

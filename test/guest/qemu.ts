@@ -152,6 +152,13 @@ export interface GuestOptions {
   guest?: Guest;
   /** A command QEMU runs under, e.g. ['ip', 'netns', 'exec', NS] (test/helpers/netns.ts); it must exec QEMU. */
   prefix?: string[];
+  /**
+   * The guest's root filesystem, e.g. '/dev/vda': an ext4 made by
+   * root-image.ts. The initramfs then only loads the modules, mounts it and
+   * switch_root's onto its /sbin/init, which runs the /scenario.sh stored in
+   * that filesystem (`script` is not used).
+   */
+  rootDevice?: string;
 }
 
 export interface GuestResult {
@@ -393,7 +400,7 @@ export async function startGuest(t: Teardownable | undefined, opts: GuestOptions
     '-smp', '1',
     '-kernel', guest.kernel,
     '-initrd', initrd,
-    '-append', `console=ttyS0 panic=-1 oops=panic loglevel=4 nbdm.disks=${opts.disks.length}`,
+    '-append', `console=ttyS0 panic=-1 oops=panic loglevel=4 nbdm.disks=${opts.disks.length}${opts.rootDevice ? ` nbdm.root=${opts.rootDevice}` : ''}`,
     ...opts.disks.flatMap((d, i) => blockdevArgs(d, i)),
   ];
   const [cmd, ...argv] = [...(opts.prefix ?? []), qemu, ...args];

@@ -41,10 +41,11 @@ _blocks() {
 }
 
 # write_file DEV FILE FIRST [direct|buffered]: write FILE at sector FIRST.
+# DEV may also be a regular file (conv=notrunc: dd would truncate it).
 write_file() {
   _wf_flag=oflag=direct
   [ "${4:-direct}" = buffered ] && _wf_flag=conv=notrunc
-  dd if="$2" of="$1" bs=64k seek="$(_blocks "$3")" "$_wf_flag" 2>/tmp/dd.err ||
+  dd if="$2" of="$1" bs=64k seek="$(_blocks "$3")" "$_wf_flag" conv=notrunc 2>/tmp/dd.err ||
     { fail "dd to $1 failed: $(cat /tmp/dd.err)"; return 1; }
 }
 
