@@ -6,6 +6,7 @@
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
+import { parseNbdUri } from '../client/uri.js';
 import { Acl } from '../server/acl.js';
 import { NbdMigrateError } from '../util/errors.js';
 import { parseSize } from '../util/units.js';
@@ -217,13 +218,26 @@ export function parseConfig(raw: unknown, where: string, baseDir: string): Parti
       const la = field(eo, 'listen', w, isString, 'an address such as "[fd00::11]:10809"');
       if (la !== undefined) ec.listen = parseListenAddress(la, `${w}.listen`);
       const ff = field(eo, 'fetchFrom', w, isString, 'an NBD URI');
-      if (ff !== undefined) ec.fetchFrom = ff;
+      if (ff !== undefined) ec.fetchFrom = checkFetchFrom(ff, `${w}.fetchFrom`);
       const allow = field(eo, 'allow', w, isStringList, 'a list of addresses or CIDRs');
       if (allow !== undefined) ec.allow = checkAllow(allow, `${w}.allow`);
       return ec;
     });
   }
   return out;
+}
+
+/**
+ * A post-copy source URI, checked when the configuration is read: a typo
+ * would otherwise only show as fetches retrying until --fetch-timeout.
+ */
+function checkFetchFrom(uri: string, where: string): string {
+  try {
+    parseNbdUri(uri);
+  } catch (e) {
+    throw new ConfigError(`${where}: ${(e as Error).message}`);
+  }
+  return uri;
 }
 
 /** `NAME=PATH[,oldstyle-port=N][,read-only][,incoming][,direct][,description=TEXT]` from --export. */
@@ -243,7 +257,7 @@ export function parseExportSpec(spec: string): ExportConfig {
     else if (k === 'direct' && v === undefined) ec.direct = true;
     else if (k === 'state-dir' && v) ec.stateDir = path.resolve(v);
     else if (k === 'listen' && v) ec.listen = parseListenAddress(v, where);
-    else if (k === 'fetch-from' && v) ec.fetchFrom = v;
+    else if (k === 'fetch-from' && v) ec.fetchFrom = checkFetchFrom(v, where);
     else if (k === 'allow' && v) ec.allow = checkAllow([...(ec.allow ?? []), v], where);
     else if (k === 'oldstyle-port' && v !== undefined && isPort(Number(v)) && v !== '') ec.oldstylePort = Number(v);
     else if (k === 'description' && v !== undefined) {
@@ -377,7 +391,7 @@ export function serveConfigFrom(argv: ServeArgs): ServeConfig {
     };
     if (argv.incoming) e.incoming = true;
     if (argv.direct) e.direct = true;
-    if (argv['fetch-from']) e.fetchFrom = argv['fetch-from'];
+    if (argv['fetch-from']) e.fetchFrom = checkFetchFrom(argv['fetch-from'], '--fetch-from');
     if (argv.allow?.length) e.allow = checkAllow(argv.allow, '--allow');
     if (descriptions[i] !== undefined) e.description = descriptions[i];
     if (oldPorts[i] !== undefined) e.oldstylePort = oldPorts[i];
