@@ -142,7 +142,14 @@ export function printStatusTables(st: { exports: ExportStatus[]; jobs: JobStatus
           FINAL_STATES.has(j.state) ? '-' : eta(j.etaSeconds),
           j.convergence,
           String(j.retries),
-          j.error ? `error: ${j.error}` : j.pauseMs !== null ? `cutover pause ${j.pauseMs} ms` : '',
+          j.error
+            ? `error: ${j.error}`
+            : j.switchedToPostcopy
+              ? `switched to post-copy at pass ${j.switchedToPostcopy.pass}, ${formatBytes(j.switchedToPostcopy.dirtyBytes)} left to fetch` +
+                (j.switchedToPostcopy.pauseMs !== null ? `, pause ${j.switchedToPostcopy.pauseMs} ms` : '')
+              : j.pauseMs !== null
+                ? `cutover pause ${j.pauseMs} ms`
+                : '',
         ]),
       ]).join('\n'),
     );

@@ -51,6 +51,8 @@ export class MirrorJob extends EventEmitter {
   private pauseMs: number | null = null;
   /** Why the job is not cutting over yet though it would (auto, or asked): the estimated final sweep does not fit. */
   private cutoverWaiting: string | null = null;
+  /** Set when --converge postcopy hands the export over (status switchedToPostcopy). */
+  private switchedToPostcopy: JobStatus['switchedToPostcopy'] = null;
   private hookStatus: HookStatus | null = null;
   private error: string | null = null;
   private readonly startedAt = new Date();
@@ -167,8 +169,15 @@ export class MirrorJob extends EventEmitter {
       maxBandwidth: this.limiter?.rate ?? null,
       cutover: this.opts.cutover,
       maxDowntimeMs: this.opts.maxDowntimeMs,
-      convergence: this.source.stack.writeThrough.writeThroughActive ? 'active' : this.source.stack.throttle.rate ? 'throttle' : 'none',
+      convergence: this.switchedToPostcopy
+        ? 'postcopy'
+        : this.source.stack.writeThrough.writeThroughActive
+          ? 'active'
+          : this.source.stack.throttle.rate
+            ? 'throttle'
+            : 'none',
       throttleRate: this.source.stack.throttle.rate ?? null,
+      switchedToPostcopy: this.switchedToPostcopy && { ...this.switchedToPostcopy },
       retries: this.retries,
       retrying: this.retrying,
       pauseMs: this.pauseMs,
@@ -614,6 +623,7 @@ export class MirrorJob extends EventEmitter {
     const handOver = this.source.handOver;
     if (!handOver) throw new JobError('EINVAL', 'this export cannot be handed over (post-copy)', { permanent: true });
     this.log.info('mirror-postcopy-switch', { pass: this.pass, dirtyBytes, rate: Math.round(this.meter.rate), effect: 'the guest moves to the destination now; it fetches what is left' });
+    this.switchedToPostcopy = { at: new Date().toISOString(), pass: this.pass, dirtyBytes, pauseMs: null };
     if (this.state === 'copying') this.setState('ready');
     this.setState('cutting-over');
     this.disengage();
@@ -622,7 +632,9 @@ export class MirrorJob extends EventEmitter {
     try {
       const r = await handOver({ target: this.opts.target, handoff: this.opts.handoff, dirty: this.source.stack.bitmap });
       this.pauseMs = r.pauseMs;
+      this.switchedToPostcopy.pauseMs = r.pauseMs;
     } catch (e) {
+      this.switchedToPostcopy = null;
       this.setState('ready');
       throw e;
     }

@@ -52,9 +52,16 @@ export interface JobStatus {
   maxBandwidth: number | null;
   cutover: 'auto' | 'manual';
   maxDowntimeMs: number;
-  /** What keeps the mirror converging now: none yet, write-through, or guest throttling. */
-  convergence: 'none' | 'active' | 'throttle';
+  /** What keeps the mirror converging now: none yet, write-through, guest throttling, or (--converge postcopy) the switch to post-copy. */
+  convergence: 'none' | 'active' | 'throttle' | 'postcopy';
   throttleRate: number | null;
+  /**
+   * --converge postcopy: when the dirty data stopped shrinking and the job
+   * handed the export over instead of throttling the guest (the pass, the
+   * dirty bytes left for the destination to fetch, the guests' pause once
+   * handed over); null until then, and again if the hand-over failed.
+   */
+  switchedToPostcopy: { at: string; pass: number; dirtyBytes: number; pauseMs: number | null } | null;
   retries: number;
   /** The target is unreachable and the job is reconnecting. */
   retrying: boolean;

@@ -38,6 +38,17 @@ t.test('a writer faster than the link: the mirror switches to post-copy instead 
   const done = await waitForJob(srcSock, 'vm1', (j) => j.state === 'completed', { what: 'the switch to post-copy', timeoutMs: 90_000, failOn: ['failed', 'aborted'] });
   const sw = srcSrv.logs.find((e) => e.event === 'mirror-postcopy-switch');
   t.ok(sw, 'the job switched to post-copy when the dirty data stopped shrinking', { diag: { sw } });
+  t.equal(done.convergence, 'postcopy', "status says the job converged by switching to post-copy");
+  const st0 = done.switchedToPostcopy;
+  t.ok(st0, 'status records the switch (switchedToPostcopy)', { diag: { done } });
+  t.equal(st0?.pass, sw?.pass, `at the pass the log names (${sw?.pass})`);
+  t.equal(st0?.dirtyBytes, sw?.dirtyBytes, `with the dirty bytes left then (${sw?.dirtyBytes})`);
+  t.ok((st0?.dirtyBytes ?? 0) > 0, 'which the destination had still to fetch');
+  t.equal(st0?.pauseMs, done.pauseMs, "and the guests' pause at the hand-over");
+  const at = Date.parse(st0?.at ?? '');
+  t.ok(at >= Date.parse(done.startedAt) && at <= Date.parse(done.finishedAt ?? ''), `switched at ${st0?.at}, between the job's start and its end`);
+  const plain = await cli(['ctl', '--socket', srcSock, 'status']);
+  t.match(plain.stdout, new RegExp(`vm1 .* completed .* postcopy .* switched to post-copy at pass ${st0?.pass}, `), 'plain ctl status shows the switch in the mirror table', { diag: plain.stdout });
   t.equal(done.throttleRate, null, 'the writer was never throttled');
   t.notOk(srcSrv.logs.some((e) => e.event === 'mirror-converge'), 'no other convergence was engaged');
   const applied = await dstSrv.waitForLog((e) => e.event === 'postcopy-dirty-applied');
