@@ -53,6 +53,8 @@ export interface CopyOptions {
   maxInflightBytes?: number;
   /** The sweep's byte window (made from maxInflightBytes). */
   window?: ByteWindow;
+  /** Window bytes a chunk took before its range lock (copyRun); copyRange draws on them first. */
+  reserve?: { left: number };
 }
 
 /** Default bound on data in flight: covers the bandwidth-delay product of 1 Gbit/s at 250 ms. */
@@ -114,7 +116,7 @@ export function isAllZero(b: Buffer): boolean {
 
 export const DEFAULT_COPY_OPTIONS: CopyOptions = { chunkBytes: 4 * 1024 * 1024, maxInflight: 64, skipTargetZeros: false, retries: 0 };
 
-type TargetOpts = Pick<CopyOptions, 'limiter' | 'skipTargetZeros' | 'shouldStop' | 'retries' | 'onRetry' | 'buffers' | 'window'>;
+type TargetOpts = Pick<CopyOptions, 'limiter' | 'skipTargetZeros' | 'shouldStop' | 'retries' | 'onRetry' | 'buffers' | 'window' | 'reserve'>;
 
 /** Runs one target request, retrying transient target errors (bounded). */
 async function onTarget<T>(opts: TargetOpts, op: () => Promise<T>): Promise<T> {
@@ -203,15 +205,29 @@ async function copyRun(
 ): Promise<void> {
   const offset = block * bitmap.granularity;
   const length = Math.min(count * bitmap.granularity, source.size - offset);
-  const release = opts.locks ? await opts.locks.acquire(offset, length) : undefined;
-  bitmap.clearBlocks(block, count);
+  // With range locks (a mirror: write-through shares them), the chunk waits for the byte
+  // window before it takes its lock, for the data the source's map shows now (a hint: what
+  // a guest adds meanwhile is charged inside): a chunk waiting for the window must not hold
+  // up guest writes to its range. Holes take nothing from the window.
+  let reserved = 0;
+  if (opts.locks && opts.window) {
+    for (const e of await source.extents(offset, length, EXTENT_BATCH)) if (!(e.flags & NBD_STATE_ZERO)) reserved += e.length;
+    reserved = Math.min(reserved, length);
+    await opts.window.acquire(reserved);
+  }
   try {
-    await copyRange(source, target, offset, length, opts, stats);
-  } catch (e) {
-    bitmap.markBlocks(block, count);
-    throw e;
+    const release = opts.locks ? await opts.locks.acquire(offset, length) : undefined;
+    bitmap.clearBlocks(block, count);
+    try {
+      await copyRange(source, target, offset, length, reserved ? { ...opts, reserve: { left: reserved } } : opts, stats);
+    } catch (e) {
+      bitmap.markBlocks(block, count);
+      throw e;
+    } finally {
+      release?.();
+    }
   } finally {
-    release?.();
+    if (reserved) opts.window!.release(reserved);
   }
 }
 
@@ -236,7 +252,10 @@ export async function copyRange(
       else {
         if (opts.limiter) await opts.limiter.take(n, opts.shouldStop);
         if (opts.shouldStop?.()) throw new CopyStopped();
-        await opts.window?.acquire(n);
+        const reserved = opts.reserve ? Math.min(n, opts.reserve.left) : 0;
+        if (opts.reserve) opts.reserve.left -= reserved;
+        const extra = n - reserved;
+        if (extra > 0) await opts.window?.acquire(extra);
         let zeros = false;
         try {
           if (opts.shouldStop?.()) throw new CopyStopped();
@@ -252,7 +271,7 @@ export async function copyRange(
             stats.dataBytes += n;
           }
         } finally {
-          opts.window?.release(n);
+          if (extra > 0) opts.window?.release(extra);
         }
         if (zeros) await zeroRange(target, pos, n, { ...opts, limiter: undefined }, stats);
       }

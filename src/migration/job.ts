@@ -40,6 +40,9 @@ export { DEFAULT_MIRROR_OPTIONS, type MirrorOptions } from './options.js';
 /** Blocks mirror --since compares between source and target before it trusts the target's seed. */
 const SEED_SAMPLES = 32;
 
+/** Chunks in flight while write-through is on (see run()). */
+const WRITE_THROUGH_INFLIGHT = 8;
+
 export class MirrorJob extends EventEmitter {
   state: JobState = 'created';
   readonly jobId: string;
@@ -486,7 +489,14 @@ export class MirrorJob extends EventEmitter {
             this.source.stack.local,
             target,
             this.source.stack.bitmap,
-            this.copyOptions({ skipTargetZeros: this.pass === 1, shouldStop: () => this.abortRequested, limited: true }),
+            this.copyOptions({
+              skipTargetZeros: this.pass === 1,
+              shouldStop: () => this.abortRequested,
+              limited: true,
+              // With write-through on, guest writes wait on the copy's range locks and queue behind its data on the
+              // target connection: a shallow pipeline keeps their latency down (64 chunks in flight: 2.7 s worst, 8: 0.4 s).
+              maxInflight: this.source.stack.writeThrough.writeThroughActive ? Math.min(this.opts.maxInflight, WRITE_THROUGH_INFLIGHT) : undefined,
+            }),
             this.stats,
           );
         } catch (e) {
