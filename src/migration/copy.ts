@@ -74,6 +74,17 @@ export class ByteWindow {
     await new Promise<void>((go) => this.waiting.push({ n, go }));
   }
 
+  /**
+   * Takes `n` bytes at once, past the limit if need be: for a chunk that already holds
+   * window bytes (its share, sized from the map before its range lock) and finds more data
+   * than that share. Waiting in the queue would deadlock: the chunks ahead of it wait for
+   * bytes that the holders, themselves waiting for more, never give back. The overshoot is
+   * bounded by what guests wrote into ranges being copied.
+   */
+  take(n: number): void {
+    this.used += n;
+  }
+
   release(n: number): void {
     this.used -= n;
     while (this.waiting.length > 0) {
@@ -255,7 +266,11 @@ export async function copyRange(
         const reserved = opts.reserve ? Math.min(n, opts.reserve.left) : 0;
         if (opts.reserve) opts.reserve.left -= reserved;
         const extra = n - reserved;
-        if (extra > 0) await opts.window?.acquire(extra);
+        // A chunk holding a share never queues for more (ByteWindow.take).
+        if (extra > 0) {
+          if (opts.reserve) opts.window?.take(extra);
+          else await opts.window?.acquire(extra);
+        }
         let zeros = false;
         try {
           if (opts.shouldStop?.()) throw new CopyStopped();
