@@ -29,7 +29,9 @@ import { defaultStateDir, lockStateFolder, StateFolder, StateFolderInUse } from 
 import { loggedRanges } from '../dirty/activity-log.js';
 import { DEFAULT_GRANULARITY } from '../dirty/bitmap.js';
 import { buildRegistry, startMetricsServer } from '../metrics/exporter.js';
-import { handOver, PostcopyDestination, postcopyRefusal } from '../migration/postcopy.js';
+import { handOver } from '../migration/postcopy-handover.js';
+import { PostcopyDestination } from '../migration/postcopy.js';
+import { postcopyRefusal } from '../migration/postcopy-store.js';
 import { JobError } from '../migration/errors.js';
 import type { DirtyBitmap } from '../dirty/bitmap.js';
 import { ReadCacheFilter } from '../storage/filters/read-cache.js';
@@ -392,7 +394,7 @@ class ServeProcess implements RunningServer {
     };
   }
 
-  /** `ctl postcopy`: the export is handed over to a post-copy destination (migration/postcopy.ts handOver). */
+  /** `ctl postcopy`: the export is handed over to a post-copy destination (migration/postcopy-handover.ts handOver). */
   async handOver(name: string, o: { target: string; handoff: 'forward' | 'disconnect' }): Promise<unknown> {
     const oe = this.open.get(name);
     const old = this.registry.get(name);

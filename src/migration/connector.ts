@@ -178,7 +178,7 @@ export class TargetConnector {
       this.o.log.info('target-connected', { reconnect: true, contexts: [...client.contexts.keys()] });
       return;
     }
-    // Listed by a post-copy destination (migration/postcopy.ts POSTCOPY_DESTINATION_CONTEXT).
+    // Listed by a post-copy destination (migration/postcopy-contexts.ts POSTCOPY_DESTINATION_CONTEXT).
     const postcopyDest = client.listedContexts?.includes('nbd-migrate:postcopy-destination') ?? false;
     if (this.o.postcopyDestination && !postcopyDest)
       throw unfit('EINVAL', `--converge postcopy: target ${uri} is not a post-copy destination; serve the destination image with --fetch-from nbd://THIS-HOST/${source.name}`);

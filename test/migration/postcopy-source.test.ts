@@ -1,5 +1,5 @@
 // The source side of post-copy (`ctl postcopy`, handOver in
-// src/migration/postcopy.ts): a destination started with --fetch-from against
+// src/migration/postcopy-handover.ts): a destination started with --fetch-from against
 // a live, writable source does not fetch until the source hands over; the
 // hand-over holds guest writes, flushes, fences the image, serves it read-only
 // to that destination's fetcher alone, and forwards the connected guest to

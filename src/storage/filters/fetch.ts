@@ -30,7 +30,7 @@ import { RangeLock } from '../../util/range-lock.js';
 import { type Device, DeviceError, type Extent, type WriteOptions, type ZeroOptions } from '../device.js';
 import { byteLength, Filter } from './filter.js';
 
-/** Where absent blocks come from (migration/postcopy.ts: the source connection, with its retries and timeout). */
+/** Where absent blocks come from (migration/source-link.ts: the source connection, with its retries and timeout). */
 export interface FetchSource {
   read(offset: number, length: number, into: Buffer, at: number): Promise<void>;
   extents(offset: number, length: number, maxExtents: number): Promise<Extent[]>;
@@ -201,7 +201,7 @@ export class FetchFilter extends Filter {
     return this.next.cache(offset, length);
   }
 
-  // ---- the background fill (migration/postcopy.ts)
+  // ---- the background fill (migration/postcopy-fill.ts)
 
   /**
    * Fetches the absent blocks of [block, block + count) that no one fetches

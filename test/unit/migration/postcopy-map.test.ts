@@ -8,7 +8,8 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DirtyBitmap } from '../../../src/dirty/bitmap.js';
-import { PostcopyDestination, PostcopyStore } from '../../../src/migration/postcopy.js';
+import { PostcopyDestination } from '../../../src/migration/postcopy.js';
+import { PostcopyStore } from '../../../src/migration/postcopy-store.js';
 import { MemoryDevice } from '../../helpers/memory-device.js';
 
 const G = 64 * 1024;
