@@ -69,6 +69,8 @@ export interface JobFigures {
   reconnectMs: number | null;
   /** The writer's longest gap in [completed - pauseMs - 0.5 s, completed + 1 s] (the hold, the last sweeps, the first writes after). */
   nearMaxGapMs: number | null;
+  /** The server's breakdown of pauseMs (its 'cutover' log line): hold, sweep (and KiB sent), flush, fence, complete, ms. */
+  phases: Record<string, number> | null;
   /** Where the writer-seen gap began, ms after the job's switch ended (negative: before). */
   writerGapStartMs: number | null;
 }
@@ -160,8 +162,13 @@ async function sample(round: number, target: Target, handoff: Handoff, srcs: str
     for (let i = 0; i < n; i++) writers.push(startWriter(source.uri(names[i]), handoff === 'disconnect' ? targetUris[i]! : '', sizeBytes));
     // When each job's switch ended: its 'cutover' log line (logged right after the gate's release), by the server's clock.
     const switchedAt = new Map<string, number>();
+    const phasesOf = new Map<string, Record<string, number>>();
     source.onLog((e) => {
-      if (e.event === 'cutover' && typeof e.export === 'string' && typeof e.time === 'string') switchedAt.set(e.export, Date.parse(e.time));
+      if (e.event === 'cutover' && typeof e.export === 'string' && typeof e.time === 'string') {
+        switchedAt.set(e.export, Date.parse(e.time));
+        const p = e as unknown as Record<string, unknown>;
+        phasesOf.set(e.export, { hold: Number(p.holdMs), sweep: Number(p.sweepMs), sweepKiB: Math.round(Number(p.sweepBytes) / 1024), flush: Number(p.flushMs), fence: Number(p.fenceMs), complete: Number(p.completeMs) });
+      }
     });
     await Promise.all(writers.map((w) => w.started));
     const tWriters = Date.now();
@@ -198,6 +205,7 @@ async function sample(round: number, target: Target, handoff: Handoff, srcs: str
         pauseMs: st.pauseMs,
         writerPauseMs: maxGap(r, from, to),
         nearMaxGapMs: maxGap(r, at - pause - NEAR_BEFORE_MS, at + NEAR_AFTER_MS),
+        phases: phasesOf.get(names[i]!) ?? null,
         baselineMaxGapMs: maxGap(r, tWriters, tMirror),
         copyMaxGapMs: maxGap(r, tMirror, from),
         readyPasses: st.pass,

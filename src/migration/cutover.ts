@@ -34,6 +34,8 @@ export interface CutoverOutcome {
   failure?: unknown;
   /** How long guest writes were held, ms. */
   pauseMs: number;
+  /** Where the pause went, ms: draining guest writes in flight (hold), the final sweep (and the bytes it sent), the target's flush, the fence marker, MIGRATE_COMPLETE and the swap. */
+  phases: { holdMs: number; sweepMs: number; sweepBytes: number; flushMs: number; fenceMs: number; completeMs: number };
 }
 
 export async function cutover(ctx: CutoverContext): Promise<CutoverOutcome> {
@@ -51,21 +53,36 @@ export async function cutover(ctx: CutoverContext): Promise<CutoverOutcome> {
   let switched = false;
   let fenced = false;
   let failure: unknown;
+  const phases = { holdMs: 0, sweepMs: 0, sweepBytes: 0, flushMs: 0, fenceMs: 0, completeMs: 0 };
+  let mark = t0;
+  const lap = (): number => {
+    const now = performance.now();
+    const ms = Math.round((now - mark) * 100) / 100;
+    mark = now;
+    return ms;
+  };
   try {
     await bounded(stack.gate.hold());
+    phases.holdMs = lap();
+    const sentBefore = ctx.stats.dataBytes + ctx.stats.zeroBytes;
     // No guest write runs now: write-through is moot, and one sweep empties the bitmap.
     stack.writeThrough.setWriteThrough(undefined);
     await bounded(copySweep(stack.local, target, stack.bitmap, ctx.copyOptions(() => stop), ctx.stats));
+    phases.sweepMs = lap();
+    phases.sweepBytes = ctx.stats.dataBytes + ctx.stats.zeroBytes - sentBefore;
     if (stack.bitmap.dirtyBytes() !== 0) throw new JobError('EIO', 'dirty blocks remain after the final sweep');
     await bounded(target.flush());
+    phases.flushMs = lap();
     // Fenced before any guest can reach the target: a restart must never serve this image read-write again.
     writeFenced(source.image, { export: source.name, target: connector.uri, time: new Date().toISOString() });
     fenced = true;
+    phases.fenceMs = lap();
     if (connector.boundOn(target)) await bounded(target.request(NBD_CMD_MIGRATE_COMPLETE, 0, 0, 0));
     // Guests now talk to the target; a dropped connection is re-established under them.
     const forward = new ReconnectingDevice(target, () => connector.connect(false), connector.uri);
     stack.switch.swap(source.wrapRemote?.(forward) ?? forward);
     switched = true;
+    phases.completeMs = lap();
     stack.throttle.setRate(undefined);
   } catch (e) {
     failure = e;
@@ -84,5 +101,5 @@ export async function cutover(ctx: CutoverContext): Promise<CutoverOutcome> {
     clearTimeout(timer);
     stack.gate.release();
   }
-  return { switched, failure, pauseMs: Math.round((performance.now() - t0) * 100) / 100 };
+  return { switched, failure, pauseMs: Math.round((performance.now() - t0) * 100) / 100, phases };
 }

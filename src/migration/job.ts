@@ -706,7 +706,7 @@ export class MirrorJob extends EventEmitter {
       await this.recover(failure ?? new JobError('EIO', 'cutover failed'));
       return false;
     }
-    this.log.info('cutover', { pauseMs: this.pauseMs, handoff: this.opts.handoff });
+    this.log.info('cutover', { pauseMs: this.pauseMs, handoff: this.opts.handoff, ...outcome.phases });
     if (this.opts.handoff === 'disconnect') {
       try {
         await this.source.disconnectClients();
