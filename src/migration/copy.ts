@@ -55,6 +55,8 @@ export interface CopyOptions {
   window?: ByteWindow;
   /** Window bytes a chunk took before its range lock (copyRun); copyRange draws on them first. */
   reserve?: { left: number };
+  /** Before each new chunk: a promise to wait for first, if any (a background sweep yields to another job's cutover). */
+  pauseBefore?: () => Promise<void> | undefined;
 }
 
 /** Default bound on data in flight: covers the bandwidth-delay product of 1 Gbit/s at 250 ms. */
@@ -191,6 +193,11 @@ export async function copySweep(
     buffers: opts.buffers ?? new BufferPool(opts.chunkBytes, Math.min(opts.maxInflight, Math.ceil(windowBytes / opts.chunkBytes) + 1)),
   };
   while (!stopped()) {
+    const pause = opts.pauseBefore?.();
+    if (pause) {
+      await pause;
+      if (stopped()) break;
+    }
     const run = bitmap.nextRun(cursor, chunkBlocks);
     if (!run) break;
     cursor = run.block + run.count;

@@ -38,7 +38,34 @@ export interface CutoverOutcome {
   phases: { holdMs: number; sweepMs: number; sweepBytes: number; flushMs: number; fenceMs: number; completeMs: number };
 }
 
+/** Cutovers running in this process, and the background sweeps waiting for them to end. */
+let cuttingOver = 0;
+let sweepsWaiting: Array<() => void> = [];
+
+/**
+ * For a background sweep, before each new chunk: while any job in this process is cutting
+ * over, a promise that resolves when none is. With several jobs on one server, a job's
+ * final sweep (guests held) otherwise queues behind the others' bulk chunks for the event
+ * loop, the thread pool and the CPU (bench cutover4: 512 KiB-1.5 MiB taking 72-382 ms).
+ */
+export function whileCuttingOver(): Promise<void> | undefined {
+  return cuttingOver > 0 ? new Promise<void>((r) => sweepsWaiting.push(r)) : undefined;
+}
+
 export async function cutover(ctx: CutoverContext): Promise<CutoverOutcome> {
+  cuttingOver++;
+  try {
+    return await switchOver(ctx);
+  } finally {
+    if (--cuttingOver === 0) {
+      const wake = sweepsWaiting;
+      sweepsWaiting = [];
+      for (const w of wake) w();
+    }
+  }
+}
+
+async function switchOver(ctx: CutoverContext): Promise<CutoverOutcome> {
   const { source, target, connector } = ctx;
   const stack = source.stack;
   const t0 = performance.now();

@@ -13,7 +13,7 @@ import { logger, type Logger } from '../util/log.js';
 import { allocatedBytes, TargetConnector } from './connector.js';
 import { fitsDowntime, guestThrottleRate, RateMeter, StallDetector, waitingReason } from './convergence.js';
 import { type CopyOptions, type CopyStats, copySweep, newCopyStats } from './copy.js';
-import { cutover } from './cutover.js';
+import { cutover, whileCuttingOver } from './cutover.js';
 import { type HookStatus, hookEnv, runCutoverHook } from './on-cutover.js';
 import { JobError } from './errors.js';
 import type { Checkpoint } from '../dirty/checkpoints.js';
@@ -489,14 +489,18 @@ export class MirrorJob extends EventEmitter {
             this.source.stack.local,
             target,
             this.source.stack.bitmap,
-            this.copyOptions({
-              skipTargetZeros: this.pass === 1,
-              shouldStop: () => this.abortRequested,
-              limited: true,
-              // With write-through on, guest writes wait on the copy's range locks and queue behind its data on the
-              // target connection: a shallow pipeline keeps their latency down (64 chunks in flight: 2.7 s worst, 8: 0.4 s).
-              maxInflight: this.source.stack.writeThrough.writeThroughActive ? Math.min(this.opts.maxInflight, WRITE_THROUGH_INFLIGHT) : undefined,
-            }),
+            {
+              ...this.copyOptions({
+                skipTargetZeros: this.pass === 1,
+                shouldStop: () => this.abortRequested,
+                limited: true,
+                // With write-through on, guest writes wait on the copy's range locks and queue behind its data on the
+                // target connection: a shallow pipeline keeps their latency down (64 chunks in flight: 2.7 s worst, 8: 0.4 s).
+                maxInflight: this.source.stack.writeThrough.writeThroughActive ? Math.min(this.opts.maxInflight, WRITE_THROUGH_INFLIGHT) : undefined,
+              }),
+              // Another job's cutover (its guests held) goes first: no new chunks while one runs (cutover.ts whileCuttingOver).
+              pauseBefore: whileCuttingOver,
+            },
             this.stats,
           );
         } catch (e) {

@@ -48,3 +48,38 @@ t.test('chunks whose ranges gain data after their window share was sized do not 
   t.ok(dst.snapshot().equals(src.snapshot()), 'the target holds the source, guest data included');
   t.equal(bitmap.dirtyBytes(), 0, 'nothing left dirty');
 });
+
+t.test('a sweep given pauseBefore starts no new chunk while it returns a promise (another job cutting over)', async (t) => {
+  const src = MemoryDevice.from(Buffer.alloc(4 * MiB, 0x5c));
+  const dst = new MemoryDevice(4 * MiB);
+  const bitmap = new DirtyBitmap(src.size, 64 * 1024);
+  bitmap.markAll();
+  let held: Promise<void> | undefined;
+  let release!: () => void;
+  held = new Promise<void>((r) => (release = r));
+  let pausedAsks = 0;
+  const reads: number[] = [];
+  const read = src.read.bind(src);
+  src.read = async (offset, length, into, at) => {
+    reads.push(offset);
+    return read(offset, length, into, at);
+  };
+  const sweep = copySweep(src, dst, bitmap, {
+    chunkBytes: MiB,
+    maxInflight: 4,
+    skipTargetZeros: false,
+    pauseBefore: () => {
+      if (held) pausedAsks++;
+      return held;
+    },
+  }, newCopyStats());
+  // Let the sweep run up to its first wait.
+  await new Promise((r) => setImmediate(r));
+  t.equal(reads.length, 0, 'no chunk read while the pause holds');
+  t.equal(pausedAsks, 1, 'the sweep asked once and waits');
+  held = undefined;
+  release();
+  await sweep;
+  t.equal(reads.length, 4, 'all four chunks copied after the release');
+  t.ok(dst.snapshot().equals(src.snapshot()));
+});
