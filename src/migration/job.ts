@@ -629,7 +629,7 @@ export class MirrorJob extends EventEmitter {
   /** Switches convergence on: write-through (active) or guest throttling. */
   /**
    * --converge postcopy: the copy cannot catch up, so instead of slowing the
-   * guest the export is handed over (migration/postcopy.ts handOver) between
+   * guest the export is handed over (migration/postcopy-handover.ts handOver) between
    * sweeps, with nothing in flight: the destination marks the blocks still
    * dirty absent again and fetches them, and the guest moves now.
    */
