@@ -13,7 +13,8 @@
  *   BENCH_SUITES=fio,mirror,blockdev     which suites (default: all); the rest only matter to one suite
  *
  * The mirror suite (mirror.ts):
- *   BENCH_MIRROR_ROWS=copy,cutover,bitmap,actlog  which mirror rows (default: all)
+ *   BENCH_MIRROR_ROWS=copy,cutover,bitmap,actlog  which mirror rows (default: all; cutover4 too, see DEFAULT_MIRROR_ROWS)
+ *   BENCH_CUTOVER4_REPEAT=3 (and _SIZE, _MAX_DOWNTIME, _TARGETS, _HANDOFFS, _JOBS)  the cutover4 row (cutover4.ts)
  *   BENCH_COPY_METHODS=nbd-migrate-mirror,qemu-img  which copiers (default: all but the *-tiz ones)
  *   BENCH_COPY_REPEAT=5  BENCH_COPY_SIZE=2G  samples per copier / image size (half data, half holes)
  *   BENCH_MIRROR_REPEAT=3                rounds of the cutover and bitmap rows
@@ -33,8 +34,10 @@ import { SERVER_NAMES, type ServerName } from './servers.js';
 /** blockdev: the fio rows on a loop device, nbd-migrate against nbdkit (blockdev.ts). */
 export const SUITE_NAMES = ['fio', 'mirror', 'blockdev'] as const;
 export type SuiteName = (typeof SUITE_NAMES)[number];
-export const MIRROR_ROW_NAMES = ['readcache', 'copy', 'wan', 'cutover', 'bitmap', 'actlog'] as const;
+export const MIRROR_ROW_NAMES = ['readcache', 'copy', 'wan', 'cutover', 'cutover4', 'bitmap', 'actlog'] as const;
 export type MirrorRowName = (typeof MIRROR_ROW_NAMES)[number];
+/** The rows a plain `npm run bench` runs. */
+export const DEFAULT_MIRROR_ROWS: readonly MirrorRowName[] = MIRROR_ROW_NAMES;
 export const CUTOVER_TARGETS = ['qemu-nbd', 'nbd-migrate', 'nbdkit'] as const;
 export type CutoverTarget = (typeof CUTOVER_TARGETS)[number];
 /** The copiers of the copy row (copyspeed.ts). */
@@ -134,7 +137,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): BenchConfig {
     nbdMigrateBin,
     suites: list('BENCH_SUITES', env.BENCH_SUITES, SUITE_NAMES),
     mirror: {
-      rows: list('BENCH_MIRROR_ROWS', env.BENCH_MIRROR_ROWS, MIRROR_ROW_NAMES),
+      rows: list('BENCH_MIRROR_ROWS', env.BENCH_MIRROR_ROWS, MIRROR_ROW_NAMES, DEFAULT_MIRROR_ROWS),
       copyMethods: list('BENCH_COPY_METHODS', env.BENCH_COPY_METHODS, COPY_METHOD_NAMES, DEFAULT_COPY_METHODS),
       copyRepeat: number('BENCH_COPY_REPEAT', env.BENCH_COPY_REPEAT, 5, 1, true),
       copySize: size('BENCH_COPY_SIZE', env.BENCH_COPY_SIZE, 2 * 1024 ** 3),

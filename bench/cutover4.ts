@@ -16,7 +16,9 @@
  * - 500 ms, completed + 1 s], before the mirrors (baseline), over the copy,
  * and for disconnect the writer's time to see the error and to reconnect.
  *
- * Run: `node dist/bench/cutover4.js` (after tsc). Settings (env):
+ * A row of `npm run bench` (BENCH_MIRROR_ROWS=cutover4; mirror.ts, report.ts
+ * formatCutover4), or standalone: `node dist/bench/cutover4.js` (after tsc),
+ * which prints a wider table. Settings (env):
  * BENCH_CUTOVER4_REPEAT (3), BENCH_CUTOVER4_SIZE (MiB per export, 256),
  * BENCH_CUTOVER4_MAX_DOWNTIME (ms, 50), BENCH_CUTOVER4_TARGETS
  * (nbd-migrate,qemu-nbd), BENCH_CUTOVER4_HANDOFFS (forward,disconnect),
@@ -33,6 +35,7 @@ import { qemuNbd } from '../test/helpers/peers.js';
 import { makeImage, startServer, type ServerHandle } from '../test/helpers/server.js';
 import { benchPath, createHalfAllocatedImage } from './image.js';
 import { adminSocketPath, QEMU_NBD_TARGET_SETTINGS, removeImageAndMarkers, removeMarkers, removeSocketDir } from './mirrorjob.js';
+import { Interrupted } from './proc.js';
 
 const HOST = '127.0.0.1';
 const WRITER = path.join(path.dirname(fileURLToPath(import.meta.url)), '../../bench/cutover-writer.py');
@@ -241,21 +244,45 @@ function median(xs: number[]): number | null {
   return a.length % 2 ? a[m]! : (a[m - 1]! + a[m]!) / 2;
 }
 
-export async function runCutover4(): Promise<Cutover4Sample[]> {
-  const repeat = Number(process.env.BENCH_CUTOVER4_REPEAT ?? 3);
-  const sizeMiB = Number(process.env.BENCH_CUTOVER4_SIZE ?? 256);
-  const maxDowntimeMs = Number(process.env.BENCH_CUTOVER4_MAX_DOWNTIME ?? 50);
-  const nJobs = Number(process.env.BENCH_CUTOVER4_JOBS ?? 4);
-  const targets = (process.env.BENCH_CUTOVER4_TARGETS ?? 'nbd-migrate,qemu-nbd').split(',') as Target[];
-  const handoffs = (process.env.BENCH_CUTOVER4_HANDOFFS ?? 'forward,disconnect').split(',') as Handoff[];
+export interface Cutover4Settings {
+  repeat: number;
+  sizeMiB: number;
+  maxDowntimeMs: number;
+  jobs: number;
+  targets: Target[];
+  handoffs: Handoff[];
+}
+
+/** The row's settings from BENCH_CUTOVER4_* (see the header). */
+export function cutover4Settings(env: NodeJS.ProcessEnv = process.env): Cutover4Settings {
+  return {
+    repeat: Number(env.BENCH_CUTOVER4_REPEAT ?? 3),
+    sizeMiB: Number(env.BENCH_CUTOVER4_SIZE ?? 256),
+    maxDowntimeMs: Number(env.BENCH_CUTOVER4_MAX_DOWNTIME ?? 50),
+    jobs: Number(env.BENCH_CUTOVER4_JOBS ?? 4),
+    targets: (env.BENCH_CUTOVER4_TARGETS ?? 'nbd-migrate,qemu-nbd').split(',') as Target[],
+    handoffs: (env.BENCH_CUTOVER4_HANDOFFS ?? 'forward,disconnect').split(',') as Handoff[],
+  };
+}
+
+/** Runs the row; samples are pushed to `opts.samples` as they arrive (so an interrupt can still print them). */
+export async function runCutover4(
+  opts: { settings?: Cutover4Settings; samples?: Cutover4Sample[]; progress?: (line: string) => void; stopRequested?: () => boolean; quiet?: boolean } = {},
+): Promise<Cutover4Sample[]> {
+  const st = opts.settings ?? cutover4Settings();
+  const { repeat, sizeMiB, maxDowntimeMs } = st;
+  const nJobs = st.jobs;
+  const { targets, handoffs } = st;
+  const progress = opts.progress ?? ((l: string) => console.log(l));
   const size = sizeMiB * 1024 * 1024;
   const srcs: string[] = [];
-  const samples: Cutover4Sample[] = [];
+  const samples: Cutover4Sample[] = opts.samples ?? [];
   try {
     for (let i = 0; i < nJobs; i++) srcs.push(createHalfAllocatedImage(benchPath(`cut4-src${i + 1}`), size, 16 * 1024 * 1024));
     const combos = targets.flatMap((t) => handoffs.map((h) => [t, h] as const));
     for (let round = 1; round <= repeat; round++) {
       for (let k = 0; k < combos.length; k++) {
+        if (opts.stopRequested?.()) throw new Interrupted();
         const [t, h] = combos[(k + round - 1) % combos.length]!;
         const x = await sample(round, t, h, srcs, maxDowntimeMs, size);
         samples.push(x);
@@ -264,13 +291,14 @@ export async function runCutover4(): Promise<Cutover4Sample[]> {
               .map((j) => `${j.name} pause ${j.pauseMs} / writer ${j.writerPauseMs?.toFixed(1) ?? '-'} ms at ${j.writerGapStartMs ?? '-'} (near ${j.nearMaxGapMs?.toFixed(1) ?? '-'}, copy ${j.copyMaxGapMs?.toFixed(1) ?? '-'}, base ${j.baselineMaxGapMs?.toFixed(1) ?? '-'}, err ${j.errors}${j.reconnectMs !== null ? `, to error ${j.toErrorMs!.toFixed(1)}, reconnect ${j.reconnectMs.toFixed(1)}` : ''}, ${j.secToCompleted.toFixed(1)} s)`)
               .join('; ')
           : `FAILED: ${x.error?.split('\n')[0]}`;
-        console.log(`[cutover4] round ${round} ${t.padEnd(11)} ${h.padEnd(10)} ${line}`);
+        progress(`[cutover4 ${samples.length}/${repeat * combos.length}] round ${round} ${t.padEnd(11)} ${h.padEnd(10)} ${line}`);
       }
     }
   } finally {
     for (const f of srcs) removeImageAndMarkers(f);
     removeSocketDir();
   }
+  if (opts.quiet) return samples;
   console.log(`\ncutover4: ${nJobs} jobs, ${sizeMiB} MiB each (half data), one 4 KiB QD1 writer each, cutover auto, --max-downtime ${maxDowntimeMs} ms, ${repeat} rounds; medians (max) over all jobs of all rounds`);
   console.log('target       handoff     job pause ms      writer-seen ms    writer/max-downtime  near gap ms    copy gap ms  baseline gap ms  to error ms  reconnect ms  failed');
   for (const t of targets)

@@ -1,6 +1,7 @@
 /**
  * Samples, medians, ratios, and the printed table.
  */
+import type { Cutover4Sample, Cutover4Settings, JobFigures } from './cutover4.js';
 import type { FioResult } from './fio.js';
 import { jobByName, type JobName } from './jobs.js';
 import type { ServerName } from './servers.js';
@@ -182,5 +183,36 @@ export function formatResults(rows: readonly Row[], samples: readonly Sample[], 
     out.push(`${failed.length} failed run${failed.length === 1 ? '' : 's'}:`);
     for (const f of failed) out.push(`  round ${f.round} ${f.job} ${f.server}: ${f.error.split('\n')[0]}`);
   }
+  return out.join('\n');
+}
+
+/** The cutover4 row: per (target, handoff), the job-measured and writer-seen pause, median and max over all jobs of all rounds, and their ratio to --max-downtime. */
+export function formatCutover4(st: Cutover4Settings, samples: readonly Cutover4Sample[]): string {
+  const out: string[] = [];
+  const md = st.maxDowntimeMs;
+  out.push(
+    `cutover4: ${st.jobs} concurrent mirrors, ${st.sizeMiB} MiB each (half data), one 4 KiB QD1 writer each, cutover auto, --max-downtime ${md} ms, ` +
+      `${st.repeat} round${st.repeat === 1 ? '' : 's'}; median and max over all jobs of all rounds; ratio = pause / --max-downtime (goal <= 1.00x);`,
+    `writer-seen over the jobs whose writer had a gap > 5 ms overlapping the hold (the writer logs no shorter gaps); "<5 ms": jobs whose writer had none`,
+  );
+  out.push('');
+  const ms = (v: number | null): string => (v === null ? '-' : v >= 100 ? v.toFixed(0) : v.toFixed(1));
+  const x = (v: number | null): string => (v === null ? '-' : `${(v / md).toFixed(2)}x`);
+  const head = ['target', 'handoff', 'jobs', 'job pause med', 'max', 'ratio med', 'max', 'writer-seen med', 'max', 'ratio med', 'max', '<5 ms', 'failed'];
+  const body: string[][] = [];
+  for (const t of st.targets)
+    for (const h of st.handoffs) {
+      const mine = samples.filter((s) => s.target === t && s.handoff === h);
+      const jobs = mine.filter((s) => s.ok).flatMap((s) => s.jobs);
+      const figs = (pick: (j: JobFigures) => number | null): [number | null, number | null] => {
+        const v = jobs.map(pick).filter((z): z is number => z !== null);
+        return [median(v), v.length ? Math.max(...v) : null];
+      };
+      const [pm, px] = figs((j) => j.pauseMs);
+      const [wm, wx] = figs((j) => j.writerPauseMs);
+      body.push([t, h, String(jobs.length), ms(pm), ms(px), x(pm), x(px), ms(wm), ms(wx), x(wm), x(wx), String(jobs.filter((j) => j.writerPauseMs === null).length), String(mine.length - mine.filter((s) => s.ok).length)]);
+    }
+  out.push(table([head, ...body], 2));
+  for (const f of samples) if (!f.ok) out.push(`  round ${f.round} ${f.target} ${f.handoff} failed: ${(f.error ?? '').split('\n')[0]}`);
   return out.join('\n');
 }

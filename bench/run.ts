@@ -25,6 +25,7 @@ import { createImage, removeBenchFiles, removeImage } from './image.js';
 import { jobByName, type JobName } from './jobs.js';
 import { COPY_METHOD_TOOLS, copyCommand } from './copyspeed.js';
 import { cutoverFioArgs } from './cutover.js';
+import { cutover4Settings } from './cutover4.js';
 import { estimateMirrorSec, formatMirrorResults, runMirrorSuite, type MirrorResults } from './mirror.js';
 import { MIRROR_EXPORT, QEMU_NBD_TARGET_SETTINGS, removeSocketDir } from './mirrorjob.js';
 import { cpuBetween, cpuSnapshot, firstLine, Interrupted, runningCommands, type CpuSnapshot } from './proc.js';
@@ -54,6 +55,8 @@ async function requireTools(cfg: BenchConfig): Promise<{ fio: string }> {
   if (fioSuite) for (const s of cfg.servers) if (s !== 'nbd-migrate') needed.push({ ...SERVER_TOOLS[s], why: 'or leave that server out with BENCH_SERVERS=...' });
   if (mirror.includes('copy') || (mirror.includes('cutover') && cfg.mirror.cutoverTarget === 'qemu-nbd'))
     needed.push({ cmd: 'qemu-nbd', pkg: 'qemu-utils', why: 'the mirror target; or BENCH_SUITES=fio' });
+  if (mirror.includes('cutover4') && cutover4Settings().targets.includes('qemu-nbd'))
+    needed.push({ cmd: 'qemu-nbd', pkg: 'qemu-utils', why: 'a cutover4 target; or BENCH_CUTOVER4_TARGETS=nbd-migrate' });
   if (mirror.includes('cutover') && cfg.mirror.cutoverTarget === 'nbdkit') needed.push({ cmd: 'nbdkit', pkg: 'nbdkit', why: 'the cutover target; or BENCH_CUTOVER_TARGET=qemu-nbd' });
   if (mirror.includes('copy')) {
     needed.push({ cmd: 'qemu-img', pkg: 'qemu-utils', why: 'qemu-img compare verifies the copies; or BENCH_SUITES=fio' });
@@ -205,7 +208,7 @@ async function main(): Promise<void> {
   const bdev: { blockdev?: BlockdevResults } = {};
   const partial = () => {
     if (samples.length) process.stdout.write(formatResults(summarise(samples, cfg.jobs, cfg.servers), samples, cfg.servers, cfg.repeat) + '\n');
-    if (mirror.copy || mirror.cutover || mirror.bitmap || mirror.actlog) process.stdout.write('\n' + formatMirrorResults(mirror) + '\n');
+    if (mirror.copy || mirror.cutover || mirror.cutover4 || mirror.bitmap || mirror.actlog) process.stdout.write('\n' + formatMirrorResults(mirror) + '\n');
   };
 
   let n = 0;
@@ -243,7 +246,7 @@ async function main(): Promise<void> {
   } catch (e) {
     await cleanUp();
     if (e instanceof Interrupted || interrupted) {
-      if (samples.length || mirror.copy || mirror.cutover || mirror.bitmap || mirror.actlog) {
+      if (samples.length || mirror.copy || mirror.cutover || mirror.cutover4 || mirror.bitmap || mirror.actlog) {
         process.stdout.write(`\n(interrupted${fioSuite ? ` after ${samples.length}/${total} fio runs` : ''}; partial results, nothing written)\n`);
         partial();
       }
