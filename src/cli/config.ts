@@ -320,6 +320,11 @@ export function checkConfig(c: ServeConfig): void {
     if (Buffer.byteLength(e.name) > 4096) throw new ConfigError(`export "${e.name.slice(0, 32)}...": name is over 4096 bytes`);
     if (names.has(e.name)) throw new ConfigError(`export "${e.name}" is defined twice`);
     names.add(e.name);
+    // A post-copy destination writes every fetched block into its image, and it is the live disk from the start.
+    if (e.fetchFrom && e.readOnly)
+      throw new ConfigError(`export "${e.name}": fetch-from and read-only do not go together (fetched blocks are written into the image)`);
+    if (e.fetchFrom && e.incoming)
+      throw new ConfigError(`export "${e.name}": fetch-from and incoming do not go together (a post-copy destination serves guests at once; --incoming waits for a mirror)`);
     if (e.oldstylePort) {
       if (ports.has(e.oldstylePort) || e.oldstylePort === c.port)
         throw new ConfigError(`export "${e.name}": oldstyle port ${e.oldstylePort} is already used`);

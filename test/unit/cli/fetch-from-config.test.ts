@@ -53,3 +53,16 @@ t.test('serve IMAGE --fetch-from URI', async (t) => {
   t.throws(() => serveConfigFrom({ images: ['/d/a.img', '/d/b.img'], 'fetch-from': 'nbd://src/vm1' }), /--fetch-from: give exactly one IMAGE/);
   t.throws(() => serveConfigFrom({ images: ['/d/a.img'], 'fetch-from': 'nbd://src:notaport/vm1' }), { name: 'ConfigError', message: /^--fetch-from: invalid NBD URI/ });
 });
+
+t.test('fetch-from with read-only or incoming is refused with one line naming the export', async (t) => {
+  t.throws(() => serveConfigFrom({ export: ['vm1=/d/dst.img,fetch-from=nbd://src/vm1,read-only'] }), {
+    name: 'ConfigError',
+    message: /^export "vm1": fetch-from and read-only do not go together/,
+  });
+  t.throws(() => serveConfigFrom({ export: ['vm1=/d/dst.img,fetch-from=nbd://src/vm1,incoming'] }), {
+    name: 'ConfigError',
+    message: /^export "vm1": fetch-from and incoming do not go together/,
+  });
+  t.throws(() => serveConfigFrom({ images: ['/d/dst.img'], name: ['vm1'], 'fetch-from': 'nbd://src/vm1', incoming: true }), /fetch-from and incoming/);
+  t.doesNotThrow(() => serveConfigFrom({ export: ['vm1=/d/dst.img,fetch-from=nbd://src/vm1', 'vm2=/d/b.img,read-only'] }), 'each alone is fine');
+});
