@@ -25,11 +25,11 @@ import { nbdkit } from '../test/helpers/peers.js';
 import { makeImage, startServer as startNbdMigrate } from '../test/helpers/server.js';
 import { run, which } from '../test/helpers/tools.js';
 import type { BenchConfig } from './config.js';
-import { FioError, runFio, type FioSettings } from './fio.js';
+import { fioSample } from './fio-sample.js';
 import { benchPath } from './image.js';
-import { jobByName, type JobName } from './jobs.js';
-import { cpuBetween, cpuSnapshot, Interrupted } from './proc.js';
-import { fmtValue, formatResults, summarise, unitOf, valueOf, type Row, type Sample } from './report.js';
+import type { JobName } from './jobs.js';
+import { Interrupted } from './proc.js';
+import { fmtValue, formatResults, summarise, unitOf, type Row, type Sample } from './report.js';
 import { EXPORT_NAME, freePort, HOST, nbdkitFileArgs, type ServerName } from './servers.js';
 
 export const BLOCKDEV_SERVERS: readonly ServerName[] = ['nbd-migrate', 'nbdkit'];
@@ -96,37 +96,9 @@ async function startOn(server: ServerName, dev: string, stateDir: string, bin: s
 }
 
 async function measure(ctx: Ctx, dev: string, stateDir: string, server: ServerName, job: JobName, round: number): Promise<Sample> {
-  const { cfg } = ctx;
-  const settings: FioSettings = { runtimeSec: cfg.runtimeSec, rampSec: cfg.rampSec, iodepth: cfg.iodepth };
-  const srv = await startOn(server, dev, stateDir, cfg.nbdMigrateBin);
+  const srv = await startOn(server, dev, stateDir, ctx.cfg.nbdMigrateBin);
   try {
-    if (ctx.stopRequested()) throw new Interrupted();
-    let start: ReturnType<typeof cpuSnapshot> | undefined;
-    const timer = setTimeout(() => (start = cpuSnapshot(srv.pid)), cfg.rampSec * 1000 + 300);
-    let result;
-    try {
-      result = await runFio(ctx.fio, jobByName(job), srv.uri, settings, cfg.repoRoot);
-    } catch (e) {
-      if (ctx.stopRequested()) throw new Interrupted();
-      if (!(e instanceof FioError)) throw e;
-      const died = srv.alive() ? '' : `\n  ${server} died; its stderr: ${srv.stderr().trim() || '(empty)'}`;
-      return { round, server, job, ok: false, error: e.message + died };
-    } finally {
-      clearTimeout(timer);
-    }
-    if (ctx.stopRequested()) throw new Interrupted();
-    const cpu = start ? cpuBetween(start, cpuSnapshot(srv.pid)) : { procPct: null, hostPct: null };
-    return {
-      round,
-      server,
-      job,
-      ok: true,
-      value: valueOf(job, result),
-      fio: result,
-      serverCpuPct: cpu.procPct,
-      serverCpuUsPerOp: cpu.procPct !== null && result.iops > 0 ? (cpu.procPct / 100) * (1e6 / result.iops) : null,
-      hostBusyPct: cpu.hostPct,
-    };
+    return await fioSample(ctx.cfg, ctx.fio, srv, server, job, round, ctx.stopRequested);
   } finally {
     await srv.stop();
   }

@@ -20,23 +20,22 @@ import * as path from 'node:path';
 import { qemuNbdArgs } from '../test/helpers/peers.js';
 import { run, which } from '../test/helpers/tools.js';
 import { BenchConfigError, loadConfig, type BenchConfig } from './config.js';
-import { FioError, runFio, type FioResult, type FioSettings } from './fio.js';
+import { fioSample } from './fio-sample.js';
 import { createImage, removeBenchFiles, removeImage } from './image.js';
-import { jobByName, type JobName } from './jobs.js';
+import type { JobName } from './jobs.js';
 import { COPY_METHOD_TOOLS, copyCommand } from './copyspeed.js';
 import { cutoverFioArgs } from './cutover.js';
 import { cutover4Settings } from './cutover4.js';
 import { estimateMirrorSec, formatMirrorResults, runMirrorSuite, type MirrorResults } from './mirror.js';
 import { MIRROR_EXPORT, QEMU_NBD_TARGET_SETTINGS, removeSocketDir } from './mirrorjob.js';
-import { cpuBetween, cpuSnapshot, firstLine, Interrupted, runningCommands, type CpuSnapshot } from './proc.js';
-import { fmtValue, formatResults, summarise, unitOf, valueOf, type Sample } from './report.js';
+import { firstLine, Interrupted, runningCommands } from './proc.js';
+import { fmtValue, formatResults, summarise, unitOf, type Sample } from './report.js';
 import { freePort, SERVER_TOOLS, serverCommand, startServer, type ServerName } from './servers.js';
 import { estimateBlockdevSec, formatBlockdev, runBlockdevSuite, type BlockdevResults } from './blockdev.js';
 
 /** Seconds of overhead per sample besides fio's runtime (server start/stop, fio start), for the time estimate. */
 const SAMPLE_OVERHEAD_SEC = 1;
 /** Allowance for fio's start-up and handshake before its ramp time begins. */
-const FIO_STARTUP_MS = 300;
 
 let interrupted = false;
 let imagePath: string | undefined;
@@ -100,41 +99,11 @@ function rotate<T>(xs: readonly T[], n: number): T[] {
 }
 
 async function measure(cfg: BenchConfig, fio: string, image: string, server: ServerName, job: JobName, round: number): Promise<Sample> {
-  const settings: FioSettings = { runtimeSec: cfg.runtimeSec, rampSec: cfg.rampSec, iodepth: cfg.iodepth };
   const port = await freePort();
   // A server that cannot start is a setup problem, not a data point: startServer's error ends the run.
   const srv = await startServer(server, { image, port, nbdMigrateBin: cfg.nbdMigrateBin });
   try {
-    if (interrupted) throw new Interrupted();
-    // CPU is sampled over fio's measured window only: from the end of the ramp
-    // (plus a margin for fio's start-up and NBD handshake) to fio's exit.
-    let start: CpuSnapshot | undefined;
-    const timer = setTimeout(() => (start = cpuSnapshot(srv.pid)), cfg.rampSec * 1000 + FIO_STARTUP_MS);
-    let result: FioResult;
-    try {
-      result = await runFio(fio, jobByName(job), srv.uri, settings, cfg.repoRoot);
-    } catch (e) {
-      if (interrupted) throw new Interrupted();
-      if (!(e instanceof FioError)) throw e;
-      const died = srv.alive() ? '' : `\n  ${server} died; its stderr: ${srv.stderr().trim() || '(empty)'}`;
-      return { round, server, job, ok: false, error: e.message + died };
-    } finally {
-      clearTimeout(timer);
-    }
-    // fio stopped by our signal may still exit 0 with a short run: not a sample.
-    if (interrupted) throw new Interrupted();
-    const cpu = start ? cpuBetween(start, cpuSnapshot(srv.pid)) : { procPct: null, hostPct: null };
-    return {
-      round,
-      server,
-      job,
-      ok: true,
-      value: valueOf(job, result),
-      fio: result,
-      serverCpuPct: cpu.procPct,
-      serverCpuUsPerOp: cpu.procPct !== null && result.iops > 0 ? (cpu.procPct / 100) * (1e6 / result.iops) : null,
-      hostBusyPct: cpu.hostPct,
-    };
+    return await fioSample(cfg, fio, srv, server, job, round, () => interrupted);
   } finally {
     await srv.stop();
   }
