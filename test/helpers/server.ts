@@ -12,6 +12,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { waitForPort } from './net.js';
+import { run, type RunResult } from './tools.js';
 
 /** The checkout: the nearest directory above this file whose package.json is nbd-migrate's (from test/helpers/ and, compiled for the bench, dist/test/helpers/). */
 function findRepoRoot(): string {
@@ -387,4 +388,23 @@ export function patternBuffer(length: number, seed = 1): Buffer {
 export function allBytes(buf: Buffer, value: number): boolean {
   for (let i = 0; i < buf.length; i++) if (buf[i] !== value) return false;
   return true;
+}
+
+/** `nbd-migrate serve ARGS` that is expected to exit on its own (a refusal), with a JSON log on stderr. */
+export function serveOnce(args: string[], env: NodeJS.ProcessEnv = {}): Promise<RunResult> {
+  return run('/usr/bin/env', ['-u', 'NODE_OPTIONS', process.execPath, CLI, 'serve', ...args, '--listen', '127.0.0.1', '--port', '0', '--log-format', 'json'], {
+    cwd: REPO_ROOT,
+    timeoutMs: 15_000,
+    env: { ...process.env, ...env },
+  });
+}
+
+/** The `cause` of the server's fatal log line. */
+export function fatalCause(stderr: string): string | undefined {
+  for (const line of stderr.split('\n')) {
+    if (!line.startsWith('{')) continue;
+    const e = JSON.parse(line) as { event?: string; cause?: string };
+    if (e.event === 'fatal') return e.cause;
+  }
+  return undefined;
 }

@@ -9,7 +9,7 @@
 import t from 'tap';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
-import { CLI, MiB, REPO_ROOT, makeImage, patternBuffer, readAt, serve, tmpDir, writeAt, type Teardownable } from '../helpers/server.js';
+import { CLI, MiB, REPO_ROOT, makeImage, patternBuffer, readAt, serve, tmpDir, writeAt, serveOnce as serveRefusal, fatalCause, type Teardownable } from '../helpers/server.js';
 import { SYSTEM_PYTHON, describeRun, requirePythonNbd, requireTool, run } from '../helpers/tools.js';
 import { libnbdScenario, sha256 } from '../helpers/libnbd.js';
 import { adminRequest, waitForJob } from '../helpers/admin.js';
@@ -46,23 +46,9 @@ async function attachLoop(t: Teardownable, file: string): Promise<string> {
   return dev;
 }
 
-/** `nbd-migrate serve ARGS` that is expected to exit on its own (a refusal). */
-const serveOnce = (args: string[], env: NodeJS.ProcessEnv = {}) =>
-  run('/usr/bin/env', ['-u', 'NODE_OPTIONS', process.execPath, CLI, 'serve', ...args, '--state-dir', STATE_ROOT, '--listen', '127.0.0.1', '--port', '0', '--log-format', 'json'], {
-    cwd: REPO_ROOT,
-    timeoutMs: 15_000,
-    env: { ...process.env, ...env },
-  });
+/** `nbd-migrate serve ARGS` that is expected to exit on its own (a refusal), its state under STATE_ROOT. */
+const serveOnce = (args: string[], env: NodeJS.ProcessEnv = {}) => serveRefusal([...args, '--state-dir', STATE_ROOT], env);
 
-/** The `cause` of the server's fatal log line. */
-function fatalCause(stderr: string): string | undefined {
-  for (const line of stderr.split('\n')) {
-    if (!line.startsWith('{')) continue;
-    const e = JSON.parse(line) as { event?: string; cause?: string };
-    if (e.event === 'fatal') return e.cause;
-  }
-  return undefined;
-}
 
 /** A process holding DEV open O_RDWR|O_EXCL (as a mount or LVM would) until killed. */
 async function holdExclusive(t: Teardownable, dev: string): Promise<ChildProcess> {

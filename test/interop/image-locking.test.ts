@@ -12,7 +12,7 @@ import t from 'tap';
 import { spawn } from 'node:child_process';
 import { copyFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { CLI, KiB, MiB, REPO_ROOT, allBytes, makeImage, readAt, serve, tmpDir, type Teardownable } from '../helpers/server.js';
+import { KiB, MiB, allBytes, makeImage, readAt, serve, tmpDir, serveOnce, fatalCause, type Teardownable } from '../helpers/server.js';
 import { describeRun, requireTool, run } from '../helpers/tools.js';
 import { freePort, qemuNbd } from '../migration/harness.js';
 
@@ -22,22 +22,7 @@ const qemuNbdBin = await requireTool('qemu-nbd', 'qemu-utils');
 
 const FILL = 0x5a;
 
-/** `nbd-migrate serve ARGS` that is expected to exit on its own (a refusal). */
-const serveOnce = (args: string[]) =>
-  run('/usr/bin/env', ['-u', 'NODE_OPTIONS', process.execPath, CLI, 'serve', ...args, '--listen', '127.0.0.1', '--port', '0', '--log-format', 'json'], {
-    cwd: REPO_ROOT,
-    timeoutMs: 15_000,
-  });
 
-/** The `cause` of the server's fatal log line. */
-function fatalCause(stderr: string): string | undefined {
-  for (const line of stderr.split('\n')) {
-    if (!line.startsWith('{')) continue;
-    const e = JSON.parse(line) as { event?: string; cause?: string };
-    if (e.event === 'fatal') return e.cause;
-  }
-  return undefined;
-}
 
 t.test('(a) an image nbd-migrate serves read-write is refused to QEMU writers, open to -U readers', async (t) => {
   const dir = await tmpDir(t);

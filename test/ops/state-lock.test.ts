@@ -16,26 +16,12 @@ import { NbdClient } from '../../src/client/nbd-client.js';
 import { readRecovered } from '../../src/dirty/activity-log.js';
 import { DEFAULT_GRANULARITY } from '../../src/dirty/bitmap.js';
 import { StateFolder } from '../../src/dirty/state.js';
-import { CLI, MiB, REPO_ROOT, makeImage, serve, tmpDir } from '../helpers/server.js';
-import { describeRun, run } from '../helpers/tools.js';
+import { MiB, makeImage, serve, tmpDir, serveOnce, fatalCause } from '../helpers/server.js';
+import { describeRun } from '../helpers/tools.js';
 
 const SIZE = 4 * MiB;
 
-/** `nbd-migrate serve ARGS` expected to exit on its own (a refusal). */
-const serveOnce = (args: string[]) =>
-  run('/usr/bin/env', ['-u', 'NODE_OPTIONS', process.execPath, CLI, 'serve', ...args, '--listen', '127.0.0.1', '--port', '0', '--log-format', 'json'], {
-    cwd: REPO_ROOT,
-    timeoutMs: 15_000,
-  });
 
-function fatalCause(stderr: string): string | undefined {
-  for (const line of stderr.split('\n')) {
-    if (!line.startsWith('{')) continue;
-    const e = JSON.parse(line) as { event?: string; cause?: string };
-    if (e.event === 'fatal') return e.cause;
-  }
-  return undefined;
-}
 
 t.test('a second server on a state folder another one holds is refused, in one line', async (t) => {
   const dir = await tmpDir(t);
