@@ -11,16 +11,17 @@ import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { logger, type Logger } from '../util/log.js';
 import { allocatedBytes, TargetConnector } from './connector.js';
-import { fitsDowntime, guestThrottleRate, RateMeter, StallDetector, waitingReason } from './convergence.js';
+import { fitsDowntime, RateMeter, StallDetector, waitingReason } from './convergence.js';
 import { type CopyOptions, type CopyStats, copySweep, newCopyStats } from './copy.js';
 import { cutover, whileCuttingOver } from './cutover.js';
 import { type HookStatus, hookEnv, runCutoverHook } from './on-cutover.js';
 import { JobError } from './errors.js';
 import type { Checkpoint } from '../dirty/checkpoints.js';
-import { DirtyBitmap } from '../dirty/bitmap.js';
-import { NBD_STATE_ZERO } from '../protocol/constants.js';
 import type { MirrorRecord } from '../dirty/export-state.js';
 import { HeldRangeLock } from '../dirty/held-ranges.js';
+import { disengage, engage } from './job-converge.js';
+import { JobProgress, resumable } from './job-progress.js';
+import { initialBitmap, seedMismatch, sinceCheckpoint } from './job-since.js';
 import type { MirrorSource } from './source.js';
 import type { MirrorOptions } from './options.js';
 import { type ConvergeMode, type JobState, type JobStatus, TRANSITIONS } from './states.js';
@@ -36,9 +37,6 @@ export type MirrorTarget = Target;
 
 export { TRANSITIONS, type ConvergeMode, type JobState, type JobStatus } from './states.js';
 export { DEFAULT_MIRROR_OPTIONS, type MirrorOptions } from './options.js';
-
-/** Blocks mirror --since compares between source and target before it trusts the target's seed. */
-const SEED_SAMPLES = 32;
 
 /** Chunks in flight while write-through is on (see run()). */
 const WRITE_THROUGH_INFLIGHT = 8;
@@ -63,18 +61,10 @@ export class MirrorJob extends EventEmitter {
   private target: Target | undefined;
   private readonly connector: TargetConnector;
   private sourceDataBytes: number | null = null;
-  /** Copies and write-through hold ranges here; the activity log's checkpoints cover what is held. */
-  private readonly locks = new HeldRangeLock((offset, length) => this.unflushed.mark(offset, length));
-  /**
-   * Ranges the target acknowledged (copies, write-through) since the last
-   * NBD_CMD_FLUSH sent: a destination that loses power may not hold them, so
-   * every stored bitmap covers them (dirty) until a flush sent after them has
-   * completed. `flushing` is the part a flush in progress will make durable.
-   */
-  private unflushed: DirtyBitmap;
-  private flushing: DirtyBitmap | undefined;
-  private saving: Promise<void> | undefined;
-  private targetFlushes = 0;
+  /** Copies and write-through hold ranges here; the activity log's checkpoints cover what is held (job-progress.ts). */
+  private readonly locks = new HeldRangeLock((offset, length) => this.progress.markUnflushed(offset, length));
+  /** The state folder's side of the job: stored bitmap, unflushed ranges, mirror.json. */
+  private readonly progress: JobProgress;
   private limiter: RateLimiter | undefined;
   private cutoverRequested = false;
   private abortRequested = false;
@@ -93,11 +83,6 @@ export class MirrorJob extends EventEmitter {
   private sinceCheckpoint: Checkpoint | undefined;
   /** The unfinished job of a previous process that this one resumes (same id, same destination, the recovered bitmap). */
   private readonly resume: MirrorRecord | undefined;
-  /** What the export's state folder says of this job (mirror.json), once it runs. */
-  private record: MirrorRecord | undefined;
-  private progressTimer: NodeJS.Timeout | undefined;
-  private uncover: (() => void) | undefined;
-  private savedClears = -1;
 
   constructor(
     readonly source: MirrorSource,
@@ -105,7 +90,6 @@ export class MirrorJob extends EventEmitter {
   ) {
     super();
     this.opts = opts;
-    this.unflushed = new DirtyBitmap(source.size, source.stack.bitmap.granularity);
     const { resume, skipped } = resumable(source, opts);
     this.resume = resume;
     this.jobId = resume?.jobId ?? opts.jobId ?? randomBytes(8).toString('hex');
@@ -126,11 +110,23 @@ export class MirrorJob extends EventEmitter {
       log: this.log,
       resume: resume ? { destExportId: resume.destExportId! } : undefined,
     });
+    this.progress = new JobProgress({
+      source,
+      jobId: this.jobId,
+      targetUri: opts.target,
+      connector: this.connector,
+      resume,
+      startedAt: this.startedAt,
+      stats: this.stats,
+      locks: this.locks,
+      target: () => this.target,
+      log: this.log,
+    });
   }
 
   /** Connects and checks the target; rejects (and the job never starts) when it is unfit. */
   async start(): Promise<void> {
-    if (this.opts.since !== undefined) this.sinceCheckpoint = this.checkpoint(this.opts.since);
+    if (this.opts.since !== undefined) this.sinceCheckpoint = sinceCheckpoint(this.source, this.opts.since);
     this.sourceDataBytes = await allocatedBytes(this.source.stack.local);
     this.target = this.watch(await this.connector.connect(true, this.aborter.signal));
     if (this.sinceCheckpoint) await this.checkSeeded(this.target, this.sinceCheckpoint);
@@ -277,151 +273,7 @@ export class MirrorJob extends EventEmitter {
     this.state = s;
     this.log.info('mirror-state', { from, to: s, pass: this.pass });
     this.emit('state', s, from);
-    if (this.isFinal) this.persistEnd(s);
-  }
-
-  // ---- persistence (the export's state folder): resume after a restart
-
-  /**
-   * The job's bitmap is the export's persistent one: stored now (a fresh job:
-   * every block dirty), then every PROGRESS_SAVE_MS while copies clear bits, so
-   * a restart resumes with what was never copied plus what changed since.
-   * Then the record that lets `ctl mirror NAME URI` resume it.
-   */
-  private async persistStart(): Promise<void> {
-    const state = this.source.state;
-    if (!state) return;
-    this.uncover = state.log.cover(() => this.coveredRanges());
-    await state.log.checkpoint();
-    this.record = {
-      jobId: this.jobId,
-      target: this.opts.target,
-      destExportId: this.connector.destExportId,
-      destKind: this.connector.kind,
-      state: 'copying',
-      since: this.resume?.since ?? this.startedAt.toISOString(),
-    };
-    state.setMirror(this.record);
-    this.savedClears = this.source.stack.bitmap.clears;
-    this.progressTimer = setInterval(() => void this.saveProgress(), PROGRESS_SAVE_MS);
-    this.progressTimer.unref();
-  }
-
-  /**
-   * What every stored bitmap must count as dirty while the job runs: the
-   * chunks being copied (cleared, not acknowledged yet), and what the target
-   * acknowledged but has not flushed.
-   */
-  private *coveredRanges(): Iterable<readonly [number, number]> {
-    yield* this.locks.heldRanges();
-    for (const b of [this.unflushed, this.flushing]) {
-      if (!b) continue;
-      const g = b.granularity;
-      for (let run = b.nextRun(0, b.blocks); run; run = b.nextRun(run.block + run.count, b.blocks)) yield [run.block * g, run.count * g] as const;
-    }
-  }
-
-  /**
-   * NBD_CMD_FLUSH on the target, so that what it acknowledged so far may be
-   * stored as copied. True when everything acknowledged before the flush was
-   * sent is durable there (or nothing was pending); false when the flush could
-   * not be sent or failed (those ranges stay covered).
-   */
-  private async flushTarget(): Promise<boolean> {
-    if (this.unflushed.dirtyBlocks() === 0) return true;
-    const target = this.target;
-    if (!target || target.closed) return false;
-    const pending = this.unflushed;
-    this.unflushed = new DirtyBitmap(pending.size, pending.granularity);
-    this.flushing = pending;
-    try {
-      await target.flush();
-      this.targetFlushes++;
-      return true;
-    } catch (e) {
-      this.unflushed.orWords(pending.copyWords());
-      this.log.warn('target-flush-failed', { cause: e, effect: 'what the target acknowledged since its last flush stays dirty in the stored bitmap' });
-      return false;
-    } finally {
-      this.flushing = undefined;
-    }
-  }
-
-  /**
-   * The target connection is gone (or the job ends without completing): what it
-   * acknowledged but never flushed may be lost with it (a destination that lost
-   * power and came back), so it is copied again.
-   */
-  private remarkUnflushed(): void {
-    const lost = [this.unflushed, this.flushing];
-    for (const b of lost) if (b && b.dirtyBlocks() > 0) this.source.stack.bitmap.orWords(b.copyWords());
-    this.unflushed = new DirtyBitmap(this.unflushed.size, this.unflushed.granularity);
-  }
-
-  /**
-   * Stores the bitmap if copies cleared bits, or the target acknowledged writes,
-   * since it was last stored, after a flush of the target: only what a completed
-   * flush covers is stored as copied. (Acknowledgements count on their own: the
-   * copy engine clears many chunks before their copies are answered, so a store
-   * triggered by clears alone would keep them dirty until the sweep ends.)
-   */
-  private saveProgress(): Promise<void> {
-    // One at a time: a save asked for while one runs waits for it and then runs again.
-    const prev = this.saving;
-    const run = (async () => {
-      await prev;
-      const state = this.source.state;
-      const clears = this.source.stack.bitmap.clears;
-      if (!state || (clears === this.savedClears && this.unflushed.dirtyBlocks() === 0)) return;
-      try {
-        const t0 = performance.now();
-        const flushed = await this.flushTarget();
-        const flushMs = Math.round(performance.now() - t0);
-        await state.log.checkpoint();
-        if (flushed) this.savedClears = clears;
-        this.log.debug('mirror-progress-saved', {
-          dirtyBytes: this.source.stack.bitmap.dirtyBytes(),
-          bytesCopied: this.stats.dataBytes + this.stats.zeroBytes + this.stats.skippedBytes,
-          targetFlushed: flushed,
-          targetFlushes: this.targetFlushes,
-          flushMs,
-        });
-      } catch (e) {
-        this.log.error('mirror-progress-save-failed', { cause: e, effect: 'a restart resumes from the last stored bitmap and the activity log' });
-      }
-    })();
-    this.saving = run;
-    void run.finally(() => {
-      if (this.saving === run) this.saving = undefined;
-    });
-    return run;
-  }
-
-  /**
-   * Completed or aborted: nothing to resume. Failed, or stopped by a server
-   * shutdown: the record says so and the bitmap is stored, to resume after a restart.
-   */
-  private persistEnd(s: JobState): void {
-    clearInterval(this.progressTimer);
-    if (s !== 'completed') this.remarkUnflushed();
-    const state = this.source.state;
-    if (!state || !this.record) return this.uncover?.();
-    try {
-      if (s === 'aborted' && this.stopped) {
-        state.setMirror({ ...this.record, state: 'stopped' });
-        this.uncover?.();
-        return;
-      }
-      if (s === 'failed') {
-        state.setMirror({ ...this.record, state: 'failed', error: this.error ?? undefined });
-        void this.saveProgress().finally(() => this.uncover?.());
-        return;
-      }
-      state.setMirror(undefined);
-    } catch (e) {
-      this.log.error('mirror-record-failed', { cause: e, file: state.folder.file('mirror.json') });
-    }
-    this.uncover?.();
+    if (this.isFinal) this.progress.end(s, { stopped: this.stopped, error: this.error });
   }
 
   private poke(): void {
@@ -469,8 +321,8 @@ export class MirrorJob extends EventEmitter {
   private async run(): Promise<void> {
     try {
       if (this.resume) this.log.info('mirror-resumed', { from: this.resume.state, since: this.resume.since, dirtyBytes: this.source.stack.bitmap.dirtyBytes(), size: this.source.size });
-      else this.initialBitmap();
-      await this.persistStart();
+      else initialBitmap(this.source, this.sinceCheckpoint, this.log);
+      await this.progress.start();
       const stall = new StallDetector();
       for (;;) {
         if (this.abortRequested) return await this.finishAborted();
@@ -547,56 +399,9 @@ export class MirrorJob extends EventEmitter {
     }
   }
 
-  private checkpoint(name: string): Checkpoint {
-    const set = this.source.checkpoints;
-    if (!set) throw new JobError('EINVAL', `export "${this.source.name}" keeps no checkpoints: --since needs one`);
-    try {
-      return set.get(name);
-    } catch (e) {
-      throw new JobError('ENOENT', `--since ${name}: ${(e as Error).message}`, { cause: e });
-    }
-  }
-
-  /**
-   * --since is the operator's word that the target holds the export as of the checkpoint;
-   * it cannot be proven, but it can be spot-checked before anything is written: blocks the
-   * checkpoint holds unchanged, sampled across the source's data, must read the same on the
-   * target. A target never seeded, or seeded from another disk, fails it and is let go.
-   */
+  /** mirror --since: a target whose seed does not match the source is let go (job-since.ts). */
   private async checkSeeded(target: Target, cp: Checkpoint): Promise<void> {
-    const local = this.source.stack.local;
-    const g = cp.bitmap.granularity;
-    const data: [number, number][] = [];
-    let dataBytes = 0;
-    for (let pos = 0; pos < this.source.size; ) {
-      const extents = await local.extents(pos, this.source.size - pos, 1024);
-      if (extents.length === 0) break;
-      for (const e of extents) {
-        if (!(e.flags & NBD_STATE_ZERO)) data.push([pos, e.length]), (dataBytes += e.length);
-        pos += e.length;
-      }
-    }
-    const blocks = new Set<number>();
-    for (let i = 0; i < SEED_SAMPLES && dataBytes > 0; i++) {
-      let at = Math.floor((dataBytes * (i + 0.5)) / SEED_SAMPLES);
-      const run = data.find(([, len]) => (at < len ? true : ((at -= len), false)))!;
-      const block = Math.floor((run[0] + at) / g);
-      if (!cp.bitmap.isDirty(block)) blocks.add(block);
-    }
-    let mismatch: number | undefined;
-    for (const block of blocks) {
-      const offset = block * g;
-      const length = Math.min(g, this.source.size - offset);
-      const [mine, theirs] = [Buffer.alloc(length), Buffer.alloc(length)];
-      await local.read(offset, length, mine, 0);
-      await target.read(offset, length, theirs, 0);
-      // A block changed meanwhile (its mark follows its write) is no evidence either way.
-      if (!mine.equals(theirs) && !cp.bitmap.isDirty(block)) {
-        mismatch = offset;
-        break;
-      }
-    }
-    this.log.info('mirror-since', { checkpoint: cp.name, changedBytes: cp.bitmap.dirtyBytes(), sampled: blocks.size, mismatchAt: mismatch ?? null });
+    const mismatch = await seedMismatch(this.source, target, cp, this.log);
     if (mismatch === undefined) return;
     target.destroy();
     this.target = undefined;
@@ -609,24 +414,6 @@ export class MirrorJob extends EventEmitter {
     );
   }
 
-  /** The first sweep's bitmap: every block, or (--since) the checkpoint's changed blocks. */
-  private initialBitmap(): void {
-    const bitmap = this.source.stack.bitmap;
-    const cp = this.sinceCheckpoint;
-    if (!cp) return bitmap.markAll();
-    if (cp.deleted) {
-      this.log.warn('mirror-since-deleted', { checkpoint: cp.name, effect: 'the checkpoint was deleted before the job began: copying everything' });
-      return bitmap.markAll();
-    }
-    // One synchronous step: no change can land between the clear and the copy of the bits.
-    bitmap.clearAll();
-    const from = cp.bitmap;
-    for (let run = from.nextRun(0, from.blocks); run; run = from.nextRun(run.block + run.count, from.blocks))
-      bitmap.mark(run.block * from.granularity, run.count * from.granularity);
-    this.log.info('mirror-since-bitmap', { checkpoint: cp.name, dirtyBytes: bitmap.dirtyBytes(), size: this.source.size });
-  }
-
-  /** Switches convergence on: write-through (active) or guest throttling. */
   /**
    * --converge postcopy: the copy cannot catch up, so instead of slowing the
    * guest the export is handed over (migration/postcopy-handover.ts handOver) between
@@ -657,34 +444,20 @@ export class MirrorJob extends EventEmitter {
     this.log.info('mirror-postcopy-done', { pauseMs: this.pauseMs, dirtyBytes });
   }
 
+  /** Switches convergence on (job-converge.ts). */
   private engage(mode: ConvergeMode): void {
-    if (mode === 'active') {
-      if (this.source.stack.writeThrough.writeThroughActive || !this.target) return;
-      this.source.stack.writeThrough.setWriteThrough({
-        target: this.target,
-        locks: this.locks,
-        timeoutMs: this.opts.writeThroughTimeoutMs,
-        onError: (e) => this.log.warn('write-through-failed', { cause: e, effect: 'range marked dirty; guest unaffected' }),
-        onSlow: () => {
-          // The target is slow or frozen: guests must not wait on it. The background copy catches up.
-          this.source.stack.writeThrough.setWriteThrough(undefined);
-          this.log.warn('write-through-slow', {
-            timeoutMs: this.opts.writeThroughTimeoutMs,
-            effect: 'range marked dirty; guests are answered after their local write; back to background copying',
-          });
-        },
-      });
-      this.log.info('mirror-converge', { mode: 'active' });
-    } else {
-      const rate = guestThrottleRate(this.meter.rate);
-      this.source.stack.throttle.setRate(rate);
-      this.log.info('mirror-converge', { mode: 'throttle', guestWriteLimit: rate });
-    }
+    engage(mode, {
+      stack: this.source.stack,
+      target: this.target,
+      locks: this.locks,
+      writeThroughTimeoutMs: this.opts.writeThroughTimeoutMs,
+      copyRate: this.meter.rate,
+      log: this.log,
+    });
   }
 
   private disengage(): void {
-    this.source.stack.writeThrough.setWriteThrough(undefined);
-    this.source.stack.throttle.setRate(undefined);
+    disengage(this.source.stack);
   }
 
   /** The switch (cutover.ts). Resolves true when completed; false when it failed and copying goes on. */
@@ -739,7 +512,7 @@ export class MirrorJob extends EventEmitter {
     this.source.stack.writeThrough.setWriteThrough(undefined);
     this.target?.destroy();
     this.target = undefined;
-    this.remarkUnflushed();
+    this.progress.remarkUnflushed();
     this.retrying = true;
     try {
       for (;;) {
@@ -776,10 +549,10 @@ export class MirrorJob extends EventEmitter {
 
   /** stop(): flush the target, store the bitmap, keep the record and the destination's binding. */
   private async finishStopped(): Promise<void> {
-    const flushed = await this.flushTarget();
+    const flushed = await this.progress.flushTarget();
     this.target?.destroy();
     this.target = undefined;
-    this.remarkUnflushed(); // nothing left unless the flush failed: then that is copied again
+    this.progress.remarkUnflushed(); // nothing left unless the flush failed: then that is copied again
     try {
       await this.source.state?.log.checkpoint();
     } catch (e) {
@@ -805,34 +578,4 @@ export class MirrorJob extends EventEmitter {
     this.log.error('mirror-failed', { cause: e });
     this.setState('failed');
   }
-}
-
-/** How often a copying job stores its bitmap (when copies cleared bits). */
-const PROGRESS_SAVE_MS = 2000;
-
-/**
- * Whether `ctl mirror NAME URI` picks up the job a previous process left
- * (mirror.json): the same target URI, an nbd-migrate destination (whose
- * identity can be checked), and no --force or --since (those start afresh).
- */
-function resumable(source: MirrorSource, opts: MirrorOptions): { resume?: MirrorRecord; skipped?: Record<string, unknown> } {
-  let rec: MirrorRecord | undefined;
-  try {
-    rec = source.state?.mirror();
-  } catch (e) {
-    return { skipped: { cause: e, effect: 'starting a fresh mirror' } };
-  }
-  if (!rec) return {};
-  const why =
-    rec.target !== opts.target
-      ? `it went to ${rec.target}`
-      : opts.force
-        ? '--force starts afresh'
-        : opts.since !== undefined
-          ? '--since starts from the checkpoint'
-          : rec.destKind !== 'nbd-migrate-incoming' || !rec.destExportId
-            ? `its target (${rec.destKind ?? 'unknown'}) is not an nbd-migrate destination whose identity can be checked`
-            : undefined;
-  if (why) return { skipped: { previousJob: rec.jobId, cause: `the unfinished job ${rec.jobId} is not resumed: ${why}`, effect: 'starting a fresh mirror (every block is copied)' } };
-  return { resume: rec };
 }
