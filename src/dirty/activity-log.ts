@@ -62,16 +62,39 @@ const fdatasync = promisify(fs.fdatasync);
  * zero padding to 64 bytes; then the words (u32 LE).
  */
 export function encodeBitmap(size: number, granularity: number, words: Uint32Array, generation: number): Buffer {
-  const body = Buffer.from(words.buffer, words.byteOffset, words.byteLength);
-  const b = Buffer.alloc(BITMAP_HEADER + body.length);
+  return encodeBitmapWith(size, granularity, words.length, generation, (body) => body.set(words));
+}
+
+/** The file buffer for `count` words: unpooled, so the words after the 64-byte header are 4-byte aligned. */
+function bitmapFileBuffer(count: number): Buffer {
+  return Buffer.allocUnsafeSlow(BITMAP_HEADER + count * 4);
+}
+
+/**
+ * encodeBitmap with the words written by `fill` straight into the file buffer
+ * (no copy of the bitmap on the side); `into` (from bitmapFileBuffer) is reused.
+ */
+function encodeBitmapWith(
+  size: number,
+  granularity: number,
+  count: number,
+  generation: number,
+  fill: (words: Uint32Array) => void,
+  into: Buffer = bitmapFileBuffer(count),
+): Buffer {
+  const b = into;
+  if (b.length !== BITMAP_HEADER + count * 4 || b.byteOffset % 4 !== 0) throw new RangeError('bitmap file buffer of the wrong size or alignment');
+  b.fill(0, 0, BITMAP_HEADER);
+  const body = b.subarray(BITMAP_HEADER);
+  body.fill(0);
+  fill(new Uint32Array(b.buffer, b.byteOffset + BITMAP_HEADER, count));
   b.write(BITMAP_MAGIC, 0, 'latin1');
   b.writeUInt32LE(1, 8);
   b.writeUInt32LE(granularity, 12);
-  b.writeUInt32LE(words.length, 16);
+  b.writeUInt32LE(count, 16);
   b.writeUInt32LE(crc32(body), 20);
   b.writeBigUInt64LE(BigInt(size), 24);
   b.writeUInt32LE(generation >>> 0, 32);
-  body.copy(b, BITMAP_HEADER);
   return b;
 }
 
@@ -95,14 +118,19 @@ export function decodeBitmap(b: Buffer): StoredBitmap {
   return { granularity: b.readUInt32LE(12), words, size: Number(b.readBigUInt64LE(24)), generation: b.readUInt32LE(32) };
 }
 
-/** One activity-log slot: u32 magic, u64 sequence, u32 extent bytes, u32 count, u32 CRC (of the slot with this field 0), extents. */
-function encodeSlot(seq: number, extentBytes: number, extents: Iterable<number>): Buffer {
-  const b = Buffer.alloc(SLOT_BYTES);
+/**
+ * One activity-log slot: u32 magic, u64 sequence, u32 extent bytes, u32 count, u32 CRC (of the slot with this field 0), extents.
+ * Written into `b` (SLOT_BYTES, reused by the log: slots are written one at a time); the extents of every list, in order.
+ */
+function encodeSlot(b: Buffer, seq: number, extentBytes: number, ...lists: Iterable<number>[]): Buffer {
+  if (b.length !== SLOT_BYTES) throw new RangeError('activity log slot buffer of the wrong size');
+  b.fill(0);
   let n = 0;
-  for (const e of extents) {
-    if (n === SLOT_CAPACITY) throw new RangeError('activity log slot overflow');
-    b.writeUInt32LE(e, SLOT_HEADER + 4 * n++);
-  }
+  for (const extents of lists)
+    for (const e of extents) {
+      if (n === SLOT_CAPACITY) throw new RangeError('activity log slot overflow');
+      b.writeUInt32LE(e, SLOT_HEADER + 4 * n++);
+    }
   b.writeUInt32LE(SLOT_MAGIC, 0);
   b.writeBigUInt64LE(BigInt(seq), 4);
   b.writeUInt32LE(extentBytes, 12);
@@ -260,6 +288,8 @@ export class ActivityLog {
   readonly extentBytes: number;
   /** Extents named by the slot on disk (or by both the old and the slot being written). */
   private active = new Set<number>();
+  /** The buffer every slot is encoded in (slots are written one at a time). */
+  private readonly slotFile = Buffer.alloc(SLOT_BYTES);
   /** The same as flags, one byte per extent: the data path's test. */
   private readonly activeFlags: Uint8Array;
   /** Extents asked for since the last slot write started, and the promise of the slot that will name them. */
@@ -268,6 +298,8 @@ export class ActivityLog {
   /** Writes in flight per extent (begin .. end). */
   private readonly inflight: Uint32Array;
   private running = false;
+  /** The buffer every snapshot of dirty.bitmap is built in (encodeSnapshot). */
+  private snapshotFile: Buffer | undefined;
   private checkpointWanted: Deferred | undefined;
   private seq: number;
   private generation: number;
@@ -413,15 +445,16 @@ export class ActivityLog {
         this.next = undefined;
         this.checkpointWanted = undefined;
         try {
-          let grown: Set<number> | undefined;
-          if (!cp) {
-            grown = new Set(this.active);
-            for (const e of batch) grown.add(e);
-          }
-          if (grown && grown.size <= SLOT_CAPACITY) {
-            await this.writeSlot(grown);
-            this.stats.extentsLogged += grown.size - this.active.size;
-            this.setActive(grown);
+          // The log grows by the batch's new extents while they fit in a slot
+          // (written as the active ones plus those: no copy of the active set).
+          const added = cp ? [] : [...batch].filter((e) => this.activeFlags[e] === 0);
+          if (!cp && this.active.size + added.length <= SLOT_CAPACITY) {
+            await this.writeSlot(this.active, added);
+            this.stats.extentsLogged += added.length;
+            for (const e of added) {
+              this.active.add(e);
+              this.activeFlags[e] = 1;
+            }
           } else {
             await this.checkpointNow(batch);
             this.stats.checkpoints++;
@@ -450,20 +483,31 @@ export class ActivityLog {
     this.opts.onError?.(this.failure);
   }
 
-  /** The snapshot: bitmap ∪ extents with changes in flight ∪ covered ranges. */
-  private snapshot(): DirtyBitmap {
-    const snap = new DirtyBitmap(this.bitmap.size, this.bitmap.granularity);
-    snap.orWords(this.bitmap.copyWords());
-    for (let e = 0; e < this.inflight.length; e++) if (this.inflight[e]! > 0) snap.mark(e * this.extentBytes, this.extentBytes);
-    for (const fn of this.covers) for (const [o, l] of fn()) snap.mark(o, l);
-    return snap;
+  /**
+   * The snapshot as dirty.bitmap's bytes: bitmap ∪ extents with changes in
+   * flight ∪ covered ranges, built in one file buffer kept for the purpose:
+   * under random writes over a big disk the log checkpoints many times a
+   * second, and a fresh bitmap-sized buffer (or three, before) each time kept
+   * tens of MiB of garbage alive at 1 TiB. Reusing it is safe: checkpoints run
+   * one at a time (`running`), and storeSync runs only when none is.
+   */
+  private encodeSnapshot(): Buffer {
+    const { size, granularity } = this.bitmap;
+    const count = DirtyBitmap.wordsFor(size, granularity);
+    this.snapshotFile ??= bitmapFileBuffer(count);
+    const fill = (words: Uint32Array) => {
+      this.bitmap.copyWordsInto(words);
+      const snap = new DirtyBitmap(size, granularity, words);
+      for (let e = 0; e < this.inflight.length; e++) if (this.inflight[e]! > 0) snap.mark(e * this.extentBytes, this.extentBytes);
+      for (const fn of this.covers) for (const [o, l] of fn()) snap.mark(o, l);
+    };
+    return encodeBitmapWith(size, granularity, count, this.generation, fill, this.snapshotFile);
   }
 
   private async checkpointNow(batch: Set<number>): Promise<void> {
     this.setActive(new Set()); // step 1: every write from now on waits for a slot
-    const snap = this.snapshot(); // step 2
     this.generation++;
-    await this.folder.writeAtomicAsync(BITMAP_FILE, encodeBitmap(snap.size, snap.granularity, snap.copyWords(), this.generation)); // step 3
+    await this.folder.writeAtomicAsync(BITMAP_FILE, this.encodeSnapshot()); // steps 2 and 3
     for (const fn of this.beforeDrop) await fn(); // the checkpoints' bits, before the old slot goes
     // Step 4: the extents that asked (covered by the snapshot already: naming them spares their next writes a wait).
     const next = new Set<number>();
@@ -480,9 +524,9 @@ export class ActivityLog {
     }
   }
 
-  private async writeSlot(extents: Set<number>): Promise<void> {
+  private async writeSlot(...lists: Iterable<number>[]): Promise<void> {
     this.seq++;
-    const buf = encodeSlot(this.seq, this.extentBytes, extents);
+    const buf = encodeSlot(this.slotFile, this.seq, this.extentBytes, ...lists);
     await write(this.fd, buf, 0, SLOT_BYTES, (this.seq % 2) * SLOT_BYTES);
     await fdatasync(this.fd);
     this.stats.slotWrites++;
@@ -491,10 +535,9 @@ export class ActivityLog {
   /** Startup and clean close: the exact bitmap stored, the log emptied, synchronously. */
   private storeSync(): void {
     this.generation++;
-    const snap = this.snapshot();
-    this.folder.writeAtomic(BITMAP_FILE, encodeBitmap(snap.size, snap.granularity, snap.copyWords(), this.generation));
+    this.folder.writeAtomic(BITMAP_FILE, this.encodeSnapshot());
     this.seq++;
-    fs.writeSync(this.fd, encodeSlot(this.seq, this.extentBytes, []), 0, SLOT_BYTES, (this.seq % 2) * SLOT_BYTES);
+    fs.writeSync(this.fd, encodeSlot(this.slotFile, this.seq, this.extentBytes), 0, SLOT_BYTES, (this.seq % 2) * SLOT_BYTES);
     fs.fdatasyncSync(this.fd);
     this.setActive(new Set());
   }

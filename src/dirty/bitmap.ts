@@ -22,15 +22,28 @@ export class DirtyBitmap {
   /** Counts clears (clearBlocks, clearAll): a persisted copy is stale once this moves. */
   clears = 0;
 
+  /**
+   * `storage`, when given, holds the words (wordsFor(size, granularity) of them,
+   * all zero or a copy of another bitmap's): a snapshot built straight into a
+   * file buffer, with no second copy.
+   */
   constructor(
     readonly size: number,
     readonly granularity: number = DEFAULT_GRANULARITY,
+    storage?: Uint32Array,
   ) {
     if (!Number.isInteger(granularity) || granularity < 512 || (granularity & (granularity - 1)) !== 0)
       throw new RangeError(`dirty granularity must be a power of two of at least 512 bytes, got ${granularity}`);
     this.blocks = Math.ceil(size / granularity);
+    const n = DirtyBitmap.wordsFor(size, granularity);
+    if (storage && storage.length !== n) throw new RangeError(`bitmap storage of ${storage.length} words for one of ${n}`);
     // Every word allocated now, so marking never allocates on the data path.
-    this.words = new Uint32Array(Math.ceil(this.blocks / 32));
+    this.words = storage ?? new Uint32Array(n);
+  }
+
+  /** How many 32-bit words a bitmap of `size` bytes at `granularity` holds. */
+  static wordsFor(size: number, granularity: number): number {
+    return Math.ceil(Math.ceil(size / granularity) / 32);
   }
 
   /** Sets or clears blocks [from, to] (inclusive, within the bitmap): whole words filled, the two edge words masked. */
@@ -94,6 +107,12 @@ export class DirtyBitmap {
   /** A copy of the words (for persisting): bit i of word w is block w * 32 + i. */
   copyWords(): Uint32Array {
     return this.words.slice();
+  }
+
+  /** Copies the words into `target` (of exactly this bitmap's word count). */
+  copyWordsInto(target: Uint32Array): void {
+    if (target.length !== this.words.length) throw new RangeError(`bitmap of ${target.length} words for one of ${this.words.length}`);
+    target.set(this.words);
   }
 
   /** Marks every block set in `words` (a copyWords() of a bitmap of the same size and granularity). */
