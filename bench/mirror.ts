@@ -14,7 +14,7 @@
 import * as fs from 'node:fs';
 import { formatBytes } from '../src/util/units.js';
 import { ACTLOG_MODES, formatActlog, measureActlog, summariseActlog, type ActlogRow, type ActlogSample } from './actlog.js';
-import { BITMAP_SMALL_SIZE, measureBitmap, type BitmapSample, type GoodBitmapSample } from './bitmapmem.js';
+import { BITMAP_IO_SEC, BITMAP_SMALL_SIZE, measureBitmap, type BitmapSample, type GoodBitmapSample } from './bitmapmem.js';
 import type { BenchConfig, CopyMethodName, MirrorConfig } from './config.js';
 import { COPY_METHOD_LABELS, createCopySource, measureCopy, type CopySample, type GoodCopySample } from './copyspeed.js';
 import { cutover4Settings, runCutover4, type Cutover4Sample, type Cutover4Settings } from './cutover4.js';
@@ -79,6 +79,11 @@ export interface BitmapRow {
   rssBytes: number | null;
   hwmBytes: number | null;
   readySec: number | null;
+  /** The same after BITMAP_IO_SEC s of random 4 KiB writes over the whole export. */
+  ioRssBytes: number | null;
+  ioHwmBytes: number | null;
+  ioWriteIops: number | null;
+  ioDirtyBytes: number | null;
 }
 
 export interface MirrorResults {
@@ -199,6 +204,10 @@ export function summariseBitmap(samples: readonly BitmapSample[], sizes: readonl
       rssBytes: med(good, (s) => s.rssBytes),
       hwmBytes: med(good, (s) => s.hwmBytes),
       readySec: med(good, (s) => s.readySec),
+      ioRssBytes: med(good, (s) => s.io.rssBytes),
+      ioHwmBytes: med(good, (s) => s.io.hwmBytes),
+      ioWriteIops: med(good, (s) => s.io.writeIops),
+      ioDirtyBytes: med(good, (s) => s.io.dirtyBytes),
     };
   });
 }
@@ -312,7 +321,8 @@ export async function runMirrorSuite(ctx: MirrorContext, results: MirrorResults)
           samples.push(s);
           results.bitmap.rows = summariseBitmap(samples, sizes);
           const what = s.ok
-            ? `bitmapBytes ${fmtBytes(s.bitmapBytes)}  RSS ${fmtBytes(s.rssBytes)}  peak ${fmtBytes(s.hwmBytes)}  ready in ${s.readySec.toFixed(2)} s`
+            ? `bitmapBytes ${fmtBytes(s.bitmapBytes)}  RSS ${fmtBytes(s.rssBytes)}  peak ${fmtBytes(s.hwmBytes)}  ready in ${s.readySec.toFixed(2)} s; ` +
+              `after ${BITMAP_IO_SEC} s of writes (${Math.round(s.io.writeIops)} IOPS, ${fmtBytes(s.io.dirtyBytes)} dirty): RSS ${fmtBytes(s.io.rssBytes)}  peak ${fmtBytes(s.io.hwmBytes)}`
             : `FAILED: ${s.error.split('\n')[0]}`;
           ctx.progress(`[bitmap ${samples.length}/${total}] round ${round} ${fmtBytes(size).padEnd(7)} ${what}`);
         }
@@ -510,10 +520,11 @@ export function formatMirrorResults(r: MirrorResults): string {
     const b = r.bitmap;
     if (out.length) out.push('');
     out.push('mirror rows: dirty bitmap memory: a sparse image (truncate, no data) served by nbd-migrate with an admin socket;');
-    out.push(`bitmapBytes from {"cmd":"status"}, RSS and peak RSS (VmRSS, VmHWM) from /proc/PID/status 1 s after ready`);
+    out.push(`bitmapBytes from {"cmd":"status"}, RSS and peak RSS (VmRSS, VmHWM) from /proc/PID/status 1 s after ready,`);
+    out.push(`then again after ${BITMAP_IO_SEC} s of fio random 4 KiB writes at QD16 over the whole export (under I/O; dirty = what they marked)`);
     out.push(`median of ${b.settings.repeat} run${b.settings.repeat === 1 ? '' : 's'}`);
     out.push('');
-    const head = ['image', 'granularity', 'bitmapBytes', 'RSS', 'peak RSS', 'ready, s'];
+    const head = ['image', 'granularity', 'bitmapBytes', 'RSS', 'peak RSS', 'ready, s', 'write IOPS', 'dirty', 'RSS under I/O', 'peak under I/O'];
     const body = b.rows.map((row) => [
       fmtBytes(row.size) + (row.failures ? ` (${row.failures} failed)` : ''),
       fmtBytes(row.granularity),
@@ -521,6 +532,10 @@ export function formatMirrorResults(r: MirrorResults): string {
       fmtBytes(row.rssBytes),
       fmtBytes(row.hwmBytes),
       fmtSec(row.readySec),
+      row.ioWriteIops === null ? '-' : String(Math.round(row.ioWriteIops)),
+      fmtBytes(row.ioDirtyBytes),
+      fmtBytes(row.ioRssBytes),
+      fmtBytes(row.ioHwmBytes),
     ]);
     const [small, big] = b.rows;
     if (small && big && small.rssBytes !== null && big.rssBytes !== null && small.hwmBytes !== null && big.hwmBytes !== null) {
@@ -531,6 +546,10 @@ export function formatMirrorResults(r: MirrorResults): string {
         fmtBytes(big.rssBytes - small.rssBytes),
         fmtBytes(big.hwmBytes - small.hwmBytes),
         fmtSec((big.readySec ?? 0) - (small.readySec ?? 0)),
+        '',
+        '',
+        big.ioRssBytes !== null && small.ioRssBytes !== null ? fmtBytes(big.ioRssBytes - small.ioRssBytes) : '-',
+        big.ioHwmBytes !== null && small.ioHwmBytes !== null ? fmtBytes(big.ioHwmBytes - small.ioHwmBytes) : '-',
       ]);
     }
     out.push(table([head, ...body]));

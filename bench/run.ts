@@ -50,7 +50,7 @@ async function requireTools(cfg: BenchConfig): Promise<{ fio: string }> {
   const fioSuite = cfg.suites.includes('fio');
   const mirror = cfg.suites.includes('mirror') ? cfg.mirror.rows : [];
   const needed: { cmd: string; pkg: string; why: string }[] = [];
-  if (fioSuite || mirror.includes('cutover')) needed.push({ cmd: 'fio', pkg: 'fio', why: '' });
+  if (fioSuite || mirror.includes('cutover') || mirror.includes('bitmap')) needed.push({ cmd: 'fio', pkg: 'fio', why: '' });
   if (fioSuite) for (const s of cfg.servers) if (s !== 'nbd-migrate') needed.push({ ...SERVER_TOOLS[s], why: 'or leave that server out with BENCH_SERVERS=...' });
   if (mirror.includes('copy') || (mirror.includes('cutover') && cfg.mirror.cutoverTarget === 'qemu-nbd'))
     needed.push({ cmd: 'qemu-nbd', pkg: 'qemu-utils', why: 'the mirror target; or BENCH_SUITES=fio' });
