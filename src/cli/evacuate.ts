@@ -117,12 +117,24 @@ export async function waitForEvacuation(socket: string, id: string): Promise<Eva
   }
 }
 
+/**
+ * The exports table's ACTIVITY LOG column: "off" without crash-safe dirty
+ * tracking (read-only, receiving, --no-activity-log), "FAILED" once it could
+ * not be written (writes into unlogged extents then fail EIO), else the
+ * extents it holds now and its checkpoints since the export opened.
+ */
+function activityLogCell(l: ExportStatus['activityLog']): string {
+  if (!l) return 'off';
+  if (l.failed) return 'FAILED';
+  return `${l.activeExtents} x ${formatBytes(l.extentBytes, { compact: true })}, ${l.checkpoints} checkpoint${l.checkpoints === 1 ? '' : 's'}`;
+}
+
 /** `ctl status`: tables of the exports, the mirror jobs and the evacuations. */
 export function printStatusTables(st: { exports: ExportStatus[]; jobs: JobStatus[]; evacuations?: EvacuationStatus[] }, out: Out): void {
   out(
     formatTable([
-      ['EXPORT', 'SIZE', 'CONNS', 'DIRTY', 'BACKEND', 'IMAGE'],
-      ...st.exports.map((e) => [e.name, formatBytes(e.size), String(e.connections), formatBytes(e.dirtyBytes), e.backend, e.image]),
+      ['EXPORT', 'SIZE', 'CONNS', 'DIRTY', 'BACKEND', 'ACTIVITY LOG', 'IMAGE'],
+      ...st.exports.map((e) => [e.name, formatBytes(e.size), String(e.connections), formatBytes(e.dirtyBytes), e.backend, activityLogCell(e.activityLog), e.image]),
     ]).join('\n'),
   );
   out('');

@@ -5,7 +5,7 @@
 import t from 'tap';
 import * as path from 'node:path';
 import { NbdClient } from '../../src/client/nbd-client.js';
-import { SLOT_CAPACITY } from '../../src/dirty/activity-log.js';
+import { SLOT_CAPACITY, type ActivityLogStatus as LogStatus } from '../../src/dirty/activity-log.js';
 import { makeImage, MiB, serve, tmpDir } from '../helpers/server.js';
 import { cli } from '../migration/harness.js';
 import { describeRun } from '../helpers/tools.js';
@@ -13,16 +13,6 @@ import { describeRun } from '../helpers/tools.js';
 const KiB = 1024;
 const EXTENT = 64 * KiB;
 const EXTENTS = 1100;
-
-interface LogStatus {
-  extentBytes: number;
-  activeExtents: number;
-  extentsLogged: number;
-  syncs: number;
-  checkpoints: number;
-  waits: number;
-  failed: boolean;
-}
 
 async function status(admin: string): Promise<{ exports: Array<{ name: string; activityLog: LogStatus | null }> }> {
   const r = await cli(['ctl', '--socket', admin, 'status', '--json']);
@@ -70,4 +60,12 @@ t.test('ctl status --json and the metrics show the activity log counters', async
   t.equal(value(text, 'nbd_migrate_activity_log_checkpoints_total{export="vm1"}'), all.checkpoints, 'metrics: checkpoints');
   t.equal(value(text, 'nbd_migrate_activity_log_active_extents{export="vm1"}'), all.activeExtents, 'metrics: extents in the log');
   t.notMatch(text, /activity_log_[a-z_]+\{export="ro"\}/, 'no series for an export without a log');
+
+  // The plain table says the same in its ACTIVITY LOG column.
+  const plain = await cli(['ctl', '--socket', admin, 'status']);
+  t.equal(plain.code, 0, describeRun(plain));
+  const row = (name: string) => plain.stdout.split('\n').find((l) => l.startsWith(name + ' ')) ?? '';
+  t.match(plain.stdout, /^EXPORT\s.*\sACTIVITY LOG\s+IMAGE$/m, `the exports table has the column\n${plain.stdout}`);
+  t.match(row('vm1'), new RegExp(`\\s${all.activeExtents} x 64 KiB, ${all.checkpoints} checkpoints?\\s`), `vm1: extents in the log and checkpoints\n${plain.stdout}`);
+  t.match(row('ro'), /\soff\s/, 'ro: no log');
 });
