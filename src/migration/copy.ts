@@ -57,6 +57,8 @@ export interface CopyOptions {
   reserve?: { left: number };
   /** Before each new chunk: a promise to wait for first, if any (a background sweep yields to another job's cutover). */
   pauseBefore?: () => Promise<void> | undefined;
+  /** The source's data runs learned so far (a sweep makes its own when none is given). */
+  hints?: SourceHints;
 }
 
 /** Default bound on data in flight: covers the bandwidth-delay product of 1 Gbit/s at 250 ms. */
@@ -129,7 +131,7 @@ export function isAllZero(b: Buffer): boolean {
 
 export const DEFAULT_COPY_OPTIONS: CopyOptions = { chunkBytes: 4 * 1024 * 1024, maxInflight: 64, skipTargetZeros: false, retries: 0 };
 
-type TargetOpts = Pick<CopyOptions, 'limiter' | 'skipTargetZeros' | 'shouldStop' | 'retries' | 'onRetry' | 'buffers' | 'window' | 'reserve'>;
+type TargetOpts = Pick<CopyOptions, 'limiter' | 'skipTargetZeros' | 'shouldStop' | 'retries' | 'onRetry' | 'buffers' | 'window' | 'reserve' | 'hints'>;
 
 /** Runs one target request, retrying transient target errors (bounded). */
 async function onTarget<T>(opts: TargetOpts, op: () => Promise<T>): Promise<T> {
@@ -169,6 +171,57 @@ export class CopyStopped extends Error {
 const EXTENT_BATCH = 1024;
 
 /**
+ * What a sweep has learned of the source's allocation, one run at a time: a run is asked
+ * for once, as one extent from where a chunk starts to the device's end, and chunks inside
+ * a data run read without asking again. A data claim stays safe however old it is (a range
+ * trimmed since reads as zeros, and zeros go out as WRITE_ZEROES); a hole claim is never
+ * used, a chunk there asks afresh, after its bits were cleared (a guest may have written).
+ *
+ * Why: tmpfs answers SEEK_HOLE by walking every cached page up to the hole, so asking per
+ * 4 MiB chunk walked a 64 MiB data run 16 times (perf: 7.5 % of `copy`'s samples in
+ * mapping_seek_hole_data); an NBD source answers one question per run instead of per chunk.
+ */
+export class SourceHints {
+  private run: { start: number; end: number; data: boolean } | undefined;
+  private pending: { start: number; done: Promise<void> } | undefined;
+  /** Questions asked (for tests). */
+  probes = 0;
+  constructor(private readonly source: Device) {}
+
+  /** Bytes from `pos` known to be data (0: not known; ask the source). */
+  async dataAt(pos: number): Promise<number> {
+    for (let round = 0; round < 2; round++) {
+      const r = this.run;
+      if (r && pos >= r.start && pos < r.end) return r.data ? r.end - pos : 0;
+      // A question already on its way from at or before `pos` (the chunk launched just before) may answer this one too.
+      const p = this.pending ?? (round === 0 ? this.probe(pos) : undefined);
+      if (!p || p.start > pos) return 0;
+      await p.done;
+    }
+    return 0;
+  }
+
+  private probe(pos: number): { start: number; done: Promise<void> } {
+    this.probes++;
+    const p = {
+      start: pos,
+      done: this.source.extents(pos, this.source.size - pos, 1).then(
+        (e) => {
+          const first = e[0];
+          if (first && first.length > 0) this.run = { start: pos, end: pos + first.length, data: !(first.flags & NBD_STATE_ZERO) };
+        },
+        () => undefined, // the chunk asks again and sees the error itself
+      ),
+    };
+    this.pending = p;
+    void p.done.then(() => {
+      if (this.pending === p) this.pending = undefined;
+    });
+    return p;
+  }
+}
+
+/**
  * Copies every block dirty at the time the sweep reaches it. Rejects with the
  * first failure once in-flight chunks settle; failed chunks are marked dirty again.
  */
@@ -191,6 +244,7 @@ export async function copySweep(
     shouldStop: stopped,
     window: opts.window ?? new ByteWindow(windowBytes),
     buffers: opts.buffers ?? new BufferPool(opts.chunkBytes, Math.min(opts.maxInflight, Math.ceil(windowBytes / opts.chunkBytes) + 1)),
+    hints: opts.hints ?? new SourceHints(source),
   };
   while (!stopped()) {
     const pause = opts.pauseBefore?.();
@@ -229,7 +283,8 @@ async function copyRun(
   // up guest writes to its range. Holes take nothing from the window.
   let reserved = 0;
   if (opts.locks && opts.window) {
-    for (const e of await source.extents(offset, length, EXTENT_BATCH)) if (!(e.flags & NBD_STATE_ZERO)) reserved += e.length;
+    if (((await opts.hints?.dataAt(offset)) ?? 0) >= length) reserved = length;
+    else for (const e of await source.extents(offset, length, EXTENT_BATCH)) if (!(e.flags & NBD_STATE_ZERO)) reserved += e.length;
     reserved = Math.min(reserved, length);
     await opts.window.acquire(reserved);
   }
@@ -262,7 +317,8 @@ export async function copyRange(
   let pos = offset;
   while (pos < end) {
     if (opts.shouldStop?.()) throw new CopyStopped();
-    const extents = await source.extents(pos, end - pos, EXTENT_BATCH);
+    const known = opts.hints ? await opts.hints.dataAt(pos) : 0;
+    const extents = known > 0 ? [{ length: Math.min(known, end - pos), flags: 0 }] : await source.extents(pos, end - pos, EXTENT_BATCH);
     for (const e of extents) {
       const n = Math.min(e.length, end - pos);
       if (n <= 0) break;
