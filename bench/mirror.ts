@@ -128,7 +128,7 @@ export function estimateMirrorSec(m: MirrorConfig): number {
   if (m.rows.includes('cutover')) s += 1 + m.repeat * (2 * m.cutoverRuntimeSec + 10);
   if (m.rows.includes('bitmap')) s += m.repeat * 2 * 2.5;
   if (m.rows.includes('readcache')) s += m.repeat * 2 * 12;
-  if (m.rows.includes('actlog')) s += 2 + m.repeat * 2 * 8;
+  if (m.rows.includes('actlog')) s += 2 + m.repeat * ACTLOG_MODES.length * 8;
   if (m.rows.includes('cutover4')) {
     const c = cutover4Settings();
     s += 2 + c.repeat * c.targets.length * c.handoffs.length * CUTOVER4_SAMPLE_SEC;
