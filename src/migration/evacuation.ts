@@ -201,6 +201,15 @@ export class Evacuation extends EventEmitter {
   cancel(): void {
     if (this.cancelled) return;
     this.cancelled = true;
+    // What the restarted server still has to move: the queued exports and the jobs that stop now
+    // (resumably; a cutover in progress finishes). The same evacuation over those resumes each
+    // stopped job where it was (its target URI is the record's) and starts the others.
+    const left = this.items.filter((i) => !this.itemEnded(i) && (i.phase !== 'job' || this.jobState(i) !== 'cutting-over')).map((i) => i.name);
+    if (left.length > 0)
+      this.log.warn('evacuation-resumable', {
+        exports: left,
+        effect: `stopped with the server; after the restart \`${this.resumeCommand(left)}\` goes on: stopped jobs resume, queued exports start`,
+      });
     for (const i of this.items)
       if (i.phase === 'queued') {
         i.phase = 'cancelled';
@@ -310,6 +319,38 @@ export class Evacuation extends EventEmitter {
       startedAt: i.startedAt?.toISOString() ?? null,
       finishedAt: i.finishedAt?.toISOString() ?? null,
     };
+  }
+
+  /** The job's state now (undefined when the controller has no job for it). */
+  private jobState(i: Item): JobState | undefined {
+    try {
+      return this.host.jobStatus(i.name).state;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /**
+   * The ctl command that starts this evacuation again over `exports`, with the
+   * budget it has now and the per-job options it was given (but not --force:
+   * with it a stopped job would start afresh instead of resuming).
+   */
+  resumeCommand(exports: readonly string[]): string {
+    const q = (v: string) => (/^[\w@%+=:,./{}-]+$/.test(v) ? v : `'${v.replace(/'/g, `'\\''`)}'`);
+    const args = ['nbd-migrate', 'ctl', 'evacuate', '--to', q(this.opts.to), '--exports', q(exports.join(',')), '--parallel', String(this.opts.parallel)];
+    if (!this.budget.unlimited) args.push('--max-bandwidth', String(Math.round(this.budget.rate)));
+    args.push('--cutover', this.opts.cutover);
+    const j = this.opts.job ?? {};
+    const ms = (v: number) => `${v}ms`;
+    if (j.maxDowntimeMs !== undefined) args.push('--max-downtime', ms(j.maxDowntimeMs));
+    if (j.converge !== undefined) args.push('--converge', j.converge);
+    if (j.handoff !== undefined) args.push('--handoff', j.handoff);
+    if (j.maxRetries !== undefined) args.push('--max-retries', String(j.maxRetries));
+    if (j.targetTimeoutMs !== undefined) args.push('--target-timeout', ms(j.targetTimeoutMs));
+    if (j.cutoverTimeoutMs !== undefined) args.push('--cutover-timeout', ms(j.cutoverTimeoutMs));
+    if (j.writeThroughTimeoutMs !== undefined) args.push('--write-through-timeout', ms(j.writeThroughTimeoutMs));
+    if (j.requireSpace) args.push('--require-space');
+    return args.join(' ');
   }
 
   private itemEnded(i: Item): boolean {
