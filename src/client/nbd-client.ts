@@ -26,6 +26,7 @@ import { DeviceError, type Capabilities, type Device, type WriteOptions, type Ze
 import type { BlockSize, NegotiatedExport } from './handshake.js';
 import type { PendingRequest } from './replies.js';
 import { dial } from './connect.js';
+import { armQuickAck } from './quickack.js';
 import { Transport, type TransportLimits } from './transport.js';
 import { formatNbdUri, parseNbdUri, type NbdUri } from './uri.js';
 
@@ -49,6 +50,8 @@ export interface NbdClientOptions {
    * dropped: everything pending rejects with ETIMEDOUT (default 0: never).
    */
   requestTimeoutMs?: number;
+  /** TCP_QUICKACK re-armed after every read (quickack.ts): replies acknowledged at once, for servers without TCP_NODELAY (default false). */
+  quickAck?: boolean;
 }
 
 const DEFAULTS = {
@@ -126,6 +129,7 @@ export class NbdClient extends EventEmitter implements Device {
       throw new RangeError(`requestTimeoutMs must be a non-negative integer, got ${opts.requestTimeoutMs}`);
 
     const { socket, negotiated, readAhead } = await dial(u, opts, label);
+    if (opts.quickAck) armQuickAck(socket);
     return new NbdClient(socket, negotiated, readAhead, opts, label);
   }
 

@@ -133,7 +133,8 @@ export class TargetConnector {
     if (first && this.o.resume) metaContexts.push(I.MIGRATE_RESUME_CONTEXT);
     let client: Target;
     try {
-      const connecting = this.open({ metaContexts, listMetaContexts: [C.MIGRATE_NAMESPACE], requestTimeoutMs: this.o.requestTimeoutMs });
+      // quickAck: a target without TCP_NODELAY (qemu-nbd) otherwise holds replies ~40 ms for our delayed ACK while a cutover waits on them.
+      const connecting = this.open({ metaContexts, listMetaContexts: [C.MIGRATE_NAMESPACE], requestTimeoutMs: this.o.requestTimeoutMs, quickAck: true });
       if (signal) connecting.then((c) => signal.aborted && c.destroy(), () => undefined);
       client = await (signal ? Promise.race([connecting, abortion(signal)]) : connecting);
     } catch (e) {
