@@ -35,6 +35,7 @@ import { qemuNbd } from '../test/helpers/peers.js';
 import { makeImage, startServer, type ServerHandle } from '../test/helpers/server.js';
 import { benchPath, createHalfAllocatedImage } from './image.js';
 import { adminSocketPath, QEMU_NBD_TARGET_SETTINGS, removeImageAndMarkers, removeMarkers, removeSocketDir } from './mirrorjob.js';
+import { BenchConfigError } from './config.js';
 import { Interrupted } from './proc.js';
 
 const HOST = '127.0.0.1';
@@ -253,15 +254,35 @@ export interface Cutover4Settings {
   handoffs: Handoff[];
 }
 
-/** The row's settings from BENCH_CUTOVER4_* (see the header). */
+/** An integer setting from the environment: unset or empty gives the default; anything else must be an integer >= min. */
+function intSetting(env: NodeJS.ProcessEnv, name: string, dflt: number, min: number): number {
+  const v = env[name];
+  if (v === undefined || v.trim() === '') return dflt;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < min) throw new BenchConfigError(`${name}: expected an integer >= ${min}, got "${v}"`);
+  return n;
+}
+
+/** A comma-separated list from the environment, each item one of `valid` (duplicates dropped, order kept). */
+function listSetting<T extends string>(env: NodeJS.ProcessEnv, name: string, valid: readonly T[]): T[] {
+  const v = env[name];
+  if (v === undefined || v.trim() === '') return [...valid];
+  const picked = v.split(',').map((x) => x.trim());
+  for (const p of picked)
+    if (!(valid as readonly string[]).includes(p)) throw new BenchConfigError(`${name}: unknown "${p}" (choose from ${valid.join(', ')})`);
+  return [...new Set(picked)] as T[];
+}
+
+/** The row's settings from BENCH_CUTOVER4_* (see the header); a malformed value throws a BenchConfigError naming it. */
 export function cutover4Settings(env: NodeJS.ProcessEnv = process.env): Cutover4Settings {
   return {
-    repeat: Number(env.BENCH_CUTOVER4_REPEAT ?? 3),
-    sizeMiB: Number(env.BENCH_CUTOVER4_SIZE ?? 256),
-    maxDowntimeMs: Number(env.BENCH_CUTOVER4_MAX_DOWNTIME ?? 50),
-    jobs: Number(env.BENCH_CUTOVER4_JOBS ?? 4),
-    targets: (env.BENCH_CUTOVER4_TARGETS ?? 'nbd-migrate,qemu-nbd').split(',') as Target[],
-    handoffs: (env.BENCH_CUTOVER4_HANDOFFS ?? 'forward,disconnect').split(',') as Handoff[],
+    repeat: intSetting(env, 'BENCH_CUTOVER4_REPEAT', 3, 1),
+    // Each export is half data in 16 MiB runs (createHalfAllocatedImage).
+    sizeMiB: intSetting(env, 'BENCH_CUTOVER4_SIZE', 256, 32),
+    maxDowntimeMs: intSetting(env, 'BENCH_CUTOVER4_MAX_DOWNTIME', 50, 1),
+    jobs: intSetting(env, 'BENCH_CUTOVER4_JOBS', 4, 1),
+    targets: listSetting(env, 'BENCH_CUTOVER4_TARGETS', ['nbd-migrate', 'qemu-nbd'] as const),
+    handoffs: listSetting(env, 'BENCH_CUTOVER4_HANDOFFS', ['forward', 'disconnect'] as const),
   };
 }
 
@@ -321,7 +342,7 @@ export async function runCutover4(
 
 if (process.argv[1] && fileURLToPath(import.meta.url) === path.resolve(process.argv[1])) {
   runCutover4().catch((e) => {
-    console.error(e);
+    console.error(e instanceof BenchConfigError ? `bench cutover4: ${e.message}` : e);
     process.exit(1);
   });
 }
