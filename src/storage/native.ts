@@ -105,8 +105,12 @@ export interface SparseOps {
    * -2 when this file system refuses RWF_NOWAIT (stop trying).
    */
   readCached(fd: number, into: Buffer, at: number, length: number, position: number, memoryBacked: boolean): number;
-  /** Writes inline when that cannot block (pwritev2 RWF_NOWAIT); results as readCached. */
-  writeCached(fd: number, data: readonly Buffer[], position: number, memoryBacked: boolean): number;
+  /**
+   * Writes inline when that cannot block (pwritev2 RWF_NOWAIT); results as readCached.
+   * `plain`: a plain pwritev instead (tmpfs and block devices refuse RWF_NOWAIT for
+   * buffered writes; FileDevice watches a block device's plain writes for stalls).
+   */
+  writeCached(fd: number, data: readonly Buffer[], position: number, plain: boolean): number;
   /** The file is on tmpfs/ramfs: its reads never wait on a disk. */
   memoryBacked(fd: number): boolean;
   /** Block device calls; absent in the fallback, which therefore cannot serve devices (it cannot size them). */
@@ -210,7 +214,7 @@ function nativeOps(b: Binding): SparseOps {
     },
     readCached: (fd, into, at, length, position, memoryBacked) => b.preadNowait(fd, into, at, length, position, memoryBacked),
     memoryBacked: (fd) => b.memoryBacked(fd),
-    writeCached: (fd, data, position, memoryBacked) => b.pwritevNowait(fd, data, position, memoryBacked),
+    writeCached: (fd, data, position, plain) => b.pwritevNowait(fd, data, position, plain),
     alignedBuffer: (size, alignment) => b.alignedBuffer(size, alignment),
     block: {
       info(fd) {

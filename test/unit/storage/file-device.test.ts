@@ -137,3 +137,26 @@ t.test('fallback: a stale lock file from a dead process is taken over', async (t
   await d.close();
   t.notOk(fs.existsSync(`${img}.nbd-migrate.lock`), 'lock file removed on close');
 });
+
+t.test('native: reads up to 1 MiB from the page cache are served inline, larger ones through the pool', async (t) => {
+  const img = tmpImage(t, 4 * MiB, '/dev/shm');
+  const data = Buffer.alloc(4 * MiB);
+  for (let i = 0; i < data.length; i += 4096) data.fill(i / 4096, i, i + 4096);
+  fs.writeFileSync(img, data);
+  const inline: number[] = [];
+  const ops: SparseOps = {
+    ...native.ops,
+    readCached(fd, into, at, length, position, memoryBacked) {
+      inline.push(length);
+      return native.ops.readCached(fd, into, at, length, position, memoryBacked);
+    },
+  };
+  const d = await FileDevice.open(img, { readOnly: true, ops });
+  t.teardown(() => d.close());
+  for (const [off, len] of [[4096, MiB], [0, 2 * MiB]] as const) {
+    const back = Buffer.alloc(len + 16);
+    await d.read(off, len, back, 16);
+    t.ok(back.subarray(16).equals(data.subarray(off, off + len)), `${len} bytes at ${off} read back`);
+  }
+  t.same(inline, [MiB], 'the 1 MiB read went inline, the 2 MiB one did not');
+});
