@@ -9,6 +9,8 @@ import { DIRTY_BITMAP_CONTEXT_PREFIX, NBD_STATE_DIRTY } from '../dirty/checkpoin
 import type { NbdClient } from '../client/nbd-client.js';
 import { BASE_ALLOCATION } from '../protocol/constants.js';
 import { connectPlain } from '../migration/connector.js';
+import { connectMulti } from '../client/multi-conn.js';
+import { log } from '../util/log.js';
 import { copySweep, DEFAULT_COPY_OPTIONS, newCopyStats } from '../migration/copy.js';
 import { TokenBucket } from '../util/token-bucket.js';
 import type { Device } from '../storage/device.js';
@@ -18,8 +20,12 @@ import { ProgressBar } from './progress.js';
 
 const isUri = (s: string) => /^nbd(\+unix)?:\/\//.test(s) || /^nbds/.test(s);
 
-async function open(spec: string, readOnly: boolean, createSize?: number): Promise<Device> {
-  if (isUri(spec)) return connectPlain(spec);
+/** Connections to each NBD side by default (nbdcopy's default is 4, at most one per core). */
+export const DEFAULT_CONNECTIONS = 4;
+
+async function open(spec: string, readOnly: boolean, connections: number, createSize?: number): Promise<Device> {
+  // Several connections only where the server advertises multi-conn (multi-conn.ts).
+  if (isUri(spec)) return connectMulti(spec, { connections, log: (event, fields) => log(event === 'multi-conn-joined' ? 'debug' : 'warn', event, { uri: spec, ...fields }) });
   if (createSize !== undefined && !fs.existsSync(spec)) {
     const fd = fs.openSync(spec, 'wx');
     fs.ftruncateSync(fd, createSize);
@@ -77,13 +83,16 @@ export interface CopyCommandOptions {
   changedSince?: string;
   /** Print the figures as one JSON line on stdout. */
   json?: boolean;
+  /** Connections to each NBD side at most, used where the server advertises multi-conn (default DEFAULT_CONNECTIONS). */
+  connections?: number;
 }
 
 export async function copyCommand(src: string, dst: string, opts: CopyCommandOptions): Promise<void> {
-  const source: Device = opts.changedSince !== undefined ? await openChanged(src, opts.changedSince) : await open(src, true);
+  const connections = opts.connections ?? DEFAULT_CONNECTIONS;
+  const source: Device = opts.changedSince !== undefined ? await openChanged(src, opts.changedSince) : await open(src, true, connections);
   let target: Device | undefined;
   try {
-    target = await open(dst, false, source.size);
+    target = await open(dst, false, connections, source.size);
     if (target.size < source.size) throw new Error(`destination is smaller than the source (${target.size} < ${source.size} bytes)`);
     if (!target.capabilities().canWrite) throw new Error(`destination ${dst} is read-only`);
     let bitmap: DirtyBitmap;

@@ -9,7 +9,7 @@ import { hideBin } from 'yargs/helpers';
 import { configureLog, isLevelEnabled, log, type Level } from '../util/log.js';
 import { DEFAULT_ADMIN_SOCKET, projectRoot } from '../util/paths.js';
 import { CONFIG_DEFAULTS, ConfigError, numericArg, numericArgs, serveConfigFrom, type ServeArgs } from './config.js';
-import { copyCommand } from './copy.js';
+import { copyCommand, DEFAULT_CONNECTIONS } from './copy.js';
 import { ctlCommand, ctlCommandNames, ctlErrorLine, ctlRunning } from './ctl.js';
 import type * as Serve from './serve.js';
 import { parseSize } from '../util/units.js';
@@ -138,13 +138,18 @@ export async function main(args: string[]): Promise<void> {
             type: 'string',
             describe: 'Copy only the ranges SRC reports dirty in its qemu:dirty-bitmap:NAME (an nbd-migrate checkpoint, or qemu-nbd -B NAME)',
           })
-          .option('json', { type: 'boolean', default: false, describe: 'Print the figures (bytes copied, zeroed, skipped, changed) as one JSON line on stdout' }),
+          .option('json', { type: 'boolean', default: false, describe: 'Print the figures (bytes copied, zeroed, skipped, changed) as one JSON line on stdout' })
+          .option('connections', {
+            coerce: numericArg('connections', 'count'),
+            describe: `Connections to each NBD side at most, used only where the server advertises multi-conn (default ${DEFAULT_CONNECTIONS})`,
+          }),
       async (a) =>
         copyCommand(a.src, a.dst, {
           maxBandwidth: a['max-bandwidth'] ? parseSize(a['max-bandwidth'], '--max-bandwidth') : undefined,
           progress: a.progress,
           changedSince: a['changed-since'],
           json: a.json,
+          connections: a.connections as number | undefined,
         }),
     )
     .demandCommand(1, 'Give a command: serve, demo, ctl or copy')

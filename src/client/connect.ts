@@ -13,6 +13,8 @@ const WRITE_HIGH_WATER = 1024 * 1024;
 
 export interface DialOptions {
   connectTimeoutMs: number;
+  /** Gives up connecting (the socket is closed): a connection that is no longer wanted. */
+  signal?: AbortSignal;
   metaContexts: readonly string[];
   listMetaContexts: readonly string[];
 }
@@ -43,6 +45,7 @@ export async function dial(
   const reader = new HandshakeReader(socket);
   let timer: NodeJS.Timeout | undefined;
   let timedOut = false;
+  let onAbort: (() => void) | undefined;
   try {
     const timeout = new Promise<never>((_resolve, reject) => {
       timer = setTimeout(() => {
@@ -51,6 +54,14 @@ export async function dial(
         reader.fail(e);
         reject(e);
       }, opts.connectTimeoutMs);
+      onAbort = () => {
+        timedOut = true;
+        const e = new Error(`${label}: connection abandoned: no longer needed`);
+        reader.fail(e);
+        reject(e);
+      };
+      if (opts.signal?.aborted) onAbort();
+      else opts.signal?.addEventListener('abort', onAbort, { once: true });
     });
     await Promise.race([
       new Promise<void>((resolve, reject) => {
@@ -66,11 +77,13 @@ export async function dial(
       timeout,
     ]);
     clearTimeout(timer);
+    if (onAbort) opts.signal?.removeEventListener('abort', onAbort);
     io.reader.detach();
     const readAhead = io.reader.queue.length > 0 ? io.reader.queue.takeSlices(io.reader.queue.length) : [];
     return { socket: io.socket, negotiated, readAhead };
   } catch (e) {
     clearTimeout(timer);
+    if (onAbort) opts.signal?.removeEventListener('abort', onAbort);
     reader.detach();
     socket.on('error', () => {}); // late errors after we gave up
     if (timedOut || !socket.writable) socket.destroy();

@@ -41,6 +41,8 @@ export interface NbdClientOptions {
   maxInflightBytes?: number;
   /** Bound on connecting plus the whole handshake (default 10 s). */
   connectTimeoutMs?: number;
+  /** Aborting it gives up connecting (connect() rejects, the socket is closed). */
+  signal?: AbortSignal;
   /** Metadata contexts to select when structured replies are available (default ['base:allocation']). */
   metaContexts?: readonly string[];
   /** NBD_OPT_LIST_META_CONTEXT queries whose answers are kept in `listedContexts` (default none). */
