@@ -1,0 +1,57 @@
+/**
+ * `nbd-migrate copy` without yargs (src/cli/copy-fast.ts): the plain forms are parsed as
+ * main.ts would, anything else is left to main.ts (undefined).
+ */
+import t from 'tap';
+import { parseFastCopy } from '../../../src/cli/copy-fast.js';
+
+t.test('plain forms', async (t) => {
+  t.same(parseFastCopy(['a.img', 'nbd://h/e']), {
+    src: 'a.img',
+    dst: 'nbd://h/e',
+    opts: { maxBandwidth: undefined, progress: true, changedSince: undefined, json: false, connections: undefined },
+    logFormat: 'auto',
+    logLevel: 'info',
+  });
+  const c = parseFastCopy(['--no-progress', 'a', '--max-bandwidth', '200M', 'b', '--json', '--changed-since=cp1', '--connections=2', '--log-format', 'json', '--log-level=debug']);
+  t.same(c, {
+    src: 'a',
+    dst: 'b',
+    opts: { maxBandwidth: 200 * 1024 * 1024, progress: false, changedSince: 'cp1', json: true, connections: 2 },
+    logFormat: 'json',
+    logLevel: 'debug',
+  });
+  t.equal(parseFastCopy(['a', 'b', '--progress'])?.opts.progress, true);
+  t.equal(parseFastCopy(['a', 'b', '--no-json'])?.opts.json, false);
+});
+
+t.test('anything else goes to main.ts', async (t) => {
+  for (const args of [
+    [],
+    ['a'],
+    ['a', 'b', 'c'],
+    ['a', 'b', '--help'],
+    ['--version'],
+    ['a', 'b', '-h'],
+    ['a', 'b', '--'],
+    ['a', 'b', '--maxBandwidth', '1M'],
+    ['a', 'b', '--max-band', '1M'],
+    ['a', 'b', '--unknown'],
+    ['a', 'b', '--connections', '0'],
+    ['a', 'b', '--connections', 'x'],
+    ['a', 'b', '--connections', '1', '--connections', '2'],
+    ['a', 'b', '--changed-since'],
+    ['a', 'b', '--changed-since', '--json'],
+    ['a', 'b', '--changed-since='],
+    ['a', 'b', '--log-format', 'yaml'],
+    ['a', 'b', '--log-level', 'trace'],
+    ['a', 'b', '--json=false'],
+    ['a', 'b', '--progress', '--no-progress'],
+    ['-', 'b'],
+  ])
+    t.equal(parseFastCopy(args), undefined, args.join(' '));
+});
+
+t.test('a bad size is main.ts\'s to report (it throws here)', async (t) => {
+  t.throws(() => parseFastCopy(['a', 'b', '--max-bandwidth', 'lots']), /--max-bandwidth/);
+});
