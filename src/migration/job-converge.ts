@@ -18,6 +18,8 @@ export interface EngageContext {
   writeThroughTimeoutMs: number;
   /** The measured copy rate, bytes/s (the throttle is set from it). */
   copyRate: number;
+  /** Logged with the switch: 'cutover' when write-through is on only for the sweep before a cutover. */
+  reason?: string;
   log: Logger;
 }
 
@@ -40,7 +42,7 @@ export function engage(mode: ConvergeMode, ctx: EngageContext): void {
         });
       },
     });
-    log.info('mirror-converge', { mode: 'active' });
+    log.info('mirror-converge', ctx.reason ? { mode: 'active', reason: ctx.reason } : { mode: 'active' });
   } else {
     const rate = guestThrottleRate(ctx.copyRate);
     stack.throttle.setRate(rate);

@@ -17,6 +17,7 @@ import { TokenBucket } from '../../../src/util/token-bucket.js';
 import { DeviceError } from '../../../src/storage/device.js';
 import { FileDevice } from '../../../src/storage/file-device.js';
 import { buildStack } from '../../../src/storage/stack.js';
+import { configureLog } from '../../../src/util/log.js';
 
 const MiB = 1024 * 1024;
 
@@ -304,4 +305,42 @@ t.test('mirror job: abort leaves the source alone', async (t) => {
   t.equal(s2.gate.inner, s2.tracking, 'still serving the local image');
   t.notOk(s2.tracking.writeThroughActive);
   t.equal(readFenced(path.join(dir, 's2.img')), undefined, 'not fenced');
+});
+
+t.test('mirror job (auto): what the guest dirtied during the last sweep is copied before guests are held, not while', async (t) => {
+  const dir = tmpdir(t);
+  const srcImg = image(dir, 's.img', 64 * MiB);
+  fs.writeFileSync(srcImg, Buffer.alloc(64 * MiB, 0xaa));
+  const s = await sourceStack(srcImg);
+  t.teardown(() => s.file.close());
+  const dst = await FileDevice.open(image(dir, 'd.img', 64 * MiB), { readOnly: false });
+  t.teardown(() => dst.close());
+  const logs: Array<Record<string, unknown>> = [];
+  configureLog({ format: 'json', sink: (line) => logs.push(JSON.parse(line) as Record<string, unknown>) });
+  t.teardown(() => configureLog({ sink: (line) => process.stderr.write(line + '\n') }));
+  // The guest writes block 0 (copied already) while the first sweep copies the last chunk: that sweep ends with 64 KiB dirty.
+  let dirtied = false;
+  const target = new (class extends FileTarget {
+    override async write(o: number, data: readonly Buffer[], opts: { fua: boolean }) {
+      await super.write(o, data, opts);
+      if (!dirtied && o >= 60 * MiB) {
+        dirtied = true;
+        await s.gate.write(0, [Buffer.alloc(4096, 0x55)], { fua: false });
+      }
+    }
+  })(dst);
+  const job = new MirrorJob(s.src, { ...DEFAULT_MIRROR_OPTIONS, target: 'file', cutover: 'auto', maxDowntimeMs: 60_000, maxInflight: 1, connect: async () => target });
+  await job.start();
+  await job.finished();
+  t.equal(job.state, 'completed');
+  t.ok(dirtied, 'the guest wrote during the first sweep');
+  const sync = logs.find((e) => e.event === 'mirror-cutover-sync');
+  t.ok(sync, 'the job turned write-through on and swept once more before the cutover', { diag: { events: logs.map((e) => e.event) } });
+  t.equal(sync?.dirty, 64 * 1024, 'for the block the guest dirtied');
+  t.ok(logs.some((e) => e.event === 'mirror-converge' && e.mode === 'active' && e.reason === 'cutover'), 'write-through said to be for the cutover');
+  const cut = logs.find((e) => e.event === 'cutover');
+  t.equal(cut?.sweepBytes, 0, 'the final sweep, guests held, had nothing left to copy');
+  const b = Buffer.alloc(4096);
+  await dst.read(0, 4096, b, 0);
+  t.ok(b.every((x) => x === 0x55), 'the guest write reached the target');
 });
