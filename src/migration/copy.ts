@@ -25,6 +25,7 @@
 import { NBD_STATE_ZERO } from '../protocol/constants.js';
 import type { Device } from '../storage/device.js';
 import type { DirtyBitmap } from '../dirty/bitmap.js';
+import { BufferPool, isAllZero } from '../util/buffers.js';
 import type { RangeLock } from '../util/range-lock.js';
 import { targetErrorKind } from './target-errors.js';
 import type { RateLimiter } from '../util/token-bucket.js';
@@ -101,33 +102,8 @@ export class ByteWindow {
   }
 }
 
-/** Reused read buffers of `size` bytes: one per chunk in flight, returned once the target has the data. */
-export class BufferPool {
-  private readonly free: Buffer[] = [];
-  constructor(readonly size: number, private readonly keep = 64) {}
-
-  /** A buffer of at least `n` bytes (of the pool's size when it fits). */
-  get(n: number): Buffer {
-    if (n > this.size) return Buffer.allocUnsafe(n);
-    return this.free.pop() ?? Buffer.allocUnsafeSlow(this.size);
-  }
-
-  put(b: Buffer): void {
-    if (b.length === this.size && this.free.length < this.keep) this.free.push(b);
-  }
-}
-
-/** Compared against to find all-zero data. */
-const ZEROS = Buffer.alloc(1024 * 1024);
-
-/** True when the bytes are all zero (memcmp against zeros: random data fails on its first bytes). */
-export function isAllZero(b: Buffer): boolean {
-  for (let at = 0; at < b.length; at += ZEROS.length) {
-    const n = Math.min(ZEROS.length, b.length - at);
-    if (!ZEROS.subarray(0, n).equals(b.subarray(at, at + n))) return false;
-  }
-  return true;
-}
+// Reused read buffers (one per chunk in flight, returned once the target has the data) and the zero test.
+export { BufferPool, isAllZero };
 
 export const DEFAULT_COPY_OPTIONS: CopyOptions = { chunkBytes: 4 * 1024 * 1024, maxInflight: 64, skipTargetZeros: false, retries: 0 };
 
