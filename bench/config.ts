@@ -34,7 +34,7 @@ import { SERVER_NAMES, type ServerName } from './servers.js';
 /** blockdev: the fio rows on a loop device, nbd-migrate against nbdkit (blockdev.ts). */
 export const SUITE_NAMES = ['fio', 'mirror', 'blockdev'] as const;
 export type SuiteName = (typeof SUITE_NAMES)[number];
-export const MIRROR_ROW_NAMES = ['readcache', 'copy', 'wan', 'cutover', 'cutover4', 'bitmap', 'actlog'] as const;
+export const MIRROR_ROW_NAMES = ['readcache', 'copy', 'wan', 'cutover', 'cutover4', 'bitmap', 'actlog', 'fill'] as const;
 export type MirrorRowName = (typeof MIRROR_ROW_NAMES)[number];
 /** The rows a plain `npm run bench` runs. */
 export const DEFAULT_MIRROR_ROWS: readonly MirrorRowName[] = MIRROR_ROW_NAMES;

@@ -20,6 +20,7 @@ import { COPY_METHOD_LABELS, createCopySource, measureCopy, type CopySample, typ
 import { cutover4Settings, runCutover4, type Cutover4Sample, type Cutover4Settings } from './cutover4.js';
 import { formatCutover4 } from './report.js';
 import { AFTER_CUTOVER_SEC, MIRROR_AT_SEC, measureCutover, type CutoverKind, type CutoverSample, type GoodCutoverSample } from './cutover.js';
+import { FILL_METHODS, fillSize, formatFill, measureFill, startFillSource, summariseFill, type FillRow, type FillSample } from './fill.js';
 import { formatReadCache, measureReadCache, READCACHE_MODES, readCacheSettings, summariseReadCache, type ReadCacheRow, type ReadCacheSample, type ReadCacheSettings } from './readcache.js';
 import { benchPath, createHalfAllocatedImage } from './image.js';
 import { removeImageAndMarkers, removeSocketDir } from './mirrorjob.js';
@@ -96,6 +97,7 @@ export interface MirrorResults {
   bitmap?: { settings: { sizes: number[]; repeat: number }; rows: BitmapRow[]; samples: BitmapSample[] };
   actlog?: { settings: { size: number; repeat: number; iodepth: number; runtimeSec: number; rampSec: number }; row: ActlogRow; samples: ActlogSample[] };
   readcache?: { settings: ReadCacheSettings & { repeat: number }; row: ReadCacheRow; samples: ReadCacheSample[] };
+  fill?: { settings: { size: number; repeat: number }; row: FillRow; samples: FillSample[] };
   cutover4?: { settings: Cutover4Settings; samples: Cutover4Sample[] };
   wan?: WanResults;
   /** Copies that differed from their source: the run exits non-zero. */
@@ -128,6 +130,7 @@ export function estimateMirrorSec(m: MirrorConfig): number {
   if (m.rows.includes('cutover')) s += 1 + m.repeat * (2 * m.cutoverRuntimeSec + 10);
   if (m.rows.includes('bitmap')) s += m.repeat * 2 * 2.5;
   if (m.rows.includes('readcache')) s += m.repeat * 2 * 12;
+  if (m.rows.includes('fill')) s += 3 + m.repeat * FILL_METHODS.length * 5;
   if (m.rows.includes('actlog')) s += 2 + m.repeat * ACTLOG_MODES.length * 8;
   if (m.rows.includes('cutover4')) {
     const c = cutover4Settings();
@@ -375,6 +378,28 @@ export async function runMirrorSuite(ctx: MirrorContext, results: MirrorResults)
         }
       }
     }
+    if (m.rows.includes('fill')) {
+      check();
+      const size = fillSize();
+      const samples: FillSample[] = [];
+      results.fill = { settings: { size, repeat: m.repeat }, row: summariseFill([]), samples };
+      const src = await startFillSource(size);
+      try {
+        const total = m.repeat * FILL_METHODS.length;
+        for (let round = 1; round <= m.repeat; round++) {
+          for (const method of rotate(FILL_METHODS, round - 1)) {
+            check();
+            const s = await measureFill({ bin: ctx.cfg.nbdMigrateBin, stopRequested: ctx.stopRequested }, src, size, method, round);
+            samples.push(s);
+            results.fill.row = summariseFill(samples);
+            const what = s.ok ? `${s.seconds!.toFixed(2)} s` : `FAILED: ${(s.error ?? '').split('\n')[0]}`;
+            ctx.progress(`[fill ${samples.length}/${total}] round ${round} ${method.padEnd(16)} ${what}`);
+          }
+        }
+      } finally {
+        await src.stop();
+      }
+    }
   } finally {
     removeSocketDir();
   }
@@ -564,6 +589,11 @@ export function formatMirrorResults(r: MirrorResults): string {
   if (r.readcache) {
     out.push('');
     out.push(formatReadCache(r.readcache.row, r.readcache.samples, r.readcache.settings));
+  }
+
+  if (r.fill) {
+    if (out.length) out.push('');
+    out.push(formatFill(r.fill.row, r.fill.samples, r.fill.settings));
   }
 
   if (r.cutover4) {

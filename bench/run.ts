@@ -56,6 +56,11 @@ async function requireTools(cfg: BenchConfig): Promise<{ fio: string }> {
     needed.push({ cmd: 'qemu-nbd', pkg: 'qemu-utils', why: 'the mirror target; or BENCH_SUITES=fio' });
   if (mirror.includes('cutover4') && cutover4Settings().targets.includes('qemu-nbd'))
     needed.push({ cmd: 'qemu-nbd', pkg: 'qemu-utils', why: 'a cutover4 target; or BENCH_CUTOVER4_TARGETS=nbd-migrate' });
+  if (mirror.includes('readcache') || mirror.includes('fill')) needed.push({ cmd: 'nbdkit', pkg: 'nbdkit', why: 'the readcache target and the fill source; or leave those rows out with BENCH_MIRROR_ROWS=...' });
+  if (mirror.includes('fill')) {
+    needed.push({ cmd: 'nbdcopy', pkg: 'libnbd-bin', why: 'a copier of the fill row; or leave it out with BENCH_MIRROR_ROWS=...' });
+    needed.push({ cmd: 'qemu-img', pkg: 'qemu-utils', why: 'a copier of the fill row, and qemu-img compare; or leave it out with BENCH_MIRROR_ROWS=...' });
+  }
   if (mirror.includes('cutover') && cfg.mirror.cutoverTarget === 'nbdkit') needed.push({ cmd: 'nbdkit', pkg: 'nbdkit', why: 'the cutover target; or BENCH_CUTOVER_TARGET=qemu-nbd' });
   if (mirror.includes('copy')) {
     needed.push({ cmd: 'qemu-img', pkg: 'qemu-utils', why: 'qemu-img compare verifies the copies; or BENCH_SUITES=fio' });
