@@ -140,6 +140,23 @@ export class JobProgress {
   }
 
   /**
+   * stop() (server shutdown): flush the target, then `dropTarget`, then store
+   * the bitmap: what the flush covered is stored as copied, anything else
+   * (the flush failed) dirty. Resolves whether the flush succeeded.
+   */
+  async storeStopped(dropTarget: () => void): Promise<boolean> {
+    const flushed = await this.flushTarget();
+    dropTarget();
+    this.remarkUnflushed(); // nothing left unless the flush failed: then that is copied again
+    try {
+      await this.ctx.source.state?.log.checkpoint();
+    } catch (e) {
+      this.ctx.log.error('mirror-progress-save-failed', { cause: e, effect: 'a restart resumes from the last stored bitmap and the activity log' });
+    }
+    return flushed;
+  }
+
+  /**
    * Stores the bitmap if copies cleared bits, or the target acknowledged writes,
    * since it was last stored, after a flush of the target: only what a completed
    * flush covers is stored as copied. (Acknowledgements count on their own: the
@@ -206,6 +223,18 @@ export class JobProgress {
     }
     this.uncover?.();
   }
+}
+
+/**
+ * Why a running job could not be resumed after a restart (stop() aborts it
+ * then): no state folder, or a target whose identity cannot be checked.
+ */
+export function notResumable(source: MirrorSource, connector: TargetConnector): string | undefined {
+  return !source.state
+    ? 'the export keeps no state folder'
+    : connector.kind !== 'nbd-migrate-incoming' || !connector.destExportId
+      ? `its target (${connector.kind ?? 'unknown'}) is not an nbd-migrate destination whose identity can be checked`
+      : undefined;
 }
 
 /**

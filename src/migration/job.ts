@@ -20,7 +20,7 @@ import type { Checkpoint } from '../dirty/checkpoints.js';
 import type { MirrorRecord } from '../dirty/export-state.js';
 import { HeldRangeLock } from '../dirty/held-ranges.js';
 import { disengage, engage } from './job-converge.js';
-import { JobProgress, resumable } from './job-progress.js';
+import { JobProgress, notResumable, resumable } from './job-progress.js';
 import { initialBitmap, seedMismatch, sinceCheckpoint } from './job-since.js';
 import type { MirrorSource } from './source.js';
 import type { MirrorOptions } from './options.js';
@@ -243,11 +243,7 @@ export class MirrorJob extends EventEmitter {
    */
   async stop(timeoutMs = 5000): Promise<void> {
     if (this.isFinal) return;
-    const why = !this.source.state
-      ? 'the export keeps no state folder'
-      : this.connector.kind !== 'nbd-migrate-incoming' || !this.connector.destExportId
-        ? `its target (${this.connector.kind ?? 'unknown'}) is not an nbd-migrate destination whose identity can be checked`
-        : undefined;
+    const why = notResumable(this.source, this.connector);
     if (why) {
       this.log.info('mirror-stop-aborts', { cause: `the job cannot be resumed after the restart: ${why}`, effect: 'aborted; the next mirror starts afresh' });
       await this.abort().catch(() => undefined);
@@ -564,15 +560,10 @@ export class MirrorJob extends EventEmitter {
 
   /** stop(): flush the target, store the bitmap, keep the record and the destination's binding. */
   private async finishStopped(): Promise<void> {
-    const flushed = await this.progress.flushTarget();
-    this.target?.destroy();
-    this.target = undefined;
-    this.progress.remarkUnflushed(); // nothing left unless the flush failed: then that is copied again
-    try {
-      await this.source.state?.log.checkpoint();
-    } catch (e) {
-      this.log.error('mirror-progress-save-failed', { cause: e, effect: 'a restart resumes from the last stored bitmap and the activity log' });
-    }
+    const flushed = await this.progress.storeStopped(() => {
+      this.target?.destroy();
+      this.target = undefined;
+    });
     this.stopped = true;
     this.finishedAt = new Date();
     this.setState('aborted');
