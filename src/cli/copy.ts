@@ -120,6 +120,8 @@ export async function copyCommand(src: string, dst: string, opts: CopyCommandOpt
         ...DEFAULT_COPY_OPTIONS,
         limiter: opts.maxBandwidth ? new TokenBucket(opts.maxBandwidth) : undefined,
         skipTargetZeros: true,
+        // A cold copy: nothing else writes either side meanwhile, so hole claims are reused (copy.ts).
+        exclusive: opts.changedSince === undefined,
       }, stats);
       await target.flush();
     } finally {

@@ -23,7 +23,7 @@
  * qemu-img's -S does: across a WAN every byte sent costs.
  */
 import { NBD_STATE_ZERO } from '../protocol/constants.js';
-import type { Device } from '../storage/device.js';
+import type { Device, Extent } from '../storage/device.js';
 import type { DirtyBitmap } from '../dirty/bitmap.js';
 import { BufferPool, isAllZero } from '../util/buffers.js';
 import type { RangeLock } from '../util/range-lock.js';
@@ -60,6 +60,14 @@ export interface CopyOptions {
   pauseBefore?: () => Promise<void> | undefined;
   /** The source's data runs learned so far (a sweep makes its own when none is given). */
   hints?: SourceHints;
+  /**
+   * Nothing but this sweep writes the source or the target while it runs (`nbd-migrate copy`):
+   * hole claims are reused too, the source's and, with skipTargetZeros, the target's (each
+   * range is written by one chunk only, so what the target said of a hole stays true).
+   */
+  exclusive?: boolean;
+  /** The target's runs learned so far (made by the sweep when `exclusive` and skipTargetZeros). */
+  targetHints?: SourceHints;
 }
 
 /** Default bound on data in flight: covers the bandwidth-delay product of 1 Gbit/s at 250 ms. */
@@ -107,7 +115,10 @@ export { BufferPool, isAllZero };
 
 export const DEFAULT_COPY_OPTIONS: CopyOptions = { chunkBytes: 4 * 1024 * 1024, maxInflight: 64, skipTargetZeros: false, retries: 0 };
 
-type TargetOpts = Pick<CopyOptions, 'limiter' | 'skipTargetZeros' | 'shouldStop' | 'retries' | 'onRetry' | 'buffers' | 'window' | 'reserve' | 'hints'>;
+type TargetOpts = Pick<
+  CopyOptions,
+  'limiter' | 'skipTargetZeros' | 'shouldStop' | 'retries' | 'onRetry' | 'buffers' | 'window' | 'reserve' | 'hints' | 'targetHints'
+>;
 
 /** Runs one target request, retrying transient target errors (bounded). */
 async function onTarget<T>(opts: TargetOpts, op: () => Promise<T>): Promise<T> {
@@ -158,23 +169,36 @@ const EXTENT_BATCH = 1024;
  * mapping_seek_hole_data); an NBD source answers one question per run instead of per chunk.
  */
 export class SourceHints {
-  private run: { start: number; end: number; data: boolean } | undefined;
+  /** The runs learned last, newest first (chunks in flight span a few). */
+  private runs: Array<{ start: number; end: number; data: boolean }> = [];
   private pending: { start: number; done: Promise<void> } | undefined;
   /** Questions asked (for tests). */
   probes = 0;
-  constructor(private readonly source: Device) {}
+  /** `trustHoles`: nothing else writes the device (an exclusive sweep): hole claims hold too. */
+  constructor(
+    private readonly source: Device,
+    private readonly trustHoles = false,
+  ) {}
 
   /** Bytes from `pos` known to be data (0: not known; ask the source). */
   async dataAt(pos: number): Promise<number> {
-    for (let round = 0; round < 2; round++) {
-      const r = this.run;
-      if (r && pos >= r.start && pos < r.end) return r.data ? r.end - pos : 0;
-      // A question already on its way from at or before `pos` (the chunk launched just before) may answer this one too.
-      const p = this.pending ?? (round === 0 ? this.probe(pos) : undefined);
-      if (!p || p.start > pos) return 0;
+    const r = await this.runAt(pos);
+    return r && !(r.flags & NBD_STATE_ZERO) ? r.length : 0;
+  }
+
+  /** The run from `pos` as far as it is known (data always; a hole only when holes are trusted), else undefined: ask. */
+  async runAt(pos: number): Promise<Extent | undefined> {
+    // A few rounds: chunks launched together wait for the question on its way from before
+    // them, and the first one past its answer asks the next (one question per run).
+    for (let round = 0; round < 4; round++) {
+      const r = this.runs.find((x) => pos >= x.start && pos < x.end);
+      if (r)
+        return r.data ? { length: r.end - pos, flags: 0 } : this.trustHoles ? { length: r.end - pos, flags: NBD_STATE_ZERO } : undefined;
+      const p = this.pending ?? this.probe(pos);
+      if (p.start > pos) return undefined;
       await p.done;
     }
-    return 0;
+    return undefined;
   }
 
   private probe(pos: number): { start: number; done: Promise<void> } {
@@ -184,7 +208,10 @@ export class SourceHints {
       done: this.source.extents(pos, this.source.size - pos, 1).then(
         (e) => {
           const first = e[0];
-          if (first && first.length > 0) this.run = { start: pos, end: pos + first.length, data: !(first.flags & NBD_STATE_ZERO) };
+          if (first && first.length > 0) {
+            this.runs.unshift({ start: pos, end: pos + first.length, data: !(first.flags & NBD_STATE_ZERO) });
+            if (this.runs.length > 16) this.runs.pop();
+          }
         },
         () => undefined, // the chunk asks again and sees the error itself
       ),
@@ -220,7 +247,8 @@ export async function copySweep(
     shouldStop: stopped,
     window: opts.window ?? new ByteWindow(windowBytes),
     buffers: opts.buffers ?? new BufferPool(opts.chunkBytes, Math.min(opts.maxInflight, Math.ceil(windowBytes / opts.chunkBytes) + 1)),
-    hints: opts.hints ?? new SourceHints(source),
+    hints: opts.hints ?? new SourceHints(source, opts.exclusive),
+    targetHints: opts.targetHints ?? (opts.exclusive && opts.skipTargetZeros ? new SourceHints(target, true) : undefined),
   };
   while (!stopped()) {
     const pause = opts.pauseBefore?.();
@@ -293,8 +321,8 @@ export async function copyRange(
   let pos = offset;
   while (pos < end) {
     if (opts.shouldStop?.()) throw new CopyStopped();
-    const known = opts.hints ? await opts.hints.dataAt(pos) : 0;
-    const extents = known > 0 ? [{ length: Math.min(known, end - pos), flags: 0 }] : await source.extents(pos, end - pos, EXTENT_BATCH);
+    const known = await opts.hints?.runAt(pos);
+    const extents = known ? [{ length: Math.min(known.length, end - pos), flags: known.flags }] : await source.extents(pos, end - pos, EXTENT_BATCH);
     for (const e of extents) {
       const n = Math.min(e.length, end - pos);
       if (n <= 0) break;
@@ -354,7 +382,10 @@ async function zeroRange(target: Device, offset: number, length: number, opts: T
   const end = offset + length;
   let pos = offset;
   while (pos < end) {
-    const extents = await onTarget(opts, () => target.extents(pos, end - pos, EXTENT_BATCH));
+    const known = await opts.targetHints?.runAt(pos);
+    const extents = known
+      ? [{ length: Math.min(known.length, end - pos), flags: known.flags }]
+      : await onTarget(opts, () => target.extents(pos, end - pos, EXTENT_BATCH));
     for (const e of extents) {
       const n = Math.min(e.length, end - pos);
       if (n <= 0) break;

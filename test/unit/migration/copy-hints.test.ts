@@ -43,6 +43,24 @@ t.test('a long data run is asked about once, not once per chunk', async (t) => {
   }
 });
 
+t.test('an exclusive sweep (nbd-migrate copy) asks about each hole run once, on both sides', async (t) => {
+  const { dev: src, asked } = recorded(64 * MiB);
+  await src.write(0, [Buffer.alloc(16 * MiB, 0x5a)], { fua: false });
+  await src.write(48 * MiB, [Buffer.alloc(16 * MiB, 0x5b)], { fua: false });
+  const { dev: dst, asked: askedTarget } = recorded(64 * MiB);
+  await dst.write(40 * MiB, [Buffer.alloc(4 * MiB, 0x77)], { fua: false }); // stale data inside the source's hole
+  const bitmap = new DirtyBitmap(src.size, 64 * 1024);
+  bitmap.markAll();
+  const stats = newCopyStats();
+  await copySweep(src, dst, bitmap, { chunkBytes: MiB, maxInflight: 64, skipTargetZeros: true, exclusive: true }, stats);
+  // Before: the source was asked once per 1 MiB chunk (64), the target once per hole chunk (32).
+  t.ok(asked.length <= 4, `the source asked ${asked.length} times: ${JSON.stringify(asked)}`);
+  t.ok(askedTarget.length <= 4, `the target asked ${askedTarget.length} times: ${JSON.stringify(askedTarget)}`);
+  t.equal(stats.zeroBytes, 4 * MiB, 'the stale range was zeroed');
+  t.equal(stats.skippedBytes, 28 * MiB, 'the rest of the hole was skipped');
+  t.ok(dst.snapshot().equals(src.snapshot()), 'the target holds the source');
+});
+
 t.test('a hole claim is never trusted: data written there after the question is copied', async (t) => {
   const src = new MemoryDevice(8 * MiB);
   await src.write(0, [Buffer.alloc(MiB, 0x11)], { fua: false });
@@ -85,10 +103,12 @@ t.test('property: any layout, chunk size and depth copies exactly', async () => 
       fc.integer({ min: 1, max: 64 }),
       fc.boolean(),
       fc.boolean(),
-      async (runs, runPages, chunkPages, inflight, skip, locked) => {
+      fc.boolean(),
+      async (runs, runPages, chunkPages, inflight, skip, locked, exclusive) => {
         const src = new MemoryDevice(pages * PAGE);
         const dst = new MemoryDevice(pages * PAGE);
         await dst.write(0, [Buffer.alloc(pages * PAGE, 0xee)], { fua: false }); // stale bytes everywhere
+        await dst.trim(PAGE * ((runPages * 7) % pages), PAGE * Math.min(runPages * 3, pages - ((runPages * 7) % pages)), { fua: false }); // and a hole
         let at = 0;
         for (let i = 0; at < pages; i++, at += runPages) {
           const kind = runs[i % runs.length]!;
@@ -102,7 +122,7 @@ t.test('property: any layout, chunk size and depth copies exactly', async () => 
           src,
           dst,
           bitmap,
-          { chunkBytes: chunkPages * PAGE, maxInflight: inflight, skipTargetZeros: skip, locks: locked ? new RangeLock() : undefined },
+          { chunkBytes: chunkPages * PAGE, maxInflight: inflight, skipTargetZeros: skip, locks: locked ? new RangeLock() : undefined, exclusive },
           newCopyStats(),
         );
         return dst.snapshot().equals(src.snapshot()) && bitmap.dirtyBytes() === 0;
