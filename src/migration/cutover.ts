@@ -52,9 +52,55 @@ export function whileCuttingOver(): Promise<void> | undefined {
   return cuttingOver > 0 ? new Promise<void>((r) => sweepsWaiting.push(r)) : undefined;
 }
 
+/** Longest a cutover waits for the other jobs' chunks in flight before it holds guests anyway. */
+export const QUIET_BOUND_MS = 1000;
+
+/** Target requests of background sweeps in flight in this process (background()), and who waits for none. */
+let backgroundRequests = 0;
+let quietWaiters: Array<() => void> = [];
+
+/**
+ * The target as a background sweep uses it: its reads, writes, zeroes and trims
+ * are counted, so that a cutover can let them finish before it holds guests (quiet()).
+ */
+export function background(target: Target): Target {
+  return new Proxy(target, {
+    get(t, p) {
+      const v = Reflect.get(t, p, t) as unknown;
+      if (typeof v !== 'function') return v;
+      if (p !== 'write' && p !== 'zero' && p !== 'trim' && p !== 'read') return v.bind(t);
+      return (...args: unknown[]) => {
+        backgroundRequests++;
+        return (v.apply(t, args) as Promise<unknown>).finally(() => {
+          if (--backgroundRequests === 0) {
+            const wake = quietWaiters;
+            quietWaiters = [];
+            for (const w of wake) w();
+          }
+        });
+      };
+    },
+  });
+}
+
+/** Resolves once no background request is in flight in this process, or after `boundMs`. */
+export function quiet(boundMs: number): Promise<void> {
+  if (backgroundRequests === 0) return Promise.resolve();
+  return new Promise<void>((resolve) => {
+    const t = setTimeout(resolve, boundMs);
+    quietWaiters.push(() => {
+      clearTimeout(t);
+      resolve();
+    });
+  });
+}
+
 export async function cutover(ctx: CutoverContext): Promise<CutoverOutcome> {
   cuttingOver++;
   try {
+    // Other jobs start no new chunks now (whileCuttingOver); the ones in flight finish before guests are
+    // held, so the final sweep, flush and completion do not queue behind them (guests still run meanwhile).
+    await Promise.race([quiet(QUIET_BOUND_MS), abortion(ctx.signal).catch(() => undefined)]);
     return await switchOver(ctx);
   } finally {
     if (--cuttingOver === 0) {

@@ -13,7 +13,7 @@ import { logger, type Logger } from '../util/log.js';
 import { allocatedBytes, TargetConnector } from './connector.js';
 import { fitsDowntime, RateMeter, StallDetector, waitingReason } from './convergence.js';
 import { type CopyOptions, type CopyStats, copySweep, newCopyStats } from './copy.js';
-import { cutover, whileCuttingOver } from './cutover.js';
+import { background, cutover, whileCuttingOver } from './cutover.js';
 import { type HookStatus, hookEnv, runCutoverHook } from './on-cutover.js';
 import { JobError } from './errors.js';
 import type { Checkpoint } from '../dirty/checkpoints.js';
@@ -337,7 +337,8 @@ export class MirrorJob extends EventEmitter {
         try {
           await copySweep(
             this.source.stack.local,
-            target,
+            // Counted, so that another job's cutover can let this sweep's requests in flight finish first (cutover.ts quiet).
+            background(target),
             this.source.stack.bitmap,
             {
               ...this.copyOptions({
