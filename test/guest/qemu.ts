@@ -400,7 +400,7 @@ export async function startGuest(t: Teardownable | undefined, opts: GuestOptions
     '-smp', '1',
     '-kernel', guest.kernel,
     '-initrd', initrd,
-    '-append', `console=ttyS0 panic=-1 oops=panic loglevel=4 nbdm.disks=${opts.disks.length}${opts.rootDevice ? ` nbdm.root=${opts.rootDevice}` : ''}`,
+    '-append', `console=ttyS0 panic=-1 oops=panic loglevel=4 no_timer_check nbdm.disks=${opts.disks.length}${opts.rootDevice ? ` nbdm.root=${opts.rootDevice}` : ''}`,
     ...opts.disks.flatMap((d, i) => blockdevArgs(d, i)),
   ];
   const [cmd, ...argv] = [...(opts.prefix ?? []), qemu, ...args];
