@@ -24,8 +24,10 @@ const isUri = (s: string) => /^nbd(\+unix)?:\/\//.test(s) || /^nbds/.test(s);
 export const DEFAULT_CONNECTIONS = 4;
 
 async function open(spec: string, readOnly: boolean, connections: number, createSize?: number): Promise<Device> {
-  // Several connections only where the server advertises multi-conn (multi-conn.ts).
-  if (isUri(spec)) return connectMulti(spec, { connections, log: (event, fields) => log(event === 'multi-conn-joined' ? 'debug' : 'warn', event, { uri: spec, ...fields }) });
+  // Several connections only where the server advertises multi-conn (multi-conn.ts); replies
+  // acknowledged at once (quickack.ts: qemu-nbd sets no TCP_NODELAY, its last replies and the
+  // flush's would wait for our delayed ACK).
+  if (isUri(spec)) return connectMulti(spec, { connections, quickAck: true, log: (event, fields) => log(event === 'multi-conn-joined' ? 'debug' : 'warn', event, { uri: spec, ...fields }) });
   if (createSize !== undefined && !fs.existsSync(spec)) {
     const fd = fs.openSync(spec, 'wx');
     fs.ftruncateSync(fd, createSize);
@@ -41,7 +43,7 @@ async function open(spec: string, readOnly: boolean, connections: number, create
 async function openChanged(src: string, name: string): Promise<NbdClient> {
   if (!isUri(src)) throw new Error(`--changed-since needs an NBD source (nbd://HOST/EXPORT): ${src} is a file, which keeps no dirty bitmap`);
   const context = DIRTY_BITMAP_CONTEXT_PREFIX + name;
-  const c = await connectPlain(src, { metaContexts: [BASE_ALLOCATION, context], listMetaContexts: [DIRTY_BITMAP_CONTEXT_PREFIX] });
+  const c = await connectPlain(src, { metaContexts: [BASE_ALLOCATION, context], listMetaContexts: [DIRTY_BITMAP_CONTEXT_PREFIX], quickAck: true });
   if (c.contexts.has(context)) return c;
   const offered = c.listedContexts.filter((n) => n.startsWith(DIRTY_BITMAP_CONTEXT_PREFIX)).map((n) => n.slice(DIRTY_BITMAP_CONTEXT_PREFIX.length));
   await c.close().catch(() => undefined);

@@ -26,7 +26,7 @@ import { DeviceError, type Capabilities, type Device, type WriteOptions, type Ze
 import type { BlockSize, NegotiatedExport } from './handshake.js';
 import type { PendingRequest } from './replies.js';
 import { dial } from './connect.js';
-import { armQuickAck } from './quickack.js';
+import { armQuickAck, type SetQuickAck } from './quickack.js';
 import { Transport, type TransportLimits } from './transport.js';
 import { formatNbdUri, parseNbdUri, type NbdUri } from './uri.js';
 
@@ -43,6 +43,8 @@ export interface NbdClientOptions {
   connectTimeoutMs?: number;
   /** Aborting it gives up connecting (connect() rejects, the socket is closed). */
   signal?: AbortSignal;
+  /** TCP_QUICKACK during the handshake: the addon's by default (connect.ts); for tests. */
+  handshakeQuickAck?: SetQuickAck | null;
   /** Metadata contexts to select when structured replies are available (default ['base:allocation']). */
   metaContexts?: readonly string[];
   /** NBD_OPT_LIST_META_CONTEXT queries whose answers are kept in `listedContexts` (default none). */
