@@ -91,10 +91,22 @@ export interface CopyCommandOptions {
 
 export async function copyCommand(src: string, dst: string, opts: CopyCommandOptions): Promise<void> {
   const connections = opts.connections ?? DEFAULT_CONNECTIONS;
-  const source: Device = opts.changedSince !== undefined ? await openChanged(src, opts.changedSince) : await open(src, true, connections);
+  const openSource = (): Promise<Device> => (opts.changedSince !== undefined ? openChanged(src, opts.changedSince) : open(src, true, connections));
+  let source: Device;
   let target: Device | undefined;
+  if (isUri(dst)) {
+    // Both handshakes at once: across a WAN each is several round trips. (A file destination
+    // waits for the source: it is created with the source's size.)
+    const [s, d] = await Promise.allSettled([openSource(), open(dst, false, connections)]);
+    if (s.status === 'rejected' || d.status === 'rejected') {
+      for (const x of [s, d]) if (x.status === 'fulfilled') await x.value.close().catch(() => undefined);
+      throw s.status === 'rejected' ? s.reason : (d as PromiseRejectedResult).reason;
+    }
+    source = s.value;
+    target = d.value;
+  } else source = await openSource();
   try {
-    target = await open(dst, false, connections, source.size);
+    target ??= await open(dst, false, connections, source.size);
     if (target.size < source.size) throw new Error(`destination is smaller than the source (${target.size} < ${source.size} bytes)`);
     if (!target.capabilities().canWrite) throw new Error(`destination ${dst} is read-only`);
     let bitmap: DirtyBitmap;

@@ -25,6 +25,8 @@ export interface DelayProxyOptions {
   bandwidth?: number;
   /** Bytes held per connection and direction before the proxy stops reading (default 2 x bandwidth x delay, at least 1 MiB). */
   bufferBytes?: number;
+  /** Told about each connection the proxy accepts (before it connects on to the target). */
+  onConnection?: () => void;
 }
 
 export interface DelayProxy {
@@ -124,6 +126,7 @@ export async function startDelayProxy(o: DelayProxyOptions): Promise<DelayProxy>
   const sockets = new Set<net.Socket>();
   const server = net.createServer({ noDelay: true }, (client) => {
     stats.connections++;
+    o.onConnection?.();
     const target = net.connect({ host: o.targetHost, port: o.targetPort, noDelay: true });
     sockets.add(client);
     sockets.add(target);

@@ -116,3 +116,29 @@ t.test('an error on any connection fails the copy, clearly', async (t) => {
   const fatal = events.find((e) => e.event === 'fatal');
   t.match(fatal?.cause, /write \d+\+\d+ failed: EIO/, `one fatal line naming the failed write: ${fatal?.cause}`);
 });
+
+t.test('NBD to NBD: both handshakes at once, not one after the other', async (t) => {
+  const dir = await tmpDir(t);
+  const src = await source(dir);
+  const dst = await makeImage(join(dir, 'dst.img'), SIZE, { fill: 0x77 });
+  const [sp, dp] = [await freePort(), await freePort()];
+  const ks = await nbdkit(sp, ['-r', 'file', src]);
+  t.teardown(() => ks.stop());
+  const kd = await nbdkit(dp, ['file', dst]);
+  t.teardown(() => kd.stop());
+  // The source is far away (150 ms one way): its greeting alone takes 150 ms to arrive.
+  const far = await startDelayProxy({ targetHost: '127.0.0.1', targetPort: sp, delayMs: 150, bandwidth: 1e12 });
+  t.teardown(() => far.close());
+  const seen: number[] = [];
+  const near = await startDelayProxy({ targetHost: '127.0.0.1', targetPort: dp, delayMs: 0, bandwidth: 1e12, onConnection: () => seen.push(far.stats.toClient) });
+  t.teardown(() => near.close());
+  const r = await run('/usr/bin/env', ['-u', 'NODE_OPTIONS', process.execPath, CLI, 'copy', far.uri(''), near.uri(''), '--no-progress', '--connections', '1'], {
+    timeoutMs: 120_000,
+    cwd: REPO_ROOT,
+  });
+  t.equal(r.code, 0, describeRun(r));
+  t.equal(seen.length, 1, 'one connection to the destination');
+  // Before: the destination was dialled once the source's handshake was over (greeting and all its replies received).
+  t.equal(seen[0], 0, 'the destination was dialled before any of the source\'s handshake had arrived');
+  t.equal((await compare(src, dst)).code, 0, 'the copy equals the source');
+});
