@@ -22,6 +22,8 @@ const isUri = (s: string) => /^nbd(\+unix)?:\/\//.test(s) || /^nbds/.test(s);
 
 /** Connections to each NBD side by default (nbdcopy's default is 4, at most one per core). */
 export const DEFAULT_CONNECTIONS = 4;
+/** More would only cost the server sockets and handshakes. */
+export const MAX_CONNECTIONS = 16;
 
 async function open(spec: string, readOnly: boolean, connections: number, createSize?: number): Promise<Device> {
   // Several connections only where the server advertises multi-conn (multi-conn.ts); replies
@@ -91,6 +93,8 @@ export interface CopyCommandOptions {
 
 export async function copyCommand(src: string, dst: string, opts: CopyCommandOptions): Promise<void> {
   const connections = opts.connections ?? DEFAULT_CONNECTIONS;
+  if (!(Number.isInteger(connections) && connections >= 1 && connections <= MAX_CONNECTIONS))
+    throw new Error(`--connections: expected 1 to ${MAX_CONNECTIONS}, got ${connections}`);
   const openSource = (): Promise<Device> => (opts.changedSince !== undefined ? openChanged(src, opts.changedSince) : open(src, true, connections));
   let source: Device;
   let target: Device | undefined;

@@ -55,3 +55,9 @@ t.test('anything else goes to main.ts', async (t) => {
 t.test('a bad size is main.ts\'s to report (it throws here)', async (t) => {
   t.throws(() => parseFastCopy(['a', 'b', '--max-bandwidth', 'lots']), /--max-bandwidth/);
 });
+
+t.test('--connections is bounded (1 to 16) before anything is opened', async (t) => {
+  const { copyCommand } = await import('../../../src/cli/copy.js');
+  for (const n of [0, 17, 1.5])
+    await t.rejects(copyCommand('/nonexistent/src.img', '/nonexistent/dst.img', { progress: false, connections: n }), /--connections: expected 1 to 16/, String(n));
+});
