@@ -48,8 +48,14 @@ const INLINE_WRITE_MAX = 1024 * 1024;
  * (dirty-page throttling when the disk falls behind, a folio under writeback), and the
  * event loop with it: one that takes longer than INLINE_STALL_MS sends the device's writes
  * to the pool for a pause, doubled while stalls keep coming (at most INLINE_PAUSE_MAX_MS).
+ * Throttling can also come as many short sleeps (a few ms each, none over the limit): inline
+ * writes slower than INLINE_SLOW_MS count their time, and more than INLINE_SLOW_BUDGET_MS of
+ * it within INLINE_SLOW_WINDOW_MS is a stall too.
  */
 const INLINE_STALL_MS = 10;
+const INLINE_SLOW_MS = 2;
+const INLINE_SLOW_BUDGET_MS = 20;
+const INLINE_SLOW_WINDOW_MS = 1000;
 const INLINE_PAUSE_MIN_MS = 1000;
 const INLINE_PAUSE_MAX_MS = 60_000;
 
@@ -137,6 +143,9 @@ export class FileDevice implements Device {
   private inlinePausedUntil = 0;
   private inlinePauseMs = INLINE_PAUSE_MIN_MS;
   private lastStallAt = Number.NEGATIVE_INFINITY;
+  /** Slow (not stalled) inline writes: when their window began, and the milliseconds they took in it. */
+  private slowSince = Number.NEGATIVE_INFINITY;
+  private slowMs = 0;
   private stalls = 0;
 
   private constructor(
@@ -343,7 +352,17 @@ export class FileDevice implements Device {
   private watchInlineWrite(started: number, bytes: number): void {
     const now = this.clock();
     const took = now - started;
-    if (took <= INLINE_STALL_MS) return;
+    if (took <= INLINE_SLOW_MS) return;
+    if (took <= INLINE_STALL_MS) {
+      if (now - this.slowSince > INLINE_SLOW_WINDOW_MS) {
+        this.slowSince = now;
+        this.slowMs = 0;
+      }
+      this.slowMs += took;
+      if (this.slowMs <= INLINE_SLOW_BUDGET_MS) return;
+    }
+    this.slowMs = 0;
+    this.slowSince = Number.NEGATIVE_INFINITY;
     this.inlinePauseMs = now - this.lastStallAt <= 2 * this.inlinePauseMs + INLINE_PAUSE_MIN_MS ? Math.min(2 * this.inlinePauseMs, INLINE_PAUSE_MAX_MS) : INLINE_PAUSE_MIN_MS;
     this.lastStallAt = now;
     this.inlinePausedUntil = now + this.inlinePauseMs;
@@ -351,6 +370,7 @@ export class FileDevice implements Device {
     // The first says why; the rest (a disk that keeps falling behind) only at debug level.
     this.log[this.stalls === 1 ? 'info' : 'debug']('inline-write-stalled', {
       tookMs: Math.round(took * 10) / 10,
+      slow: took <= INLINE_STALL_MS ? `more than ${INLINE_SLOW_BUDGET_MS} ms in writes over ${INLINE_SLOW_MS} ms within ${INLINE_SLOW_WINDOW_MS} ms` : undefined,
       bytes,
       pauseMs: this.inlinePauseMs,
       stalls: this.stalls,

@@ -1,7 +1,8 @@
 // Block-device writes go inline as plain pwritev (block devices refuse RWF_NOWAIT for
 // buffered writes), watched for stalls: a write that takes longer than 10 ms sends the
 // device's writes to the thread pool for a pause (1 s, doubled while stalls keep coming),
-// then inline again. Data is the same either way. On a loop device over a tmpfs file; the
+// then inline again; so does more than 20 ms spent in writes over 2 ms within 1 s (throttling
+// as many short sleeps). Data is the same either way. On a loop device over a tmpfs file; the
 // clock is the test's own (no timing), and the addon's writeCached is wrapped to see which
 // path each write took and to make chosen writes "take" long.
 import t from 'tap';
@@ -77,6 +78,23 @@ t.test('block device: inline writes, paused after a stall, resumed after the pau
   now += 1001;
   t.ok(await write(576 * 1024), 'pauses for 1 s again, not 4 s');
   t.ok(await write(640 * 1024), 'and stays inline');
+  // Many short sleeps, none over 10 ms: 3 ms each, more than 20 ms of them within 1 s is a stall.
+  now += 60_000;
+  for (let i = 0; i < 6; i++) {
+    takes = 3;
+    t.ok(await write((704 + 64 * i) * 1024), `slow write ${i + 1} (3 ms, ${3 * (i + 1)} ms in all) inline`);
+  }
+  takes = 3;
+  t.ok(await write(1088 * 1024), 'the slow write that takes the sum over 20 ms went inline');
+  t.notOk(await write(1152 * 1024), 'and the next goes to the thread pool');
+  now += 60_000;
+  for (let i = 0; i < 8; i++) {
+    takes = 3;
+    now += 400; // spread over more than a second: the window restarts, no pause
+    t.ok(await write((1216 + 64 * i) * 1024), `spread slow write ${i + 1} inline`);
+  }
+  takes = 1.5;
+  t.ok(await write(1792 * 1024), 'writes under 2 ms do not count');
 
   await d.flush();
   const back = Buffer.alloc(4 * MiB);
