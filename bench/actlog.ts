@@ -26,6 +26,7 @@ import type { BenchConfig } from './config.js';
 import { FioError, runFio, type FioResult } from './fio.js';
 import { jobByName } from './jobs.js';
 import { Interrupted } from './proc.js';
+import { median } from './stats.js';
 
 export type ActlogMode = 'log' | 'memory' | 'checkpoint';
 export const ACTLOG_MODES: readonly ActlogMode[] = ['log', 'memory', 'checkpoint'];
@@ -91,12 +92,6 @@ export interface ActlogRow {
   checkpointRoundRatios: number[];
 }
 
-function median(xs: number[]): number | null {
-  if (xs.length === 0) return null;
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
 
 export function summariseActlog(samples: readonly ActlogSample[]): ActlogRow {
   const iops = (mode: ActlogMode) => samples.filter((s) => s.ok && s.mode === mode).map((s) => s.iops!);

@@ -37,6 +37,7 @@ import { benchPath, createHalfAllocatedImage } from './image.js';
 import { adminSocketPath, QEMU_NBD_TARGET_SETTINGS, removeImageAndMarkers, removeMarkers, removeSocketDir } from './mirrorjob.js';
 import { BenchConfigError } from './config.js';
 import { Interrupted } from './proc.js';
+import { median } from './stats.js';
 
 const HOST = '127.0.0.1';
 const WRITER = path.join(path.dirname(fileURLToPath(import.meta.url)), '../../bench/cutover-writer.py');
@@ -236,13 +237,6 @@ async function sample(round: number, target: Target, handoff: Handoff, srcs: str
     for (const f of srcs) removeMarkers(f);
   }
   return s;
-}
-
-function median(xs: number[]): number | null {
-  if (!xs.length) return null;
-  const a = [...xs].sort((x, y) => x - y);
-  const m = a.length >> 1;
-  return a.length % 2 ? a[m]! : (a[m - 1]! + a[m]!) / 2;
 }
 
 export interface Cutover4Settings {

@@ -25,6 +25,7 @@ import { run } from '../test/helpers/tools.js';
 import { parseSize } from '../src/util/units.js';
 import { benchPath, createHalfAllocatedImage } from './image.js';
 import { Interrupted, track } from './proc.js';
+import { median } from './stats.js';
 
 export const FILL_METHODS = ['fill', 'nbd-migrate-copy', 'nbdcopy', 'qemu-img'] as const;
 export type FillMethod = (typeof FILL_METHODS)[number];
@@ -129,12 +130,6 @@ export interface FillRow {
   roundRatios: number[];
 }
 
-function median(xs: number[]): number | null {
-  if (xs.length === 0) return null;
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
 
 export function summariseFill(samples: readonly FillSample[]): FillRow {
   const seconds = Object.fromEntries(FILL_METHODS.map((m) => [m, median(samples.filter((s) => s.ok && s.method === m).map((s) => s.seconds!))])) as Record<FillMethod, number | null>;

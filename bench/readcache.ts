@@ -14,6 +14,7 @@ import { nbdkit } from '../test/helpers/peers.js';
 import { freePort } from '../test/helpers/net.js';
 import { startServer, type ServerHandle } from '../test/helpers/server.js';
 import { adminRequest, waitForJob } from '../test/helpers/admin.js';
+import { median } from './stats.js';
 import { Interrupted } from './proc.js';
 
 export type ReadCacheMode = 'cache' | 'none';
@@ -103,12 +104,6 @@ export interface ReadCacheRow {
   speedup: number | null;
 }
 
-function median(xs: number[]): number | null {
-  if (xs.length === 0) return null;
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
 
 export function summariseReadCache(samples: readonly ReadCacheSample[]): ReadCacheRow {
   const of = (mode: ReadCacheMode, k: 'medianMs' | 'readsPerSec') => median(samples.filter((s) => s.ok && s.mode === mode).map((s) => s[k]!));

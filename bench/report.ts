@@ -5,6 +5,7 @@ import type { Cutover4Sample, Cutover4Settings, JobFigures } from './cutover4.js
 import type { FioResult } from './fio.js';
 import { jobByName, type JobName } from './jobs.js';
 import type { ServerName } from './servers.js';
+import { median } from './stats.js';
 
 interface SampleBase {
   round: number;
@@ -52,12 +53,7 @@ export interface Row {
   cells: Cell[];
 }
 
-export function median(xs: readonly number[]): number | null {
-  if (xs.length === 0) return null;
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = s.length >> 1;
-  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
-}
+export { median };
 
 export function unitOf(job: JobName): Row['unit'] {
   return jobByName(job).metric === 'bw' ? 'MB/s' : 'IOPS';
