@@ -21,7 +21,7 @@ import {
   errorChunkProblem,
   type ReplyError,
 } from '../protocol/replies.js';
-import { ByteQueue } from '../util/byte-queue.js';
+import { ByteQueue, type ChunkOwner } from '../util/byte-queue.js';
 import { NbdProtocolError } from './errors.js';
 
 export { MAX_CHUNK_PAYLOAD, type ReplyError } from '../protocol/replies.js';
@@ -113,9 +113,14 @@ type State =
 
 const HEADER: State = { kind: 'header' };
 
+/** Marks chunks whose memory is reused after pushTransient returns: the queue copies what it keeps of them. */
+const TRANSIENT: ChunkOwner = { ref() {}, unref() {} };
+
 export class ReplyParser {
   readonly input = new ByteQueue();
   private state: State = HEADER;
+  /** takeSlices' references (TRANSIENT's, which need no release). */
+  private readonly held: ChunkOwner[] = [];
 
   constructor(
     private readonly structured: boolean,
@@ -130,6 +135,47 @@ export class ReplyParser {
   push(chunk: Buffer): void {
     this.input.push(chunk);
     this.parse();
+  }
+
+  /**
+   * Parses a chunk whose memory is reused once this returns (a read into the
+   * transport's reused buffer): what is left unparsed (part of a header or of
+   * a non-data chunk) is copied out of it.
+   */
+  pushTransient(chunk: Buffer): void {
+    this.input.push(chunk, TRANSIENT);
+    try {
+      this.parse();
+    } finally {
+      const q = this.input;
+      if (q.length > 0) {
+        this.held.length = 0;
+        for (const slice of q.takeSlices(q.length, this.held)) q.push(slice.buffer === chunk.buffer ? Buffer.from(slice) : slice);
+        this.held.length = 0;
+      }
+    }
+  }
+
+  /**
+   * Where the next read may land in place: the rest of the READ data being
+   * received, when at least `min` bytes of it are still to come and nothing is
+   * buffered ahead of it. Undefined otherwise.
+   */
+  directTarget(min: number): Buffer | undefined {
+    const s = this.state;
+    if ((s.kind !== 'simple-data' && s.kind !== 'data') || s.left < min || this.input.length > 0) return undefined;
+    return s.req.into!.subarray(s.pos, s.pos + s.left);
+  }
+
+  /** `n` bytes were read in place into the buffer directTarget() returned. */
+  landed(n: number): void {
+    const s = this.state;
+    if (s.kind !== 'simple-data' && s.kind !== 'data') throw new Error(`${n} bytes read in place with no READ data expected`);
+    s.pos += n;
+    s.left -= n;
+    if (s.left > 0) return;
+    this.state = HEADER;
+    if (s.kind === 'simple-data' || s.flags & C.NBD_REPLY_FLAG_DONE) this.sink.done(s.req);
   }
 
   /** Consumes everything parseable; throws NbdProtocolError on a violation. */
@@ -147,7 +193,8 @@ export class ReplyParser {
           if (n === 0) return;
           const into = s.req.into!;
           let pos = s.pos;
-          for (const slice of q.takeSlices(n)) pos += slice.copy(into, pos);
+          for (const slice of q.takeSlices(n, this.held)) pos += slice.copy(into, pos);
+          this.held.length = 0;
           s.pos = pos;
           s.left -= n;
           if (s.left > 0) return;

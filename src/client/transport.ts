@@ -24,7 +24,8 @@
  *            destroy() was called: calls reject ECONNRESET (ETIMEDOUT).
  * Leaving READY/CLOSING rejects everything pending and reports 'close' once.
  */
-import type * as net from 'node:net';
+import * as net from 'node:net';
+import * as tls from 'node:tls';
 import * as C from '../protocol/constants.js';
 import * as codec from '../protocol/codec.js';
 import { DeviceError } from '../storage/device.js';
@@ -33,6 +34,38 @@ import { PendingRequest, ReplyParser } from './replies.js';
 
 /** How long close() waits for the server to close after NBD_CMD_DISC. */
 const DISCONNECT_GRACE_MS = 5000;
+/** The reused buffer replies are read into on a plain socket (headers, small payloads, the start of READ data). */
+const SCRATCH_BYTES = 64 * 1024;
+/** READ data still to come from this many bytes on is read straight into the caller's buffer. */
+const DIRECT_MIN = 16 * 1024;
+
+type OnRead = { buffer: () => Buffer; callback: (n: number, buf: Buffer) => boolean | void };
+
+/**
+ * A negotiated plain TCP/Unix socket moved onto a new net.Socket that reads
+ * through `onread` into buffers we choose, instead of a fresh 64 KiB Buffer per
+ * read (15-25 % of a copy's CPU went to collecting those). The handle is taken
+ * over between reads; nothing may be buffered in the old object. Undefined
+ * (keep the socket as it is) for TLS, or when the handle cannot be taken.
+ */
+function adoptForOnread(socket: net.Socket, onread: OnRead): net.Socket | undefined {
+  if (socket instanceof tls.TLSSocket || socket.destroyed || socket.readableLength > 0 || socket.writableLength > 0) return undefined;
+  const a = socket as unknown as { _handle?: { readStop?: () => number; reading?: boolean; useUserBuffer?: unknown } | null };
+  const handle = a._handle;
+  if (!handle || typeof handle.useUserBuffer !== 'function' || typeof handle.readStop !== 'function') return undefined;
+  handle.reading = false;
+  handle.readStop();
+  const s = new net.Socket({
+    handle,
+    onread,
+    readable: true,
+    writable: true,
+    writableHighWaterMark: socket.writableHighWaterMark,
+  } as unknown as net.SocketConstructorOpts);
+  a._handle = null;
+  socket.destroy();
+  return s;
+}
 
 export type TransportState =
   | { readonly kind: 'READY' }
@@ -71,8 +104,14 @@ export class Transport {
   private closeEmitted = false;
 
   /** `onClose` is called once when the connection ends, with the reason if it failed. */
+  private socket: net.Socket;
+  /** Where plain-socket reads land when not in place (undefined: 'data' events, e.g. TLS). */
+  private readonly scratch: Buffer | undefined;
+  /** The dialled socket's 'data' listeners (TCP_QUICKACK re-arming), called once per read. */
+  private readonly readHooks: Array<(chunk: Buffer) => void> = [];
+
   constructor(
-    private readonly socket: net.Socket,
+    socket: net.Socket,
     structuredReplies: boolean,
     readAhead: readonly Buffer[],
     private readonly limits: TransportLimits,
@@ -84,7 +123,22 @@ export class Transport {
       lookup: (cookie) => this.inflight.get(cookie),
       done: (req) => this.complete(req),
     });
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    this.socket = socket;
+    for (const b of readAhead) this.onData(b);
+    const scratch = Buffer.allocUnsafeSlow(SCRATCH_BYTES);
+    const hooks = socket.listeners('data') as Array<(chunk: Buffer) => void>;
+    const adopted = this.closed
+      ? undefined
+      : adoptForOnread(socket, {
+          buffer: () => (this.closed ? undefined : this.parser.directTarget(DIRECT_MIN)) ?? scratch,
+          callback: (n, buf) => this.onRead(n, buf),
+        });
+    if (adopted) {
+      this.scratch = scratch;
+      this.readHooks = hooks;
+      socket = adopted;
+    } else socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    this.socket = socket;
     socket.on('drain', () => {
       this.lastProgress = performance.now();
       this.writeBlocked = false;
@@ -96,7 +150,6 @@ export class Transport {
     socket.on('end', () => this.onSocketEnd());
     socket.on('close', () => this.onSocketEnd());
     this.socketGone = new Promise((resolve) => socket.once('close', () => resolve()));
-    for (const b of readAhead) this.onData(b);
   }
 
   get state(): TransportState {
@@ -233,6 +286,20 @@ export class Transport {
       this.socket.uncork();
     } else ok = this.socket.write(header);
     if (!ok) this.writeBlocked = true;
+  }
+
+  /** A read on the adopted socket: `n` bytes in `buf`, the scratch buffer or READ data read in place. */
+  private onRead(n: number, buf: Buffer): void {
+    if (this.closed) return;
+    this.lastProgress = performance.now();
+    for (const h of this.readHooks) h(buf);
+    try {
+      if (buf === this.scratch) this.parser.pushTransient(buf.subarray(0, n));
+      else this.parser.landed(n);
+    } catch (e) {
+      if (e instanceof NbdProtocolError) this.fail(new NbdProtocolError(`protocol error from the server: ${e.message}`));
+      else this.fail(e as Error);
+    }
   }
 
   private onData(chunk: Buffer): void {
