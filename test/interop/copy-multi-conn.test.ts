@@ -48,7 +48,11 @@ t.test('multi-conn advertised (nbdkit file): 4 connections, a flush on each, the
   const dst = await makeImage(join(dir, 'dst.img'), SIZE, { fill: 0x77 });
   const logfile = join(dir, 'nbdkit.log');
   const port = await freePort();
-  const k = await nbdkit(port, ['--filter=log', 'file', dst, `logfile=${logfile}`]);
+  // Every write and zero takes 100 ms at the target (wdelay covers both), so the first connection's window (32 MiB) is
+  // still outstanding when the others have joined (a handshake, ~1 ms): the rest must go to them.
+  // Without the delay a busy host can send the whole 64 MiB image over the first connection
+  // before the others join, which is right, but says nothing about spreading.
+  const k = await nbdkit(port, ['--filter=log', '--filter=delay', 'file', dst, `logfile=${logfile}`, 'wdelay=100ms']);
   t.teardown(() => k.stop());
   const { r, connections, events } = await copyThroughProxy(t, src, port, '', ['--connections', '4']);
   t.equal(r.code, 0, describeRun(r));
