@@ -1,5 +1,6 @@
 // Loopback ports for the servers the tests and the bench start.
 import * as net from 'node:net';
+import { once } from 'node:events';
 
 /** A free TCP port on 127.0.0.1 (the kernel picks it; it is released for a server to bind). */
 export async function freePort(): Promise<number> {
@@ -31,4 +32,21 @@ export async function waitForPort(port: number, timeoutMs: number, gone: () => s
     if (Date.now() > end) throw new Error(`nothing listening on 127.0.0.1:${port} after ${timeoutMs} ms`);
     await new Promise((r) => setTimeout(r, 50));
   }
+}
+
+/** A connected pair of TCP sockets on 127.0.0.1 (`client` dialled, `peer` accepted), destroyed in teardown. */
+export async function tcpPair(t: { teardown(fn: () => unknown): void }): Promise<{ client: net.Socket; peer: net.Socket }> {
+  const server = net.createServer();
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const accepted = once(server, 'connection');
+  const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
+  await once(client, 'connect');
+  const [peer] = (await accepted) as [net.Socket];
+  t.teardown(() => {
+    client.destroy();
+    peer.destroy();
+    server.close();
+  });
+  return { client, peer };
 }

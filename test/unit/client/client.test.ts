@@ -9,6 +9,7 @@ import { ByteQueue } from '../../../src/util/byte-queue.js';
 import { DeviceError } from '../../../src/storage/device.js';
 import { NbdClient, NbdHandshakeError, NbdRequestError, type NbdClientOptions } from '../../../src/client/nbd-client.js';
 import { NBD_CMD_MIGRATE_COMPLETE } from '../../../src/migration/incoming.js';
+import { u64, u32 } from '../../helpers/wire.js';
 
 // ------------------------------------------------------------------ fake server
 
@@ -222,16 +223,6 @@ class FakeConn {
   }
 }
 
-function u64(n: number): Buffer {
-  const b = Buffer.alloc(8);
-  b.writeBigUInt64BE(BigInt(n));
-  return b;
-}
-function u32(n: number): Buffer {
-  const b = Buffer.alloc(4);
-  b.writeUInt32BE(n >>> 0);
-  return b;
-}
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 /** Marks a promise as handled now (it is checked later with rejectsWith). */
 function quiet<T>(p: Promise<T>): Promise<T> {

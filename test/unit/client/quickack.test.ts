@@ -12,22 +12,8 @@ import { armQuickAck, nativeQuickAck, tcpFd } from '../../../src/client/quickack
 import { TargetConnector } from '../../../src/migration/connector.js';
 import type { NbdClientOptions } from '../../../src/client/nbd-client.js';
 import { logger } from '../../../src/util/log.js';
+import { tcpPair } from '../../helpers/net.js';
 
-async function tcpPair(t: Test): Promise<{ client: net.Socket; peer: net.Socket }> {
-  const server = net.createServer();
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const accepted = once(server, 'connection');
-  const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
-  await once(client, 'connect');
-  const [peer] = (await accepted) as [net.Socket];
-  t.teardown(() => {
-    client.destroy();
-    peer.destroy();
-    server.close();
-  });
-  return { client, peer };
-}
 
 t.test('the addon has tcpQuickAck: 0 on a TCP socket, an errno on anything else', async (t) => {
   const set = nativeQuickAck();

@@ -10,26 +10,11 @@ import * as codec from '../../../src/protocol/codec.js';
 import { ByteQueue } from '../../../src/util/byte-queue.js';
 import { PendingRequest, ReplyParser } from '../../../src/client/replies.js';
 import { Transport } from '../../../src/client/transport.js';
+import { ck, chunk, u64, u32 } from '../../helpers/wire.js';
+import { tcpPair } from '../../helpers/net.js';
 
-const ck = (n: number): codec.Cookie => ({ hi: Math.floor(n / 2 ** 32), lo: n >>> 0 });
 const DONE = C.NBD_REPLY_FLAG_DONE;
 
-function chunk(flags: number, type: number, cookie: number, payload: Buffer): Buffer {
-  const b = Buffer.alloc(C.STRUCTURED_REPLY_HEADER_LENGTH + payload.length);
-  codec.writeStructuredHeader(b, 0, flags, type, ck(cookie), payload.length);
-  payload.copy(b, C.STRUCTURED_REPLY_HEADER_LENGTH);
-  return b;
-}
-function u64(n: number): Buffer {
-  const b = Buffer.alloc(8);
-  b.writeBigUInt64BE(BigInt(n));
-  return b;
-}
-function u32(n: number): Buffer {
-  const b = Buffer.alloc(4);
-  b.writeUInt32BE(n);
-  return b;
-}
 function pattern(n: number, seed: number): Buffer {
   const b = Buffer.allocUnsafe(n);
   for (let i = 0; i < n; i++) b[i] = (i * 31 + seed * 7 + (i >> 8)) & 0xff || 1;
@@ -202,20 +187,9 @@ for (const structured of [true, false]) {
 }
 
 t.test('a Transport on a plain socket reads through onread and gets replies split anywhere', async (t) => {
-  const srv = net.createServer();
-  srv.listen(0, '127.0.0.1');
-  await once(srv, 'listening');
-  const accepted = once(srv, 'connection');
-  const client = net.connect((srv.address() as net.AddressInfo).port, '127.0.0.1');
-  await once(client, 'connect');
-  const [server] = (await accepted) as [net.Socket];
+  const { client, peer: server } = await tcpPair(t);
   let transport: Transport | undefined;
-  t.teardown(() => {
-    transport?.destroy();
-    client.destroy();
-    server.destroy();
-    srv.close();
-  });
+  t.teardown(() => transport?.destroy());
   server.setNoDelay(true);
   let hookCalls = 0;
   client.on('data', () => hookCalls++); // a 'data' listener of the dialled socket (TCP_QUICKACK's) still runs once per read

@@ -4,6 +4,7 @@ import * as C from '../../../src/protocol/constants.js';
 import * as codec from '../../../src/protocol/codec.js';
 import { NbdProtocolError } from '../../../src/client/errors.js';
 import { PendingRequest, ReplyParser } from '../../../src/client/replies.js';
+import { ck, chunk, u64, u32 } from '../../helpers/wire.js';
 
 function req(cookie: number, type: number, offset: number, length: number, into?: Buffer, at = 0): PendingRequest {
   const r = new PendingRequest(type, 0, offset, length, 0, undefined, into, at, () => {});
@@ -24,24 +25,7 @@ function harness(structured: boolean, reqs: PendingRequest[]) {
   return { parser, done, map };
 }
 
-const ck = (n: number): codec.Cookie => ({ hi: Math.floor(n / 2 ** 32), lo: n >>> 0 });
 
-function chunk(flags: number, type: number, cookie: number, payload: Buffer): Buffer {
-  const b = Buffer.alloc(C.STRUCTURED_REPLY_HEADER_LENGTH + payload.length);
-  codec.writeStructuredHeader(b, 0, flags, type, ck(cookie), payload.length);
-  payload.copy(b, C.STRUCTURED_REPLY_HEADER_LENGTH);
-  return b;
-}
-function u64(n: number): Buffer {
-  const b = Buffer.alloc(8);
-  b.writeBigUInt64BE(BigInt(n));
-  return b;
-}
-function u32(n: number): Buffer {
-  const b = Buffer.alloc(4);
-  b.writeUInt32BE(n);
-  return b;
-}
 function dataChunk(flags: number, cookie: number, offset: number, data: Buffer): Buffer {
   return chunk(flags, C.NBD_REPLY_TYPE_OFFSET_DATA, cookie, Buffer.concat([u64(offset), data]));
 }

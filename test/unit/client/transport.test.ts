@@ -7,6 +7,7 @@ import * as C from '../../../src/protocol/constants.js';
 import * as codec from '../../../src/protocol/codec.js';
 import { ByteQueue } from '../../../src/util/byte-queue.js';
 import { Transport, type TransportLimits } from '../../../src/client/transport.js';
+import { tcpPair } from '../../helpers/net.js';
 
 interface Peer {
   transport: Transport;
@@ -20,18 +21,7 @@ interface Peer {
 }
 
 async function pair(t: Test, limits: Partial<TransportLimits> = {}): Promise<Peer> {
-  const srv = net.createServer();
-  srv.listen(0, '127.0.0.1');
-  await once(srv, 'listening');
-  const accepted = once(srv, 'connection');
-  const client = net.connect((srv.address() as net.AddressInfo).port, '127.0.0.1');
-  await once(client, 'connect');
-  const [server] = (await accepted) as [net.Socket];
-  t.teardown(() => {
-    client.destroy();
-    server.destroy();
-    srv.close();
-  });
+  const { client, peer: server } = await tcpPair(t);
   const received: codec.RequestHeader[] = [];
   const q = new ByteQueue();
   let wake: (() => void) | undefined;
