@@ -31,6 +31,7 @@ import * as codec from '../protocol/codec.js';
 import { DeviceError } from '../storage/device.js';
 import { NbdProtocolError, NbdRequestError, errnoNameForNbd } from './errors.js';
 import { PendingRequest, ReplyParser } from './replies.js';
+import { adoptForOnread } from '../util/onread.js';
 
 /** How long close() waits for the server to close after NBD_CMD_DISC. */
 const DISCONNECT_GRACE_MS = 5000;
@@ -38,34 +39,6 @@ const DISCONNECT_GRACE_MS = 5000;
 const SCRATCH_BYTES = 64 * 1024;
 /** READ data still to come from this many bytes on is read straight into the caller's buffer. */
 const DIRECT_MIN = 16 * 1024;
-
-type OnRead = { buffer: () => Buffer; callback: (n: number, buf: Buffer) => boolean | void };
-
-/**
- * A negotiated plain TCP/Unix socket moved onto a new net.Socket that reads
- * through `onread` into buffers we choose, instead of a fresh 64 KiB Buffer per
- * read (15-25 % of a copy's CPU went to collecting those). The handle is taken
- * over between reads; nothing may be buffered in the old object. Undefined
- * (keep the socket as it is) for TLS, or when the handle cannot be taken.
- */
-function adoptForOnread(socket: net.Socket, onread: OnRead): net.Socket | undefined {
-  if (socket instanceof tls.TLSSocket || socket.destroyed || socket.readableLength > 0 || socket.writableLength > 0) return undefined;
-  const a = socket as unknown as { _handle?: { readStop?: () => number; reading?: boolean; useUserBuffer?: unknown } | null };
-  const handle = a._handle;
-  if (!handle || typeof handle.useUserBuffer !== 'function' || typeof handle.readStop !== 'function') return undefined;
-  handle.reading = false;
-  handle.readStop();
-  const s = new net.Socket({
-    handle,
-    onread,
-    readable: true,
-    writable: true,
-    writableHighWaterMark: socket.writableHighWaterMark,
-  } as unknown as net.SocketConstructorOpts);
-  a._handle = null;
-  socket.destroy();
-  return s;
-}
 
 export type TransportState =
   | { readonly kind: 'READY' }

@@ -4,11 +4,11 @@
  * Either way the socket is paused whenever the queue holds more than the phase
  * needs, so a client can never make us buffer without bound.
  */
-import * as net from 'node:net';
 import type { Socket } from 'node:net';
 import * as tls from 'node:tls';
 import { ByteQueue, type ChunkOwner } from '../util/byte-queue.js';
 import type { Logger } from '../util/log.js';
+import { adoptForOnread } from '../util/onread.js';
 import { SlabReader } from './read-slabs.js';
 
 /** The most the handshake phase buffers ahead of what it asked for. */
@@ -37,24 +37,6 @@ function peerVerifyError(socket: tls.TLSSocket): { code: string; message: string
   return e ? { code: e.code ?? 'CERT_VERIFY_FAILED', message: e.message } : undefined;
 }
 
-/**
- * An accepted plain socket moved onto a new net.Socket that reads into our own
- * buffers (`onread`, see read-slabs.ts): the handle is taken over before any
- * data was read, and the accepted socket object is let go (closed without its
- * handle, which also uncounts it from its net.Server).
- */
-function adoptForSlabs(accepted: Socket, onread: { buffer: () => Buffer; callback: (n: number, buf: Buffer) => boolean | void }): Socket | undefined {
-  const a = accepted as unknown as { _handle?: { readStop?: () => number; reading?: boolean; useUserBuffer?: unknown } | null };
-  const handle = a._handle;
-  if (accepted instanceof tls.TLSSocket || !handle || typeof handle.useUserBuffer !== 'function' || typeof handle.readStop !== 'function') return undefined;
-  handle.reading = false;
-  handle.readStop();
-  const s = new net.Socket({ handle, onread, readable: true, writable: true } as unknown as net.SocketConstructorOpts);
-  a._handle = null;
-  accepted.destroy();
-  return s;
-}
-
 export class Connection {
   readonly input = new ByteQueue();
   /** Where reads land on a plain socket (undefined: Node's own buffers, e.g. a socket that came in some other way). */
@@ -79,7 +61,7 @@ export class Connection {
     readonly log: Logger,
   ) {
     const reader = new SlabReader();
-    const adopted = adoptForSlabs(socket, {
+    const adopted = adoptForOnread(socket, {
       buffer: () => reader.next(),
       callback: (n, buf) => {
         const owner = reader.current;
