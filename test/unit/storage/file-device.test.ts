@@ -138,7 +138,7 @@ t.test('fallback: a stale lock file from a dead process is taken over', async (t
   t.notOk(fs.existsSync(`${img}.nbd-migrate.lock`), 'lock file removed on close');
 });
 
-t.test('native: reads up to 1 MiB from the page cache are served inline, larger ones through the pool', async (t) => {
+t.test('native: reads up to 128 KiB from the page cache are served inline, larger ones through the pool', async (t) => {
   const img = tmpImage(t, 4 * MiB, '/dev/shm');
   const data = Buffer.alloc(4 * MiB);
   for (let i = 0; i < data.length; i += 4096) data.fill(i / 4096, i, i + 4096);
@@ -153,10 +153,10 @@ t.test('native: reads up to 1 MiB from the page cache are served inline, larger 
   };
   const d = await FileDevice.open(img, { readOnly: true, ops });
   t.teardown(() => d.close());
-  for (const [off, len] of [[4096, MiB], [0, 2 * MiB]] as const) {
+  for (const [off, len] of [[4096, 128 * 1024], [8192, 128 * 1024 + 4096], [0, 2 * MiB]] as const) {
     const back = Buffer.alloc(len + 16);
     await d.read(off, len, back, 16);
     t.ok(back.subarray(16).equals(data.subarray(off, off + len)), `${len} bytes at ${off} read back`);
   }
-  t.same(inline, [MiB], 'the 1 MiB read went inline, the 2 MiB one did not');
+  t.same(inline, [128 * 1024], 'the 128 KiB read went inline, the larger ones did not');
 });
