@@ -15,10 +15,8 @@
  * fallback, NBD_MIGRATE_NATIVE=0, an older build) nothing is armed. Plain TCP
  * only: a TLS or Unix socket has no TCP fd here.
  */
-import { createRequire } from 'node:module';
-import * as path from 'node:path';
 import type * as net from 'node:net';
-import { projectRoot } from '../util/paths.js';
+import { nativeAddon } from '../util/addon.js';
 
 export type SetQuickAck = (fd: number) => number;
 
@@ -26,15 +24,7 @@ let native: SetQuickAck | null | undefined;
 
 /** The addon's tcpQuickAck (returns 0 or an errno), or null when it is not there. */
 export function nativeQuickAck(): SetQuickAck | null {
-  if (native !== undefined) return native;
-  native = null;
-  if (process.env.NBD_MIGRATE_NATIVE === '0') return native;
-  try {
-    const load = createRequire(import.meta.url)('node-gyp-build') as (dir: string) => { tcpQuickAck?: SetQuickAck };
-    native = load(path.join(projectRoot, 'native')).tcpQuickAck ?? null;
-  } catch {
-    native = null;
-  }
+  if (native === undefined) native = (nativeAddon().addon?.tcpQuickAck as SetQuickAck | undefined) ?? null;
   return native;
 }
 

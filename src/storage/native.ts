@@ -3,10 +3,8 @@
  * OFD byte-range locks), from the native addon when it loads, or a pure-JS fallback
  * with the same shape. NBD_MIGRATE_NATIVE=0 forces the fallback, so both paths can be tested.
  */
-import { createRequire } from 'node:module';
 import * as fs from 'node:fs';
-import * as path from 'node:path';
-import { projectRoot } from '../util/paths.js';
+import { nativeAddon } from '../util/addon.js';
 import { DeviceError } from './device.js';
 
 /**
@@ -151,8 +149,6 @@ interface Binding {
   FALLOC_FL_ZERO_RANGE: number;
 }
 
-const nativeDir = path.join(projectRoot, 'native');
-
 function toDeviceError(err: Error & { code?: string }): DeviceError {
   return new DeviceError(err.code ?? 'EIO', err.message, { cause: err });
 }
@@ -288,16 +284,7 @@ let loaded: { ops: SparseOps; reason?: string } | undefined;
 /** The ops in force, and why the fallback is used when it is. */
 export function sparseOps(): { ops: SparseOps; reason?: string } {
   if (loaded) return loaded;
-  if (process.env.NBD_MIGRATE_NATIVE === '0') {
-    loaded = { ops: fallbackOps, reason: 'NBD_MIGRATE_NATIVE=0' };
-    return loaded;
-  }
-  try {
-    const require = createRequire(import.meta.url);
-    const load = require('node-gyp-build') as (dir: string) => Binding;
-    loaded = { ops: nativeOps(load(nativeDir)) };
-  } catch (e) {
-    loaded = { ops: fallbackOps, reason: (e as Error).message.split('\n')[0] };
-  }
+  const { addon, reason } = nativeAddon();
+  loaded = addon ? { ops: nativeOps(addon as unknown as Binding) } : { ops: fallbackOps, reason };
   return loaded;
 }
