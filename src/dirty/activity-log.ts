@@ -387,6 +387,16 @@ export class ActivityLog {
     return d.promise;
   }
 
+  /** Whether a change to [offset, offset + length) may begin at once: the log names all its extents on disk and has not failed. */
+  mayBeginNow(offset: number, length: number): boolean {
+    if (this.failure) return false;
+    const n = this.inflight.length;
+    const first = Math.min(Math.floor(offset / this.extentBytes), n - 1);
+    const last = length > 0 ? Math.min(Math.floor((offset + length - 1) / this.extentBytes), n - 1) : first;
+    for (let e = first; e <= last; e++) if (this.activeFlags[e] === 0) return false;
+    return true;
+  }
+
   /** The change begun at [offset, offset + length) is done (and marked in the bitmap). */
   end(offset: number, length: number): void {
     const n = this.inflight.length;

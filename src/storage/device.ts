@@ -44,6 +44,13 @@ export interface Device {
   read(offset: number, length: number, into: Buffer, at: number): Promise<void>;
   /** Writes the concatenation of `data` at `offset`; the buffers are not joined. */
   write(offset: number, data: readonly Buffer[], opts: WriteOptions): Promise<void>;
+  /**
+   * The fast path of a write without FUA: made now, within this call, when nothing on the way
+   * can wait (no hold, throttle or write-through; the page cache takes it), and true. False:
+   * nothing was done (or it may be made again), and the caller uses write(). Optional: a
+   * device without it is always written through write().
+   */
+  writeNow?(offset: number, data: readonly Buffer[]): boolean;
   flush(): Promise<void>;
   trim(offset: number, length: number, opts: WriteOptions): Promise<void>;
   zero(offset: number, length: number, opts: ZeroOptions): Promise<void>;
@@ -51,6 +58,13 @@ export interface Device {
   extents(offset: number, length: number, maxExtents: number): Promise<Extent[]>;
   cache(offset: number, length: number): Promise<void>;
   close(): Promise<void>;
+}
+
+/** Bytes in a write's buffers (they are never joined). */
+export function byteLength(data: readonly Buffer[]): number {
+  let n = 0;
+  for (const b of data) n += b.length;
+  return n;
 }
 
 /** An error from a device, carrying a POSIX errno name (`code`) for the one errno -> NBD mapping. */

@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import { promisify } from 'node:util';
 import { NBD_STATE_HOLE, NBD_STATE_ZERO } from '../protocol/constants.js';
 import { logger, type Logger } from '../util/log.js';
-import { type Capabilities, type Device, DeviceError, type Extent, type WriteOptions, type ZeroOptions } from './device.js';
+import { byteLength, type Capabilities, type Device, DeviceError, type Extent, type WriteOptions, type ZeroOptions } from './device.js';
 import { RangeLock } from '../util/range-lock.js';
 import { ImageLockConflict, sparseOps, type BlockOps, type SparseOps } from './native.js';
 
@@ -314,24 +314,15 @@ export class FileDevice implements Device {
     }
     let pos = offset;
     let bufs = data as Buffer[];
-    if (this.inlineWrites && data.length <= 64 && (this.inlinePausedUntil === 0 || this.inlineResumed())) {
-      let total = 0;
-      for (const b of data) total += b.length;
-      if (total <= INLINE_WRITE_MAX) {
-        const started = this.guardedWrites ? this.clock() : 0;
-        const n = this.ops.writeCached(this.fd, data, offset, this.memoryBacked || this.guardedWrites);
-        if (this.guardedWrites) this.watchInlineWrite(started, total);
-        if (n === total) {
-          if (opts.fua) await this.flush();
-          return;
-        }
-        if (n === -2) this.inlineWrites = false;
-        else if (n > 0) {
-          // A short inline write: the thread pool writes the rest.
-          pos += n;
-          bufs = skipBytes(bufs, n);
-        }
+    const n = this.writeInline(offset, data);
+    if (n > 0) {
+      if (n === byteLength(data)) {
+        if (opts.fua) await this.flush();
+        return;
       }
+      // A short inline write: the thread pool writes the rest.
+      pos += n;
+      bufs = skipBytes(bufs, n);
     }
     for (;;) {
       const total = bufs.reduce((n, b) => n + b.length, 0);
@@ -344,6 +335,32 @@ export class FileDevice implements Device {
       bufs = skipBytes(bufs, bytesWritten);
     }
     if (opts.fua) await this.flush();
+  }
+
+  /** The write made at once, when the page cache takes it without waiting (Device.writeNow). */
+  writeNow(offset: number, data: readonly Buffer[]): boolean {
+    if (this.direct) return false;
+    try {
+      return this.writeInline(offset, data) === byteLength(data);
+    } catch {
+      return false; // write() makes it again and reports the error
+    }
+  }
+
+  /**
+   * Writes inline when that cannot block (see INLINE_WRITE_MAX): the bytes written, 0 when
+   * not tried or the kernel would have waited. Throws the write's error.
+   */
+  private writeInline(offset: number, data: readonly Buffer[]): number {
+    if (!this.inlineWrites || data.length > 64 || (this.inlinePausedUntil !== 0 && !this.inlineResumed())) return 0;
+    let total = 0;
+    for (const b of data) total += b.length;
+    if (total > INLINE_WRITE_MAX) return 0;
+    const started = this.guardedWrites ? this.clock() : 0;
+    const n = this.ops.writeCached(this.fd, data, offset, this.memoryBacked || this.guardedWrites);
+    if (this.guardedWrites) this.watchInlineWrite(started, total);
+    if (n === -2) this.inlineWrites = false;
+    return n > 0 ? n : 0;
   }
 
   /** Whether a pause of inline writes is over (it is ended here once it is). */

@@ -35,6 +35,15 @@ export class ChangeMarkFilter extends Filter {
     return this.marked(offset, length, () => this.next.zero(offset, length, opts));
   }
 
+  /** Marked before and after, as write() is; a write not made here is marked again by write(). */
+  override writeNow(offset: number, data: readonly Buffer[]): boolean {
+    const length = byteLength(data);
+    this.listener.mark(offset, length);
+    if (this.next.writeNow?.(offset, data) !== true) return false;
+    this.listener.mark(offset, length);
+    return true;
+  }
+
   private async marked(offset: number, length: number, op: () => Promise<void>): Promise<void> {
     this.listener.mark(offset, length);
     try {

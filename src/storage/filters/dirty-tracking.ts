@@ -49,6 +49,27 @@ export class DirtyTrackingFilter extends Filter implements DirtyTracker {
     return this.tracked(offset, byteLength(data), () => this.next.write(offset, data, opts));
   }
 
+  /**
+   * Marked after it is made, as write() does; with an activity log, only a change into extents
+   * the log already names on disk (one that would not wait for the log).
+   */
+  override writeNow(offset: number, data: readonly Buffer[]): boolean {
+    const length = byteLength(data);
+    const log = this.activityLog;
+    if (log && !log.mayBeginNow(offset, length)) return false;
+    log?.begin(offset, length);
+    try {
+      if (this.next.writeNow?.(offset, data) !== true) return false;
+      this.bitmap.mark(offset, length);
+      return true;
+    } catch (e) {
+      this.bitmap.mark(offset, length); // a failed write may have changed part of the range
+      throw e;
+    } finally {
+      log?.end(offset, length);
+    }
+  }
+
   override trim(offset: number, length: number, opts: WriteOptions): Promise<void> {
     return this.tracked(offset, length, () => this.next.trim(offset, length, opts));
   }

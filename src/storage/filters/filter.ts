@@ -28,6 +28,14 @@ export class Filter<Next extends Device = Device> implements Device {
     return this.next.write(offset, data, opts);
   }
 
+  /**
+   * Passed on only by a layer that leaves writes as they are (does not override write()):
+   * a layer that changes writes and has no writeNow of its own is never skipped.
+   */
+  writeNow(offset: number, data: readonly Buffer[]): boolean {
+    return this.write === Filter.prototype.write && this.next.writeNow?.(offset, data) === true;
+  }
+
   flush(): Promise<void> {
     return this.next.flush();
   }
@@ -53,9 +61,4 @@ export class Filter<Next extends Device = Device> implements Device {
   }
 }
 
-/** Bytes in a write's buffers (they are never joined). */
-export function byteLength(data: readonly Buffer[]): number {
-  let n = 0;
-  for (const b of data) n += b.length;
-  return n;
-}
+export { byteLength } from '../device.js';

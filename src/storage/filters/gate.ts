@@ -55,6 +55,17 @@ export class GateFilter extends Filter {
     return this.pass(() => this.next.flush());
   }
 
+  /** Made at once only with no hold in force; counted while it runs, like any other. */
+  override writeNow(offset: number, data: readonly Buffer[]): boolean {
+    if (this.held) return false;
+    this.running++;
+    try {
+      return this.next.writeNow?.(offset, data) === true;
+    } finally {
+      if (--this.running === 0) for (const fn of this.drained.splice(0)) fn();
+    }
+  }
+
   /** Waits out a hold, then runs `op` counted (no await between the check and the count). */
   private async pass(op: () => Promise<void>): Promise<void> {
     while (this.held) await this.held;

@@ -43,6 +43,10 @@ export class ThrottleFilter extends Filter {
     return this.metered(bytes, () => this.next.write(offset, data, opts));
   }
 
+  override writeNow(offset: number, data: readonly Buffer[]): boolean {
+    return !this.bucket && this.next.writeNow?.(offset, data) === true;
+  }
+
   private async metered(bytes: number, op: () => Promise<void>): Promise<void> {
     await this.hold.whenOpen();
     if (this.bucket) await this.bucket.take(bytes);

@@ -51,6 +51,11 @@ export class WriteThroughFilter extends Filter<DirtyTracker> {
     return this.both(wt, offset, byteLength(data), (d) => d.write(offset, data, opts));
   }
 
+  /** Only with write-through off: a write-through write waits for the target. */
+  override writeNow(offset: number, data: readonly Buffer[]): boolean {
+    return !this.wt && this.next.writeNow?.(offset, data) === true;
+  }
+
   override trim(offset: number, length: number, opts: WriteOptions): Promise<void> {
     const wt = this.wt;
     if (!wt) return this.next.trim(offset, length, opts);
