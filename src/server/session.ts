@@ -380,6 +380,14 @@ export class Session {
     const bytes = h.type === C.NBD_CMD_READ ? h.length : 0;
     this.begin(bytes);
     const started = performance.now();
+    if (h.type === C.NBD_CMD_READ && h.length > 0) {
+      const held = this.readNow(h);
+      if (held !== undefined) {
+        this.account(h, started);
+        this.finish(bytes, held);
+        return;
+      }
+    }
     let replyHoldsBudget = false;
     this.execute(h).then(
       (held) => {
@@ -424,31 +432,48 @@ export class Session {
     this.sendOk(h);
   }
 
+  /** The reply's header length before its data: an offset-data chunk's, or a simple reply's. */
+  private get readPrefix(): number {
+    return this.n.structuredReplies ? codec.OFFSET_DATA_PREFIX : C.SIMPLE_REPLY_HEADER_LENGTH;
+  }
+
+  /**
+   * A READ answered in this turn when the device has the data at hand (Device.readNow): as
+   * read() resolves, or undefined (nothing sent) when it has not.
+   */
+  private readNow(h: codec.RequestHeader): boolean | undefined {
+    const dev = this.n.export.device;
+    if (!dev.readNow) return undefined;
+    const buf = takeReplyBuffer(this.readPrefix + h.length);
+    if (!dev.readNow(h.offset, h.length, buf, this.readPrefix)) {
+      returnReplyBuffer(buf);
+      return undefined;
+    }
+    return this.sendRead(h, buf);
+  }
+
   /** Reads and replies; true when the queued reply now holds the bytes' budget (released once flushed). */
   private async read(h: codec.RequestHeader): Promise<boolean> {
-    const dev = this.n.export.device;
-    let buf: Buffer;
-    if (this.n.structuredReplies) {
-      if (h.length === 0) {
-        this.conn.send(codec.encodeStructuredNone(h.cookie));
-        return false;
-      }
-      // One allocation holds the chunk header and the data; the device reads straight into it.
-      buf = takeReplyBuffer(codec.OFFSET_DATA_PREFIX + h.length);
-      await dev.read(h.offset, h.length, buf, codec.OFFSET_DATA_PREFIX);
-      codec.writeOffsetDataPrefix(buf, C.NBD_REPLY_FLAG_DONE, h.cookie, h.offset, h.length);
-    } else {
-      buf = takeReplyBuffer(C.SIMPLE_REPLY_HEADER_LENGTH + h.length);
-      await dev.read(h.offset, h.length, buf, C.SIMPLE_REPLY_HEADER_LENGTH);
-      codec.writeSimpleReplyHeader(buf, 0, 0, h.cookie);
+    if (this.n.structuredReplies && h.length === 0) {
+      this.conn.send(codec.encodeStructuredNone(h.cookie));
+      return false;
     }
+    // One allocation holds the reply's header and the data; the device reads straight into it.
+    const buf = takeReplyBuffer(this.readPrefix + h.length);
+    await this.n.export.device.read(h.offset, h.length, buf, this.readPrefix);
+    return this.sendRead(h, buf);
+  }
+
+  /** Sends a READ's data (in `buf`, after the header room); true when the reply holds the bytes' budget until flushed. */
+  private sendRead(h: codec.RequestHeader, buf: Buffer): boolean {
+    if (this.n.structuredReplies) codec.writeOffsetDataPrefix(buf, C.NBD_REPLY_FLAG_DONE, h.cookie, h.offset, h.length);
+    else codec.writeSimpleReplyHeader(buf, 0, 0, h.cookie);
     const length = h.length;
-    const reply = buf;
-    const queued = this.conn.send(reply, () => {
+    const queued = this.conn.send(buf, () => {
       this.budget.release(length);
-      returnReplyBuffer(reply);
+      returnReplyBuffer(buf);
     });
-    if (queued === undefined) returnReplyBuffer(reply);
+    if (queued === undefined) returnReplyBuffer(buf);
     return queued !== undefined;
   }
 

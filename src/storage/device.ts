@@ -42,6 +42,11 @@ export interface Device {
   capabilities(): Capabilities;
   /** Reads exactly `length` bytes at `offset` into `into` starting at `at` (no copy by the caller). */
   read(offset: number, length: number, into: Buffer, at: number): Promise<void>;
+  /**
+   * The fast path of read(): the data read now, within this call, when it is at hand (the page
+   * cache), and true. False: `into` may hold part of it, and the caller uses read(). Optional.
+   */
+  readNow?(offset: number, length: number, into: Buffer, at: number): boolean;
   /** Writes the concatenation of `data` at `offset`; the buffers are not joined. */
   write(offset: number, data: readonly Buffer[], opts: WriteOptions): Promise<void>;
   /**

@@ -279,15 +279,10 @@ export class FileDevice implements Device {
 
   async read(offset: number, length: number, into: Buffer, at: number): Promise<void> {
     if (this.direct) return this.directRead(this.direct, offset, length, into, at);
-    let done = 0;
     // Small reads that hit the page cache are copied inline: a thread-pool round
     // trip costs more than the copy. Anything not cached goes to the pool.
-    if (length <= INLINE_READ_MAX && this.inlineReads) {
-      const n = this.ops.readCached(this.fd, into, at, length, offset, this.memoryBacked);
-      if (n === length) return;
-      if (n > 0) done = n;
-      else if (n === -2) this.inlineReads = false;
-    }
+    let done = this.readInline(offset, length, into, at);
+    if (done === length) return;
     while (done < length) {
       const { bytesRead } = await read(this.fd, into, at + done, length - done, offset + done);
       if (bytesRead === 0) {
@@ -335,6 +330,24 @@ export class FileDevice implements Device {
       bufs = skipBytes(bufs, bytesWritten);
     }
     if (opts.fua) await this.flush();
+  }
+
+  /** The data read at once, when it is in the page cache (Device.readNow). */
+  readNow(offset: number, length: number, into: Buffer, at: number): boolean {
+    if (this.direct) return false;
+    try {
+      return this.readInline(offset, length, into, at) === length;
+    } catch {
+      return false; // read() reads it again and reports the error
+    }
+  }
+
+  /** Reads inline from the page cache (see INLINE_READ_MAX): the bytes read, 0 when not tried or not cached. Throws the read's error. */
+  private readInline(offset: number, length: number, into: Buffer, at: number): number {
+    if (length > INLINE_READ_MAX || !this.inlineReads) return 0;
+    const n = this.ops.readCached(this.fd, into, at, length, offset, this.memoryBacked);
+    if (n === -2) this.inlineReads = false;
+    return n > 0 ? n : 0;
   }
 
   /** The write made at once, when the page cache takes it without waiting (Device.writeNow). */

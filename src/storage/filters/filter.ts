@@ -24,6 +24,11 @@ export class Filter<Next extends Device = Device> implements Device {
     return this.next.read(offset, length, into, at);
   }
 
+  /** Passed on only by a layer that leaves reads as they are (does not override read()). */
+  readNow(offset: number, length: number, into: Buffer, at: number): boolean {
+    return this.read === Filter.prototype.read && this.next.readNow?.(offset, length, into, at) === true;
+  }
+
   write(offset: number, data: readonly Buffer[], opts: WriteOptions): Promise<void> {
     return this.next.write(offset, data, opts);
   }

@@ -1,7 +1,8 @@
-// Device.writeNow, the fast path of a write without FUA (src/storage/device.ts): made within
-// the call only when nothing on the way can wait, and then exactly as write() would make it
-// (in the image, marked in the bitmap and by the change listener); otherwise nothing is done
-// and the caller writes through write(). A layer that changes writes is never skipped.
+// Device.writeNow and readNow, the fast paths (src/storage/device.ts). A write without FUA is
+// made within the call only when nothing on the way can wait, and then exactly as write()
+// would make it (in the image, marked in the bitmap and by the change listener); otherwise
+// nothing is done and the caller writes through write(). A read is made within the call when
+// the data is in the page cache. A layer that changes writes or reads is never skipped.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import t from 'tap';
@@ -131,4 +132,42 @@ t.test('devices that cannot: the pure-JS fallback, and a device without writeNow
   const mem = buildStack({ local: new MemoryDevice(M), dirtyGranularity: G });
   t.equal(mem.device.writeNow?.(0, [Buffer.alloc(16, 9)]), false, 'a device with no writeNow: write() it is');
   t.equal(mem.bitmap.dirtyBlocks(), 0);
+});
+
+t.test('readNow: the bytes of the image at once, through every layer that leaves reads alone', async (t) => {
+  const { dev, file } = await image(t, M);
+  const data = Buffer.alloc(64 * K);
+  for (let i = 0; i < data.length; i++) data[i] = (i * 7) & 0xff;
+  fs.writeFileSync(file, data, { flag: 'r+' });
+  const s = buildStack({ local: dev, dirtyGranularity: G, changes: { mark: () => {} } });
+  await s.gate.hold(); // reads pass a hold
+  const into = Buffer.alloc(16 + 5000);
+  t.equal(s.device.readNow?.(100, 5000, into, 16), true);
+  t.ok(into.subarray(16).equals(data.subarray(100, 5100)), 'the bytes, at `at`');
+  s.gate.release();
+  t.equal(s.bitmap.dirtyBlocks(), 0, 'a read marks nothing');
+  t.equal(s.device.readNow?.(0, 256 * K, Buffer.alloc(256 * K), 0), false, 'larger than the inline limit: read() it is');
+});
+
+t.test('readNow: a layer that changes reads is never skipped; devices without it; past the end', async (t) => {
+  const { dev } = await image(t, M);
+  class Zeroing extends Filter {
+    override async read(offset: number, length: number, into: Buffer, at: number): Promise<void> {
+      into.fill(0, at, at + length);
+    }
+  }
+  const s = buildStack({ local: dev, dirtyGranularity: G });
+  t.equal(new Zeroing(s.device).readNow?.(0, 4 * K, Buffer.alloc(4 * K), 0), false, 'its own read() must run');
+  t.equal(new Filter(s.device).readNow?.(0, 4 * K, Buffer.alloc(4 * K), 0), true, 'a pass-through layer passes it on');
+  const mem = buildStack({ local: new MemoryDevice(M), dirtyGranularity: G });
+  t.equal(mem.device.readNow?.(0, 16, Buffer.alloc(16), 0), false, 'a device with no readNow');
+  const { dev: fb } = await image(t, M, { fallback: true });
+  t.equal(buildStack({ local: fb, dirtyGranularity: G }).device.readNow?.(0, 16, Buffer.alloc(16), 0), false, 'the pure-JS fallback reads through the pool');
+  // The file shrank under the server: readNow cannot give the whole range, read() gives zeros past the end.
+  const { dev: short, file } = await image(t, M);
+  fs.writeFileSync(file, Buffer.alloc(2 * K, 1));
+  const into = Buffer.alloc(4 * K, 9);
+  t.equal(short.readNow(0, 4 * K, into, 0), false, 'past the end of a shrunk file');
+  await short.read(0, 4 * K, into, 0);
+  t.ok(into.subarray(0, 2 * K).every((b) => b === 1) && into.subarray(2 * K).every((b) => b === 0), 'read(): data, then zeros');
 });
