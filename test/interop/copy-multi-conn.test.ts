@@ -18,10 +18,13 @@ await requireTool('qemu-img', 'qemu-utils');
 
 const SIZE = 64 * MiB;
 
-/** A source with data and holes: 4 MiB of pattern every 8 MiB, one odd run across a chunk boundary. */
+/**
+ * A source with data and holes: 6 MiB of pattern every 8 MiB (50 MiB of data with the odd run, more than one
+ * 32 MiB copy window), one odd run across a hole and a chunk boundary.
+ */
 async function source(dir: string): Promise<string> {
   const src = await makeImage(join(dir, 'src.img'), SIZE);
-  for (let at = 0; at < SIZE; at += 8 * MiB) await writeAt(src, at, patternBuffer(4 * MiB, at / MiB + 1));
+  for (let at = 0; at < SIZE; at += 8 * MiB) await writeAt(src, at, patternBuffer(6 * MiB, at / MiB + 1));
   await writeAt(src, 6 * MiB - 4096, patternBuffer(3 * MiB, 99));
   return src;
 }
@@ -48,11 +51,12 @@ t.test('multi-conn advertised (nbdkit file): 4 connections, a flush on each, the
   const dst = await makeImage(join(dir, 'dst.img'), SIZE, { fill: 0x77 });
   const logfile = join(dir, 'nbdkit.log');
   const port = await freePort();
-  // Every write and zero takes 100 ms at the target (wdelay covers both), so the first connection's window (32 MiB) is
-  // still outstanding when the others have joined (a handshake, ~1 ms): the rest must go to them.
-  // Without the delay a busy host can send the whole 64 MiB image over the first connection
-  // before the others join, which is right, but says nothing about spreading.
-  const k = await nbdkit(port, ['--filter=log', '--filter=delay', 'file', dst, `logfile=${logfile}`, 'wdelay=100ms']);
+  // Every write and zero takes 300 ms at the target (wdelay covers both). The source's 50 MiB of data is more than the
+  // copy's 32 MiB window, so a third of it can only be sent once the first writes are answered, 300 ms on: by then the
+  // others have joined (a handshake, ~1 ms quiet, tens of ms on a busy host), and it must go to them. With data that fit
+  // in one window (35 MiB with the odd run, before) a host busy with benchmarks sent it all before the others joined,
+  // which is right, but says nothing about spreading.
+  const k = await nbdkit(port, ['--filter=log', '--filter=delay', 'file', dst, `logfile=${logfile}`, 'wdelay=300ms']);
   t.teardown(() => k.stop());
   const { r, connections, events } = await copyThroughProxy(t, src, port, '', ['--connections', '4']);
   t.equal(r.code, 0, describeRun(r));
