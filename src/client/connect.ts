@@ -20,6 +20,8 @@ export interface DialOptions {
   handshakeQuickAck?: SetQuickAck | null;
   metaContexts: readonly string[];
   listMetaContexts: readonly string[];
+  /** False: simple replies only (handshake.ts); default true. */
+  structuredReplies?: boolean;
 }
 
 /**
@@ -87,7 +89,7 @@ export async function dial(
     // negotiate() replaces io.socket by the TLS socket after STARTTLS.
     const io = { socket: socket as net.Socket, reader };
     const negotiated = await Promise.race([
-      negotiate(io, { exportName: u.exportName, metaContexts: opts.metaContexts, listMetaContexts: opts.listMetaContexts, label, tls: tlsOpts }),
+      negotiate(io, { exportName: u.exportName, metaContexts: opts.metaContexts, listMetaContexts: opts.listMetaContexts, structuredReplies: opts.structuredReplies, label, tls: tlsOpts }),
       timeout,
     ]);
     clearTimeout(timer);

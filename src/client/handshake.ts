@@ -1,8 +1,8 @@
 /**
  * Client side of fixed newstyle negotiation (proto.md "Newstyle negotiation"):
  *
- *   greeting -> client flags -> NBD_OPT_STRUCTURED_REPLY (ERR_UNSUP tolerated)
- *   -> NBD_OPT_SET_META_CONTEXT (if structured; refusal tolerated)
+ *   greeting -> client flags -> NBD_OPT_STRUCTURED_REPLY (ERR_UNSUP tolerated; not asked
+ *   when `structuredReplies` is false) -> NBD_OPT_SET_META_CONTEXT (if structured; refusal tolerated)
  *   -> NBD_OPT_GO with NBD_INFO_BLOCK_SIZE (ERR_UNSUP: NBD_OPT_EXPORT_NAME)
  *
  * Oldstyle and plain (unfixed) newstyle servers are refused with a clear error.
@@ -103,6 +103,11 @@ export interface NegotiateOptions {
   metaContexts: readonly string[];
   /** NBD_OPT_LIST_META_CONTEXT queries sent before selecting (what the server offers, e.g. "nbd-migrate:"). */
   listMetaContexts?: readonly string[];
+  /**
+   * Ask for structured replies (default true). False: simple replies only, and no metadata
+   * contexts; one round trip less, for a connection that only writes (a copy's target).
+   */
+  structuredReplies?: boolean;
   /** Upgrade with NBD_OPT_STARTTLS first (required: a refusal fails the handshake). */
   tls?: tls.ConnectionOptions;
   /** For messages: which URI we are talking to. */
@@ -196,10 +201,10 @@ export async function negotiate(io: { socket: Socket; reader: HandshakeReader },
   }
 
   // -- structured replies
-  stage = 'negotiating structured replies';
-  send(codec.encodeOptionRequest(C.NBD_OPT_STRUCTURED_REPLY));
   let structuredReplies = false;
-  {
+  if (opts.structuredReplies !== false) {
+    stage = 'negotiating structured replies';
+    send(codec.encodeOptionRequest(C.NBD_OPT_STRUCTURED_REPLY));
     const r = await readReply(C.NBD_OPT_STRUCTURED_REPLY);
     if (r.type === C.NBD_REP_ACK) structuredReplies = true;
     else if (!isError(r.type)) throw unexpected(C.NBD_OPT_STRUCTURED_REPLY, r);

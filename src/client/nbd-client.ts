@@ -47,6 +47,11 @@ export interface NbdClientOptions {
   handshakeQuickAck?: SetQuickAck | null;
   /** Metadata contexts to select when structured replies are available (default ['base:allocation']). */
   metaContexts?: readonly string[];
+  /**
+   * Ask for structured replies (default true). False: simple replies, no metadata contexts,
+   * one handshake round trip less: for a connection that only writes (`copy`'s target).
+   */
+  structuredReplies?: boolean;
   /** NBD_OPT_LIST_META_CONTEXT queries whose answers are kept in `listedContexts` (default none). */
   listMetaContexts?: readonly string[];
   /**

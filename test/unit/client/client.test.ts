@@ -333,6 +333,23 @@ t.test('handshake: a server without structured replies (nbd-server style)', asyn
   t.equal(client.capabilities().canExtents, false);
 });
 
+t.test('handshake: structuredReplies false asks for GO alone, and the connection writes and reads with simple replies', async (t) => {
+  const { client, srv } = await setup(t, { contexts: [[C.BASE_ALLOCATION, 7]] }, { structuredReplies: false, metaContexts: [] });
+  t.same(srv.options, [C.NBD_OPT_GO], 'neither STRUCTURED_REPLY nor SET_META_CONTEXT was sent');
+  t.equal(client.structuredReplies, false);
+  t.equal(client.capabilities().canExtents, false, 'no block status without a context');
+  const w = client.write(4096, [Buffer.alloc(4096, 3)], { fua: false });
+  const rw = await srv.next();
+  t.match(rw, { type: C.NBD_CMD_WRITE, offset: 4096, length: 4096 });
+  srv.simple(rw);
+  await w;
+  const back = Buffer.alloc(4096);
+  const r = client.read(4096, 4096, back, 0);
+  srv.simple(await srv.next(), 0, Buffer.alloc(4096, 3));
+  await r;
+  t.ok(back.every((b) => b === 3), 'a simple read reply is taken');
+});
+
 t.test('handshake: SET_META_CONTEXT refused is tolerated', async (t) => {
   const { client } = await setup(t, { contexts: null });
   t.equal(client.structuredReplies, true);
