@@ -35,10 +35,14 @@ t.test('ctl postcopy hands a live export over: fence, supplier, guests forwarded
   t.pass('the destination does not fetch from a live, writable source that has not handed over');
 
   const r = await cli(['ctl', '--socket', srcSock, 'postcopy', 'vm1', dstSrv.uri('vm1')]);
-  t.equal(r.code, 0, 'ctl postcopy succeeded', { diag: describeRun(r) });
+  // On failure, both sides' logs: the hand-over waits on the destination (it must ask for nbd-migrate:postcopy-applied).
+  const logs = (s: { logs: unknown[] }) => s.logs.map((e) => JSON.stringify(e)).join('\n');
+  t.equal(r.code, 0, 'ctl postcopy succeeded', { diag: `${describeRun(r)}\n--- destination log ---\n${logs(dstSrv)}\n--- source log ---\n${logs(srcSrv)}` });
   t.match(r.stdout, /handed over to .*forwarded/, 'it says so');
   t.ok(existsSync(`${src}.nbd-migrate-fenced`), 'the source image is fenced');
   const ho = await srcSrv.waitForLog((e) => e.event === 'postcopy-handover');
+  // Seen about once in 15 runs: the fetcher's handshake straddled the hand-over (source-link.ts), and it connected again.
+  if (dstSrv.logs.some((e) => e.event === 'source-changed-during-handshake')) t.comment('the fetcher connected again: the source changed during its handshake');
   t.comment(`FIGURE hand-over pause (writes held): ${ho.pauseMs} ms`);
 
   // The guest's connection now goes to the destination.
