@@ -24,8 +24,7 @@
  *            destroy() was called: calls reject ECONNRESET (ETIMEDOUT).
  * Leaving READY/CLOSING rejects everything pending and reports 'close' once.
  */
-import * as net from 'node:net';
-import * as tls from 'node:tls';
+import type * as net from 'node:net';
 import * as C from '../protocol/constants.js';
 import * as codec from '../protocol/codec.js';
 import { DeviceError } from '../storage/device.js';
@@ -76,13 +75,13 @@ export class Transport {
   private watchdog: NodeJS.Timeout | undefined;
   private closeEmitted = false;
 
-  /** `onClose` is called once when the connection ends, with the reason if it failed. */
   private socket: net.Socket;
   /** Where plain-socket reads land when not in place (undefined: 'data' events, e.g. TLS). */
   private readonly scratch: Buffer | undefined;
   /** The dialled socket's 'data' listeners (TCP_QUICKACK re-arming), called once per read. */
   private readonly readHooks: Array<(chunk: Buffer) => void> = [];
 
+  /** `onClose` is called once when the connection ends, with the reason if it failed. */
   constructor(
     socket: net.Socket,
     structuredReplies: boolean,

@@ -125,15 +125,6 @@ export class SourceLink implements FetchSource {
       connectTimeoutMs: Math.min(10_000, this.o.timeoutMs),
     });
     const id = targetFacts(c.listedContexts).exportId ?? null;
-    // Only a supplier grants our fetch context, and every supplier lists itself. One without the other: the source's
-    // export was replaced (`ctl postcopy` handing it over) between our LIST_META_CONTEXT and SET_META_CONTEXT, so what
-    // it listed is stale: the hand-over would wait for this destination to ask for nbd-migrate:postcopy-applied, and
-    // it would not know to. Ask again on a fresh connection.
-    if (c.contexts.has(FETCH_CONTEXT_PREFIX + this.o.destExportId) !== c.listedContexts.includes(POSTCOPY_SUPPLIER_CONTEXT)) {
-      c.destroy();
-      this.o.log.info('source-changed-during-handshake', { source: this.o.uri, effect: 'connecting again' });
-      throw new DeviceError('EAGAIN', `the source ${this.o.uri} changed during the handshake (a hand-over in progress)`);
-    }
     // A live nbd-migrate export that has not been handed over may still change under its guests: wait for `ctl postcopy`.
     if (id !== null && !c.readOnly && !c.listedContexts.includes(POSTCOPY_SUPPLIER_CONTEXT)) {
       c.destroy();

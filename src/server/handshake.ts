@@ -93,10 +93,26 @@ export async function newstyleHandshake(
       return undefined;
     }
   };
-  /** Finds the named export, answering ERR_UNKNOWN when there is none. */
+  /** The export each name stood for when this negotiation first asked about it. */
+  const met = new Map<string, Export>();
+  /**
+   * Finds the named export, answering ERR_UNKNOWN when there is none, and ERR_POLICY when
+   * it is no longer the export this negotiation met under that name (replaced meanwhile, as
+   * a post-copy hand-over replaces it): what was listed or chosen for the old one must not
+   * meet the new one in transmission, so the client connects again and asks the new one.
+   */
   const lookupOrRefuse = (option: number, name: string): Export | undefined => {
     const exp = exports.get(name);
-    if (!exp) refuse(option, C.NBD_REP_ERR_UNKNOWN, `no export named ${quoted(name)}`);
+    if (!exp) {
+      refuse(option, C.NBD_REP_ERR_UNKNOWN, `no export named ${quoted(name)}`);
+      return undefined;
+    }
+    const before = met.get(name);
+    if (before && before !== exp) {
+      refuse(option, C.NBD_REP_ERR_POLICY, `export ${quoted(name)} changed during this negotiation (it was handed over or replaced): connect again`);
+      return undefined;
+    }
+    met.set(name, exp);
     return exp;
   };
 
@@ -115,6 +131,7 @@ export async function newstyleHandshake(
       const name = (await conn.read(length)).toString('utf8');
       const exp = exports.get(name);
       if (!exp) throw new HandshakeError(`NBD_OPT_EXPORT_NAME for unknown export ${quoted(name)}`);
+      if (met.has(name) && met.get(name) !== exp) throw new HandshakeError(`NBD_OPT_EXPORT_NAME: export ${quoted(name)} changed during this negotiation`);
       const why = refusalFor(exp, contextsFor(chosen, exp));
       if (why) throw new HandshakeError(why);
       conn.send(codec.encodeExportNameReply(exp.size, exp.transmissionFlags(structuredReplies), noZeroes));

@@ -297,7 +297,7 @@ export class FileDevice implements Device {
   async write(offset: number, data: readonly Buffer[], opts: WriteOptions): Promise<void> {
     if (this.direct) {
       const d = this.direct;
-      const total = data.reduce((n, b) => n + b.length, 0);
+      const total = byteLength(data);
       const release = await d.lock.acquire(...this.alignedOut(d, offset, total));
       try {
         await this.directWrite(d, offset, data, total);
@@ -320,7 +320,7 @@ export class FileDevice implements Device {
       bufs = skipBytes(bufs, n);
     }
     for (;;) {
-      const total = bufs.reduce((n, b) => n + b.length, 0);
+      const total = byteLength(bufs);
       if (total === 0) break;
       const { bytesWritten } = await writev(this.fd, bufs, pos);
       if (bytesWritten === total) break;
@@ -366,8 +366,7 @@ export class FileDevice implements Device {
    */
   private writeInline(offset: number, data: readonly Buffer[]): number {
     if (!this.inlineWrites || data.length > 64 || (this.inlinePausedUntil !== 0 && !this.inlineResumed())) return 0;
-    let total = 0;
-    for (const b of data) total += b.length;
+    const total = byteLength(data);
     if (total > INLINE_WRITE_MAX) return 0;
     const started = this.guardedWrites ? this.clock() : 0;
     const n = this.ops.writeCached(this.fd, data, offset, this.memoryBacked || this.guardedWrites);

@@ -41,8 +41,6 @@ t.test('ctl postcopy hands a live export over: fence, supplier, guests forwarded
   t.match(r.stdout, /handed over to .*forwarded/, 'it says so');
   t.ok(existsSync(`${src}.nbd-migrate-fenced`), 'the source image is fenced');
   const ho = await srcSrv.waitForLog((e) => e.event === 'postcopy-handover');
-  // Seen once in 28 runs: the fetcher's handshake straddled the hand-over (source-link.ts), and it connected again.
-  if (dstSrv.logs.some((e) => e.event === 'source-changed-during-handshake')) t.comment('the fetcher connected again: the source changed during its handshake');
   t.comment(`FIGURE hand-over pause (writes held): ${ho.pauseMs} ms`);
 
   // The guest's connection now goes to the destination.
