@@ -4,7 +4,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import yargs from 'yargs';
+import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { configureLog, isLevelEnabled, log, type Level } from '../util/log.js';
 import { DEFAULT_ADMIN_SOCKET, projectRoot } from '../util/paths.js';
@@ -66,93 +66,116 @@ async function demo(argv: { port?: number; listen?: string }): Promise<void> {
   });
 }
 
-export async function main(args: string[]): Promise<void> {
-  await yargs(args)
-    .scriptName('nbd-migrate')
-    .usage('$0 <command> [options]')
+/**
+ * The commands, each added to a yargs instance under a usage string: "serve [images..]"
+ * in the full command tree, "$0 [images..]" when it is parsed alone (below).
+ */
+type AddCommand = (y: Argv, usage: string) => Argv;
+
+const COMMAND_DESCRIPTIONS = {
+  serve: 'Serve raw disk images over NBD (fixed newstyle by name; oldstyle per port; Unix socket)',
+  demo: 'Serve a sparse 1 GiB demo image (created on first run in var/) as export "demo"',
+  copy: 'Copy a disk, sparse-aware: each side an NBD URI or a raw image file (created if missing)',
+};
+
+const addServe: AddCommand = (y, usage) =>
+  y.command(
+    usage,
+    COMMAND_DESCRIPTIONS.serve,
+    (y) =>
+      y
+        .positional('images', { type: 'string', array: true, describe: 'Raw image files to serve, one export each' })
+        .option('name', { type: 'string', array: true, describe: 'Export name for the IMAGE at the same position (default: file name without .img)' })
+        .option('description', { type: 'string', array: true, describe: 'Description for the IMAGE at the same position (shown by nbdinfo --list)' })
+        .option('export', { type: 'string', array: true, describe: 'Another export: NAME=PATH[,listen=ADDR[:PORT]][,oldstyle-port=N][,read-only][,incoming][,direct][,allow=CIDR]...[,description=TEXT] (repeatable)' })
+        .option('config', { type: 'string', describe: 'JSON config file (see config/); command-line options override it' })
+        .option('listen', { type: 'string', describe: `Address for newstyle TCP (default ${CONFIG_DEFAULTS.listen})` })
+        .option('port', { coerce: numericArg('port', 'port'), describe: `Port for newstyle TCP (default ${CONFIG_DEFAULTS.port}; 0 picks a free one)` })
+        .option('oldstyle-port', { coerce: numericArgs('oldstyle-port', 'port'), array: true, describe: 'Also serve the IMAGE at the same position with oldstyle negotiation on this port' })
+        .option('socket', { type: 'string', describe: 'Also serve newstyle on this Unix socket (nbd+unix:///NAME?socket=PATH)' })
+        .option('read-only', { type: 'boolean', describe: 'Serve the IMAGE arguments read-only' })
+        .option('direct', { type: 'boolean', describe: 'Open the IMAGE arguments (files or block devices) with O_DIRECT: the host page cache is bypassed (cache=none)' })
+        .option('handshake-timeout', { coerce: numericArg('handshake-timeout', 'positive-seconds'), describe: `Seconds a client may take to negotiate (default ${CONFIG_DEFAULTS.handshakeTimeout})` })
+        .option('admin-socket', { type: 'string', describe: `Admin socket (JSON lines, mode 0600) for \`nbd-migrate ctl\`: mirror, status, cutover, abort (ctl's default, and the systemd unit's: ${DEFAULT_ADMIN_SOCKET})` })
+        .option('allow', { type: 'string', array: true, describe: 'Client address or CIDR allowed to attach to the IMAGE exports (repeatable; IPv4/IPv6); default: everyone' })
+        .option('max-connections', { coerce: numericArg('max-connections', 'count'), describe: `Connections open at once, all listeners (default ${CONFIG_DEFAULTS.maxConnections})` })
+        .option('max-connections-per-export', { coerce: numericArg('max-connections-per-export', 'count'), describe: `Connections per export (default ${CONFIG_DEFAULTS.maxConnectionsPerExport})` })
+        .option('idle-timeout', { coerce: numericArg('idle-timeout', 'seconds'), describe: 'Close connections idle this many seconds (default 0: never)' })
+        .option('shutdown-timeout', { coerce: numericArg('shutdown-timeout', 'seconds'), describe: `On SIGTERM, seconds in-flight requests may take before connections are closed (default ${CONFIG_DEFAULTS.shutdownTimeout})` })
+        .option('tls', { choices: ['off', 'on', 'require'], describe: 'STARTTLS: off (default), on (clients may upgrade), require (nothing else before TLS)' })
+        .option('tls-cert', { type: 'string', describe: 'Server certificate (PEM)' })
+        .option('tls-key', { type: 'string', describe: 'Server private key (PEM)' })
+        .option('tls-ca', { type: 'string', describe: 'CA (PEM) for client certificates: when given, clients must present one it signed' })
+        .option('metrics', { type: 'string', describe: 'Serve Prometheus metrics on HOST:PORT at /metrics' })
+        .option('incoming', { type: 'boolean', describe: 'The IMAGE arguments are migration destinations: only the migration source may attach until it completes' })
+        .option('force', { type: 'boolean', describe: 'Serve images read-write even if fenced (migrated away) or half-received' })
+        .option('on-cutover', { type: 'string', describe: 'Run this shell command after each cutover that switched an export (after the handoff), e.g. to move its listen= address; NBD_MIGRATE_EXPORT, _LISTEN, _TARGET, ... in its environment (README)' })
+        .option('on-cutover-timeout', { coerce: numericArg('on-cutover-timeout', 'positive-seconds'), describe: 'Seconds --on-cutover may run before it is killed and reported failed (default 30)' })
+        .option('dirty-granularity', { type: 'string', describe: 'Bytes per dirty-bitmap bit, a power of two (default 64K)' })
+        .option('state-dir', { type: 'string', describe: 'Keep each export\'s state (crash-safe dirty bitmap, activity log, mirror record) in DIR/<export name>/ (default: IMAGE.nbd-migrate.d/ beside the image; /var/lib/nbd-migrate/<export name>/ for a block device)' })
+        .option('activity-log', { type: 'boolean', describe: 'Crash-safe dirty tracking: log each coarse extent on disk before its first write is answered (default on; --no-activity-log keeps the bitmap in memory only)' })
+        .option('activity-extent', { type: 'string', describe: 'Bytes per activity-log extent, a power of two (default 4M)' })
+        .option('fetch-from', { type: 'string', describe: 'Post-copy destination: serve the IMAGE at once and fetch the blocks it does not hold yet from this NBD URI (nbd://SOURCE/NAME)' })
+        .option('fetch-timeout', { coerce: numericArg('fetch-timeout', 'positive-seconds'), describe: 'Post-copy: seconds a read of a block not yet fetched waits for an unreachable source before it fails with EIO (default 120)' })
+        .option('max-bandwidth', { type: 'string', describe: 'Post-copy: background fill rate limit, e.g. 50M (bytes/s; ctl set-speed changes it)' })
+        .option('read-cache', { type: 'string', describe: 'Keep this many bytes of recently read blocks of remote devices in memory, e.g. 64M (after cutover, during post-copy)' })
+        .example('nbd-migrate serve disk.img --name vm1', 'Serve disk.img as export "vm1" on port 10809')
+        .example('nbd-migrate serve disk.img --name vm1 --oldstyle-port 20001', 'Also serve it oldstyle on port 20001 (qemu: nbd:HOST:20001)')
+        .example('nbd-migrate serve --export a=a.img --export b=b.img,read-only', 'Serve two exports'),
+    async (argv) => serveUntilSignal(serveConfigFrom(argv as ServeArgs), () => serveConfigFrom(argv as ServeArgs)),
+  );
+
+const addDemo: AddCommand = (y, usage) =>
+  y.command(
+    usage,
+    COMMAND_DESCRIPTIONS.demo,
+    (y) => y.option('port', { coerce: numericArg('port', 'port'), describe: 'Newstyle port (default 10809)' }).option('listen', { type: 'string' }),
+    async (argv) => demo(argv),
+  );
+
+const addCopy: AddCommand = (y, usage) =>
+  y.command(
+    usage,
+    COMMAND_DESCRIPTIONS.copy,
+    (y) =>
+      y
+        .positional('src', { type: 'string', demandOption: true })
+        .positional('dst', { type: 'string', demandOption: true })
+        .option('max-bandwidth', { type: 'string', describe: 'Rate limit, e.g. 200M' })
+        .option('progress', { type: 'boolean', default: true, describe: 'Draw a progress bar on stderr' })
+        .option('changed-since', {
+          type: 'string',
+          describe: 'Copy only the ranges SRC reports dirty in its qemu:dirty-bitmap:NAME (an nbd-migrate checkpoint, or qemu-nbd -B NAME)',
+        })
+        .option('json', { type: 'boolean', default: false, describe: 'Print the figures (bytes copied, zeroed, skipped, changed) as one JSON line on stdout' })
+        .option('connections', {
+          coerce: numericArg('connections', 'count'),
+          describe: `Connections to each NBD side at most, used only where the server advertises multi-conn (default ${DEFAULT_CONNECTIONS})`,
+        }),
+    async (a) =>
+      copyCommand(a.src, a.dst, {
+        maxBandwidth: a['max-bandwidth'] ? parseSize(a['max-bandwidth'], '--max-bandwidth') : undefined,
+        progress: a.progress,
+        changedSince: a['changed-since'],
+        json: a.json,
+        connections: a.connections as number | undefined,
+      }),
+  );
+
+/** Commands parsed alone when named first: name -> (how to add it, its positionals). */
+const ALONE: Record<string, [AddCommand, string]> = {
+  serve: [addServe, ' [images..]'],
+  demo: [addDemo, ''],
+  copy: [addCopy, ' <src> <dst>'],
+};
+
+/** What every command shares: the log options, strict parsing, help, version, failure. */
+function common(y: Argv, scriptName: string): Argv {
+  return y
+    .scriptName(scriptName)
     .option('log-format', { choices: ['auto', 'json', 'text'], default: 'auto', describe: 'Log format on stderr (auto: text on a TTY, JSON lines otherwise)' })
     .option('log-level', { choices: ['debug', 'info', 'warn', 'error'], default: 'info', describe: 'Least severe level logged' })
     .middleware(setUpLogging)
-    .command(
-      'serve [images..]',
-      'Serve raw disk images over NBD (fixed newstyle by name; oldstyle per port; Unix socket)',
-      (y) =>
-        y
-          .positional('images', { type: 'string', array: true, describe: 'Raw image files to serve, one export each' })
-          .option('name', { type: 'string', array: true, describe: 'Export name for the IMAGE at the same position (default: file name without .img)' })
-          .option('description', { type: 'string', array: true, describe: 'Description for the IMAGE at the same position (shown by nbdinfo --list)' })
-          .option('export', { type: 'string', array: true, describe: 'Another export: NAME=PATH[,listen=ADDR[:PORT]][,oldstyle-port=N][,read-only][,incoming][,direct][,allow=CIDR]...[,description=TEXT] (repeatable)' })
-          .option('config', { type: 'string', describe: 'JSON config file (see config/); command-line options override it' })
-          .option('listen', { type: 'string', describe: `Address for newstyle TCP (default ${CONFIG_DEFAULTS.listen})` })
-          .option('port', { coerce: numericArg('port', 'port'), describe: `Port for newstyle TCP (default ${CONFIG_DEFAULTS.port}; 0 picks a free one)` })
-          .option('oldstyle-port', { coerce: numericArgs('oldstyle-port', 'port'), array: true, describe: 'Also serve the IMAGE at the same position with oldstyle negotiation on this port' })
-          .option('socket', { type: 'string', describe: 'Also serve newstyle on this Unix socket (nbd+unix:///NAME?socket=PATH)' })
-          .option('read-only', { type: 'boolean', describe: 'Serve the IMAGE arguments read-only' })
-          .option('direct', { type: 'boolean', describe: 'Open the IMAGE arguments (files or block devices) with O_DIRECT: the host page cache is bypassed (cache=none)' })
-          .option('handshake-timeout', { coerce: numericArg('handshake-timeout', 'positive-seconds'), describe: `Seconds a client may take to negotiate (default ${CONFIG_DEFAULTS.handshakeTimeout})` })
-          .option('admin-socket', { type: 'string', describe: `Admin socket (JSON lines, mode 0600) for \`nbd-migrate ctl\`: mirror, status, cutover, abort (ctl's default, and the systemd unit's: ${DEFAULT_ADMIN_SOCKET})` })
-          .option('allow', { type: 'string', array: true, describe: 'Client address or CIDR allowed to attach to the IMAGE exports (repeatable; IPv4/IPv6); default: everyone' })
-          .option('max-connections', { coerce: numericArg('max-connections', 'count'), describe: `Connections open at once, all listeners (default ${CONFIG_DEFAULTS.maxConnections})` })
-          .option('max-connections-per-export', { coerce: numericArg('max-connections-per-export', 'count'), describe: `Connections per export (default ${CONFIG_DEFAULTS.maxConnectionsPerExport})` })
-          .option('idle-timeout', { coerce: numericArg('idle-timeout', 'seconds'), describe: 'Close connections idle this many seconds (default 0: never)' })
-          .option('shutdown-timeout', { coerce: numericArg('shutdown-timeout', 'seconds'), describe: `On SIGTERM, seconds in-flight requests may take before connections are closed (default ${CONFIG_DEFAULTS.shutdownTimeout})` })
-          .option('tls', { choices: ['off', 'on', 'require'], describe: 'STARTTLS: off (default), on (clients may upgrade), require (nothing else before TLS)' })
-          .option('tls-cert', { type: 'string', describe: 'Server certificate (PEM)' })
-          .option('tls-key', { type: 'string', describe: 'Server private key (PEM)' })
-          .option('tls-ca', { type: 'string', describe: 'CA (PEM) for client certificates: when given, clients must present one it signed' })
-          .option('metrics', { type: 'string', describe: 'Serve Prometheus metrics on HOST:PORT at /metrics' })
-          .option('incoming', { type: 'boolean', describe: 'The IMAGE arguments are migration destinations: only the migration source may attach until it completes' })
-          .option('force', { type: 'boolean', describe: 'Serve images read-write even if fenced (migrated away) or half-received' })
-          .option('on-cutover', { type: 'string', describe: 'Run this shell command after each cutover that switched an export (after the handoff), e.g. to move its listen= address; NBD_MIGRATE_EXPORT, _LISTEN, _TARGET, ... in its environment (README)' })
-          .option('on-cutover-timeout', { coerce: numericArg('on-cutover-timeout', 'positive-seconds'), describe: 'Seconds --on-cutover may run before it is killed and reported failed (default 30)' })
-          .option('dirty-granularity', { type: 'string', describe: 'Bytes per dirty-bitmap bit, a power of two (default 64K)' })
-          .option('state-dir', { type: 'string', describe: 'Keep each export\'s state (crash-safe dirty bitmap, activity log, mirror record) in DIR/<export name>/ (default: IMAGE.nbd-migrate.d/ beside the image; /var/lib/nbd-migrate/<export name>/ for a block device)' })
-          .option('activity-log', { type: 'boolean', describe: 'Crash-safe dirty tracking: log each coarse extent on disk before its first write is answered (default on; --no-activity-log keeps the bitmap in memory only)' })
-          .option('activity-extent', { type: 'string', describe: 'Bytes per activity-log extent, a power of two (default 4M)' })
-          .option('fetch-from', { type: 'string', describe: 'Post-copy destination: serve the IMAGE at once and fetch the blocks it does not hold yet from this NBD URI (nbd://SOURCE/NAME)' })
-          .option('fetch-timeout', { coerce: numericArg('fetch-timeout', 'positive-seconds'), describe: 'Post-copy: seconds a read of a block not yet fetched waits for an unreachable source before it fails with EIO (default 120)' })
-          .option('max-bandwidth', { type: 'string', describe: 'Post-copy: background fill rate limit, e.g. 50M (bytes/s; ctl set-speed changes it)' })
-          .option('read-cache', { type: 'string', describe: 'Keep this many bytes of recently read blocks of remote devices in memory, e.g. 64M (after cutover, during post-copy)' })
-          .example('$0 serve disk.img --name vm1', 'Serve disk.img as export "vm1" on port 10809')
-          .example('$0 serve disk.img --name vm1 --oldstyle-port 20001', 'Also serve it oldstyle on port 20001 (qemu: nbd:HOST:20001)')
-          .example('$0 serve --export a=a.img --export b=b.img,read-only', 'Serve two exports'),
-      async (argv) => serveUntilSignal(serveConfigFrom(argv as ServeArgs), () => serveConfigFrom(argv as ServeArgs)),
-    )
-    .command(
-      'demo',
-      'Serve a sparse 1 GiB demo image (created on first run in var/) as export "demo"',
-      (y) => y.option('port', { coerce: numericArg('port', 'port'), describe: 'Newstyle port (default 10809)' }).option('listen', { type: 'string' }),
-      async (argv) => demo(argv),
-    )
-    .command('ctl', `Control a running server through its admin socket (${ctlCommandNames().join(', ')})`, (y) => ctlCommand(y))
-    .command(
-      'copy <src> <dst>',
-      'Copy a disk, sparse-aware: each side an NBD URI or a raw image file (created if missing)',
-      (y) =>
-        y
-          .positional('src', { type: 'string', demandOption: true })
-          .positional('dst', { type: 'string', demandOption: true })
-          .option('max-bandwidth', { type: 'string', describe: 'Rate limit, e.g. 200M' })
-          .option('progress', { type: 'boolean', default: true, describe: 'Draw a progress bar on stderr' })
-          .option('changed-since', {
-            type: 'string',
-            describe: 'Copy only the ranges SRC reports dirty in its qemu:dirty-bitmap:NAME (an nbd-migrate checkpoint, or qemu-nbd -B NAME)',
-          })
-          .option('json', { type: 'boolean', default: false, describe: 'Print the figures (bytes copied, zeroed, skipped, changed) as one JSON line on stdout' })
-          .option('connections', {
-            coerce: numericArg('connections', 'count'),
-            describe: `Connections to each NBD side at most, used only where the server advertises multi-conn (default ${DEFAULT_CONNECTIONS})`,
-          }),
-      async (a) =>
-        copyCommand(a.src, a.dst, {
-          maxBandwidth: a['max-bandwidth'] ? parseSize(a['max-bandwidth'], '--max-bandwidth') : undefined,
-          progress: a.progress,
-          changedSince: a['changed-since'],
-          json: a.json,
-          connections: a.connections as number | undefined,
-        }),
-    )
-    .demandCommand(1, 'Give a command: serve, demo, ctl or copy')
     .strict()
     .help()
     .alias('h', 'help')
@@ -161,8 +184,27 @@ export async function main(args: string[]): Promise<void> {
       if (err) throw err;
       process.stderr.write(`${y.help()}\n\n${msg}\n`);
       process.exit(2);
-    })
-    .parseAsync();
+    });
+}
+
+export async function main(args: string[]): Promise<void> {
+  const alone = Object.hasOwn(ALONE, args[0] ?? '') ? ALONE[args[0]!] : undefined;
+  if (alone) {
+    // A command named first is parsed as the default command of an instance of its own.
+    // After calling a named command's handler, yargs builds the whole help text to keep it
+    // (command.js, cacheHelpMessage), synchronously: for serve, ~80 ms of cliui and wrap-ansi
+    // on the event loop before the server could start (fail() above never prints it).
+    // A default command's help is not built.
+    const [add, positionals] = alone;
+    await add(common(yargs(args.slice(1)), `nbd-migrate ${args[0]}`), `$0${positionals}`).parseAsync();
+    return;
+  }
+  let y = common(yargs(args), 'nbd-migrate').usage('$0 <command> [options]');
+  y = addServe(y, 'serve [images..]');
+  y = addDemo(y, 'demo');
+  y = y.command('ctl', `Control a running server through its admin socket (${ctlCommandNames().join(', ')})`, (y) => ctlCommand(y));
+  y = addCopy(y, 'copy <src> <dst>');
+  await y.demandCommand(1, 'Give a command: serve, demo, ctl or copy').parseAsync();
 }
 
 main(hideBin(process.argv)).catch((e: unknown) => {

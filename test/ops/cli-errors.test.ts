@@ -27,6 +27,16 @@ t.test('a bad numeric option value is refused naming the option, before anything
   }
   const ok = await cli(['serve', '--help']);
   t.match(ok.stdout, /--port\b/, 'the options are still listed in --help');
+  // `serve` named first is parsed alone (main.ts): its usage and examples read as the full tree's do.
+  t.match(ok.stdout, /^nbd-migrate serve \[images\.\.\]/, `usage line\n${ok.stdout}`);
+  t.match(ok.stdout, /nbd-migrate serve disk\.img --name vm1/, 'the examples name the command once');
+  t.notMatch(ok.stdout, /serve serve/, 'never twice');
+  const tree = await cli(['--log-level', 'warn', 'serve', '--help']);
+  t.equal(tree.code, 0, `a global option first goes through the whole command tree\n${describeRun(tree)}`);
+  t.match(tree.stdout, /--port\b/, 'and lists the same options');
+  const typo = await cli(['serve', img, '--prot', '1']);
+  t.equal(typo.code, 2, `an unknown option is refused with exit 2\n${describeRun(typo)}`);
+  t.match(typo.stderr, /Unknown argument: prot/, 'naming it');
 });
 
 /** The lines a command wrote, without empty ones (a pty ends lines with CR LF). */
