@@ -8,22 +8,23 @@
  * a bad choice or number, `--`) returns undefined and goes through main.ts, which
  * gives the same copy or the usual message.
  */
-import { configureLog, isLevelEnabled, log, type Level } from '../util/log.js';
-import { parseSize } from '../util/units.js';
-import { copyCommand, type CopyCommandOptions } from './copy.js';
+import { configureLogFromOptions, isLevelEnabled, log, LOG_FORMATS, LOG_LEVELS, type Level, type LogFormatOption } from '../util/log.js';
+import { COPY_OPTIONS, copyCommand, copyOptionsFrom, type CopyArgs, type CopyCommandOptions } from './copy.js';
 
 export interface FastCopy {
   src: string;
   dst: string;
   opts: CopyCommandOptions;
-  logFormat: 'auto' | 'json' | 'text';
+  logFormat: LogFormatOption;
   logLevel: Level;
 }
 
-const VALUE = new Set(['max-bandwidth', 'changed-since', 'connections', 'log-format', 'log-level']);
-const FLAG = new Set(['progress', 'json']);
-const FORMATS = ['auto', 'json', 'text'];
-const LEVELS = ['debug', 'info', 'warn', 'error'];
+/** How an option after `copy` is given: with a value (copy's strings and numbers, the log options) or as a flag (its booleans). */
+function kindOf(name: string): 'value' | 'flag' | undefined {
+  if (name === 'log-format' || name === 'log-level') return 'value';
+  if (!Object.hasOwn(COPY_OPTIONS, name)) return undefined;
+  return COPY_OPTIONS[name as keyof typeof COPY_OPTIONS].type === 'boolean' ? 'flag' : 'value';
+}
 
 /** The arguments after `copy`, when they are a plain copy; undefined otherwise (main.ts decides). */
 export function parseFastCopy(args: readonly string[]): FastCopy | undefined {
@@ -39,11 +40,11 @@ export function parseFastCopy(args: readonly string[]): FastCopy | undefined {
     const m = /^--([a-z][a-z-]*)(?:=(.*))?$/.exec(a);
     if (!m) return undefined;
     const name = m[1]!;
-    if (VALUE.has(name)) {
+    if (kindOf(name) === 'value') {
       const v = m[2] ?? args[++i];
       if (v === undefined || v === '' || v.startsWith('-') || values.has(name)) return undefined;
       values.set(name, v);
-    } else if (m[2] === undefined && (FLAG.has(name) || (name.startsWith('no-') && FLAG.has(name.slice(3))))) {
+    } else if (m[2] === undefined && (kindOf(name) === 'flag' || (name.startsWith('no-') && kindOf(name.slice(3)) === 'flag'))) {
       const flag = name.startsWith('no-') ? name.slice(3) : name;
       if (flags.has(flag)) return undefined;
       flags.set(flag, !name.startsWith('no-'));
@@ -51,24 +52,19 @@ export function parseFastCopy(args: readonly string[]): FastCopy | undefined {
   }
   if (operands.length !== 2) return undefined;
   const connections = values.get('connections');
+  // A count main.ts would take as it is; anything else is main.ts's to refuse, with its message.
   if (connections !== undefined && !/^[1-9]\d{0,5}$/.test(connections)) return undefined;
   const logFormat = values.get('log-format') ?? 'auto';
   const logLevel = values.get('log-level') ?? 'info';
-  if (!FORMATS.includes(logFormat) || !LEVELS.includes(logLevel)) return undefined;
-  const bw = values.get('max-bandwidth');
-  return {
-    src: operands[0]!,
-    dst: operands[1]!,
-    opts: {
-      maxBandwidth: bw ? parseSize(bw, '--max-bandwidth') : undefined,
-      progress: flags.get('progress') ?? true,
-      changedSince: values.get('changed-since'),
-      json: flags.get('json') ?? false,
-      connections: connections === undefined ? undefined : Number(connections),
-    },
-    logFormat: logFormat as FastCopy['logFormat'],
-    logLevel: logLevel as Level,
+  if (!(LOG_FORMATS as readonly string[]).includes(logFormat) || !(LOG_LEVELS as readonly string[]).includes(logLevel)) return undefined;
+  const parsed: CopyArgs = {
+    'max-bandwidth': values.get('max-bandwidth'),
+    progress: flags.get('progress'),
+    'changed-since': values.get('changed-since'),
+    json: flags.get('json'),
+    connections: connections === undefined ? undefined : Number(connections),
   };
+  return { src: operands[0]!, dst: operands[1]!, opts: copyOptionsFrom(parsed), logFormat: logFormat as LogFormatOption, logLevel: logLevel as Level };
 }
 
 /** Runs a plain copy and exits as main.ts would; false when the arguments are not plain (or a size is bad: main.ts says why). */
@@ -80,8 +76,7 @@ export async function runFastCopy(args: readonly string[]): Promise<boolean> {
     return false;
   }
   if (!c) return false;
-  const format = c.logFormat === 'auto' ? (process.stderr.isTTY ? 'text' : 'json') : c.logFormat;
-  configureLog({ format, level: c.logLevel });
+  configureLogFromOptions(c.logFormat, c.logLevel);
   try {
     await copyCommand(c.src, c.dst, c.opts);
   } catch (e) {

@@ -15,7 +15,7 @@ import { copySweep, DEFAULT_COPY_OPTIONS, newCopyStats } from '../migration/copy
 import { TokenBucket } from '../util/token-bucket.js';
 import type { Device } from '../storage/device.js';
 import { FileDevice } from '../storage/file-device.js';
-import { formatBytes } from '../util/units.js';
+import { formatBytes, parseSize } from '../util/units.js';
 import { ProgressBar } from './progress.js';
 
 const isUri = (s: string) => /^nbd(\+unix)?:\/\//.test(s) || /^nbds/.test(s);
@@ -82,6 +82,45 @@ async function changedBitmap(source: NbdClient, context: string): Promise<{ bitm
   const bitmap = new DirtyBitmap(size, granularity);
   for (const [o, l] of runs) bitmap.mark(o, l);
   return { bitmap, ranges: runs.length };
+}
+
+/**
+ * copy's options, declared once for both of its parsers: main.ts (yargs; it adds the
+ * --connections check) and copy-fast.ts (a plain copy, without yargs). `type` says
+ * which take a value (string, number) and which are flags (boolean).
+ */
+export const COPY_OPTIONS = {
+  'max-bandwidth': { type: 'string', describe: 'Rate limit, e.g. 200M' },
+  progress: { type: 'boolean', default: true, describe: 'Draw a progress bar on stderr' },
+  'changed-since': {
+    type: 'string',
+    describe: 'Copy only the ranges SRC reports dirty in its qemu:dirty-bitmap:NAME (an nbd-migrate checkpoint, or qemu-nbd -B NAME)',
+  },
+  json: { type: 'boolean', default: false, describe: 'Print the figures (bytes copied, zeroed, skipped, changed) as one JSON line on stdout' },
+  connections: {
+    type: 'number',
+    describe: `Connections to each NBD side at most, used only where the server advertises multi-conn (default ${DEFAULT_CONNECTIONS})`,
+  },
+} as const;
+
+/** copy's options as parsed (either parser), by their command-line names. */
+export interface CopyArgs {
+  'max-bandwidth'?: string;
+  progress?: boolean;
+  'changed-since'?: string;
+  json?: boolean;
+  connections?: number;
+}
+
+/** What copyCommand takes, from the parsed options (sizes parsed here; throws naming a bad one). */
+export function copyOptionsFrom(a: CopyArgs): CopyCommandOptions {
+  return {
+    maxBandwidth: a['max-bandwidth'] ? parseSize(a['max-bandwidth'], '--max-bandwidth') : undefined,
+    progress: a.progress ?? COPY_OPTIONS.progress.default,
+    changedSince: a['changed-since'],
+    json: a.json ?? COPY_OPTIONS.json.default,
+    connections: a.connections,
+  };
 }
 
 export interface CopyCommandOptions {

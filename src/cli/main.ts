@@ -6,13 +6,12 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { configureLog, isLevelEnabled, log, type Level } from '../util/log.js';
+import { configureLogFromOptions, isLevelEnabled, log, LOG_FORMATS, LOG_LEVELS, type Level, type LogFormatOption } from '../util/log.js';
 import { DEFAULT_ADMIN_SOCKET, projectRoot } from '../util/paths.js';
 import { CONFIG_DEFAULTS, ConfigError, numericArg, numericArgs, serveConfigFrom, type ServeArgs } from './config.js';
-import { copyCommand, DEFAULT_CONNECTIONS } from './copy.js';
+import { COPY_OPTIONS, copyCommand, copyOptionsFrom, type CopyArgs } from './copy.js';
 import { ctlCommand, ctlCommandNames, ctlErrorLine, ctlRunning } from './ctl.js';
 import type * as Serve from './serve.js';
-import { parseSize } from '../util/units.js';
 
 const DEMO_SIZE = 1024 * 1024 * 1024;
 
@@ -23,8 +22,7 @@ const DEMO_SIZE = 1024 * 1024 * 1024;
 const serveUntilSignal: typeof Serve.serveUntilSignal = async (...args) => (await import('./serve.js')).serveUntilSignal(...args);
 
 function setUpLogging(argv: { 'log-format'?: string; 'log-level'?: string }): void {
-  const format = argv['log-format'] === 'auto' || !argv['log-format'] ? (process.stderr.isTTY ? 'text' : 'json') : argv['log-format'];
-  configureLog({ format: format as 'json' | 'text', level: (argv['log-level'] ?? 'info') as Level });
+  configureLogFromOptions((argv['log-format'] ?? 'auto') as LogFormatOption, (argv['log-level'] ?? 'info') as Level);
 }
 
 async function demo(argv: { port?: number; listen?: string }): Promise<void> {
@@ -133,6 +131,9 @@ const addDemo: AddCommand = (y, usage) =>
     async (argv) => demo(argv),
   );
 
+/** --connections is checked by numericArg (its message names the value given), not typed as a number by yargs. */
+const { connections: _connections, ...COPY_OPTIONS_BUT_CONNECTIONS } = COPY_OPTIONS;
+
 const addCopy: AddCommand = (y, usage) =>
   y.command(
     usage,
@@ -141,26 +142,11 @@ const addCopy: AddCommand = (y, usage) =>
       y
         .positional('src', { type: 'string', demandOption: true })
         .positional('dst', { type: 'string', demandOption: true })
-        .option('max-bandwidth', { type: 'string', describe: 'Rate limit, e.g. 200M' })
-        .option('progress', { type: 'boolean', default: true, describe: 'Draw a progress bar on stderr' })
-        .option('changed-since', {
-          type: 'string',
-          describe: 'Copy only the ranges SRC reports dirty in its qemu:dirty-bitmap:NAME (an nbd-migrate checkpoint, or qemu-nbd -B NAME)',
-        })
-        .option('json', { type: 'boolean', default: false, describe: 'Print the figures (bytes copied, zeroed, skipped, changed) as one JSON line on stdout' })
-        .option('connections', {
-          coerce: numericArg('connections', 'count'),
-          describe: `Connections to each NBD side at most, used only where the server advertises multi-conn (default ${DEFAULT_CONNECTIONS})`,
-        }),
-    async (a) =>
-      copyCommand(a.src, a.dst, {
-        maxBandwidth: a['max-bandwidth'] ? parseSize(a['max-bandwidth'], '--max-bandwidth') : undefined,
-        progress: a.progress,
-        changedSince: a['changed-since'],
-        json: a.json,
-        connections: a.connections as number | undefined,
-      }),
+        .options(COPY_OPTIONS_BUT_CONNECTIONS)
+        .option('connections', { describe: COPY_OPTIONS.connections.describe, coerce: numericArg('connections', 'count') }),
+    async (a) => copyCommand(a.src, a.dst, copyOptionsFrom(a as CopyArgs)),
   );
+
 
 /** Commands parsed alone when named first: name -> (how to add it, its positionals). */
 const ALONE: Record<string, [AddCommand, string]> = {
@@ -173,8 +159,8 @@ const ALONE: Record<string, [AddCommand, string]> = {
 function common(y: Argv, scriptName: string): Argv {
   return y
     .scriptName(scriptName)
-    .option('log-format', { choices: ['auto', 'json', 'text'], default: 'auto', describe: 'Log format on stderr (auto: text on a TTY, JSON lines otherwise)' })
-    .option('log-level', { choices: ['debug', 'info', 'warn', 'error'], default: 'info', describe: 'Least severe level logged' })
+    .option('log-format', { choices: LOG_FORMATS, default: 'auto', describe: 'Log format on stderr (auto: text on a TTY, JSON lines otherwise)' })
+    .option('log-level', { choices: LOG_LEVELS, default: 'info', describe: 'Least severe level logged' })
     .middleware(setUpLogging)
     .strict()
     .help()

@@ -23,6 +23,16 @@ export function configureLog(c: Partial<LogConfig>): void {
   Object.assign(config, c);
 }
 
+/** The command line's --log-format and --log-level values (every command has them). */
+export const LOG_FORMATS = ['auto', 'json', 'text'] as const;
+export const LOG_LEVELS: readonly Level[] = ['debug', 'info', 'warn', 'error'];
+export type LogFormatOption = (typeof LOG_FORMATS)[number];
+
+/** Logging as --log-format and --log-level ask: `auto` is text on a TTY, JSON lines otherwise. */
+export function configureLogFromOptions(format: LogFormatOption, level: Level): void {
+  configureLog({ format: format === 'auto' ? (process.stderr.isTTY ? 'text' : 'json') : format, level });
+}
+
 export function isLevelEnabled(level: Level): boolean {
   return LEVELS[level] >= LEVELS[config.level];
 }

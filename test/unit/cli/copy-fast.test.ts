@@ -4,6 +4,7 @@
  */
 import t from 'tap';
 import { parseFastCopy } from '../../../src/cli/copy-fast.js';
+import { COPY_OPTIONS } from '../../../src/cli/copy.js';
 
 t.test('plain forms', async (t) => {
   t.same(parseFastCopy(['a.img', 'nbd://h/e']), {
@@ -23,6 +24,21 @@ t.test('plain forms', async (t) => {
   });
   t.equal(parseFastCopy(['a', 'b', '--progress'])?.opts.progress, true);
   t.equal(parseFastCopy(['a', 'b', '--no-json'])?.opts.json, false);
+});
+
+t.test('every option main.ts declares for copy (COPY_OPTIONS) is known here too, as a value or a flag', async (t) => {
+  const sample: Record<string, string> = { 'max-bandwidth': '1M', 'changed-since': 'cp1', connections: '2' };
+  for (const [name, o] of Object.entries(COPY_OPTIONS)) {
+    if (o.type === 'boolean') {
+      t.not(parseFastCopy(['a', 'b', `--${name}`]), undefined, `--${name}`);
+      t.not(parseFastCopy(['a', 'b', `--no-${name}`]), undefined, `--no-${name}`);
+      t.equal(parseFastCopy(['a', 'b', `--${name}`, 'x']), undefined, `--${name} takes no value (x is a third operand)`);
+    } else {
+      t.ok(sample[name], `a sample value for --${name}`);
+      t.not(parseFastCopy(['a', 'b', `--${name}`, sample[name]!]), undefined, `--${name} VALUE`);
+      t.equal(parseFastCopy(['a', 'b', `--${name}`]), undefined, `--${name} without its value`);
+    }
+  }
 });
 
 t.test('anything else goes to main.ts', async (t) => {
