@@ -31,7 +31,7 @@ export interface RunningServer {
   stop(): Promise<void>;
 }
 
-/** How long shutdown waits for an export's final flush. */
+/** How long closing an export (shutdown, or a reload that removed it) waits for its final flush. */
 const SHUTDOWN_FLUSH_MS = 10_000;
 /** Beyond the drain and the flush, what else shutdown may take before the process is made to exit. */
 const SHUTDOWN_SLACK_MS = 10_000;
@@ -179,12 +179,7 @@ class ServeProcess implements RunningServer {
     for (const oe of [...this.retiring]) {
       if ((conns.get(oe.config.name) ?? 0) > 0) continue;
       this.retiring.delete(oe);
-      await oe.stack.device.flush().catch(() => undefined);
-      closeCheckpoints(oe);
-      await oe.postcopy?.close().catch((e) => log('error', 'postcopy-close-failed', { export: oe.config.name, cause: e }));
-      await closeState(oe);
-      await oe.file.close().catch((e) => log('error', 'close-failed', { image: oe.file.path, cause: e }));
-      oe.unlockState?.();
+      await closeExport(oe);
       // A reload's new export of that name waited for this one's state folder: it opens now.
       const waiting = this.deferred.get(oe.config.name);
       if (waiting && !this.open.has(waiting.name)) {
@@ -269,24 +264,44 @@ class ServeProcess implements RunningServer {
     await Promise.all(this.controller.running().map((j) => (j.state === 'cutting-over' ? j.finished() : j.stop().catch(() => undefined))));
     await this.server.close(this.cfg.shutdownTimeout * 1000);
     if (this.reaper) clearInterval(this.reaper);
-    for (const oe of [...this.open.values(), ...this.retiring]) {
-      // A switched export flushes its target; an unreachable target must not hold up shutdown.
-      const flushed = await Promise.race([
-        oe.stack.device.flush().then(() => true, (e) => log('error', 'flush-failed', { export: oe.config.name, cause: e })),
-        new Promise<false>((r) => setTimeout(() => r(false), SHUTDOWN_FLUSH_MS).unref()),
-      ]);
-      if (flushed === false) log('error', 'flush-timeout', { export: oe.config.name, timeoutMs: SHUTDOWN_FLUSH_MS });
-      await oe.stack.switch.target?.close().catch(() => undefined);
-      closeCheckpoints(oe);
-      await oe.postcopy?.close().catch((e) => log('error', 'postcopy-close-failed', { export: oe.config.name, cause: e }));
-      await closeState(oe);
-      await oe.file.close().catch((e) => log('error', 'close-failed', { image: oe.file.path, cause: e }));
-      oe.unlockState?.();
-    }
+    // Side by side, so that frozen targets cost one flush bound in all, not one each; an export
+    // retired under a name still open closes after that one (they share its state folder).
+    const byName = new Map<string, OpenExport[]>();
+    for (const oe of [...this.open.values(), ...this.retiring]) byName.set(oe.config.name, [...(byName.get(oe.config.name) ?? []), oe]);
+    await Promise.all([...byName.values()].map(async (list) => {
+      for (const oe of list) await closeExport(oe);
+    }));
     this.deferred.clear();
     this.open.clear();
     this.retiring.clear();
   }
+}
+
+/**
+ * Closes an export that no client uses any more: its final flush (bounded: an unreachable
+ * target must not hold up shutdown or a reload), its target after a cutover, checkpoints,
+ * post-copy, state and image. A target that did not answer the flush is not waited for:
+ * its close would wait for that flush first.
+ */
+async function closeExport(oe: OpenExport): Promise<void> {
+  const name = oe.config.name;
+  const flushed = await Promise.race([
+    oe.stack.device.flush().then(
+      () => true,
+      (e) => void log('error', 'flush-failed', { export: name, cause: e }),
+    ),
+    new Promise<false>((r) => setTimeout(() => r(false), SHUTDOWN_FLUSH_MS).unref()),
+  ]);
+  const target = oe.stack.switch.target;
+  if (flushed === false) {
+    log('error', 'flush-timeout', { export: name, timeoutMs: SHUTDOWN_FLUSH_MS, effect: target ? 'its target is left without waiting for it' : 'closing anyway' });
+    void target?.close().catch(() => undefined);
+  } else await target?.close().catch(() => undefined);
+  closeCheckpoints(oe);
+  await oe.postcopy?.close().catch((e) => log('error', 'postcopy-close-failed', { export: name, cause: e }));
+  await closeState(oe);
+  await oe.file.close().catch((e) => log('error', 'close-failed', { image: oe.file.path, cause: e }));
+  oe.unlockState?.();
 }
 
 export async function startServe(cfg: ServeConfig): Promise<RunningServer> {
