@@ -361,10 +361,13 @@ export class NbdClient extends EventEmitter implements Device {
   /**
    * Soft disconnect: new calls are refused (EPIPE), queued and in-flight
    * requests finish, then NBD_CMD_DISC is sent and the socket closed.
+   * With `waitMs`, requests still in flight after that long are given up
+   * (they reject with ECONNRESET) and the connection is dropped instead: a
+   * server that stopped answering cannot hold the caller.
    * Resolves once the socket is gone; never rejects.
    */
-  close(): Promise<void> {
-    return this.transport.close();
+  close(waitMs?: number): Promise<void> {
+    return this.transport.close(waitMs);
   }
 
   /** Hard disconnect: drops the socket; everything pending rejects with ECONNRESET. Emits 'close' (no error). */

@@ -179,11 +179,21 @@ export class Transport {
    * requests finish, then NBD_CMD_DISC is sent and the socket closed.
    * Resolves once the socket is gone; never rejects.
    */
-  close(): Promise<void> {
+  close(waitMs?: number): Promise<void> {
     if (this.closePromise) return this.closePromise;
     if (this.current.kind === 'READY') this.current = { kind: 'CLOSING' };
     this.closePromise = (async () => {
-      await this.idle();
+      if (waitMs === undefined) await this.idle();
+      else {
+        let timer: NodeJS.Timeout | undefined;
+        const waited = await Promise.race([this.idle().then(() => true), new Promise<false>((r) => (timer = setTimeout(() => r(false), waitMs)))]);
+        clearTimeout(timer);
+        if (!waited) {
+          // What is still in flight is given up: it rejects (ECONNRESET), and the socket is dropped.
+          this.destroy();
+          return;
+        }
+      }
       if (this.closed) {
         this.socket.destroy();
         return;

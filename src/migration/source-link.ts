@@ -35,6 +35,9 @@ export interface SourceLinkOptions {
  * A source that is no longer the same disk (another identity or size) fails
  * at once: the destination must never mix two disks.
  */
+/** How long close() lets fetches in flight finish. */
+const CLOSE_WAIT_MS = 2000;
+
 export class SourceLink implements FetchSource {
   private conn: NbdClient | undefined;
   private connecting: Promise<NbdClient> | undefined;
@@ -62,7 +65,9 @@ export class SourceLink implements FetchSource {
     const c = this.conn;
     this.conn = undefined;
     this.connected = false;
-    await c?.close().catch(() => c.destroy());
+    // Fetches still unanswered after CLOSE_WAIT_MS are given up (a frozen source must not hold up a
+    // shutdown): blocks not yet installed stay absent, and are fetched again after a restart.
+    await c?.close(CLOSE_WAIT_MS).catch(() => c.destroy());
   }
 
   private async op<T>(what: string, fn: (c: NbdClient) => Promise<T>): Promise<T> {

@@ -108,6 +108,34 @@ t.test('close(): CLOSING refuses new operations, the pending one finishes, then 
   t.same(p.closes, [undefined], "'close' once, without an error");
 });
 
+t.test('close(waitMs): a request the server never answers is given up after waitMs, and the socket dropped', async (t) => {
+  const p = await pair(t);
+  const pending = flush(p);
+  pending.catch(() => undefined);
+  await p.requests(1);
+  const serverGone = once(p.server, 'close');
+  await p.transport.close(50);
+  await t.rejects(pending, { code: 'ECONNRESET' }, 'the unanswered request rejects');
+  t.equal(p.transport.state.kind, 'DEAD');
+  t.equal(p.received.length, 1, 'no NBD_CMD_DISC: nothing could follow an unanswered request');
+  await serverGone;
+  t.pass('the connection is closed');
+});
+
+t.test('close(waitMs): requests answered in time still end in a soft disconnect', async (t) => {
+  const p = await pair(t);
+  const pending = flush(p);
+  const [h] = await p.requests(1);
+  const closed = p.transport.close(60_000);
+  p.reply(h!);
+  await pending;
+  const [, disc] = await p.requests(2);
+  t.equal(disc!.type, C.NBD_CMD_DISC, 'NBD_CMD_DISC once idle');
+  p.server.end();
+  await closed;
+  t.equal(p.transport.state.kind, 'CLOSED');
+});
+
 t.test('ESHUTDOWN: the server asks for a soft disconnect', async (t) => {
   const p = await pair(t, { maxInflightRequests: 2 });
   const a = flush(p);
