@@ -21,7 +21,7 @@ export interface AdminContext {
   /** Post-copy destinations (serve --fetch-from), by export. */
   readonly postcopy?: ReadonlyMap<string, PostcopyDestination>;
   /** `postcopy`: hands an export over to a post-copy destination (serve does it; absent elsewhere). */
-  readonly handOver?: (exportName: string, o: { target: string; handoff: 'forward' | 'disconnect' }) => Promise<unknown>;
+  readonly handOver?: (exportName: string, o: { target: string; handoff: 'forward' | 'disconnect'; cutoverTimeoutMs?: number }) => Promise<unknown>;
 }
 
 export interface AdminCommand<S extends Schema = Schema> {
@@ -169,11 +169,16 @@ export const ADMIN_COMMANDS = {
         values: ['forward', 'disconnect'],
         doc: 'Guests: keep them connected and forward their I/O to the destination, or disconnect them',
       },
+      cutoverTimeout: {
+        kind: 'duration',
+        positive: true,
+        doc: 'Guests are held at most this long for the destination to attach (default 5s); past it the hand-over is undone and they go on with the local image',
+      },
       export: exportArg,
     },
     run: ({ handOver }, a) => {
       if (!handOver) throw new InvalidArgument('this server cannot hand exports over');
-      return handOver(a.export, { target: a.target, handoff: a.handoff ?? 'forward' });
+      return handOver(a.export, { target: a.target, handoff: a.handoff ?? 'forward', cutoverTimeoutMs: a.cutoverTimeout });
     },
   }),
   'set-acl': command({

@@ -122,7 +122,7 @@ class ServeProcess implements RunningServer {
   }
 
   /** `ctl postcopy`: the export is handed over to a post-copy destination (migration/postcopy-handover.ts handOver). */
-  async handOver(name: string, o: { target: string; handoff: 'forward' | 'disconnect' }): Promise<unknown> {
+  async handOver(name: string, o: { target: string; handoff: 'forward' | 'disconnect'; cutoverTimeoutMs?: number }): Promise<unknown> {
     const oe = this.open.get(name);
     const old = this.registry.get(name);
     if (!oe || !old || old.name !== name) throw new JobError('ENOENT', `no export named "${name}"`);
@@ -133,7 +133,7 @@ class ServeProcess implements RunningServer {
   }
 
   /** The hand-over itself: after ctl postcopy's checks, or a mirror's --converge postcopy switch (with its dirty bitmap). */
-  private doHandOver(name: string, o: { target: string; handoff: 'forward' | 'disconnect'; dirty?: DirtyBitmap }) {
+  private doHandOver(name: string, o: { target: string; handoff: 'forward' | 'disconnect'; dirty?: DirtyBitmap; cutoverTimeoutMs?: number }) {
     const oe = this.open.get(name);
     const old = this.registry.get(name);
     if (!oe || !old || old.name !== name) throw new JobError('ENOENT', `no export named "${name}"`);
@@ -145,6 +145,7 @@ class ServeProcess implements RunningServer {
       destination: o.target,
       handoff: o.handoff,
       dirty: o.dirty,
+      cutoverTimeoutMs: o.cutoverTimeoutMs,
       replaceExport: (device, extension) => {
         this.registry.remove(name);
         this.registry.add(new Export({ name, description: old.description, device, extension, id: old.id, acl: old.acl }));

@@ -442,7 +442,7 @@ export class MirrorJob extends EventEmitter {
     this.target?.destroy();
     this.target = undefined;
     try {
-      const r = await handOver({ target: this.opts.target, handoff: this.opts.handoff, dirty: this.source.stack.bitmap });
+      const r = await handOver({ target: this.opts.target, handoff: this.opts.handoff, dirty: this.source.stack.bitmap, cutoverTimeoutMs: this.opts.cutoverTimeoutMs });
       this.pauseMs = r.pauseMs;
       this.switchedToPostcopy.pauseMs = r.pauseMs;
     } catch (e) {

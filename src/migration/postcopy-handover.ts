@@ -13,6 +13,7 @@ import { clearFenced, writeFenced } from './markers.js';
 import { ReconnectingDevice } from './reconnecting-device.js';
 import { logger } from '../util/log.js';
 import { targetFacts } from './connector.js';
+import { DEFAULT_MIRROR_OPTIONS } from './options.js';
 import {
   FETCH_CONTEXT_PREFIX,
   flat,
@@ -105,9 +106,14 @@ export interface HandOverContext {
   replaceExport(device: Device, extension: ExportExtension): void;
   /** Undoes replaceExport (a hand-over that failed). */
   restoreExport(): void;
-  /** Hybrid: the mirror's dirty bitmap; the destination applies it before the guests move (bounded by appliedTimeoutMs). */
+  /** Hybrid: the mirror's dirty bitmap; the destination applies it before the guests move. */
   dirty?: DirtyBitmap;
-  appliedTimeoutMs?: number;
+  /**
+   * How long guests are held for the destination's fetcher to attach (the cutover timeout:
+   * default DEFAULT_MIRROR_OPTIONS.cutoverTimeoutMs); past it the hand-over is undone and
+   * the guests go on with the local image.
+   */
+  cutoverTimeoutMs?: number;
   disconnectClients(): void | Promise<void>;
   wrapRemote?: (remote: Device) => Device;
 }
@@ -164,11 +170,11 @@ export async function handOver(ctx: HandOverContext): Promise<HandOverResult> {
     replaced = true;
     {
       // Guests move only once the destination has attached (and no longer trusts the blocks a pre-copy left dirty).
-      const limit = ctx.appliedTimeoutMs ?? 30_000;
+      const limit = ctx.cutoverTimeoutMs ?? DEFAULT_MIRROR_OPTIONS.cutoverTimeoutMs;
       let timer: NodeJS.Timeout | undefined;
       await Promise.race([
         supplier.applied,
-        new Promise<never>((_r, reject) => (timer = setTimeout(() => reject(new DeviceError('ETIMEDOUT', `destination ${ctx.destination} did not take the dirty list within ${limit} ms`)), limit))),
+        new Promise<never>((_r, reject) => (timer = setTimeout(() => reject(new DeviceError('ETIMEDOUT', `destination ${ctx.destination}: its fetcher did not attach within ${limit} ms (--cutover-timeout); is this source reachable from there as its --fetch-from says?`)), limit))),
       ]).finally(() => clearTimeout(timer));
       log.info('postcopy-destination-attached', { dirtyBytes: ctx.dirty?.dirtyBytes() ?? null });
     }

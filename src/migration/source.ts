@@ -15,7 +15,7 @@ export interface MirrorSource {
   /** Wraps the remote device the export switches to at cutover (the read cache of --read-cache). */
   wrapRemote?: (remote: Device) => Device;
   /** Post-copy hand-over (`ctl postcopy`; a mirror's `--converge postcopy` switch gives its dirty bitmap), when the server offers it. */
-  handOver?: (o: { target: string; handoff: 'forward' | 'disconnect'; dirty?: DirtyBitmap }) => Promise<{ pauseMs: number }>;
+  handOver?: (o: { target: string; handoff: 'forward' | 'disconnect'; dirty?: DirtyBitmap; cutoverTimeoutMs?: number }) => Promise<{ pauseMs: number }>;
   /** The export's identity (its `nbd-migrate:export-id:` context): a mirror onto it is a mirror onto itself. */
   exportId: string;
   /** The export's checkpoints (`ctl checkpoint`; a mirror `--since` one starts from its bits). */
