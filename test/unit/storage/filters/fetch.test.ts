@@ -150,3 +150,43 @@ t.test('trim and write zeroes mark present; block status per side; fill skips ho
   t.ok(h.equals(content.subarray(36 * G, 48 * G)), 'filled blocks read as the source');
   t.equal(reads.length, n + filled.length, 'reading them after the fill asks the source nothing');
 });
+
+t.test('the fill asks the source\'s map a window at a time, not per chunk; a failed query is asked again', async (t) => {
+  const content = pattern(SIZE, 9);
+  content.fill(0, 16 * G, 24 * G); // a hole in the second window
+  const srcDev = MemoryDevice.from(content);
+  const queries: Array<[number, number]> = [];
+  const reads: Array<[number, number]> = [];
+  let failNext = false;
+  const source: FetchSource = {
+    read: (o, l, into, at) => (reads.push([o, l]), srcDev.read(o, l, into, at)),
+    async extents(o, l, m) {
+      queries.push([o, l]);
+      if (failNext) {
+        failNext = false;
+        throw new Error('the source went away');
+      }
+      return srcDev.extents(o, l, m);
+    },
+  };
+  const local = new MemoryDevice(SIZE);
+  const absent = new DirtyBitmap(SIZE, G);
+  absent.markAll();
+  const f = new FetchFilter(local, absent, source, { readAheadBytes: 0, fillMapBytes: 16 * G });
+  // Chunks of 2 blocks, 4 at a time (as postcopy-fill.ts does), over the first half.
+  for (let b = 0; b < 32; b += 8) await Promise.all([0, 2, 4, 6].map((d) => f.fill(b + d, 2)));
+  t.same(queries, [[0, 16 * G], [16 * G, 16 * G]], 'two map queries for 16 chunks: one per window, shared by concurrent chunks');
+  t.notOk(reads.some(([o, l]) => o < 24 * G && o + l > 16 * G), 'the hole the map showed was not read');
+  // A failed query fails its chunk and drops the window; the next chunk asks again.
+  failNext = true;
+  const before = queries.length;
+  await t.rejects(f.fill(32, 2), /went away/);
+  await f.fill(32, 2);
+  t.same(queries.slice(before), [[32 * G, 16 * G], [32 * G, 16 * G]], 'asked again after the failure');
+  for (let b = 34; b < 64; b += 2) await f.fill(b, 2);
+  t.equal(absent.dirtyBlocks(), 0, 'everything present');
+  const whole = Buffer.alloc(SIZE);
+  await local.read(0, SIZE, whole, 0);
+  t.ok(whole.equals(content), 'the local image is the source');
+  t.equal(queries.length, before + 3, 'one more query for the last window');
+});
