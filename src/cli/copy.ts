@@ -4,6 +4,7 @@
  * WRITE_ZEROES, or nothing where the destination already reads as zero).
  */
 import * as fs from 'node:fs';
+import type { InferredOptionTypes } from 'yargs';
 import { DirtyBitmap } from '../dirty/bitmap.js';
 import { DIRTY_BITMAP_CONTEXT_PREFIX, NBD_STATE_DIRTY } from '../dirty/checkpoints.js';
 import type { NbdClient } from '../client/nbd-client.js';
@@ -104,13 +105,7 @@ export const COPY_OPTIONS = {
 } as const;
 
 /** copy's options as parsed (either parser), by their command-line names. */
-export interface CopyArgs {
-  'max-bandwidth'?: string;
-  progress?: boolean;
-  'changed-since'?: string;
-  json?: boolean;
-  connections?: number;
-}
+export type CopyArgs = Partial<InferredOptionTypes<typeof COPY_OPTIONS>>;
 
 /** What copyCommand takes, from the parsed options (sizes parsed here; throws naming a bad one). */
 export function copyOptionsFrom(a: CopyArgs): CopyCommandOptions {

@@ -70,16 +70,10 @@ async function demo(argv: { port?: number; listen?: string }): Promise<void> {
  */
 type AddCommand = (y: Argv, usage: string) => Argv;
 
-const COMMAND_DESCRIPTIONS = {
-  serve: 'Serve raw disk images over NBD (fixed newstyle by name; oldstyle per port; Unix socket)',
-  demo: 'Serve a sparse 1 GiB demo image (created on first run in var/) as export "demo"',
-  copy: 'Copy a disk, sparse-aware: each side an NBD URI or a raw image file (created if missing)',
-};
-
 const addServe: AddCommand = (y, usage) =>
   y.command(
     usage,
-    COMMAND_DESCRIPTIONS.serve,
+    'Serve raw disk images over NBD (fixed newstyle by name; oldstyle per port; Unix socket)',
     (y) =>
       y
         .positional('images', { type: 'string', array: true, describe: 'Raw image files to serve, one export each' })
@@ -126,7 +120,7 @@ const addServe: AddCommand = (y, usage) =>
 const addDemo: AddCommand = (y, usage) =>
   y.command(
     usage,
-    COMMAND_DESCRIPTIONS.demo,
+    'Serve a sparse 1 GiB demo image (created on first run in var/) as export "demo"',
     (y) => y.option('port', { coerce: numericArg('port', 'port'), describe: 'Newstyle port (default 10809)' }).option('listen', { type: 'string' }),
     async (argv) => demo(argv),
   );
@@ -137,7 +131,7 @@ const { connections: _connections, ...COPY_OPTIONS_BUT_CONNECTIONS } = COPY_OPTI
 const addCopy: AddCommand = (y, usage) =>
   y.command(
     usage,
-    COMMAND_DESCRIPTIONS.copy,
+    'Copy a disk, sparse-aware: each side an NBD URI or a raw image file (created if missing)',
     (y) =>
       y
         .positional('src', { type: 'string', demandOption: true })
@@ -148,8 +142,8 @@ const addCopy: AddCommand = (y, usage) =>
   );
 
 
-/** Commands parsed alone when named first: name -> (how to add it, its positionals). */
-const ALONE: Record<string, [AddCommand, string]> = {
+/** The commands built here (ctl is ctl.ts's): name -> (how to add it, its positionals). Each is parsed alone when named first. */
+const COMMANDS: Record<string, [AddCommand, string]> = {
   serve: [addServe, ' [images..]'],
   demo: [addDemo, ''],
   copy: [addCopy, ' <src> <dst>'],
@@ -174,7 +168,7 @@ function common(y: Argv, scriptName: string): Argv {
 }
 
 export async function main(args: string[]): Promise<void> {
-  const alone = Object.hasOwn(ALONE, args[0] ?? '') ? ALONE[args[0]!] : undefined;
+  const alone = Object.hasOwn(COMMANDS, args[0] ?? '') ? COMMANDS[args[0]!] : undefined;
   if (alone) {
     // A command named first is parsed as the default command of an instance of its own.
     // After calling a named command's handler, yargs builds the whole help text to keep it
@@ -186,10 +180,14 @@ export async function main(args: string[]): Promise<void> {
     return;
   }
   let y = common(yargs(args), 'nbd-migrate').usage('$0 <command> [options]');
-  y = addServe(y, 'serve [images..]');
-  y = addDemo(y, 'demo');
+  const add = (name: string) => {
+    const [addTo, positionals] = COMMANDS[name]!;
+    y = addTo(y, `${name}${positionals}`);
+  };
+  add('serve');
+  add('demo');
   y = y.command('ctl', `Control a running server through its admin socket (${ctlCommandNames().join(', ')})`, (y) => ctlCommand(y));
-  y = addCopy(y, 'copy <src> <dst>');
+  add('copy');
   await y.demandCommand(1, 'Give a command: serve, demo, ctl or copy').parseAsync();
 }
 

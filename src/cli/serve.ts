@@ -17,6 +17,7 @@ import { Export, ExportRegistry } from '../server/export.js';
 import type { TlsPolicy } from '../server/handshake.js';
 import { DEFAULT_SERVER_OPTIONS, NbdServer } from '../server/server.js';
 import { handOver } from '../migration/postcopy-handover.js';
+import { settledWithin } from '../util/within.js';
 import { PostcopyDestination } from '../migration/postcopy.js';
 import { JobError } from '../migration/errors.js';
 import type { DirtyBitmap } from '../dirty/bitmap.js';
@@ -268,7 +269,11 @@ class ServeProcess implements RunningServer {
     // Side by side, so that frozen targets cost one flush bound in all, not one each; an export
     // retired under a name still open closes after that one (they share its state folder).
     const byName = new Map<string, OpenExport[]>();
-    for (const oe of [...this.open.values(), ...this.retiring]) byName.set(oe.config.name, [...(byName.get(oe.config.name) ?? []), oe]);
+    for (const oe of [...this.open.values(), ...this.retiring]) {
+      const list = byName.get(oe.config.name);
+      if (list) list.push(oe);
+      else byName.set(oe.config.name, [oe]);
+    }
     await Promise.all([...byName.values()].map(async (list) => {
       for (const oe of list) await closeExport(oe);
     }));
@@ -286,15 +291,12 @@ class ServeProcess implements RunningServer {
  */
 async function closeExport(oe: OpenExport): Promise<void> {
   const name = oe.config.name;
-  const flushed = await Promise.race([
-    oe.stack.device.flush().then(
-      () => true,
-      (e) => void log('error', 'flush-failed', { export: name, cause: e }),
-    ),
-    new Promise<false>((r) => setTimeout(() => r(false), SHUTDOWN_FLUSH_MS).unref()),
-  ]);
+  const flushed = await settledWithin(
+    oe.stack.device.flush().catch((e) => log('error', 'flush-failed', { export: name, cause: e })),
+    SHUTDOWN_FLUSH_MS,
+  );
   const target = oe.stack.switch.target;
-  if (flushed === false) {
+  if (!flushed) {
     log('error', 'flush-timeout', { export: name, timeoutMs: SHUTDOWN_FLUSH_MS, effect: target ? 'its target is left without waiting for it' : 'closing anyway' });
     void target?.close().catch(() => undefined);
   } else await target?.close().catch(() => undefined);

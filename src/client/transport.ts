@@ -31,6 +31,7 @@ import { DeviceError } from '../storage/device.js';
 import { NbdProtocolError, NbdRequestError, errnoNameForNbd } from './errors.js';
 import { PendingRequest, ReplyParser } from './replies.js';
 import { adoptForOnread } from '../util/onread.js';
+import { settledWithin } from '../util/within.js';
 
 /** How long close() waits for the server to close after NBD_CMD_DISC. */
 const DISCONNECT_GRACE_MS = 5000;
@@ -184,15 +185,10 @@ export class Transport {
     if (this.current.kind === 'READY') this.current = { kind: 'CLOSING' };
     this.closePromise = (async () => {
       if (waitMs === undefined) await this.idle();
-      else {
-        let timer: NodeJS.Timeout | undefined;
-        const waited = await Promise.race([this.idle().then(() => true), new Promise<false>((r) => (timer = setTimeout(() => r(false), waitMs)))]);
-        clearTimeout(timer);
-        if (!waited) {
-          // What is still in flight is given up: it rejects (ECONNRESET), and the socket is dropped.
-          this.destroy();
-          return;
-        }
+      else if (!(await settledWithin(this.idle(), waitMs))) {
+        // What is still in flight is given up: it rejects (ECONNRESET), and the socket is dropped.
+        this.destroy();
+        return;
       }
       if (this.closed) {
         this.socket.destroy();

@@ -14,6 +14,7 @@ import { ReconnectingDevice } from './reconnecting-device.js';
 import { logger } from '../util/log.js';
 import { targetFacts } from './connector.js';
 import { DEFAULT_MIRROR_OPTIONS } from './options.js';
+import { settledWithin } from '../util/within.js';
 import {
   FETCH_CONTEXT_PREFIX,
   flat,
@@ -171,11 +172,8 @@ export async function handOver(ctx: HandOverContext): Promise<HandOverResult> {
     {
       // Guests move only once the destination has attached (and no longer trusts the blocks a pre-copy left dirty).
       const limit = ctx.cutoverTimeoutMs ?? DEFAULT_MIRROR_OPTIONS.cutoverTimeoutMs;
-      let timer: NodeJS.Timeout | undefined;
-      await Promise.race([
-        supplier.applied,
-        new Promise<never>((_r, reject) => (timer = setTimeout(() => reject(new DeviceError('ETIMEDOUT', `destination ${ctx.destination}: its fetcher did not attach within ${limit} ms (--cutover-timeout); is this source reachable from there as its --fetch-from says?`)), limit))),
-      ]).finally(() => clearTimeout(timer));
+      if (!(await settledWithin(supplier.applied, limit)))
+        throw new DeviceError('ETIMEDOUT', `destination ${ctx.destination}: its fetcher did not attach within ${limit} ms (--cutover-timeout); is this source reachable from there as its --fetch-from says?`);
       log.info('postcopy-destination-attached', { dirtyBytes: ctx.dirty?.dirtyBytes() ?? null });
     }
     const forward = new ReconnectingDevice(c, () => NbdClient.connect(ctx.destination, { requestTimeoutMs: 30_000 }), ctx.destination);

@@ -28,6 +28,9 @@ export interface SourceLinkOptions {
   log: Logger;
 }
 
+/** How long close() lets fetches in flight finish. */
+const CLOSE_WAIT_MS = 2000;
+
 /**
  * The connection to the source, re-established when it drops. A fetch that
  * fails waits and retries with backoff (the guest sees latency, not an
@@ -35,9 +38,6 @@ export interface SourceLinkOptions {
  * A source that is no longer the same disk (another identity or size) fails
  * at once: the destination must never mix two disks.
  */
-/** How long close() lets fetches in flight finish. */
-const CLOSE_WAIT_MS = 2000;
-
 export class SourceLink implements FetchSource {
   private conn: NbdClient | undefined;
   private connecting: Promise<NbdClient> | undefined;

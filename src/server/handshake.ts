@@ -95,6 +95,10 @@ export async function newstyleHandshake(
   };
   /** The export each name stood for when this negotiation first asked about it. */
   const met = new Map<string, Export>();
+  const replacedSinceMet = (name: string, exp: Export): boolean => {
+    const before = met.get(name);
+    return before !== undefined && before !== exp;
+  };
   /**
    * Finds the named export, answering ERR_UNKNOWN when there is none, and ERR_POLICY when
    * it is no longer the export this negotiation met under that name (replaced meanwhile, as
@@ -107,8 +111,7 @@ export async function newstyleHandshake(
       refuse(option, C.NBD_REP_ERR_UNKNOWN, `no export named ${quoted(name)}`);
       return undefined;
     }
-    const before = met.get(name);
-    if (before && before !== exp) {
+    if (replacedSinceMet(name, exp)) {
       refuse(option, C.NBD_REP_ERR_POLICY, `export ${quoted(name)} changed during this negotiation (it was handed over or replaced): connect again`);
       return undefined;
     }
@@ -131,7 +134,7 @@ export async function newstyleHandshake(
       const name = (await conn.read(length)).toString('utf8');
       const exp = exports.get(name);
       if (!exp) throw new HandshakeError(`NBD_OPT_EXPORT_NAME for unknown export ${quoted(name)}`);
-      if (met.has(name) && met.get(name) !== exp) throw new HandshakeError(`NBD_OPT_EXPORT_NAME: export ${quoted(name)} changed during this negotiation`);
+      if (replacedSinceMet(name, exp)) throw new HandshakeError(`NBD_OPT_EXPORT_NAME: export ${quoted(name)} changed during this negotiation`);
       const why = refusalFor(exp, contextsFor(chosen, exp));
       if (why) throw new HandshakeError(why);
       conn.send(codec.encodeExportNameReply(exp.size, exp.transmissionFlags(structuredReplies), noZeroes));

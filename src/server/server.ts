@@ -4,6 +4,7 @@
  * handshake -> transmission -> closed; a handshake that stalls is dropped.
  */
 import * as fs from 'node:fs';
+import { settledWithin } from '../util/within.js';
 import * as net from 'node:net';
 import { NbdMigrateError } from '../util/errors.js';
 import { logger } from '../util/log.js';
@@ -366,12 +367,7 @@ export class NbdServer {
     log.info('shutdown-draining', { connections: sessions.length, timeoutMs: drainTimeoutMs });
     const allClosed = () => Promise.all([...this.connections].map((c) => new Promise<void>((r) => c.onClose(r))));
     const drained = Promise.all(sessions.map((s) => s.shutdown())).then(allClosed);
-    let timer: NodeJS.Timeout | undefined;
-    const timedOut = await Promise.race([
-      drained.then(() => false),
-      new Promise<true>((r) => (timer = setTimeout(() => r(true), drainTimeoutMs))),
-    ]);
-    clearTimeout(timer);
+    const timedOut = !(await settledWithin(drained, drainTimeoutMs));
     if (timedOut)
       log.warn('shutdown-timeout', { timeoutMs: drainTimeoutMs, connections: this.connections.size, action: 'disconnect' });
     for (const c of this.connections) c.destroy();

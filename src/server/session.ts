@@ -8,6 +8,7 @@
  * past any of them the session stops reading, so TCP pushes back on the client.
  */
 import * as C from '../protocol/constants.js';
+import { settledWithin } from '../util/within.js';
 import * as codec from '../protocol/codec.js';
 import type { ChunkOwner } from '../util/byte-queue.js';
 import { returnReplyBuffer, takeReplyBuffer } from './reply-pool.js';
@@ -188,12 +189,7 @@ export class Session {
     this.phase = { kind: 'handing-off', input: p.input };
     const started = this.inflight;
     if (p.input.kind === 'header' || p.input.kind === 'paused') this.conn.socket.pause();
-    let timer: NodeJS.Timeout | undefined;
-    const timedOut = await Promise.race([
-      this.idle().then(() => false),
-      new Promise<true>((r) => (timer = setTimeout(() => r(true), timeoutMs))),
-    ]);
-    clearTimeout(timer);
+    const timedOut = !(await settledWithin(this.idle(), timeoutMs));
     if (this.conn.closed) return started;
     if (timedOut) {
       this.conn.log.warn('handoff-timeout', { export: this.n.export.name, timeoutMs, inflight: this.inflight, action: 'disconnect' });

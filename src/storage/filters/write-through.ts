@@ -14,6 +14,7 @@
  * cannot be overtaken by it.
  */
 import type { RangeLock } from '../../util/range-lock.js';
+import { settledWithin } from '../../util/within.js';
 import type { Device, WriteOptions, ZeroOptions } from '../device.js';
 import type { DirtyTracker } from './dirty-tracking.js';
 import { byteLength, Filter } from './filter.js';
@@ -93,10 +94,7 @@ export class WriteThroughFilter extends Filter<DirtyTracker> {
       release();
       return;
     }
-    let timer: NodeJS.Timeout | undefined;
-    const inTime = await Promise.race([remote, new Promise<false>((r) => (timer = setTimeout(() => r(false), wt.timeoutMs)))]);
-    clearTimeout(timer);
-    if (inTime) {
+    if (await settledWithin(remote, wt.timeoutMs)) {
       release();
       return;
     }
