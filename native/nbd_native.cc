@@ -405,12 +405,107 @@ Napi::Value TcpQuickAck(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), r < 0 ? errno : 0);
 }
 
-Napi::Object InitWithQuickAck(Napi::Env env, Napi::Object exports) {
+
+}  // namespace
+
+
+// ---- sendFileReply(socketFd, header, fileFd, position, length, status) -> bytes sent: one
+// READ reply straight from the page cache to a non-blocking socket. The header goes with
+// MSG_MORE, the data by sendfile, which hands the page cache's pages to the socket instead of
+// copying them through a buffer. It stops at the first EAGAIN (the socket is full), at end of
+// file or at an error, and returns what went; the caller sends the rest itself. status[0]:
+// 0 (all sent, or the socket is full), -1 (end of file), or the errno that stopped it.
+#include <sys/sendfile.h>
+
+namespace {
+
+Napi::Value SendFileReply(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int sock = info[0].As<Napi::Number>().Int32Value();
+  Napi::Buffer<uint8_t> hdr = info[1].As<Napi::Buffer<uint8_t>>();
+  int fd = info[2].As<Napi::Number>().Int32Value();
+  off_t pos = static_cast<off_t>(ToOffset(info[3]));
+  size_t len = static_cast<size_t>(info[4].As<Napi::Number>().DoubleValue());
+  Napi::Int32Array status = info[5].As<Napi::Int32Array>();
+  if (status.ElementLength() < 1) {
+    Napi::RangeError::New(env, "sendFileReply: status needs one element").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  status[0] = 0;
+  size_t hlen = hdr.Length();
+  size_t sent = 0;
+  while (sent < hlen) {
+    ssize_t r = send(sock, hdr.Data() + sent, hlen - sent, MSG_MORE | MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN) status[0] = errno;
+      return Napi::Number::New(env, static_cast<double>(sent));
+    }
+    sent += static_cast<size_t>(r);
+  }
+  size_t done = 0;
+  while (done < len) {
+    ssize_t r = sendfile(sock, fd, &pos, len - done);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN) status[0] = errno;
+      break;
+    }
+    if (r == 0) {
+      status[0] = -1;
+      break;
+    }
+    done += static_cast<size_t>(r);
+  }
+  return Napi::Number::New(env, static_cast<double>(sent + done));
+}
+
+}  // namespace
+
+// ---- pageCached(fd, offset, length) -> 1 when every page of the range is in the page cache,
+// 0 when some is not, -1 when this kernel or file cannot say (cachestat(2), Linux 6.5). A
+// sendfile of a cached range never waits on a disk, so the event loop may make it.
+#include <sys/syscall.h>
+#ifndef __NR_cachestat
+#define __NR_cachestat 451
+#endif
+
+namespace {
+
+struct CachestatRange {
+  uint64_t off;
+  uint64_t len;
+};
+struct Cachestat {
+  uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+};
+
+Napi::Value PageCached(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  int64_t off = ToOffset(info[1]);
+  int64_t len = ToOffset(info[2]);
+  if (off < 0 || len <= 0) return Napi::Number::New(env, 0);
+  static const int64_t page = sysconf(_SC_PAGESIZE);
+  CachestatRange range = {static_cast<uint64_t>(off), static_cast<uint64_t>(len)};
+  Cachestat cs;
+  if (syscall(__NR_cachestat, fd, &range, &cs, 0) < 0) return Napi::Number::New(env, errno == EINTR || errno == EAGAIN ? 0 : -1);
+  uint64_t pages = static_cast<uint64_t>((off + len + page - 1) / page - off / page);
+  return Napi::Number::New(env, cs.nr_cache >= pages ? 1 : 0);
+}
+
+}  // namespace
+
+namespace {
+
+Napi::Object InitAll(Napi::Env env, Napi::Object exports) {
   exports = Init(env, exports);
   exports.Set("tcpQuickAck", Napi::Function::New(env, TcpQuickAck));
+  exports.Set("sendFileReply", Napi::Function::New(env, SendFileReply));
+  exports.Set("pageCached", Napi::Function::New(env, PageCached));
   return exports;
 }
 
 }  // namespace
 
-NODE_API_MODULE(nbd_native, InitWithQuickAck)
+NODE_API_MODULE(nbd_native, InitAll)

@@ -6,10 +6,14 @@
  */
 import type { Socket } from 'node:net';
 import * as tls from 'node:tls';
+import { constants as osConstants } from 'node:os';
 import { ByteQueue, type ChunkOwner } from '../util/byte-queue.js';
 import type { Logger } from '../util/log.js';
 import { adoptForOnread } from '../util/onread.js';
 import { SlabReader } from './read-slabs.js';
+import { fillFromFile, nativeSendFile, socketFd } from './sendfile.js';
+
+const { EINVAL, ENOSYS, EOPNOTSUPP } = osConstants.errno;
 
 /** The most the handshake phase buffers ahead of what it asked for. */
 const HANDSHAKE_READ_AHEAD = 64 * 1024;
@@ -74,6 +78,7 @@ export class Connection {
       socket = adopted;
     } else reader.release();
     this.socket = socket;
+    if (adopted && this.sendFile) this.fileSendFd = socketFd(adopted);
     this.remoteAddress = socket.remoteAddress;
     socket.setNoDelay?.(true);
     this.attach(socket, adopted === undefined);
@@ -111,6 +116,7 @@ export class Connection {
     secure.disableRenegotiation();
     this.socket = secure;
     this.tls = true;
+    this.fileSendFd = undefined; // TLS encrypts in user space
     this.attach(secure);
     await new Promise<void>((resolve, reject) => {
       secure.once('secure', resolve);
@@ -180,6 +186,50 @@ export class Connection {
     }
     return flushed ? this.socket.write(buf, () => flushed()) : this.socket.write(buf);
   }
+
+  /**
+   * A READ reply with its data sent from a file (see sendfile.ts): `header`, then `length`
+   * bytes of `fd` at `position`. Made only between whole replies: on a plain socket with
+   * nothing of ours corked, buffered or half-written, so the bytes cannot land inside
+   * another reply. What the socket does not take at once is read here (the range is in
+   * the page cache) and queued like any reply, ahead of everything sent after it.
+   * 'sent': all of it is with the kernel. 'queued': the rest waits in the socket, and
+   * `flushed` is called once it has left. Undefined: nothing was sent, use send().
+   */
+  sendFileReply(header: Buffer, fd: number, position: number, length: number, flushed: () => void): 'sent' | 'queued' | undefined {
+    const socketFd = this.fileSendFd;
+    if (socketFd === undefined || this.corked || this.closed) return undefined;
+    const s = this.socket as unknown as { writableLength: number; _handle?: { writeQueueSize?: number } | null };
+    if (s.writableLength !== 0 || s._handle?.writeQueueSize !== 0) return undefined;
+    const status = this.sendStatus;
+    const sent = this.sendFile!(socketFd, header, fd, position, length, status);
+    const total = header.length + length;
+    if (sent === total) return 'sent';
+    // Nothing went: the socket is full, or has failed (the ordinary path meets that too).
+    if (sent === 0) return undefined;
+    const err = status[0]!;
+    // A file sendfile refuses: this connection stops trying (the header went; its data follows below).
+    if (sent === header.length && (err === EINVAL || err === ENOSYS || err === EOPNOTSUPP)) this.fileSendFd = undefined;
+    // The rest of this reply must be the next bytes on the wire: queued now, before anything else.
+    const rest = Buffer.allocUnsafe(total - sent);
+    const at = sent < header.length ? header.copy(rest, 0, sent) : 0;
+    const dataSent = Math.max(0, sent - header.length);
+    try {
+      fillFromFile(rest, at, fd, position + dataSent, err === -1 ? 0 : length - dataSent);
+    } catch (e) {
+      // Half a reply is on the wire and the rest of its data cannot be read: the stream cannot go on.
+      this.log.warn('request-failed', { command: 'NBD_CMD_READ', position, length, cause: e, action: 'disconnect' });
+      this.destroy();
+      return 'sent';
+    }
+    this.socket.write(rest, () => flushed());
+    return 'queued';
+  }
+
+  private readonly sendFile = nativeSendFile();
+  /** The socket's fd while replies may be sent from files: a plain socket and the addon. */
+  private fileSendFd: number | undefined;
+  private readonly sendStatus = new Int32Array(1);
 
   private corked = false;
   private readonly uncork = () => {

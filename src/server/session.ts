@@ -39,6 +39,9 @@ const PAYLOAD_STALL_MS = 30_000;
 /** Extents per BLOCK_STATUS chunk: 4 + 8n bytes must stay within QEMU's 1000-byte limit. */
 const MAX_EXTENTS_PER_CHUNK = Math.floor((C.MAX_NON_DATA_PAYLOAD - 4) / 8);
 
+/** READs of at least this many bytes are sent from the image's file when they can be (sendfile): fio randread at 128 KiB 3506 against 2963 MB/s copied, at 64 KiB 3566 against 3801 (medians of 3). Smaller ones are copied. */
+const SENDFILE_MIN = 128 * 1024;
+
 /** What the session reads next. */
 type Input =
   | { readonly kind: 'header' }
@@ -377,7 +380,8 @@ export class Session {
     this.begin(bytes);
     const started = performance.now();
     if (h.type === C.NBD_CMD_READ && h.length > 0) {
-      const held = this.readNow(h);
+      // At hand: sent from the image's file, or copied from the page cache, within this turn.
+      const held = (h.length >= SENDFILE_MIN ? this.sendFromFile(h) : undefined) ?? this.readNow(h);
       if (held !== undefined) {
         this.account(h, started);
         this.finish(bytes, held);
@@ -448,6 +452,20 @@ export class Session {
     return this.sendRead(h, buf);
   }
 
+  /**
+   * A READ answered in this turn from the file that holds its data (Device.fileRange,
+   * Connection.sendFileReply), as read() resolves; undefined (nothing sent) when it cannot be.
+   */
+  private sendFromFile(h: codec.RequestHeader): boolean | undefined {
+    const range = this.n.export.device.fileRange?.(h.offset, h.length);
+    if (range === undefined) return undefined;
+    const header = Buffer.allocUnsafe(this.readPrefix);
+    this.writeReadHeader(header, h);
+    const length = h.length;
+    const r = this.conn.sendFileReply(header, range.fd, range.position, length, () => this.budget.release(length));
+    return r === undefined ? undefined : r === 'queued';
+  }
+
   /** Reads and replies; true when the queued reply now holds the bytes' budget (released once flushed). */
   private async read(h: codec.RequestHeader): Promise<boolean> {
     if (this.n.structuredReplies && h.length === 0) {
@@ -462,8 +480,7 @@ export class Session {
 
   /** Sends a READ's data (in `buf`, after the header room); true when the reply holds the bytes' budget until flushed. */
   private sendRead(h: codec.RequestHeader, buf: Buffer): boolean {
-    if (this.n.structuredReplies) codec.writeOffsetDataPrefix(buf, C.NBD_REPLY_FLAG_DONE, h.cookie, h.offset, h.length);
-    else codec.writeSimpleReplyHeader(buf, 0, 0, h.cookie);
+    this.writeReadHeader(buf, h);
     const length = h.length;
     const queued = this.conn.send(buf, () => {
       this.budget.release(length);
@@ -471,6 +488,12 @@ export class Session {
     });
     if (queued === undefined) returnReplyBuffer(buf);
     return queued !== undefined;
+  }
+
+  /** A successful READ reply's header, at the start of `buf`: an offset-data chunk's, or a simple reply's. */
+  private writeReadHeader(buf: Buffer, h: codec.RequestHeader): void {
+    if (this.n.structuredReplies) codec.writeOffsetDataPrefix(buf, C.NBD_REPLY_FLAG_DONE, h.cookie, h.offset, h.length);
+    else codec.writeSimpleReplyHeader(buf, 0, 0, h.cookie);
   }
 
   private async blockStatus(h: codec.RequestHeader): Promise<void> {

@@ -36,6 +36,12 @@ export type { Extent } from '../protocol/codec.js';
 import type { Extent } from '../protocol/codec.js';
 import { NbdMigrateError } from '../util/errors.js';
 
+/** See Device.fileRange. */
+export interface FileRange {
+  readonly fd: number;
+  readonly position: number;
+}
+
 export interface Device {
   /** Size in bytes, fixed for the device's life. */
   readonly size: number;
@@ -47,6 +53,12 @@ export interface Device {
    * cache), and true. False: `into` may hold part of it, and the caller uses read(). Optional.
    */
   readNow?(offset: number, length: number, into: Buffer, at: number): boolean;
+  /**
+   * Where a READ of the range can be sent from directly (sendfile): the file and the range's
+   * position in it, when those bytes are the file's and reading them waits on nothing (the
+   * page cache holds them). Undefined: use read(). Optional.
+   */
+  fileRange?(offset: number, length: number): FileRange | undefined;
   /** Writes the concatenation of `data` at `offset`; the buffers are not joined. */
   write(offset: number, data: readonly Buffer[], opts: WriteOptions): Promise<void>;
   /**

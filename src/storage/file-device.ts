@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import { promisify } from 'node:util';
 import { NBD_STATE_HOLE, NBD_STATE_ZERO } from '../protocol/constants.js';
 import { logger, type Logger } from '../util/log.js';
-import { byteLength, type Capabilities, type Device, DeviceError, type Extent, type WriteOptions, type ZeroOptions } from './device.js';
+import { byteLength, type Capabilities, type Device, DeviceError, type Extent, type FileRange, type WriteOptions, type ZeroOptions } from './device.js';
 import { RangeLock } from '../util/range-lock.js';
 import { ImageLockConflict, sparseOps, type BlockOps, type SparseOps } from './native.js';
 
@@ -141,6 +141,8 @@ export class FileDevice implements Device {
   private readonly memoryBacked: boolean;
   /** Inline I/O stops being tried once the file system refuses RWF_NOWAIT outright. */
   private inlineReads = true;
+  /** Whether the page cache can be asked what it holds (fileRange); cleared once the kernel cannot say. */
+  private cacheKnown = true;
   private inlineWrites = true;
   /** Block devices: inline writes are plain pwritev, watched for stalls (see INLINE_STALL_MS). */
   private readonly guardedWrites: boolean;
@@ -330,6 +332,23 @@ export class FileDevice implements Device {
       bufs = skipBytes(bufs, bytesWritten);
     }
     if (opts.fua) await this.flush();
+  }
+
+  /**
+   * Device.fileRange: this file, when reading the range waits on nothing: on tmpfs/ramfs
+   * always, elsewhere when the page cache holds every page of it (cachestat). Not with
+   * O_DIRECT, whose reads bypass the page cache.
+   */
+  fileRange(offset: number, length: number): FileRange | undefined {
+    if (this.direct || this.closed || !this.cacheKnown) return undefined;
+    if (!this.memoryBacked) {
+      const cached = this.ops.pageCached(this.fd, offset, length);
+      if (cached !== 1) {
+        if (cached < 0) this.cacheKnown = false; // no cachestat here: never ask again
+        return undefined;
+      }
+    }
+    return { fd: this.fd, position: offset };
   }
 
   /** The data read at once, when it is in the page cache (Device.readNow). */

@@ -111,6 +111,8 @@ export interface SparseOps {
   writeCached(fd: number, data: readonly Buffer[], position: number, plain: boolean): number;
   /** The file is on tmpfs/ramfs: its reads never wait on a disk. */
   memoryBacked(fd: number): boolean;
+  /** 1 when every page of the range is in the page cache, 0 when not, -1 when the kernel cannot say (cachestat, Linux 6.5). */
+  pageCached(fd: number, offset: number, length: number): number;
   /** Block device calls; absent in the fallback, which therefore cannot serve devices (it cannot size them). */
   readonly block?: BlockOps;
   /** A zero-filled buffer starting on an `alignment` boundary (for O_DIRECT); absent in the fallback. */
@@ -141,6 +143,7 @@ interface Binding {
   preadNowait(fd: number, buf: Buffer, at: number, length: number, position: number, memoryBacked: boolean): number;
   memoryBacked(fd: number): boolean;
   pwritevNowait(fd: number, bufs: readonly Buffer[], position: number, memoryBacked: boolean): number;
+  pageCached(fd: number, offset: number, length: number): number;
   blockRange(fd: number, op: 0 | 1, offset: number, length: number, cb: (err: Error | null) => void): void;
   blockInfo(fd: number): { size: number; logicalBlockSize: number };
   alignedBuffer(size: number, alignment: number): Buffer;
@@ -210,6 +213,7 @@ function nativeOps(b: Binding): SparseOps {
     },
     readCached: (fd, into, at, length, position, memoryBacked) => b.preadNowait(fd, into, at, length, position, memoryBacked),
     memoryBacked: (fd) => b.memoryBacked(fd),
+    pageCached: (fd, offset, length) => b.pageCached(fd, offset, length),
     writeCached: (fd, data, position, plain) => b.pwritevNowait(fd, data, position, plain),
     alignedBuffer: (size, alignment) => b.alignedBuffer(size, alignment),
     block: {
@@ -241,6 +245,7 @@ export const fallbackOps: SparseOps = {
   runs: (_fd, _offset, length) => Promise.resolve([{ length, hole: false }]),
   readCached: () => -1,
   memoryBacked: () => false,
+  pageCached: () => -1,
   // Node's fs has no fcntl: QEMU's locks need the addon. FileDevice warns once.
   qemuLock: () => false,
   writeCached: () => -2,

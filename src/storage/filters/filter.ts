@@ -5,7 +5,7 @@
  * same way wherever a filter leaves a callback unset). A filter knows only
  * what is below it; buildStack (../stack.ts) puts the layers in order.
  */
-import type { Capabilities, Device, Extent, WriteOptions, ZeroOptions } from '../device.js';
+import type { Capabilities, Device, Extent, FileRange, WriteOptions, ZeroOptions } from '../device.js';
 
 export class Filter<Next extends Device = Device> implements Device {
   constructor(protected next: Next) {}
@@ -27,6 +27,11 @@ export class Filter<Next extends Device = Device> implements Device {
   /** Passed on only by a layer that leaves reads as they are (does not override read()). */
   readNow(offset: number, length: number, into: Buffer, at: number): boolean {
     return this.read === Filter.prototype.read && this.next.readNow?.(offset, length, into, at) === true;
+  }
+
+  /** Passed on, as readNow, only by a layer that leaves reads as they are. */
+  fileRange(offset: number, length: number): FileRange | undefined {
+    return this.read === Filter.prototype.read ? this.next.fileRange?.(offset, length) : undefined;
   }
 
   write(offset: number, data: readonly Buffer[], opts: WriteOptions): Promise<void> {

@@ -4,6 +4,7 @@
 // nothing is done and the caller writes through write(). A read is made within the call when
 // the data is in the page cache. A layer that changes writes or reads is never skipped.
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import t from 'tap';
 import { ActivityLog } from '../../../src/dirty/activity-log.js';
@@ -170,4 +171,42 @@ t.test('readNow: a layer that changes reads is never skipped; devices without it
   t.equal(short.readNow(0, 4 * K, into, 0), false, 'past the end of a shrunk file');
   await short.read(0, 4 * K, into, 0);
   t.ok(into.subarray(0, 2 * K).every((b) => b === 1) && into.subarray(2 * K).every((b) => b === 0), 'read(): data, then zeros');
+});
+
+t.test('fileRange: the image file and position, through every layer that leaves reads alone', async (t) => {
+  const { dev } = await image(t, M);
+  const s = buildStack({ local: dev, dirtyGranularity: G, changes: { mark: () => {} } });
+  const r = s.device.fileRange?.(256 * K, 512 * K);
+  t.ok(r && r.fd >= 0, 'on tmpfs: always, the data never waits on a disk');
+  t.equal(r?.position, 256 * K, 'at the same offset: the image is the whole file');
+  class Zeroing extends Filter {
+    override async read(offset: number, length: number, into: Buffer, at: number): Promise<void> {
+      into.fill(0, at, at + length);
+    }
+  }
+  t.equal(new Zeroing(s.device).fileRange?.(0, 64 * K), undefined, 'a layer that changes reads: its own read() must run');
+  t.equal(buildStack({ local: new MemoryDevice(M), dirtyGranularity: G }).device.fileRange?.(0, 64 * K), undefined, 'a device with no file');
+  const { dev: fb } = await image(t, M, { fallback: true });
+  t.equal(fb.fileRange(0, 64 * K), undefined, 'the pure-JS fallback cannot ask the page cache');
+  await dev.close();
+  t.equal(dev.fileRange(0, 64 * K), undefined, 'a closed device');
+});
+
+t.test('fileRange on a disk file: only what the page cache holds; never with O_DIRECT', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-migrate-filerange-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'disk.img');
+  fs.writeFileSync(file, Buffer.alloc(M, 1)); // just written: in the page cache
+  fs.truncateSync(file, 64 * M); // the rest a hole, never read: not cached
+  const dev = await FileDevice.open(file, { readOnly: true });
+  t.teardown(() => dev.close());
+  t.ok(dev.fileRange(0, M), 'written a moment ago: cached');
+  t.equal(dev.fileRange(32 * M, M), undefined, 'never touched: not cached, read() it is');
+  t.equal(dev.fileRange(M - 4 * K, 8 * K), undefined, 'partly cached is not cached');
+  const direct = await FileDevice.open(file, { readOnly: true, direct: true }).catch((e: Error) => e);
+  if (direct instanceof Error) t.match(direct.message, /O_DIRECT|EINVAL/, `this file system refuses O_DIRECT: ${direct.message}`);
+  else {
+    t.teardown(() => direct.close());
+    t.equal(direct.fileRange(0, M), undefined, 'O_DIRECT reads bypass the page cache');
+  }
 });
