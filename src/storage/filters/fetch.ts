@@ -28,7 +28,7 @@ import type { DirtyBitmap } from '../../dirty/bitmap.js';
 import { NBD_STATE_ZERO } from '../../protocol/constants.js';
 import { BufferPool, isAllZero } from '../../util/buffers.js';
 import { RangeLock } from '../../util/range-lock.js';
-import { type Device, DeviceError, type Extent, type WriteOptions, type ZeroOptions } from '../device.js';
+import { type Device, DeviceError, type Extent, type FileRange, type WriteOptions, type ZeroOptions } from '../device.js';
 import { byteLength, Filter } from './filter.js';
 
 /** Where absent blocks come from (migration/source-link.ts: the source connection, with its retries and timeout). */
@@ -176,6 +176,11 @@ export class FetchFilter extends Filter {
       }
     }
     return this.next.read(offset, length, into, at);
+  }
+
+  /** Once detached (every block present) reads pass straight through, so they may be sent from the image's file. */
+  override fileRange(offset: number, length: number): FileRange | undefined {
+    return this.source ? undefined : this.next.fileRange?.(offset, length);
   }
 
   override write(offset: number, data: readonly Buffer[], opts: WriteOptions): Promise<void> {

@@ -190,3 +190,23 @@ t.test('the fill asks the source\'s map a window at a time, not per chunk; a fai
   t.ok(whole.equals(content), 'the local image is the source');
   t.equal(queries.length, before + 3, 'one more query for the last window');
 });
+
+t.test('fileRange: never while fetching (reads drive read-ahead), passed on once detached', async (t) => {
+  const content = pattern(SIZE, 5);
+  const source: FetchSource = { read: (o, l, into, at) => MemoryDevice.from(content).read(o, l, into, at), extents: (o, l, m) => MemoryDevice.from(content).extents(o, l, m) };
+  class FileBacked extends MemoryDevice {
+    fileRange(offset: number): { fd: number; position: number } {
+      return { fd: 99, position: offset };
+    }
+  }
+  const local = new FileBacked(SIZE);
+  const absent = new DirtyBitmap(SIZE, G);
+  absent.markAll();
+  const f = new FetchFilter(local, absent, source, { readAheadBytes: 0, persist: async () => {} });
+  t.equal(f.fileRange(0, G), undefined, 'absent: the read must fetch');
+  await f.fill(0, SIZE / G);
+  t.equal(absent.dirtyBlocks(), 0, 'filled');
+  t.equal(f.fileRange(0, G), undefined, 'present but not yet detached');
+  f.detach();
+  t.same(f.fileRange(3 * G, G), { fd: 99, position: 3 * G }, 'detached: the image file below');
+});
