@@ -111,3 +111,26 @@ t.test('small reads are copied, not sent from the file', async (t) => {
   t.ok(r.data.equals(image.subarray(4096, 8192)));
   t.same(spy.outcomes, [], 'no sendfile for 4 KiB');
 });
+
+t.test('a client that goes away with replies still queued: the server serves the next one', async (t) => {
+  const image = patternBuffer(16 * M, 9);
+  const spy = spyOnSendFile(t);
+  const port = await serveImage(t, image);
+  const c = await RawNbdClient.connect(port);
+  await c.handshake('vm1');
+  c.sock.pause();
+  const reqs: Buffer[] = [];
+  for (let i = 0; i < 24; i++) reqs.push(RawNbdClient.encodeRequest({ type: CMD_READ, handle: BigInt(i), offset: BigInt((i % 15) * M), length: M }));
+  await c.write(Buffer.concat(reqs));
+  await spy.wait(24);
+  t.ok(spy.outcomes.includes('queued'), 'a reply was left half sent, its rest queued');
+  c.destroy();
+  t.ok(await c.waitClosed(5000), 'the first client is gone');
+  const d = await RawNbdClient.connect(port);
+  t.teardown(() => d.destroy());
+  await d.handshake('vm1');
+  const r = await d.readAt(5 * M + 512, M);
+  t.equal(r.error, 0);
+  t.ok(r.data.equals(image.subarray(5 * M + 512, 6 * M + 512)), 'a new client reads the image, sent from the file');
+  t.equal(spy.outcomes.at(-1), 'sent');
+});
