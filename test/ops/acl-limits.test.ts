@@ -110,6 +110,9 @@ t.test('a flood of pipelined 32 MiB writes: memory stays bounded, another client
   let stop = false;
   /** WRITEs the flooders have sent so far (they block while the server reads nothing from them). */
   let flooded = 0;
+  let floodWaiter: { n: number; resolve: () => void } | undefined;
+  /** Resolves once the flooders have sent `n` WRITEs in all. */
+  const floodReached = (n: number) => (flooded >= n ? Promise.resolve() : new Promise<void>((resolve) => (floodWaiter = { n, resolve })));
   for (let i = 0; i < 4; i++) {
     const f = net.connect(s.newstylePort, '127.0.0.1');
     f.on('error', () => undefined);
@@ -123,6 +126,10 @@ t.test('a flood of pipelined 32 MiB writes: memory stays bounded, another client
       const pump = () => {
         while (!stop) {
           flooded++;
+          if (floodWaiter && flooded >= floodWaiter.n) {
+            floodWaiter.resolve();
+            floodWaiter = undefined;
+          }
           const h = codec.encodeRequestHeader(0, C.NBD_CMD_WRITE, { hi: i, lo: n++ }, ((n * 32) % 224) * MiB, payload.length);
           f.write(h);
           if (!f.write(payload)) return void f.once('drain', pump);
@@ -137,13 +144,17 @@ t.test('a flood of pipelined 32 MiB writes: memory stays bounded, another client
   const lat: number[] = [];
   const buf = Buffer.alloc(4096);
   // Served during the flood: a count of round trips, not a rate (the machine may be busy with
-  // other tests); the flood must have gone on meanwhile, so the server served both.
+  // other tests). The rounds begin once every flooder is under way (8 writes sent in all) and go on
+  // until the flood has sent more meanwhile, so the server is seen serving both.
   const ROUNDS = 30;
+  const MORE = 4;
+  const underWay = await Promise.race([floodReached(8).then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 60_000).unref())]);
+  t.ok(underWay, `the flood got under way (${flooded} writes sent)`);
   const t0 = performance.now();
   const floodedBefore = flooded;
   const deadline = Date.now() + 60_000;
   let i = 0;
-  while (lat.length < ROUNDS && Date.now() < deadline) {
+  while ((lat.length < ROUNDS || flooded - floodedBefore <= MORE) && Date.now() < deadline) {
     const off = 250 * MiB + (i++ % 256) * 4096;
     const t0 = performance.now();
     await good.write(off, [Buffer.alloc(4096, i & 0xff)], { fua: false });
@@ -161,8 +172,8 @@ t.test('a flood of pipelined 32 MiB writes: memory stays bounded, another client
   const p99 = lat[Math.floor(lat.length * 0.99)]!;
   t.comment(`flood: RSS ${baseline.toFixed(0)} MiB -> peak ${peak.toFixed(0)} MiB; good client ${lat.length} write+read pairs, median ${lat[lat.length >> 1]!.toFixed(1)} ms, p99 ${p99.toFixed(1)} ms`);
   t.ok(peak < baseline + 700, `peak RSS ${peak.toFixed(0)} MiB stays bounded (4 flooders x (64 MiB in flight + 32 MiB payload being read))`);
-  t.equal(lat.length, ROUNDS, `the well-behaved client kept being served (${lat.length} round trips in ${Math.round(servedMs)} ms)`);
-  t.ok(floodedDuring > 4, `while the flood went on (${floodedDuring} more 32 MiB writes sent meanwhile)`);
+  t.ok(lat.length >= ROUNDS, `the well-behaved client kept being served (${lat.length} round trips in ${Math.round(servedMs)} ms)`);
+  t.ok(floodedDuring > MORE, `while the flood went on (${floodedDuring} more 32 MiB writes sent meanwhile)`);
   t.equal(s.exited(), undefined, 'server still running');
 });
 
