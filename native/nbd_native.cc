@@ -405,9 +405,7 @@ Napi::Value TcpQuickAck(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), r < 0 ? errno : 0);
 }
 
-
 }  // namespace
-
 
 // ---- sendFileReply(socketFd, header, fileFd, position, length, status) -> bytes sent: one
 // READ reply straight from the page cache to a non-blocking socket. The header goes with
@@ -496,6 +494,7 @@ Napi::Value PageCached(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
+// ---- the module: Init's calls (above), and those defined after it.
 namespace {
 
 Napi::Object InitAll(Napi::Env env, Napi::Object exports) {

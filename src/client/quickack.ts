@@ -17,6 +17,7 @@
  */
 import type * as net from 'node:net';
 import { nativeAddon } from '../util/addon.js';
+import { socketFd } from '../util/onread.js';
 
 export type SetQuickAck = (fd: number) => number;
 
@@ -30,9 +31,7 @@ export function nativeQuickAck(): SetQuickAck | null {
 
 /** The socket's file descriptor when it is a plain TCP socket, else undefined. */
 export function tcpFd(socket: net.Socket): number | undefined {
-  if (!socket.remoteFamily?.startsWith('IPv')) return undefined;
-  const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
-  return typeof fd === 'number' && fd >= 0 ? fd : undefined;
+  return socket.remoteFamily?.startsWith('IPv') ? socketFd(socket) : undefined;
 }
 
 /**

@@ -9,9 +9,9 @@ import * as tls from 'node:tls';
 import { constants as osConstants } from 'node:os';
 import { ByteQueue, type ChunkOwner } from '../util/byte-queue.js';
 import type { Logger } from '../util/log.js';
-import { adoptForOnread } from '../util/onread.js';
+import { adoptForOnread, socketFd } from '../util/onread.js';
 import { SlabReader } from './read-slabs.js';
-import { fillFromFile, nativeSendFile, socketFd } from './sendfile.js';
+import { fillFromFile, nativeSendFile } from './sendfile.js';
 
 const { EINVAL, ENOSYS, EOPNOTSUPP } = osConstants.errno;
 
@@ -197,12 +197,12 @@ export class Connection {
    * `flushed` is called once it has left. Undefined: nothing was sent, use send().
    */
   sendFileReply(header: Buffer, fd: number, position: number, length: number, flushed: () => void): 'sent' | 'queued' | undefined {
-    const socketFd = this.fileSendFd;
-    if (socketFd === undefined || this.corked || this.closed) return undefined;
+    const sock = this.fileSendFd;
+    if (sock === undefined || this.corked || this.closed) return undefined;
     const s = this.socket as unknown as { writableLength: number; _handle?: { writeQueueSize?: number } | null };
     if (s.writableLength !== 0 || s._handle?.writeQueueSize !== 0) return undefined;
     const status = this.sendStatus;
-    const sent = this.sendFile!(socketFd, header, fd, position, length, status);
+    const sent = this.sendFile!(sock, header, fd, position, length, status);
     const total = header.length + length;
     if (sent === total) return 'sent';
     // Nothing went: the socket is full, or has failed (the ordinary path meets that too).

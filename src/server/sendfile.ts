@@ -14,7 +14,6 @@
  * ordinary path. Plain TCP and Unix sockets only: TLS encrypts in user space.
  */
 import * as fs from 'node:fs';
-import type * as net from 'node:net';
 import { nativeAddon } from '../util/addon.js';
 
 /**
@@ -31,12 +30,6 @@ export function nativeSendFile(): SendFile | null {
   if (native === undefined)
     native = process.env.NBD_MIGRATE_SENDFILE === '0' ? null : ((nativeAddon().addon?.sendFileReply as SendFile | undefined) ?? null);
   return native;
-}
-
-/** The file descriptor of a plain TCP or Unix socket, else undefined. */
-export function socketFd(socket: net.Socket): number | undefined {
-  const fd = (socket as unknown as { _handle?: { fd?: unknown } | null })._handle?.fd;
-  return typeof fd === 'number' && fd >= 0 ? fd : undefined;
 }
 
 /**

@@ -452,6 +452,9 @@ export class Session {
     return this.sendRead(h, buf);
   }
 
+  /** The header of a READ reply sent from the file: reused, sendFileReply is done with it when it returns. */
+  private fileReplyHeader: Buffer | undefined;
+
   /**
    * A READ answered in this turn from the file that holds its data (Device.fileRange,
    * Connection.sendFileReply), as read() resolves; undefined (nothing sent) when it cannot be.
@@ -459,7 +462,7 @@ export class Session {
   private sendFromFile(h: codec.RequestHeader): boolean | undefined {
     const range = this.n.export.device.fileRange?.(h.offset, h.length);
     if (range === undefined) return undefined;
-    const header = Buffer.allocUnsafe(this.readPrefix);
+    const header = (this.fileReplyHeader ??= Buffer.alloc(this.readPrefix));
     this.writeReadHeader(header, h);
     const length = h.length;
     const r = this.conn.sendFileReply(header, range.fd, range.position, length, () => this.budget.release(length));

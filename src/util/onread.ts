@@ -33,3 +33,9 @@ export function adoptForOnread(socket: net.Socket, onread: OnRead): net.Socket |
   socket.destroy();
   return s;
 }
+
+/** The file descriptor under a plain TCP or Unix socket (its libuv handle), else undefined. */
+export function socketFd(socket: net.Socket): number | undefined {
+  const fd = (socket as unknown as { _handle?: { fd?: unknown } | null })._handle?.fd;
+  return typeof fd === 'number' && fd >= 0 ? fd : undefined;
+}

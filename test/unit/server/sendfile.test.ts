@@ -55,6 +55,14 @@ async function serveImage(t: Tap.Test, image: Buffer): Promise<number> {
   return bound.port!;
 }
 
+/** A raw client in transmission on export vm1 (destroyed at teardown). */
+async function client(t: Tap.Test, port: number): Promise<RawNbdClient> {
+  const c = await RawNbdClient.connect(port);
+  t.teardown(() => c.destroy());
+  await c.handshake('vm1');
+  return c;
+}
+
 t.test('the addon has sendFileReply (npm ci builds it)', async (t) => {
   t.type(nativeSendFile(), 'function');
 });
@@ -64,9 +72,7 @@ t.test('a client that stops reading: whole, partial and ordinary replies all arr
   const image = patternBuffer(size, 7);
   const spy = spyOnSendFile(t);
   const port = await serveImage(t, image);
-  const c = await RawNbdClient.connect(port);
-  t.teardown(() => c.destroy());
-  await c.handshake('vm1');
+  const c = await client(t, port);
 
   // 40 reads of about 1 MiB (far more than loopback's socket buffers hold; within the session's
   // bounds on bytes in flight and queued), with nothing read meanwhile.
@@ -103,9 +109,7 @@ t.test('small reads are copied, not sent from the file', async (t) => {
   const image = patternBuffer(M, 3);
   const spy = spyOnSendFile(t);
   const port = await serveImage(t, image);
-  const c = await RawNbdClient.connect(port);
-  t.teardown(() => c.destroy());
-  await c.handshake('vm1');
+  const c = await client(t, port);
   const r = await c.readAt(4096, 4096);
   t.equal(r.error, 0);
   t.ok(r.data.equals(image.subarray(4096, 8192)));
@@ -116,8 +120,7 @@ t.test('a client that goes away with replies still queued: the server serves the
   const image = patternBuffer(16 * M, 9);
   const spy = spyOnSendFile(t);
   const port = await serveImage(t, image);
-  const c = await RawNbdClient.connect(port);
-  await c.handshake('vm1');
+  const c = await client(t, port);
   c.sock.pause();
   const reqs: Buffer[] = [];
   for (let i = 0; i < 24; i++) reqs.push(RawNbdClient.encodeRequest({ type: CMD_READ, handle: BigInt(i), offset: BigInt((i % 15) * M), length: M }));
@@ -126,9 +129,7 @@ t.test('a client that goes away with replies still queued: the server serves the
   t.ok(spy.outcomes.includes('queued'), 'a reply was left half sent, its rest queued');
   c.destroy();
   t.ok(await c.waitClosed(5000), 'the first client is gone');
-  const d = await RawNbdClient.connect(port);
-  t.teardown(() => d.destroy());
-  await d.handshake('vm1');
+  const d = await client(t, port);
   const r = await d.readAt(5 * M + 512, M);
   t.equal(r.error, 0);
   t.ok(r.data.equals(image.subarray(5 * M + 512, 6 * M + 512)), 'a new client reads the image, sent from the file');
