@@ -105,8 +105,8 @@ export interface SparseOps {
   readCached(fd: number, into: Buffer, at: number, length: number, position: number, memoryBacked: boolean): number;
   /**
    * Writes inline when that cannot block (pwritev2 RWF_NOWAIT); results as readCached.
-   * `plain`: a plain pwritev instead (tmpfs and block devices refuse RWF_NOWAIT for
-   * buffered writes; FileDevice watches a block device's plain writes for stalls).
+   * `plain`: a plain pwritev instead (tmpfs, block devices and ext4 refuse RWF_NOWAIT for
+   * buffered writes; FileDevice watches plain writes to anything but tmpfs for stalls).
    */
   writeCached(fd: number, data: readonly Buffer[], position: number, plain: boolean): number;
   /** The file is on tmpfs/ramfs: its reads never wait on a disk. */
