@@ -10,6 +10,7 @@ import { parseNbdUri } from '../client/uri.js';
 import { Acl } from '../server/acl.js';
 import { NbdMigrateError } from '../util/errors.js';
 import { parseSize } from '../util/units.js';
+import { MAX_CAPACITY as MAX_LOG_CAPACITY } from '../dirty/activity-log.js';
 
 export interface ExportConfig {
   name: string;
@@ -54,6 +55,8 @@ export interface ServeConfig {
   activityLog?: boolean;
   /** Bytes per activity-log extent (default 4 MiB). */
   activityExtent?: number;
+  /** Extents an activity log names at most before it checkpoints (default: every extent of the export, up to 16,378). */
+  activityLogExtents?: number;
   /** Serve fenced or half-received images read-write anyway. */
   force: boolean;
   /** Connections open at once (all listeners), and per export. */
@@ -117,6 +120,7 @@ const isPort = (v: unknown): v is number => Number.isInteger(v) && (v as number)
 const isGranularity = (v: unknown): v is number => Number.isInteger(v) && (v as number) >= 512 && ((v as number) & ((v as number) - 1)) === 0;
 const isTlsMode = (v: unknown): v is 'off' | 'on' | 'require' => v === 'off' || v === 'on' || v === 'require';
 const isCount = (v: unknown): v is number => Number.isInteger(v) && (v as number) > 0;
+const isLogCapacity = (v: unknown): v is number => isCount(v) && v <= MAX_LOG_CAPACITY;
 const isNonNegative = (v: unknown): v is number => typeof v === 'number' && v >= 0 && Number.isFinite(v);
 const isStringList = (v: unknown): v is string[] => Array.isArray(v) && v.every((x) => typeof x === 'string');
 const isPositive = (v: unknown): v is number => typeof v === 'number' && v > 0 && Number.isFinite(v);
@@ -124,6 +128,7 @@ const isPositive = (v: unknown): v is number => typeof v === 'number' && v > 0 &
 const NUMERIC = {
   port: [isPort, 'a port number 0-65535'],
   count: [isCount, 'a positive integer'],
+  'log-extents': [isLogCapacity, `an integer from 1 to ${MAX_LOG_CAPACITY}`],
   seconds: [isNonNegative, 'a number of seconds'],
   'positive-seconds': [isPositive, 'a number of seconds above 0'],
 } as const;
@@ -155,7 +160,7 @@ export function loadConfigFile(file: string): Partial<ServeConfig> {
   return parseConfig(raw, file, path.dirname(path.resolve(file)));
 }
 
-const TOP_KEYS = new Set(['stateDir', 'activityLog', 'activityExtent', 'listen', 'port', 'socket', 'handshakeTimeout', 'adminSocket', 'metrics', 'dirtyGranularity', 'maxConnections', 'maxConnectionsPerExport', 'idleTimeout', 'shutdownTimeout', 'tls', 'tlsCert', 'tlsKey', 'tlsCa', 'onCutover', 'onCutoverTimeout', 'exports', '$comment']);
+const TOP_KEYS = new Set(['stateDir', 'activityLog', 'activityExtent', 'activityLogExtents', 'listen', 'port', 'socket', 'handshakeTimeout', 'adminSocket', 'metrics', 'dirtyGranularity', 'maxConnections', 'maxConnectionsPerExport', 'idleTimeout', 'shutdownTimeout', 'tls', 'tlsCert', 'tlsKey', 'tlsCa', 'onCutover', 'onCutoverTimeout', 'exports', '$comment']);
 const EXPORT_KEYS = new Set(['stateDir', 'name', 'path', 'listen', 'readOnly', 'description', 'oldstylePort', 'incoming', 'allow', 'direct', 'fetchFrom', '$comment']);
 
 export function parseConfig(raw: unknown, where: string, baseDir: string): Partial<ServeConfig> {
@@ -178,6 +183,7 @@ export function parseConfig(raw: unknown, where: string, baseDir: string): Parti
     ['tls', isTlsMode, '"off", "on" or "require"'],
     ['onCutover', isString, 'a shell command'],
     ['onCutoverTimeout', isPositive, 'a number of seconds'],
+    ['activityLogExtents', isLogCapacity, `an integer from 1 to ${MAX_LOG_CAPACITY}`],
   ];
   for (const [key, check, what] of plain) {
     const v = field(o, key, where, check as (v: unknown) => v is unknown, what);
@@ -373,6 +379,7 @@ export interface ServeArgs {
   'state-dir'?: string;
   'activity-log'?: boolean;
   'activity-extent'?: string | number;
+  'activity-log-extents'?: number;
   'fetch-from'?: string;
   'fetch-timeout'?: number;
   'max-bandwidth'?: string;
@@ -427,6 +434,8 @@ export function serveConfigFrom(argv: ServeArgs): ServeConfig {
   if (activityLog !== undefined) cfg.activityLog = activityLog;
   const extent = argv['activity-extent'] !== undefined ? powerOfTwoArg(argv['activity-extent'], '--activity-extent') : file.activityExtent;
   if (extent !== undefined) cfg.activityExtent = extent;
+  const logExtents = argv['activity-log-extents'] ?? file.activityLogExtents;
+  if (logExtents !== undefined) cfg.activityLogExtents = logExtents;
   const admin = argv['admin-socket'] ?? file.adminSocket;
   if (admin !== undefined) cfg.adminSocket = admin;
   const metrics = argv.metrics ?? file.metrics;

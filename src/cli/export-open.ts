@@ -92,6 +92,7 @@ function openState(e: ExportConfig, cfg: ServeConfig, file: FileDevice, stack: S
   try {
     state = ExportState.open(dir, stack.bitmap, {
       extentBytes: cfg.activityExtent,
+      capacity: cfg.activityLogExtents,
       onError: (err) => log('error', 'activity-log-failed', { export: e.name, cause: err, effect: 'writes into extents not yet logged fail with EIO until restart' }),
     });
   } catch (err) {

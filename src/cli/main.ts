@@ -107,6 +107,7 @@ const addServe: AddCommand = (y, usage) =>
         .option('state-dir', { type: 'string', describe: 'Keep each export\'s state (crash-safe dirty bitmap, activity log, mirror record) in DIR/<export name>/ (default: IMAGE.nbd-migrate.d/ beside the image; /var/lib/nbd-migrate/<export name>/ for a block device)' })
         .option('activity-log', { type: 'boolean', describe: 'Crash-safe dirty tracking: log each coarse extent on disk before its first write is answered (default on; --no-activity-log keeps the bitmap in memory only)' })
         .option('activity-extent', { type: 'string', describe: 'Bytes per activity-log extent, a power of two (default 4M)' })
+        .option('activity-log-extents', { coerce: numericArg('activity-log-extents', 'log-extents'), describe: 'Extents an activity log names before it checkpoints (default: every extent of the export, up to 16378: 64 GiB at 4M)' })
         .option('fetch-from', { type: 'string', describe: 'Post-copy destination: serve the IMAGE at once and fetch the blocks it does not hold yet from this NBD URI (nbd://SOURCE/NAME)' })
         .option('fetch-timeout', { coerce: numericArg('fetch-timeout', 'positive-seconds'), describe: 'Post-copy: seconds a read of a block not yet fetched waits for an unreachable source before it fails with EIO (default 120)' })
         .option('max-bandwidth', { type: 'string', describe: 'Post-copy: background fill rate limit, e.g. 50M (bytes/s; ctl set-speed changes it)' })

@@ -10,7 +10,8 @@
 //     clean point);
 //   - nothing is dirty that was never sent (the extent is 64 KiB, one bit,
 //     so the log's over-report is exactly the writes in flight);
-//   - the log fills (1018 extents) and checkpoints many times on the way
+//   - the log (1018 extents, --activity-log-extents) fills and checkpoints many
+//     times on the way
 //     (about 1,400 new blocks per round).
 import t from 'tap';
 import * as fs from 'node:fs';
@@ -53,7 +54,7 @@ t.test('kill -9 in a loop: every acknowledged write is dirty after the restart, 
 
   for (let round = 1; round <= ROUNDS; round++) {
     const clean = round % 5 === 0;
-    server = await startServer([image, '--name', 'vm1', '--admin-socket', admin, '--activity-extent', '64K', '--dirty-granularity', '64K']);
+    server = await startServer([image, '--name', 'vm1', '--admin-socket', admin, '--activity-extent', '64K', '--activity-log-extents', String(SLOT_CAPACITY), '--dirty-granularity', '64K']);
     const recoveredLine = await server.waitForLog((e) => e.event === 'dirty-recovered');
     // After the restart the server holds what the files said (checked below, before this round's writes).
     const st = (await adminRequest(admin, { cmd: 'status' })) as { exports: Array<{ name: string; dirtyBlocks: number }> };

@@ -1,7 +1,8 @@
 // The activity log's counters per export in `ctl status --json` and in the
 // metrics: extents logged, syncs (slot writes), checkpoints. With a 64 KiB
-// extent, one write into each of 1,100 extents overflows the log (1018 extents
-// a slot), so it checkpoints; writes into extents already logged cost nothing.
+// extent and a log of 1018 extents (--activity-log-extents), one write into each
+// of 1,100 extents overflows the log, so it checkpoints; writes into extents
+// already logged cost nothing.
 import t from 'tap';
 import * as path from 'node:path';
 import { NbdClient } from '../../src/client/nbd-client.js';
@@ -30,7 +31,7 @@ t.test('ctl status --json and the metrics show the activity log counters', async
   const img = await makeImage(path.join(dir, 'disk.img'), EXTENTS * EXTENT);
   const ro = await makeImage(path.join(dir, 'ro.img'), MiB);
   const admin = path.join(dir, 'admin.sock');
-  const s = await serve(t, [img, '--name', 'vm1', '--activity-extent', '64K', '--export', `ro=${ro},read-only`, '--metrics', '127.0.0.1:0', '--admin-socket', admin]);
+  const s = await serve(t, [img, '--name', 'vm1', '--activity-extent', '64K', '--activity-log-extents', String(SLOT_CAPACITY), '--export', `ro=${ro},read-only`, '--metrics', '127.0.0.1:0', '--admin-socket', admin]);
   const m = await s.waitForLog((e) => e.event === 'listening' && e.listener === 'metrics');
 
   const first = await status(admin);
@@ -51,7 +52,8 @@ t.test('ctl status --json and the metrics show the activity log counters', async
   const all = (await status(admin)).exports.find((e) => e.name === 'vm1')!.activityLog!;
   t.ok(all.checkpoints >= 1, `the full log checkpointed (${all.checkpoints})`);
   t.ok(all.extentsLogged >= EXTENTS, `every extent was logged (${all.extentsLogged})`);
-  t.ok(all.activeExtents <= SLOT_CAPACITY, `the log holds at most a slot (${all.activeExtents})`);
+  t.ok(all.activeExtents <= SLOT_CAPACITY, `the log holds at most its capacity (${all.activeExtents})`);
+  t.equal(all.capacity, SLOT_CAPACITY, 'its capacity, as asked');
   t.ok(all.syncs >= all.checkpoints + 1 && all.syncs <= all.waits + all.checkpoints + 1, `syncs ${all.syncs}: batched, at most one per waiting change`);
 
   const text = await (await fetch(`http://127.0.0.1:${m.port as number}/metrics`)).text();

@@ -2,7 +2,7 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { ConfigError, loadConfigFile, parseConfig, parseExportSpec, serveConfigFrom } from '../../../src/cli/config.js';
+import { ConfigError, loadConfigFile, numericArg, parseConfig, parseExportSpec, serveConfigFrom } from '../../../src/cli/config.js';
 
 const configDir = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../config');
 
@@ -54,4 +54,13 @@ t.test('command line on top of the config file; duplicates refused', async (t) =
   t.throws(() => serveConfigFrom({ images: ['/a.img', '/b/a.img'] }), /defined twice/);
   t.throws(() => serveConfigFrom({}), /no exports/);
   t.throws(() => serveConfigFrom({ images: ['/a.img'], name: ['x', 'y'] }), /2 --name options for 1 IMAGE/);
+});
+
+t.test('the activity log capacity: --activity-log-extents or "activityLogExtents", 1 to 65530', async (t) => {
+  t.equal(parseConfig({ activityLogExtents: 2048 }, 'c.json', '/').activityLogExtents, 2048);
+  t.throws(() => parseConfig({ activityLogExtents: 0 }, 'c.json', '/'), { message: /c\.json\.activityLogExtents: expected an integer from 1 to 65530/ });
+  t.throws(() => parseConfig({ activityLogExtents: 65531 }, 'c.json', '/'), { message: /activityLogExtents/ });
+  t.equal(serveConfigFrom({ images: ['/a.img'], 'activity-log-extents': 300 }).activityLogExtents, 300, 'from the command line');
+  t.equal(serveConfigFrom({ images: ['/a.img'] }).activityLogExtents, undefined, 'unset: the log picks (every extent, up to 16378)');
+  t.throws(() => numericArg('activity-log-extents', 'log-extents')('70000'), { message: /--activity-log-extents: expected an integer from 1 to 65530, got "70000"/ });
 });

@@ -5,7 +5,7 @@
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { ActivityLog, BITMAP_FILE, LOG_FILE, readRecovered, SLOT_CAPACITY } from '../../../src/dirty/activity-log.js';
+import { ActivityLog, BITMAP_FILE, DEFAULT_MAX_CAPACITY, LOG_FILE, logCapacity, MAX_CAPACITY, readRecovered, SLOT_CAPACITY } from '../../../src/dirty/activity-log.js';
 import { DirtyBitmap } from '../../../src/dirty/bitmap.js';
 import { ExportState } from '../../../src/dirty/export-state.js';
 import { defaultStateDir, StateFolder } from '../../../src/dirty/state.js';
@@ -72,7 +72,7 @@ t.test('first write into an extent waits for the log; later ones do not; concurr
 t.test('a full log checkpoints: the stored bitmap takes the bits, the log starts again, nothing is lost', async (t) => {
   const f = folder(t);
   const bitmap = new DirtyBitmap(2 * SLOT_CAPACITY * 64 * K + 123, 4 * K);
-  const { log } = ActivityLog.open(f, bitmap, { extentBytes: 64 * K });
+  const { log } = ActivityLog.open(f, bitmap, { extentBytes: 64 * K, capacity: SLOT_CAPACITY });
   const written: number[] = [];
   for (let i = 0; i < SLOT_CAPACITY + 50; i++) {
     const off = i * 64 * K + 4 * K;
@@ -86,6 +86,64 @@ t.test('a full log checkpoints: the stored bitmap takes the bits, the log starts
   t.same(lost, [], 'every acknowledged write recovered dirty');
   t.ok(rec.dirtyBlocks() <= (SLOT_CAPACITY + 50) * 16, 'at most the written extents');
   await log.close();
+});
+
+/** One write into each of extents [from, to) of 64 KiB, 200 at a time (they share slots). */
+async function writeExtents(log: ActivityLog, bitmap: DirtyBitmap, from: number, to: number): Promise<void> {
+  for (let e = from; e < to; e += 200) {
+    const batch: Promise<boolean>[] = [];
+    for (let i = e; i < Math.min(e + 200, to); i++) batch.push(write(log, bitmap, i * 64 * K + 512, 512));
+    await Promise.all(batch);
+  }
+}
+
+t.test('the default capacity names every extent of the export: no checkpoint, a slot bigger than 4 KiB', async (t) => {
+  const f = folder(t);
+  const extents = 3000;
+  const bitmap = new DirtyBitmap(extents * 64 * K - 100, 4 * K);
+  const { log } = ActivityLog.open(f, bitmap, { extentBytes: 64 * K });
+  const slot = Math.ceil((24 + 4 * extents) / 4096) * 4096;
+  t.equal(log.capacity, (slot - 24) / 4, `every extent and the rest of a ${slot}-byte slot`);
+  t.equal(fs.statSync(f.file(LOG_FILE)).size, 2 * slot, 'the log file is two such slots');
+  await writeExtents(log, bitmap, 0, extents);
+  t.equal(log.stats.checkpoints, 0, 'one write into each extent never fills the log');
+  t.equal(log.activeExtents, extents);
+  t.equal(log.status().capacity, log.capacity, 'status shows the capacity');
+  const { bitmap: rec, recovery } = readRecovered(f, bitmap.size, bitmap.granularity);
+  t.equal(recovery.logExtents, extents, 'a crash now recovers every extent from the log');
+  t.equal(rec.dirtyBlocks(), bitmap.blocks, 'all of the disk, as written');
+  await log.close();
+
+  t.equal(logCapacity(20_000), DEFAULT_MAX_CAPACITY, 'an export of more extents gets the default maximum');
+  t.equal(DEFAULT_MAX_CAPACITY, (65536 - 24) / 4, 'a 64 KiB slot');
+  t.equal(logCapacity(10), SLOT_CAPACITY, 'a small export: a 4 KiB slot');
+  t.equal(logCapacity(20_000, 5), 5, 'a capacity asked for is taken as it is');
+  for (const bad of [0, MAX_CAPACITY + 1, 1.5]) t.throws(() => logCapacity(10, bad), RangeError, `capacity ${bad} refused`);
+});
+
+t.test('a log of 4 KiB slots is recovered by a log with bigger ones (and back); the file takes the new size when the log starts again', async (t) => {
+  const f = folder(t);
+  const bitmap = new DirtyBitmap(3000 * 64 * K, 4 * K);
+  const small = ActivityLog.open(f, bitmap, { extentBytes: 64 * K, capacity: SLOT_CAPACITY }).log;
+  t.equal(fs.statSync(f.file(LOG_FILE)).size, 8192, 'two 4 KiB slots, as every log had before capacities grew');
+  await writeExtents(small, bitmap, 100, 110);
+  // A crash (no close), then a server with the default capacity.
+  const fresh = new DirtyBitmap(bitmap.size, bitmap.granularity);
+  const big = ActivityLog.open(f, fresh, { extentBytes: 64 * K });
+  t.equal(big.recovery.logExtents, 10, 'the 4 KiB-slot log was read');
+  t.equal(fresh.dirtyBytes(), 10 * 64 * K, 'its ten extents are dirty');
+  t.equal(fs.statSync(f.file(LOG_FILE)).size, 2 * Math.ceil((24 + 4 * big.log.capacity) / 4096) * 4096, 'the file took the new size (two 12 KiB slots)');
+  const stored = readRecovered(f, bitmap.size, bitmap.granularity);
+  t.equal(stored.recovery.logExtents, 0, 'after the bitmap was stored and the log emptied');
+  t.equal(stored.bitmap.dirtyBytes(), 10 * 64 * K, 'the stored bitmap holds the ten extents');
+  await writeExtents(big.log, fresh, 2000, 2100);
+  // Another crash, and back to 4 KiB slots.
+  const again = new DirtyBitmap(bitmap.size, bitmap.granularity);
+  const back = ActivityLog.open(f, again, { extentBytes: 64 * K, capacity: SLOT_CAPACITY });
+  t.equal(back.recovery.logExtents, 100, 'the bigger log was read');
+  t.equal(again.dirtyBytes(), 110 * 64 * K, 'stored bits and the log: all 110 extents');
+  t.equal(fs.statSync(f.file(LOG_FILE)).size, 8192, 'and the file is two 4 KiB slots again');
+  await back.log.close();
 });
 
 t.test('checkpoint: clears reach the stored bitmap, except covered ranges and writes in flight', async (t) => {
