@@ -21,16 +21,15 @@ import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { nbdkit } from '../test/helpers/peers.js';
-import { makeImage, startServer as startNbdMigrate } from '../test/helpers/server.js';
+import { makeImage } from '../test/helpers/server.js';
 import { run, which } from '../test/helpers/tools.js';
 import type { BenchConfig } from './config.js';
-import { fioSample } from './fio-sample.js';
+import { sampleRounds, startImageServer, type RoundsContext } from './fio-sample.js';
 import { benchPath } from './image.js';
 import type { JobName } from './jobs.js';
 import { Interrupted } from './proc.js';
-import { fmtValue, formatResults, summarise, unitOf, type Row, type Sample } from './report.js';
-import { EXPORT_NAME, freePort, HOST, nbdkitFileArgs, type ServerName } from './servers.js';
+import { formatResults, summarise, type Row, type Sample } from './report.js';
+import type { ServerName } from './servers.js';
 
 export const BLOCKDEV_SERVERS: readonly ServerName[] = ['nbd-migrate', 'nbdkit'];
 
@@ -38,13 +37,6 @@ export interface BlockdevResults {
   settings: { size: number; device: string; backing: string; jobs: JobName[]; repeat: number; iodepth: number; runtimeSec: number; rampSec: number };
   rows: Row[];
   samples: Sample[];
-}
-
-interface Ctx {
-  cfg: BenchConfig;
-  fio: string;
-  stopRequested: () => boolean;
-  progress: (line: string) => void;
 }
 
 /** Seconds the suite takes, for run.ts's estimate (image, attach, and a second per sample besides fio). */
@@ -82,30 +74,8 @@ async function detachLoop(dev: string): Promise<void> {
   attached.delete(dev);
 }
 
-/** One server serving the device on a free port, started fresh for one sample. */
-async function startOn(server: ServerName, dev: string, stateDir: string, bin: string) {
-  const port = await freePort();
-  const h =
-    server === 'nbdkit'
-      ? await nbdkit(port, nbdkitFileArgs(dev, EXPORT_NAME))
-      : await startNbdMigrate([dev, '--name', EXPORT_NAME, '--listen', HOST, '--port', String(port), '--state-dir', stateDir, '--log-format', 'json', '--log-level', 'warn'], {
-          cli: bin,
-          readyPort: port,
-        });
-  return { ...h, pid: h.proc.pid ?? -1, uri: `nbd://${HOST}:${port}/${EXPORT_NAME}`, alive: () => h.proc.exitCode === null && h.proc.signalCode === null };
-}
-
-async function measure(ctx: Ctx, dev: string, stateDir: string, server: ServerName, job: JobName, round: number): Promise<Sample> {
-  const srv = await startOn(server, dev, stateDir, ctx.cfg.nbdMigrateBin);
-  try {
-    return await fioSample(ctx.cfg, ctx.fio, srv, server, job, round, ctx.stopRequested);
-  } finally {
-    await srv.stop();
-  }
-}
-
 /** Runs the suite; `results` is filled as samples come in (partial results survive an interruption). */
-export async function runBlockdevSuite(ctx: Ctx, results: { blockdev?: BlockdevResults }): Promise<void> {
+export async function runBlockdevSuite(ctx: RoundsContext, results: { blockdev?: BlockdevResults }): Promise<void> {
   const { cfg } = ctx;
   for (const [cmd, pkg] of [['losetup', 'mount'], ['nbdkit', 'nbdkit'], ['fio', 'fio']] as const)
     if ((await which(cmd)) === null) throw new Error(`blockdev suite: ${cmd} not found on PATH; install the Debian package "${pkg}" (apt-get install ${pkg}), or leave the suite out with BENCH_SUITES=...`);
@@ -116,27 +86,17 @@ export async function runBlockdevSuite(ctx: Ctx, results: { blockdev?: BlockdevR
     await makeImage(backing, cfg.imageSize, { fill: 'random' });
     dev = await attachLoop(backing);
     ctx.progress(`[blockdev] ${dev} attached over ${backing} (${cfg.imageSize / 1024 ** 2} MiB of random data on tmpfs)`);
-    const samples: Sample[] = [];
-    results.blockdev = {
+    const bd: BlockdevResults = {
       settings: { size: cfg.imageSize, device: dev, backing, jobs: cfg.jobs, repeat: cfg.repeat, iodepth: cfg.iodepth, runtimeSec: cfg.runtimeSec, rampSec: cfg.rampSec },
       rows: [],
-      samples,
+      samples: [],
     };
-    const total = cfg.repeat * cfg.jobs.length * BLOCKDEV_SERVERS.length;
-    for (let round = 1; round <= cfg.repeat; round++) {
-      const order = round % 2 ? [...BLOCKDEV_SERVERS] : [...BLOCKDEV_SERVERS].reverse();
-      for (const job of cfg.jobs)
-        for (const server of order) {
-          if (ctx.stopRequested()) throw new Interrupted();
-          const s = await measure(ctx, dev, stateDir, server, job, round);
-          samples.push(s);
-          results.blockdev.rows = summarise(samples, cfg.jobs, [...BLOCKDEV_SERVERS]);
-          const what = s.ok
-            ? `${fmtValue(s.value, unitOf(job)).padStart(7)} ${unitOf(job)}` + (s.serverCpuPct === null ? '' : `  server cpu ${Math.round(s.serverCpuPct)}%`)
-            : `FAILED: ${s.error.split('\n')[0]}`;
-          ctx.progress(`[blockdev ${String(samples.length).padStart(String(total).length)}/${total}] round ${round} ${job.padEnd(9)} ${server.padEnd(11)} ${what}`);
-        }
-    }
+    results.blockdev = bd;
+    const device = dev;
+    await sampleRounds(ctx, 'blockdev', BLOCKDEV_SERVERS, (server) => startImageServer(server, device, stateDir, cfg.nbdMigrateBin), (samples) => {
+      bd.samples = [...samples];
+      bd.rows = summarise(samples, cfg.jobs, [...BLOCKDEV_SERVERS]);
+    });
   } finally {
     // Always detached, whatever happened above (the exit hook covers a process that dies first).
     if (dev) await detachLoop(dev).catch((e: unknown) => (ctx.progress(`[blockdev] ${(e as Error).message}; retrying at exit`), undefined));

@@ -3,14 +3,15 @@
  * arguments and a developer can narrow a rerun:
  *
  *   BENCH_SERVERS=nbd-migrate,qemu-nbd   which servers (default: all three)
- *   BENCH_JOBS=randread,randwrite        which fio jobs (default: all four)
+ *   BENCH_JOBS=randread,randwrite        which fio jobs (default: all five; syncwrite = QD1 writes, each FLUSHed)
  *   BENCH_REPEAT=3                       samples per (server, job); the median is reported
  *   BENCH_RUNTIME=5  BENCH_RAMP=1        seconds measured / warm-up seconds per fio run
  *   BENCH_IODEPTH=16                     fio queue depth
  *   BENCH_IMAGE_SIZE=1G                  image size (K/M/G suffixes, binary)
  *   BENCH_OUT=bench/results/latest.json  where the JSON results go
  *   BENCH_NBD_MIGRATE=/path/bin/nbd-migrate  another build of the server (e.g. a baseline checkout)
- *   BENCH_SUITES=fio,mirror,blockdev     which suites (default: all); the rest only matter to one suite
+ *   BENCH_SUITES=fio,mirror,blockdev,disk  which suites (default: all); the rest only matter to one suite
+ *   BENCH_DISK_DIR=/var/tmp  BENCH_DISK_SIZE=4G  the disk suite's directory (on a disk, not tmpfs) and image
  *
  * The mirror suite (mirror.ts):
  *   BENCH_MIRROR_ROWS=copy,cutover,bitmap,actlog  which mirror rows (default: all; cutover4 too, see DEFAULT_MIRROR_ROWS)
@@ -31,8 +32,8 @@ import { REPO_ROOT } from '../test/helpers/server.js';
 import { JOBS, type JobName } from './jobs.js';
 import { SERVER_NAMES, type ServerName } from './servers.js';
 
-/** blockdev: the fio rows on a loop device, nbd-migrate against nbdkit (blockdev.ts). */
-export const SUITE_NAMES = ['fio', 'mirror', 'blockdev'] as const;
+/** blockdev: the fio rows on a loop device, nbd-migrate against nbdkit (blockdev.ts); disk: on a file on a disk (disk.ts). */
+export const SUITE_NAMES = ['fio', 'mirror', 'blockdev', 'disk'] as const;
 export type SuiteName = (typeof SUITE_NAMES)[number];
 export const MIRROR_ROW_NAMES = ['readcache', 'copy', 'wan', 'cutover', 'cutover4', 'bitmap', 'actlog', 'fill'] as const;
 export type MirrorRowName = (typeof MIRROR_ROW_NAMES)[number];

@@ -2,12 +2,14 @@
  * One fio sample against a server that is already serving: the fio suite's and the
  * blockdev suite's rows are measured the same way.
  */
+import { nbdkit } from '../test/helpers/peers.js';
+import { startServer as startNbdMigrate } from '../test/helpers/server.js';
 import type { BenchConfig } from './config.js';
 import { FioError, runFio, type FioResult, type FioSettings } from './fio.js';
 import { jobByName, type JobName } from './jobs.js';
 import { cpuBetween, cpuSnapshot, Interrupted, type CpuSnapshot } from './proc.js';
-import { valueOf, type Sample } from './report.js';
-import type { ServerName } from './servers.js';
+import { fmtValue, unitOf, valueOf, type Sample } from './report.js';
+import { EXPORT_NAME, freePort, HOST, nbdkitFileArgs, type ServerName } from './servers.js';
 
 /** Margin after fio's ramp for its start-up and the NBD handshake, before CPU sampling starts. */
 const FIO_STARTUP_MS = 300;
@@ -60,4 +62,74 @@ export async function fioSample(
     serverCpuUsPerOp: cpu.procPct !== null && result.iops > 0 ? (cpu.procPct / 100) * (1e6 / result.iops) : null,
     hostBusyPct: cpu.hostPct,
   };
+}
+
+/** A server started for one sample. */
+export interface StartedServer extends SampledServer {
+  stop(): Promise<void>;
+}
+
+export interface RoundsContext {
+  cfg: BenchConfig;
+  fio: string;
+  stopRequested: () => boolean;
+  progress: (line: string) => void;
+}
+
+/**
+ * The fio suite's way of measuring, for suites that serve one prepared image
+ * (blockdev, disk): every job against every server, a fresh server per sample
+ * (`start`), interleaved job by job with the order reversed every other round.
+ * `beforeSample` runs before each server starts (the disk suite drops the page
+ * cache); `onSample` sees the samples so far (partial results survive an interruption).
+ */
+export async function sampleRounds(
+  ctx: RoundsContext,
+  label: string,
+  servers: readonly ServerName[],
+  start: (server: ServerName) => Promise<StartedServer>,
+  onSample: (samples: readonly Sample[]) => void,
+  beforeSample?: () => Promise<void>,
+): Promise<Sample[]> {
+  const { cfg } = ctx;
+  const samples: Sample[] = [];
+  const total = cfg.repeat * cfg.jobs.length * servers.length;
+  for (let round = 1; round <= cfg.repeat; round++) {
+    const order = round % 2 ? [...servers] : [...servers].reverse();
+    for (const job of cfg.jobs)
+      for (const server of order) {
+        if (ctx.stopRequested()) throw new Interrupted();
+        await beforeSample?.();
+        const srv = await start(server);
+        let s: Sample;
+        try {
+          s = await fioSample(cfg, ctx.fio, srv, server, job, round, ctx.stopRequested);
+        } finally {
+          await srv.stop();
+        }
+        samples.push(s);
+        onSample(samples);
+        const what = s.ok
+          ? `${fmtValue(s.value, unitOf(job)).padStart(7)} ${unitOf(job)}` + (s.serverCpuPct === null ? '' : `  server cpu ${Math.round(s.serverCpuPct)}%`)
+          : `FAILED: ${s.error.split('\n')[0]}`;
+        ctx.progress(`[${label} ${String(samples.length).padStart(String(total).length)}/${total}] round ${round} ${job.padEnd(9)} ${server.padEnd(11)} ${what}`);
+      }
+  }
+  return samples;
+}
+
+/**
+ * nbd-migrate (`serve IMAGE`, its state folder under `stateDir`, activity log on as by
+ * default) or nbdkit's file plugin serving `image` (a file or a device) on a free port.
+ */
+export async function startImageServer(server: ServerName, image: string, stateDir: string, bin: string): Promise<StartedServer> {
+  const port = await freePort();
+  const h =
+    server === 'nbdkit'
+      ? await nbdkit(port, nbdkitFileArgs(image, EXPORT_NAME))
+      : await startNbdMigrate([image, '--name', EXPORT_NAME, '--listen', HOST, '--port', String(port), '--state-dir', stateDir, '--log-format', 'json', '--log-level', 'warn'], {
+          cli: bin,
+          readyPort: port,
+        });
+  return { ...h, pid: h.proc.pid ?? -1, uri: `nbd://${HOST}:${port}/${EXPORT_NAME}`, alive: () => h.proc.exitCode === null && h.proc.signalCode === null };
 }

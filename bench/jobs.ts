@@ -6,7 +6,7 @@
 
 export interface JobSpec {
   /** Name used in BENCH_JOBS, the table and the JSON. */
-  name: 'seqread' | 'seqwrite' | 'randread' | 'randwrite';
+  name: 'seqread' | 'seqwrite' | 'randread' | 'randwrite' | 'syncwrite';
   /** fio --rw. */
   rw: 'read' | 'write' | 'randread' | 'randwrite';
   /** fio --bs. */
@@ -14,6 +14,10 @@ export interface JobSpec {
   /** Which figure the table reports: bandwidth (MB/s) or IOPS. */
   metric: 'bw' | 'iops';
   direction: 'read' | 'write';
+  /** A FLUSH after every write (fio --fsync=1): what a database in a guest does. */
+  fsync?: boolean;
+  /** fio --iodepth for this job, instead of BENCH_IODEPTH. */
+  iodepth?: number;
 }
 
 export const JOBS: readonly JobSpec[] = [
@@ -21,6 +25,8 @@ export const JOBS: readonly JobSpec[] = [
   { name: 'seqwrite', rw: 'write', bs: '1M', metric: 'bw', direction: 'write' },
   { name: 'randread', rw: 'randread', bs: '4k', metric: 'iops', direction: 'read' },
   { name: 'randwrite', rw: 'randwrite', bs: '4k', metric: 'iops', direction: 'write' },
+  // One 4 KiB random write at a time, each followed by a FLUSH: a server's latency per write and per flush.
+  { name: 'syncwrite', rw: 'randwrite', bs: '4k', metric: 'iops', direction: 'write', fsync: true, iodepth: 1 },
 ];
 
 export type JobName = JobSpec['name'];

@@ -32,6 +32,7 @@ import { firstLine, Interrupted, runningCommands } from './proc.js';
 import { fmtValue, formatResults, summarise, unitOf, type Sample } from './report.js';
 import { freePort, SERVER_TOOLS, serverCommand, startServer, type ServerName } from './servers.js';
 import { estimateBlockdevSec, formatBlockdev, runBlockdevSuite, type BlockdevResults } from './blockdev.js';
+import { estimateDiskSec, formatDisk, runDiskSuite, type DiskResults } from './disk.js';
 
 /** Seconds of overhead per sample besides fio's runtime (server start/stop, fio start), for the time estimate. */
 const SAMPLE_OVERHEAD_SEC = 1;
@@ -166,14 +167,26 @@ async function main(): Promise<void> {
   const mirrorSuite = cfg.suites.includes('mirror') && cfg.mirror.rows.length > 0;
   const total = fioSuite ? cfg.repeat * cfg.jobs.length * cfg.servers.length : 0;
   const blockdevSuite = cfg.suites.includes('blockdev');
-  const estimate = total * (cfg.runtimeSec + cfg.rampSec + SAMPLE_OVERHEAD_SEC) + (mirrorSuite ? estimateMirrorSec(cfg.mirror) : 0) + (blockdevSuite ? estimateBlockdevSec(cfg) : 0);
+  const diskSuite = cfg.suites.includes('disk');
+  const estimate =
+    total * (cfg.runtimeSec + cfg.rampSec + SAMPLE_OVERHEAD_SEC) +
+    (mirrorSuite ? estimateMirrorSec(cfg.mirror) : 0) +
+    (blockdevSuite ? estimateBlockdevSec(cfg) : 0) +
+    (diskSuite ? estimateDiskSec(cfg) : 0);
   const gib = cfg.imageSize / 1024 ** 3;
   const header = fioSuite
     ? `nbd-migrate benchmark: fio ${cfg.jobs.join(', ')} via the nbd engine (1 connection, iodepth ${cfg.iodepth}, ` +
       `${cfg.runtimeSec} s + ${cfg.rampSec} s ramp) against ${cfg.servers.join(', ')}; ` +
       `${gib >= 1 ? `${gib} GiB` : `${cfg.imageSize / 1024 ** 2} MiB`} random raw image on tmpfs; ${os.cpus().length} CPUs`
-    : `nbd-migrate benchmark: ${[mirrorSuite ? `mirror suite (${cfg.mirror.rows.join(', ')})` : '', blockdevSuite ? 'blockdev suite' : ''].filter(Boolean).join(' and ')} only; ${os.cpus().length} CPUs`;
-  const runs = [fioSuite ? `${total} fio runs` : '', mirrorSuite ? `mirror rows ${cfg.mirror.rows.join(', ')}` : '', blockdevSuite ? `${cfg.repeat * cfg.jobs.length * 2} blockdev fio runs` : ''].filter(Boolean).join(' + ');
+    : `nbd-migrate benchmark: ${[mirrorSuite ? `mirror suite (${cfg.mirror.rows.join(', ')})` : '', blockdevSuite ? 'blockdev suite' : '', diskSuite ? 'disk suite' : ''].filter(Boolean).join(' and ')} only; ${os.cpus().length} CPUs`;
+  const runs = [
+    fioSuite ? `${total} fio runs` : '',
+    mirrorSuite ? `mirror rows ${cfg.mirror.rows.join(', ')}` : '',
+    blockdevSuite ? `${cfg.repeat * cfg.jobs.length * 2} blockdev fio runs` : '',
+    diskSuite ? `${cfg.repeat * cfg.jobs.length * 2} disk fio runs` : '',
+  ]
+    .filter(Boolean)
+    .join(' + ');
   process.stderr.write(`${header}\n${runs}, about ${Math.ceil(estimate / 60)} min\n`);
 
   const t0 = Date.now();
@@ -181,6 +194,7 @@ async function main(): Promise<void> {
   const samples: Sample[] = [];
   const mirror: MirrorResults = { mismatches: [] };
   const bdev: { blockdev?: BlockdevResults } = {};
+  const disk: { disk?: DiskResults } = {};
   const partial = () => {
     if (samples.length) process.stdout.write(formatResults(summarise(samples, cfg.jobs, cfg.servers), samples, cfg.servers, cfg.repeat) + '\n');
     if (mirror.copy || mirror.cutover || mirror.cutover4 || mirror.bitmap || mirror.actlog) process.stdout.write('\n' + formatMirrorResults(mirror) + '\n');
@@ -218,6 +232,7 @@ async function main(): Promise<void> {
       );
     }
     if (blockdevSuite) await runBlockdevSuite({ cfg, fio, stopRequested: () => interrupted, progress: (line) => process.stderr.write(line + '\n') }, bdev);
+    if (diskSuite) await runDiskSuite({ cfg, fio, stopRequested: () => interrupted, progress: (line) => process.stderr.write(line + '\n') }, disk);
   } catch (e) {
     await cleanUp();
     if (e instanceof Interrupted || interrupted) {
@@ -236,6 +251,7 @@ async function main(): Promise<void> {
   if (fioSuite) process.stdout.write(formatResults(rows, samples, cfg.servers, cfg.repeat) + '\n');
   if (mirrorSuite) process.stdout.write((fioSuite ? '\n' : '') + formatMirrorResults(mirror) + '\n');
   if (bdev.blockdev) process.stdout.write('\n' + formatBlockdev(bdev.blockdev) + '\n');
+  if (disk.disk) process.stdout.write('\n' + formatDisk(disk.disk) + '\n');
 
   const placeholder = { image: 'IMAGE', port: 0, nbdMigrateBin: cfg.nbdMigrateBin };
   const doc = {
@@ -279,6 +295,7 @@ async function main(): Promise<void> {
     samples,
     mirror: mirrorSuite ? mirror : null,
     blockdev: bdev.blockdev ?? null,
+    disk: disk.disk ?? null,
   };
   fs.mkdirSync(path.dirname(cfg.outFile), { recursive: true });
   fs.writeFileSync(cfg.outFile, JSON.stringify(doc, null, 2) + '\n');
