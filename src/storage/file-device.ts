@@ -448,7 +448,18 @@ export class FileDevice implements Device {
 
   flush(): Promise<void> {
     // On a device fsync also flushes the device's volatile write cache.
-    return this.block ? fsync(this.fd) : fdatasync(this.fd);
+    if (this.block) return fsync(this.fd);
+    // tmpfs and ramfs have nothing to write back (their fsync returns at once): no hand-off to the
+    // pool and back, which cost a QD1 write-and-FLUSH loop 68 us of its 206 us per write (nbdkit 138).
+    if (this.memoryBacked) {
+      try {
+        fs.fdatasyncSync(this.fd);
+        return Promise.resolve();
+      } catch (e) {
+        return Promise.reject(e);
+      }
+    }
+    return fdatasync(this.fd);
   }
 
   async trim(offset: number, length: number, opts: WriteOptions): Promise<void> {
