@@ -172,6 +172,22 @@ function encodeSlot(b: Buffer, seq: number, extentBytes: number, ...lists: Itera
   return b;
 }
 
+/**
+ * The slot in `b` (as encodeSlot left it) with `added` appended and sequence `seq`: only the new
+ * extents are encoded. At 16,378 extents a whole encode took 162 us, and the log writes a slot
+ * for every batch of first writes.
+ */
+function extendSlot(b: Buffer, seq: number, added: readonly number[]): Buffer {
+  let n = b.readUInt32LE(16);
+  if (n + added.length > (b.length - SLOT_HEADER) / 4) throw new RangeError('activity log slot overflow');
+  for (const e of added) b.writeUInt32LE(e, SLOT_HEADER + 4 * n++);
+  b.writeBigUInt64LE(BigInt(seq), 4);
+  b.writeUInt32LE(n, 16);
+  b.writeUInt32LE(0, 20);
+  b.writeUInt32LE(crc32(b), 20);
+  return b;
+}
+
 interface Slot {
   seq: number;
   extentBytes: number;
@@ -508,7 +524,10 @@ export class ActivityLog {
           // (written as the active ones plus those: no copy of the active set).
           const added = cp ? [] : [...batch].filter((e) => this.activeFlags[e] === 0);
           if (!cp && this.active.size + added.length <= this.capacity) {
-            await this.writeSlot(this.active, added);
+            // The buffer holds the slot last written, which names the active set (in its order):
+            // only the new extents are added to it. Should it not (its count says), it is encoded whole.
+            if (this.slotFile.readUInt32LE(16) === this.active.size) await this.writeSlot((seq) => extendSlot(this.slotFile, seq, added));
+            else await this.writeSlot((seq) => encodeSlot(this.slotFile, seq, this.extentBytes, this.active, added));
             this.stats.extentsLogged += added.length;
             for (const e of added) {
               this.active.add(e);
@@ -572,7 +591,7 @@ export class ActivityLog {
     const next = new Set<number>();
     for (const e of batch) if (next.size < this.capacity) next.add(e);
     for (const e of this.batch) if (next.size < this.capacity && this.inflight[e]! > 0) next.add(e);
-    await this.writeSlot(next);
+    await this.writeSlot((seq) => encodeSlot(this.slotFile, seq, this.extentBytes, next));
     this.stats.extentsLogged += next.size;
     // Writes that asked during this checkpoint wait for the next slot, unless this one named their extents.
     for (const e of next) this.batch.delete(e);
@@ -583,9 +602,10 @@ export class ActivityLog {
     }
   }
 
-  private async writeSlot(...lists: Iterable<number>[]): Promise<void> {
+  /** Writes the slot `encode` makes (given the next sequence number) into its place, and syncs it. */
+  private async writeSlot(encode: (seq: number) => Buffer): Promise<void> {
     this.seq++;
-    const buf = encodeSlot(this.slotFile, this.seq, this.extentBytes, ...lists);
+    const buf = encode(this.seq);
     await write(this.fd, buf, 0, buf.length, (this.seq % 2) * buf.length);
     await fdatasync(this.fd);
     this.stats.slotWrites++;
