@@ -89,13 +89,21 @@ const fdatasync = promisify(fs.fdatasync);
 // ---------------------------------------------------------------- file formats
 
 /**
- * dirty.bitmap: magic "NBDMDBM1", then little-endian u32 version (1),
+ * dirty.bitmap: magic "NBDMDBM1", then little-endian u32 version (1 or 2),
  * granularity, word count, CRC-32 of the words, u64 size, u32 generation;
  * zero padding to 64 bytes; then the words (u32 LE).
  */
 export function encodeBitmap(size: number, granularity: number, words: Uint32Array, generation: number): Buffer {
   return encodeBitmapWith(size, granularity, words.length, generation, (body) => body.set(words));
 }
+
+/**
+ * Version 2 is version 1's layout, written while the log has slots bigger than 4 KiB.
+ * Releases before those could exist read only 4 KiB slots and version 1: such a
+ * release refuses the stored bitmap and marks the whole export dirty, where it would
+ * otherwise recover the bitmap without the log it cannot read (and miss changes).
+ */
+const BITMAP_VERSION_BIG_SLOTS = 2;
 
 /** The file buffer for `count` words: unpooled, so the words after the 64-byte header are 4-byte aligned. */
 function bitmapFileBuffer(count: number): Buffer {
@@ -113,6 +121,7 @@ function encodeBitmapWith(
   generation: number,
   fill: (words: Uint32Array) => void,
   into: Buffer = bitmapFileBuffer(count),
+  version = 1,
 ): Buffer {
   const b = into;
   if (b.length !== BITMAP_HEADER + count * 4 || b.byteOffset % 4 !== 0) throw new RangeError('bitmap file buffer of the wrong size or alignment');
@@ -121,7 +130,7 @@ function encodeBitmapWith(
   body.fill(0);
   fill(new Uint32Array(b.buffer, b.byteOffset + BITMAP_HEADER, count));
   b.write(BITMAP_MAGIC, 0, 'latin1');
-  b.writeUInt32LE(1, 8);
+  b.writeUInt32LE(version, 8);
   b.writeUInt32LE(granularity, 12);
   b.writeUInt32LE(count, 16);
   b.writeUInt32LE(crc32(body), 20);
@@ -140,7 +149,8 @@ export interface StoredBitmap {
 /** Decodes dirty.bitmap; throws (saying why) when it is not a whole, valid file. */
 export function decodeBitmap(b: Buffer): StoredBitmap {
   if (b.length < BITMAP_HEADER || b.toString('latin1', 0, 8) !== BITMAP_MAGIC) throw new Error('not an nbd-migrate dirty bitmap');
-  if (b.readUInt32LE(8) !== 1) throw new Error(`dirty bitmap version ${b.readUInt32LE(8)} is not known`);
+  const version = b.readUInt32LE(8);
+  if (version !== 1 && version !== BITMAP_VERSION_BIG_SLOTS) throw new Error(`dirty bitmap version ${version} is not known`);
   const n = b.readUInt32LE(16);
   if (b.length !== BITMAP_HEADER + n * 4) throw new Error(`dirty bitmap is ${b.length} bytes, expected ${BITMAP_HEADER + n * 4}`);
   const body = b.subarray(BITMAP_HEADER);
@@ -579,7 +589,8 @@ export class ActivityLog {
       for (let e = 0; e < this.inflight.length; e++) if (this.inflight[e]! > 0) snap.mark(e * this.extentBytes, this.extentBytes);
       for (const fn of this.covers) for (const [o, l] of fn()) snap.mark(o, l);
     };
-    return encodeBitmapWith(size, granularity, count, this.generation, fill, this.snapshotFile);
+    const version = this.slotFile.length > SLOT_UNIT ? BITMAP_VERSION_BIG_SLOTS : 1;
+    return encodeBitmapWith(size, granularity, count, this.generation, fill, this.snapshotFile, version);
   }
 
   private async checkpointNow(batch: Set<number>): Promise<void> {

@@ -88,6 +88,11 @@ t.test('a full log checkpoints: the stored bitmap takes the bits, the log starts
   await log.close();
 });
 
+/** The version field of the stored dirty.bitmap. */
+function bitmapVersion(f: StateFolder): number {
+  return f.read(BITMAP_FILE)!.readUInt32LE(8);
+}
+
 /** One write into each of extents [from, to) of 64 KiB, 200 at a time (they share slots). */
 async function writeExtents(log: ActivityLog, bitmap: DirtyBitmap, from: number, to: number): Promise<void> {
   for (let e = from; e < to; e += 200) {
@@ -105,6 +110,7 @@ t.test('the default capacity names every extent of the export: no checkpoint, a 
   const slot = Math.ceil((24 + 4 * extents) / 4096) * 4096;
   t.equal(log.capacity, (slot - 24) / 4, `every extent and the rest of a ${slot}-byte slot`);
   t.equal(fs.statSync(f.file(LOG_FILE)).size, 2 * slot, 'the log file is two such slots');
+  t.equal(bitmapVersion(f), 2, 'and the stored bitmap is version 2, which releases that read only 4 KiB slots refuse (they mark all dirty)');
   await writeExtents(log, bitmap, 0, extents);
   t.equal(log.stats.checkpoints, 0, 'one write into each extent never fills the log');
   t.equal(log.activeExtents, extents);
@@ -126,6 +132,7 @@ t.test('a log of 4 KiB slots is recovered by a log with bigger ones (and back); 
   const bitmap = new DirtyBitmap(3000 * 64 * K, 4 * K);
   const small = ActivityLog.open(f, bitmap, { extentBytes: 64 * K, capacity: SLOT_CAPACITY }).log;
   t.equal(fs.statSync(f.file(LOG_FILE)).size, 8192, 'two 4 KiB slots, as every log had before capacities grew');
+  t.equal(bitmapVersion(f), 1, 'the stored bitmap is version 1, as those releases write');
   await writeExtents(small, bitmap, 100, 110);
   // A crash (no close), then a server with the default capacity.
   const fresh = new DirtyBitmap(bitmap.size, bitmap.granularity);
@@ -143,6 +150,7 @@ t.test('a log of 4 KiB slots is recovered by a log with bigger ones (and back); 
   t.equal(back.recovery.logExtents, 100, 'the bigger log was read');
   t.equal(again.dirtyBytes(), 110 * 64 * K, 'stored bits and the log: all 110 extents');
   t.equal(fs.statSync(f.file(LOG_FILE)).size, 8192, 'and the file is two 4 KiB slots again');
+  t.equal(bitmapVersion(f), 1, 'the stored bitmap version 1 again');
   await back.log.close();
 });
 
