@@ -24,10 +24,9 @@ import * as path from 'node:path';
 import { makeImage } from '../test/helpers/server.js';
 import { run, which } from '../test/helpers/tools.js';
 import type { BenchConfig } from './config.js';
-import { sampleRounds, startImageServer, type RoundsContext } from './fio-sample.js';
+import { runSuiteAlone, sampleRounds, startImageServer, type RoundsContext } from './fio-sample.js';
 import { benchPath } from './image.js';
 import type { JobName } from './jobs.js';
-import { Interrupted } from './proc.js';
 import { formatResults, summarise, type Row, type Sample } from './report.js';
 import type { ServerName } from './servers.js';
 
@@ -115,34 +114,10 @@ export function formatBlockdev(r: BlockdevResults): string {
   ].join('\n');
 }
 
-/** `node dist/bench/blockdev.js`: the suite alone, printed (BENCH_JOBS, BENCH_REPEAT, ... apply). */
-async function main(): Promise<void> {
-  const { loadConfig } = await import('./config.js');
-  const cfg = loadConfig();
+if (process.argv[1] && /blockdev\.[jt]s$/.test(process.argv[1])) {
   const results: { blockdev?: BlockdevResults } = {};
-  let stop = false;
-  const onSignal = () => {
-    if (stop) {
-      detachAllSync();
-      process.exit(130);
-    }
-    stop = true;
-  };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
-  try {
-    await runBlockdevSuite({ cfg, fio: (await which('fio')) ?? 'fio', stopRequested: () => stop, progress: (l) => process.stderr.write(l + '\n') }, results);
-  } finally {
-    if (results.blockdev) process.stdout.write(formatBlockdev(results.blockdev) + '\n');
-  }
-}
-
-if (process.argv[1] && /blockdev\.[jt]s$/.test(process.argv[1]))
-  void main().catch((e: unknown) => {
-    if (e instanceof Interrupted) {
-      process.stderr.write('bench blockdev: interrupted (partial results above; the loop device is detached)\n');
-      process.exit(130);
-    }
-    process.stderr.write(`bench blockdev: ${(e as Error).stack ?? String(e)}\n`);
-    process.exit(1);
+  runSuiteAlone('blockdev', (ctx) => runBlockdevSuite(ctx, results), () => results.blockdev && formatBlockdev(results.blockdev), {
+    afterInterrupt: 'the loop device is detached',
+    onForcedExit: detachAllSync,
   });
+}

@@ -23,9 +23,8 @@ import { makeImage } from '../test/helpers/server.js';
 import { run, which } from '../test/helpers/tools.js';
 import { parseSize } from '../src/util/units.js';
 import type { BenchConfig } from './config.js';
-import { sampleRounds, startImageServer, type RoundsContext } from './fio-sample.js';
+import { runSuiteAlone, sampleRounds, startImageServer, type RoundsContext } from './fio-sample.js';
 import type { JobName } from './jobs.js';
-import { Interrupted } from './proc.js';
 import { formatResults, summarise, type Row, type Sample } from './report.js';
 import type { ServerName } from './servers.js';
 
@@ -109,31 +108,7 @@ export function formatDisk(r: DiskResults): string {
   ].join('\n');
 }
 
-/** `node dist/bench/disk.js`: the suite alone, printed (BENCH_JOBS, BENCH_REPEAT, BENCH_DISK_* ... apply). */
-async function main(): Promise<void> {
-  const { loadConfig } = await import('./config.js');
-  const cfg = loadConfig();
+if (process.argv[1] && /disk\.[jt]s$/.test(process.argv[1])) {
   const results: { disk?: DiskResults } = {};
-  let stop = false;
-  const onSignal = () => {
-    if (stop) process.exit(130);
-    stop = true;
-  };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
-  try {
-    await runDiskSuite({ cfg, fio: (await which('fio')) ?? 'fio', stopRequested: () => stop, progress: (l) => process.stderr.write(l + '\n') }, results);
-  } finally {
-    if (results.disk) process.stdout.write(formatDisk(results.disk) + '\n');
-  }
+  runSuiteAlone('disk', (ctx) => runDiskSuite(ctx, results), () => results.disk && formatDisk(results.disk), { afterInterrupt: 'the image is removed' });
 }
-
-if (process.argv[1] && /disk\.[jt]s$/.test(process.argv[1]))
-  void main().catch((e: unknown) => {
-    if (e instanceof Interrupted) {
-      process.stderr.write('bench disk: interrupted (partial results above; the image is removed)\n');
-      process.exit(130);
-    }
-    process.stderr.write(`bench disk: ${(e as Error).stack ?? String(e)}\n`);
-    process.exit(1);
-  });

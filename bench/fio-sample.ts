@@ -69,6 +69,7 @@ export interface StartedServer extends SampledServer {
   stop(): Promise<void>;
 }
 
+/** What a suite is run with: the settings, fio, whether to stop, and where progress lines go. */
 export interface RoundsContext {
   cfg: BenchConfig;
   fio: string;
@@ -76,12 +77,19 @@ export interface RoundsContext {
   progress: (line: string) => void;
 }
 
+/** `xs` rotated left by `n` places: the server order of round n+1. */
+export function rotate<T>(xs: readonly T[], n: number): T[] {
+  const k = xs.length ? n % xs.length : 0;
+  return [...xs.slice(k), ...xs.slice(0, k)];
+}
+
 /**
- * The fio suite's way of measuring, for suites that serve one prepared image
- * (blockdev, disk): every job against every server, a fresh server per sample
- * (`start`), interleaved job by job with the order reversed every other round.
- * `beforeSample` runs before each server starts (the disk suite drops the page
- * cache); `onSample` sees the samples so far (partial results survive an interruption).
+ * How the fio, blockdev and disk suites measure: every job against every
+ * server, a fresh server per sample (`start`), interleaved job by job with the
+ * server order rotated every round. `beforeSample` runs before each server
+ * starts (the disk suite drops the page cache); `onSample` sees the samples so
+ * far (partial results survive an interruption). `label` prefixes the progress
+ * lines (none for the fio suite).
  */
 export async function sampleRounds(
   ctx: RoundsContext,
@@ -95,7 +103,7 @@ export async function sampleRounds(
   const samples: Sample[] = [];
   const total = cfg.repeat * cfg.jobs.length * servers.length;
   for (let round = 1; round <= cfg.repeat; round++) {
-    const order = round % 2 ? [...servers] : [...servers].reverse();
+    const order = rotate(servers, round - 1);
     for (const job of cfg.jobs)
       for (const server of order) {
         if (ctx.stopRequested()) throw new Interrupted();
@@ -112,7 +120,7 @@ export async function sampleRounds(
         const what = s.ok
           ? `${fmtValue(s.value, unitOf(job)).padStart(7)} ${unitOf(job)}` + (s.serverCpuPct === null ? '' : `  server cpu ${Math.round(s.serverCpuPct)}%`)
           : `FAILED: ${s.error.split('\n')[0]}`;
-        ctx.progress(`[${label} ${String(samples.length).padStart(String(total).length)}/${total}] round ${round} ${job.padEnd(9)} ${server.padEnd(11)} ${what}`);
+        ctx.progress(`[${label ? `${label} ` : ''}${String(samples.length).padStart(String(total).length)}/${total}] round ${round} ${job.padEnd(9)} ${server.padEnd(11)} ${what}`);
       }
   }
   return samples;
@@ -132,4 +140,46 @@ export async function startImageServer(server: ServerName, image: string, stateD
           readyPort: port,
         });
   return { ...h, pid: h.proc.pid ?? -1, uri: `nbd://${HOST}:${port}/${EXPORT_NAME}`, alive: () => h.proc.exitCode === null && h.proc.signalCode === null };
+}
+
+/**
+ * `node dist/bench/NAME.js`: one suite alone (the BENCH_* settings apply), its table
+ * printed with whatever it measured, also when interrupted. A second Ctrl-C exits at
+ * once, after `onForcedExit` (the blockdev suite detaches its loop device there).
+ */
+export function runSuiteAlone(
+  name: string,
+  runSuite: (ctx: RoundsContext) => Promise<void>,
+  table: () => string | undefined,
+  opts: { afterInterrupt: string; onForcedExit?: () => void },
+): void {
+  let stop = false;
+  const onSignal = () => {
+    if (stop) {
+      opts.onForcedExit?.();
+      process.exit(130);
+    }
+    stop = true;
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  const main = async () => {
+    const { loadConfig } = await import('./config.js');
+    const { which } = await import('../test/helpers/tools.js');
+    const cfg = loadConfig();
+    try {
+      await runSuite({ cfg, fio: (await which('fio')) ?? 'fio', stopRequested: () => stop, progress: (l) => process.stderr.write(l + '\n') });
+    } finally {
+      const t = table();
+      if (t) process.stdout.write(t + '\n');
+    }
+  };
+  void main().catch((e: unknown) => {
+    if (e instanceof Interrupted) {
+      process.stderr.write(`bench ${name}: interrupted (partial results above; ${opts.afterInterrupt})\n`);
+      process.exit(130);
+    }
+    process.stderr.write(`bench ${name}: ${(e as Error).stack ?? String(e)}\n`);
+    process.exit(1);
+  });
 }

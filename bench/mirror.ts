@@ -15,7 +15,7 @@ import * as fs from 'node:fs';
 import { formatBytes } from '../src/util/units.js';
 import { ACTLOG_MODES, formatActlog, measureActlog, summariseActlog, type ActlogRow, type ActlogSample } from './actlog.js';
 import { BITMAP_IO_SEC, BITMAP_SMALL_SIZE, measureBitmap, type BitmapSample, type GoodBitmapSample } from './bitmapmem.js';
-import type { BenchConfig, CopyMethodName, MirrorConfig } from './config.js';
+import type { CopyMethodName, MirrorConfig } from './config.js';
 import { COPY_METHOD_LABELS, createCopySource, measureCopy, type CopySample, type GoodCopySample } from './copyspeed.js';
 import { cutover4Settings, runCutover4, type Cutover4Sample, type Cutover4Settings } from './cutover4.js';
 import { formatCutover4 } from './report.js';
@@ -27,6 +27,7 @@ import { removeImageAndMarkers, removeSocketDir } from './mirrorjob.js';
 import { formatWan, runWan, type WanResults } from './wan.js';
 import { Interrupted } from './proc.js';
 import { median, table } from './report.js';
+import { rotate, type RoundsContext } from './fio-sample.js';
 
 export interface CopyRow {
   method: CopyMethodName;
@@ -104,17 +105,8 @@ export interface MirrorResults {
   mismatches: string[];
 }
 
-export interface MirrorContext {
-  cfg: BenchConfig;
-  fio: string;
-  stopRequested: () => boolean;
-  progress: (line: string) => void;
-}
-
-function rotate<T>(xs: readonly T[], n: number): T[] {
-  const k = xs.length ? n % xs.length : 0;
-  return [...xs.slice(k), ...xs.slice(0, k)];
-}
+/** What every suite is run with (fio-sample.ts). */
+export type MirrorContext = RoundsContext;
 
 const med = <T>(xs: readonly T[], pick: (x: T) => number | null | undefined): number | null =>
   median(xs.map(pick).filter((v): v is number => typeof v === 'number' && Number.isFinite(v)));

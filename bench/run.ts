@@ -20,16 +20,15 @@ import * as path from 'node:path';
 import { qemuNbdArgs } from '../test/helpers/peers.js';
 import { run, which } from '../test/helpers/tools.js';
 import { BenchConfigError, loadConfig, type BenchConfig } from './config.js';
-import { fioSample } from './fio-sample.js';
+import { sampleRounds } from './fio-sample.js';
 import { createImage, removeBenchFiles, removeImage } from './image.js';
-import type { JobName } from './jobs.js';
 import { COPY_METHOD_TOOLS, copyCommand } from './copyspeed.js';
 import { cutoverFioArgs } from './cutover.js';
 import { cutover4Settings } from './cutover4.js';
 import { estimateMirrorSec, formatMirrorResults, runMirrorSuite, type MirrorResults } from './mirror.js';
 import { MIRROR_EXPORT, QEMU_NBD_TARGET_SETTINGS, removeSocketDir } from './mirrorjob.js';
 import { firstLine, Interrupted, runningCommands } from './proc.js';
-import { fmtValue, formatResults, summarise, unitOf, type Sample } from './report.js';
+import { formatResults, summarise, type Sample } from './report.js';
 import { freePort, SERVER_TOOLS, serverCommand, startServer, type ServerName } from './servers.js';
 import { estimateBlockdevSec, formatBlockdev, runBlockdevSuite, type BlockdevResults } from './blockdev.js';
 import { estimateDiskSec, formatDisk, runDiskSuite, type DiskResults } from './disk.js';
@@ -98,21 +97,9 @@ async function gitDescribe(repoRoot: string): Promise<{ commit: string | null; d
   }
 }
 
-/** `xs` rotated left by `n` places. */
-function rotate<T>(xs: readonly T[], n: number): T[] {
-  const k = xs.length ? n % xs.length : 0;
-  return [...xs.slice(k), ...xs.slice(0, k)];
-}
-
-async function measure(cfg: BenchConfig, fio: string, image: string, server: ServerName, job: JobName, round: number): Promise<Sample> {
-  const port = await freePort();
-  // A server that cannot start is a setup problem, not a data point: startServer's error ends the run.
-  const srv = await startServer(server, { image, port, nbdMigrateBin: cfg.nbdMigrateBin });
-  try {
-    return await fioSample(cfg, fio, srv, server, job, round, () => interrupted);
-  } finally {
-    await srv.stop();
-  }
+/** A server of the fio suite serving `image`, started for one sample (a server that cannot start ends the run: a setup problem, not a data point). */
+async function startFioServer(cfg: BenchConfig, image: string, server: ServerName) {
+  return startServer(server, { image, port: await freePort(), nbdMigrateBin: cfg.nbdMigrateBin });
 }
 
 /**
@@ -200,27 +187,18 @@ async function main(): Promise<void> {
     if (mirror.copy || mirror.cutover || mirror.cutover4 || mirror.bitmap || mirror.actlog) process.stdout.write('\n' + formatMirrorResults(mirror) + '\n');
   };
 
-  let n = 0;
   try {
     if (fioSuite) {
       imagePath = await createImage(cfg.imageSize);
       process.stderr.write(`image ${imagePath} written in ${((Date.now() - t0) / 1000).toFixed(1)} s\n`);
-      for (let round = 1; round <= cfg.repeat; round++) {
-        const order = rotate(cfg.servers, round - 1);
-        for (const job of cfg.jobs) {
-          for (const server of order) {
-            if (interrupted) throw new Interrupted();
-            const s = await measure(cfg, fio, imagePath, server, job, round);
-            samples.push(s);
-            n++;
-            const what = s.ok
-              ? `${fmtValue(s.value, unitOf(job)).padStart(7)} ${unitOf(job)}` +
-                (s.serverCpuPct === null ? '' : `  server cpu ${Math.round(s.serverCpuPct)}%`)
-              : `FAILED: ${s.error.split('\n')[0]}`;
-            process.stderr.write(`[${String(n).padStart(String(total).length)}/${total}] round ${round} ${job.padEnd(9)} ${server.padEnd(11)} ${what}\n`);
-          }
-        }
-      }
+      const image = imagePath;
+      await sampleRounds(
+        { cfg, fio, stopRequested: () => interrupted, progress: (line) => process.stderr.write(line + '\n') },
+        '',
+        cfg.servers,
+        (server) => startFioServer(cfg, image, server),
+        (all) => samples.splice(0, samples.length, ...all),
+      );
       // The fio image is not needed by the mirror suite: free the tmpfs space now.
       removeImage(imagePath);
       imagePath = undefined;

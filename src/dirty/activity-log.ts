@@ -160,8 +160,16 @@ export function decodeBitmap(b: Buffer): StoredBitmap {
   return { granularity: b.readUInt32LE(12), words, size: Number(b.readBigUInt64LE(24)), generation: b.readUInt32LE(32) };
 }
 
+const CRC_AT = 20;
+const ZERO_CRC_FIELD = Buffer.alloc(4);
+
+/** A slot's CRC-32: of the whole slot, its CRC field taken as 0 (the slot is not changed). */
+function slotCrc(b: Buffer): number {
+  return crc32(b.subarray(CRC_AT + 4), crc32(ZERO_CRC_FIELD, crc32(b.subarray(0, CRC_AT))));
+}
+
 /**
- * One activity-log slot: u32 magic, u64 sequence, u32 extent bytes, u32 count, u32 CRC (of the slot with this field 0), extents.
+ * One activity-log slot: u32 magic, u64 sequence, u32 extent bytes, u32 count, u32 CRC (slotCrc), extents.
  * Written into `b` (the slot's size, reused by the log: slots are written one at a time); the extents of every list, in order.
  */
 function encodeSlot(b: Buffer, seq: number, extentBytes: number, ...lists: Iterable<number>[]): Buffer {
@@ -178,7 +186,7 @@ function encodeSlot(b: Buffer, seq: number, extentBytes: number, ...lists: Itera
   b.writeBigUInt64LE(BigInt(seq), 4);
   b.writeUInt32LE(extentBytes, 12);
   b.writeUInt32LE(n, 16);
-  b.writeUInt32LE(crc32(b), 20);
+  b.writeUInt32LE(slotCrc(b), CRC_AT);
   return b;
 }
 
@@ -193,8 +201,7 @@ function extendSlot(b: Buffer, seq: number, added: readonly number[]): Buffer {
   for (const e of added) b.writeUInt32LE(e, SLOT_HEADER + 4 * n++);
   b.writeBigUInt64LE(BigInt(seq), 4);
   b.writeUInt32LE(n, 16);
-  b.writeUInt32LE(0, 20);
-  b.writeUInt32LE(crc32(b), 20);
+  b.writeUInt32LE(slotCrc(b), CRC_AT);
   return b;
 }
 
@@ -209,10 +216,7 @@ function decodeSlot(b: Buffer): Slot | undefined {
   if (b.length < SLOT_UNIT || b.length % SLOT_UNIT !== 0 || b.readUInt32LE(0) !== SLOT_MAGIC) return undefined;
   const n = b.readUInt32LE(16);
   if (n > (b.length - SLOT_HEADER) / 4) return undefined;
-  const crc = b.readUInt32LE(20);
-  const copy = Buffer.from(b);
-  copy.writeUInt32LE(0, 20);
-  if (crc32(copy) !== crc) return undefined; // torn or never written
+  if (slotCrc(b) !== b.readUInt32LE(CRC_AT)) return undefined; // torn or never written
   const extents: number[] = [];
   for (let i = 0; i < n; i++) extents.push(b.readUInt32LE(SLOT_HEADER + 4 * i));
   return { seq: Number(b.readBigUInt64LE(4)), extentBytes: b.readUInt32LE(12), extents };
@@ -530,8 +534,7 @@ export class ActivityLog {
         this.next = undefined;
         this.checkpointWanted = undefined;
         try {
-          // The log grows by the batch's new extents while they fit in a slot
-          // (written as the active ones plus those: no copy of the active set).
+          // The log grows by the batch's new extents while they fit in a slot.
           const added = cp ? [] : [...batch].filter((e) => this.activeFlags[e] === 0);
           if (!cp && this.active.size + added.length <= this.capacity) {
             // The buffer holds the slot last written, which names the active set (in its order):

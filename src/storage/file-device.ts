@@ -393,11 +393,12 @@ export class FileDevice implements Device {
     if (!this.inlineWrites || data.length > 64 || (this.inlinePausedUntil !== 0 && !this.inlineResumed())) return 0;
     const total = byteLength(data);
     if (total > INLINE_WRITE_MAX) return 0;
+    const plain = this.memoryBacked || this.plainWrites;
     const started = this.plainWrites ? this.clock() : 0;
-    const n = this.ops.writeCached(this.fd, data, offset, this.memoryBacked || this.plainWrites);
+    const n = this.ops.writeCached(this.fd, data, offset, plain);
     if (this.plainWrites) this.watchInlineWrite(started, total);
     if (n === -2) {
-      if (this.plainWrites || this.memoryBacked) {
+      if (plain) {
         this.inlineWrites = false;
         return 0;
       }
