@@ -6,6 +6,7 @@
  * table, ctl and the README's "Admin socket protocol" section to each other.
  * A new command is one entry here and one line in ctl (or 'socket-only').
  */
+import { busyPollStatus } from '../util/busy-poll.js';
 import type { MigrationController } from '../migration/controller.js';
 import type { EvacuationJobOptions } from '../migration/evacuation.js';
 import type { PostcopyDestination } from '../migration/postcopy.js';
@@ -89,7 +90,7 @@ export const ADMIN_COMMANDS = {
     summary: 'Exports, dirty data and mirror jobs',
     args: { export: { kind: 'string', doc: 'Only this export\'s mirror job' } },
     run: ({ controller, postcopy }, a) => {
-      if (a.export === undefined) return { ...controller.status(), postcopy: [...(postcopy?.values() ?? [])].map((p) => p.status()) };
+      if (a.export === undefined) return { ...controller.status(), postcopy: [...(postcopy?.values() ?? [])].map((p) => p.status()), busyPoll: busyPollStatus() };
       return postcopy?.get(a.export)?.status() ?? controller.jobStatus(a.export);
     },
   }),

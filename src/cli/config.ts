@@ -11,6 +11,7 @@ import { Acl } from '../server/acl.js';
 import { NbdMigrateError } from '../util/errors.js';
 import { parseSize } from '../util/units.js';
 import { MAX_CAPACITY as MAX_LOG_CAPACITY } from '../dirty/activity-log.js';
+import { DEFAULT_BUSY_POLL_US, MAX_BUSY_POLL_US } from '../util/busy-poll.js';
 
 export interface ExportConfig {
   name: string;
@@ -82,6 +83,8 @@ export interface ServeConfig {
   fillBandwidth?: number;
   /** Bytes of recently read blocks kept in memory for remote devices (0/undefined: none). */
   readCache?: number;
+  /** Microseconds the event loop may poll for the next event before it sleeps (adaptive; 0 = never; see util/busy-poll.ts). */
+  busyPollUs: number;
   exports: ExportConfig[];
 }
 
@@ -103,6 +106,7 @@ export const CONFIG_DEFAULTS = {
   idleTimeout: 0,
   shutdownTimeout: 10,
   tls: 'off',
+  busyPollUs: DEFAULT_BUSY_POLL_US,
 } as const;
 
 type Json = Record<string, unknown>;
@@ -124,6 +128,7 @@ const isLogCapacity = (v: unknown): v is number => isCount(v) && v <= MAX_LOG_CA
 const isNonNegative = (v: unknown): v is number => typeof v === 'number' && v >= 0 && Number.isFinite(v);
 const isStringList = (v: unknown): v is string[] => Array.isArray(v) && v.every((x) => typeof x === 'string');
 const isPositive = (v: unknown): v is number => typeof v === 'number' && v > 0 && Number.isFinite(v);
+const isBusyPoll = (v: unknown): v is number => isNonNegative(v) && v <= MAX_BUSY_POLL_US;
 
 const NUMERIC = {
   port: [isPort, 'a port number 0-65535'],
@@ -131,6 +136,7 @@ const NUMERIC = {
   'log-extents': [isLogCapacity, `an integer from 1 to ${MAX_LOG_CAPACITY}`],
   seconds: [isNonNegative, 'a number of seconds'],
   'positive-seconds': [isPositive, 'a number of seconds above 0'],
+  'busy-poll': [isBusyPoll, `a number of microseconds from 0 to ${MAX_BUSY_POLL_US}`],
 } as const;
 
 function numeric(option: string, kind: keyof typeof NUMERIC, v: unknown): number {
@@ -160,7 +166,7 @@ export function loadConfigFile(file: string): Partial<ServeConfig> {
   return parseConfig(raw, file, path.dirname(path.resolve(file)));
 }
 
-const TOP_KEYS = new Set(['stateDir', 'activityLog', 'activityExtent', 'activityLogExtents', 'listen', 'port', 'socket', 'handshakeTimeout', 'adminSocket', 'metrics', 'dirtyGranularity', 'maxConnections', 'maxConnectionsPerExport', 'idleTimeout', 'shutdownTimeout', 'tls', 'tlsCert', 'tlsKey', 'tlsCa', 'onCutover', 'onCutoverTimeout', 'exports', '$comment']);
+const TOP_KEYS = new Set(['stateDir', 'activityLog', 'activityExtent', 'activityLogExtents', 'listen', 'port', 'socket', 'handshakeTimeout', 'adminSocket', 'metrics', 'dirtyGranularity', 'maxConnections', 'maxConnectionsPerExport', 'idleTimeout', 'shutdownTimeout', 'tls', 'tlsCert', 'tlsKey', 'tlsCa', 'onCutover', 'onCutoverTimeout', 'busyPollUs', 'exports', '$comment']);
 const EXPORT_KEYS = new Set(['stateDir', 'name', 'path', 'listen', 'readOnly', 'description', 'oldstylePort', 'incoming', 'allow', 'direct', 'fetchFrom', '$comment']);
 
 export function parseConfig(raw: unknown, where: string, baseDir: string): Partial<ServeConfig> {
@@ -184,6 +190,7 @@ export function parseConfig(raw: unknown, where: string, baseDir: string): Parti
     ['onCutover', isString, 'a shell command'],
     ['onCutoverTimeout', isPositive, 'a number of seconds'],
     ['activityLogExtents', isLogCapacity, `an integer from 1 to ${MAX_LOG_CAPACITY}`],
+    ['busyPollUs', isBusyPoll, `a number of microseconds from 0 to ${MAX_BUSY_POLL_US}`],
   ];
   for (const [key, check, what] of plain) {
     const v = field(o, key, where, check as (v: unknown) => v is unknown, what);
@@ -384,6 +391,7 @@ export interface ServeArgs {
   'fetch-timeout'?: number;
   'max-bandwidth'?: string;
   'read-cache'?: string;
+  'busy-poll-us'?: number;
 }
 
 /** Builds the serve configuration: config file first, then the command line on top. */
@@ -420,6 +428,7 @@ export function serveConfigFrom(argv: ServeArgs): ServeConfig {
     idleTimeout: argv['idle-timeout'] ?? file.idleTimeout ?? CONFIG_DEFAULTS.idleTimeout,
     shutdownTimeout: argv['shutdown-timeout'] ?? file.shutdownTimeout ?? CONFIG_DEFAULTS.shutdownTimeout,
     tls: (argv.tls as ServeConfig['tls'] | undefined) ?? file.tls ?? CONFIG_DEFAULTS.tls,
+    busyPollUs: argv['busy-poll-us'] ?? file.busyPollUs ?? CONFIG_DEFAULTS.busyPollUs,
     exports: [...(file.exports ?? []), ...fromArgs, ...(argv.export ?? []).map(parseExportSpec)],
   };
   if (argv['fetch-from'] && images.length !== 1) throw new ConfigError(`--fetch-from: give exactly one IMAGE (or fetch-from=URI in an --export spec), not ${images.length}`);

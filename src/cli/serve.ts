@@ -22,6 +22,7 @@ import { PostcopyDestination } from '../migration/postcopy.js';
 import { JobError } from '../migration/errors.js';
 import type { DirtyBitmap } from '../dirty/bitmap.js';
 import { log } from '../util/log.js';
+import { busyPollStatus, setBusyPoll } from '../util/busy-poll.js';
 import { ConfigError, type ExportConfig, type ServeConfig } from './config.js';
 import { closeCheckpoints, closeState, type OpenExport, openExport, StateFolderBusy } from './export-open.js';
 
@@ -216,6 +217,7 @@ class ServeProcess implements RunningServer {
         const { buildRegistry, startMetricsServer } = await import('../metrics/exporter.js');
         this.metrics = await startMetricsServer(this.cfg.metrics, buildRegistry({ exports: this.registry, server: this.server.stats, controller: this.controller, postcopy: this.postcopies }));
       }
+      applyBusyPoll(this.cfg.busyPollUs);
     } catch (err) {
       await this.stop();
       throw err;
@@ -242,7 +244,8 @@ class ServeProcess implements RunningServer {
       }
       await this.retireExport(name);
     }
-    this.cfg = { ...this.cfg, exports: next.exports, force: next.force };
+    this.cfg = { ...this.cfg, exports: next.exports, force: next.force, busyPollUs: next.busyPollUs };
+    applyBusyPoll(next.busyPollUs);
     for (const [name, e] of wanted) {
       if (this.open.has(name)) continue;
       try {
@@ -258,6 +261,7 @@ class ServeProcess implements RunningServer {
   }
 
   async stop(): Promise<void> {
+    setBusyPoll(0); // the process may go on (tests, a library user): its loop sleeps as Node's does again
     await this.admin?.close();
     await this.metrics?.close();
     // Mirrors not yet switched stop, resumable (flushed target, stored bitmap and record, the destination
@@ -305,6 +309,14 @@ async function closeExport(oe: OpenExport): Promise<void> {
   await closeState(oe);
   await oe.file.close().catch((e) => log('error', 'close-failed', { image: oe.file.path, cause: e }));
   oe.unlockState?.();
+}
+
+/** Sets the event loop's polling bound; a bound that cannot be applied is said, not ignored. */
+function applyBusyPoll(us: number): void {
+  const inForce = setBusyPoll(us);
+  const st = busyPollStatus();
+  if (st.unavailable) log('warn', 'busy-poll-unavailable', { busyPollUs: us, cause: st.unavailable, effect: 'the event loop sleeps between requests: low-queue-depth I/O pays a wake-up per request' });
+  else log('debug', 'busy-poll', { busyPollUs: inForce });
 }
 
 export async function startServe(cfg: ServeConfig): Promise<RunningServer> {

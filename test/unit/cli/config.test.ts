@@ -56,6 +56,16 @@ t.test('command line on top of the config file; duplicates refused', async (t) =
   t.throws(() => serveConfigFrom({ images: ['/a.img'], name: ['x', 'y'] }), /2 --name options for 1 IMAGE/);
 });
 
+t.test('the event loop\'s polling bound: --busy-poll-us or "busyPollUs", 0 to 10000, default 100', async (t) => {
+  t.equal(serveConfigFrom({ images: ['/a.img'] }).busyPollUs, 100, 'default');
+  t.equal(serveConfigFrom({ images: ['/a.img'], 'busy-poll-us': 0 }).busyPollUs, 0, 'off from the command line');
+  t.equal(parseConfig({ busyPollUs: 250 }, 'c.json', '/').busyPollUs, 250);
+  t.throws(() => parseConfig({ busyPollUs: -1 }, 'c.json', '/'), { message: /c\.json\.busyPollUs: expected a number of microseconds from 0 to 10000/ });
+  t.throws(() => parseConfig({ busyPollUs: 10001 }, 'c.json', '/'), { message: /busyPollUs/ });
+  t.throws(() => numericArg('busy-poll-us', 'busy-poll')('fast'), { message: /--busy-poll-us: expected a number of microseconds from 0 to 10000, got "fast"/ });
+  t.equal(numericArg('busy-poll-us', 'busy-poll')('50'), 50);
+});
+
 t.test('the activity log capacity: --activity-log-extents or "activityLogExtents", 1 to 65530', async (t) => {
   t.equal(parseConfig({ activityLogExtents: 2048 }, 'c.json', '/').activityLogExtents, 2048);
   t.throws(() => parseConfig({ activityLogExtents: 0 }, 'c.json', '/'), { message: /c\.json\.activityLogExtents: expected an integer from 1 to 65530/ });
