@@ -494,7 +494,7 @@ Napi::Value PageCached(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
-// ---- busyPoll(maxNs) -> the window's bound now in force; busyPollStats(out Float64Array(5)):
+// ---- busyPoll(maxNs) -> the window's bound now in force; busyPollStats(out Float64Array(6)):
 // adaptive polling of the event loop, as QEMU's iothreads do (poll-max-ns). When the loop
 // handled an event, it stays awake, polling with a zero timeout, for a window before it sleeps
 // again, so the next request of a client at queue depth 1 is found without a wake-up. In a VM a
@@ -569,20 +569,21 @@ Napi::Value BusyPollSet(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   double max = info[0].As<Napi::Number>().DoubleValue();
   if (!(max >= 0)) max = 0;
+  uv_loop_t* loop = nullptr;
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok || !loop) return Napi::Number::New(env, -1);
   if (!busy_poll) {
-    uv_loop_t* loop = nullptr;
-    if (napi_get_uv_event_loop(env, &loop) != napi_ok || !loop) return Napi::Number::New(env, -1);
     busy_poll = new BusyPoll();
     busy_poll->loop = loop;
+    // The window adapts to the time the loop slept, which libuv counts only when asked. Node asks at
+    // start-up; asking again costs nothing and keeps this from depending on it.
+    uv_loop_configure(loop, UV_METRICS_IDLE_TIME);
     uv_idle_init(loop, &busy_poll->idle);
     uv_check_init(loop, &busy_poll->check);
     busy_poll->check.data = busy_poll;
     uv_unref(reinterpret_cast<uv_handle_t*>(&busy_poll->idle));
     uv_unref(reinterpret_cast<uv_handle_t*>(&busy_poll->check));
-  } else {
-    uv_loop_t* loop = nullptr;
-    napi_get_uv_event_loop(env, &loop);
-    if (loop != busy_poll->loop) return Napi::Number::New(env, -1);  // another thread's loop
+  } else if (loop != busy_poll->loop) {
+    return Napi::Number::New(env, -1);  // another thread's loop
   }
   BusyPoll* bp = busy_poll;
   bp->max_ns = static_cast<uint64_t>(max);
@@ -603,12 +604,13 @@ Napi::Value BusyPollSet(const Napi::CallbackInfo& info) {
 
 Napi::Value BusyPollStats(const Napi::CallbackInfo& info) {
   Napi::Float64Array out = info[0].As<Napi::Float64Array>();
-  if (out.ElementLength() < 5 || !busy_poll) return info.Env().Undefined();
+  if (out.ElementLength() < 6 || !busy_poll) return info.Env().Undefined();
   out[0] = static_cast<double>(busy_poll->window_ns);
   out[1] = busy_poll->caught;
   out[2] = busy_poll->expired;
   out[3] = busy_poll->grown;
   out[4] = busy_poll->shrunk;
+  out[5] = static_cast<double>(busy_poll->max_ns);
   return info.Env().Undefined();
 }
 

@@ -12,7 +12,6 @@ import { CONFIG_DEFAULTS, ConfigError, numericArg, numericArgs, serveConfigFrom,
 import { COPY_OPTIONS, copyCommand, copyOptionsFrom, type CopyArgs } from './copy.js';
 import { ctlCommand, ctlCommandNames, ctlErrorLine, ctlRunning } from './ctl.js';
 import type * as Serve from './serve.js';
-import { DEFAULT_BUSY_POLL_US } from '../util/busy-poll.js';
 
 const DEMO_SIZE = 1024 * 1024 * 1024;
 
@@ -114,7 +113,7 @@ const addServe: AddCommand = (y, usage) =>
         .option('fetch-timeout', { coerce: numericArg('fetch-timeout', 'positive-seconds'), describe: 'Post-copy: seconds a read of a block not yet fetched waits for an unreachable source before it fails with EIO (default 120)' })
         .option('max-bandwidth', { type: 'string', describe: 'Post-copy: background fill rate limit, e.g. 50M (bytes/s; ctl set-speed changes it)' })
         .option('read-cache', { type: 'string', describe: 'Keep this many bytes of recently read blocks of remote devices in memory, e.g. 64M (after cutover, during post-copy)' })
-        .option('busy-poll-us', { coerce: numericArg('busy-poll-us', 'busy-poll'), describe: `After handling I/O, poll up to this many microseconds for the next request before sleeping (adaptive, as QEMU's poll-max-ns; saves a wake-up per request at low queue depth, costs CPU while requests come closer together than this; 0 = never; default ${DEFAULT_BUSY_POLL_US})` })
+        .option('busy-poll-us', { coerce: numericArg('busy-poll-us', 'busy-poll'), describe: `After handling I/O, poll up to this many microseconds for the next request before sleeping (adaptive, as QEMU's poll-max-ns; saves a wake-up per request at low queue depth, costs CPU while requests come closer together than this; 0 = never; default ${CONFIG_DEFAULTS.busyPollUs})` })
         .example('nbd-migrate serve disk.img --name vm1', 'Serve disk.img as export "vm1" on port 10809')
         .example('nbd-migrate serve disk.img --name vm1 --oldstyle-port 20001', 'Also serve it oldstyle on port 20001 (qemu: nbd:HOST:20001)')
         .example('nbd-migrate serve --export a=a.img --export b=b.img,read-only', 'Serve two exports'),

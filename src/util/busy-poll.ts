@@ -48,10 +48,10 @@ export interface BusyPollStatus {
   unavailable?: string;
 }
 
-let maxUs = 0;
 /** Why polling is off although asked for (set by the last setBusyPoll). */
 let unavailable: string | undefined;
-const stats = new Float64Array(5);
+/** The addon's figures: window, caught, expired, grown, shrunk (counts), bound (ns); it holds the state. */
+const stats = new Float64Array(6);
 
 /** The addon's calls, or why they are missing. */
 function native(): Native | string {
@@ -68,19 +68,19 @@ export function setBusyPoll(us: number): number {
   const n = native();
   if (typeof n === 'string') {
     if (us > 0) unavailable = n;
-    return (maxUs = 0);
+    return 0;
   }
   // -1: asked from a worker thread's loop (the addon polls one loop, the first that asked).
   const r = n.busyPoll(Math.round(us * 1000));
   if (r < 0) {
     unavailable = 'busy polling runs on the first event loop that asked for it only';
-    return (maxUs = 0);
+    return 0;
   }
-  return (maxUs = r / 1000);
+  return r / 1000;
 }
 
 export function busyPollStatus(): BusyPollStatus {
-  const s: BusyPollStatus = { maxUs, windowUs: 0, caught: 0, expired: 0, grown: 0, shrunk: 0 };
+  const s: BusyPollStatus = { maxUs: 0, windowUs: 0, caught: 0, expired: 0, grown: 0, shrunk: 0 };
   const n = native();
   if (typeof n !== 'string') {
     // Leaves zeros while nothing has asked for polling.
@@ -90,6 +90,7 @@ export function busyPollStatus(): BusyPollStatus {
     s.expired = stats[2]!;
     s.grown = stats[3]!;
     s.shrunk = stats[4]!;
+    s.maxUs = stats[5]! / 1000;
   }
   if (unavailable) s.unavailable = unavailable;
   return s;

@@ -1,6 +1,5 @@
 import t from 'tap';
 import { spawn, spawnSync } from 'node:child_process';
-import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { busyPollStatus, setBusyPoll } from '../../../src/util/busy-poll.js';
@@ -16,17 +15,51 @@ t.afterEach(() => {
   setBusyPoll(0);
 });
 
-/** One pool round trip (a stat): its completion is an event on the loop a few microseconds later. */
-const statOnce = (): Promise<void> => new Promise((resolve, reject) => fs.stat(root, (e) => (e ? reject(e) : resolve())));
+/**
+ * A child that echoes every byte at once, as a QD1 client answers a reply with its next request:
+ * each answer is an event after a short sleep of this loop (the child's own wake-up). A pool round
+ * trip is not that: its completion is often ready before the loop has gone to sleep at all.
+ */
+function echoPeer(): { roundTrip(): Promise<void>; close(): Promise<void> } {
+  const child = spawn(process.execPath, ['-e', 'process.stdin.on("data", (d) => process.stdout.write(d));'], { stdio: ['pipe', 'pipe', 'inherit'] });
+  let waiting: (() => void) | undefined;
+  child.stdout.on('data', () => waiting?.());
+  return {
+    roundTrip: () =>
+      new Promise<void>((resolve) => {
+        waiting = resolve;
+        child.stdin.write('x');
+      }),
+    close: () => new Promise<void>((resolve) => {
+      child.on('close', () => resolve());
+      child.stdin.end();
+    }),
+  };
+}
+
+/** Round trips with the echo peer until `done` holds (at least `min`, at most 5000: a loaded machine needs more). */
+async function pingUntil(min: number, done: () => boolean): Promise<number> {
+  const peer = echoPeer();
+  let n = 0;
+  while (n < min || (n < 5000 && !done())) {
+    await peer.roundTrip();
+    n++;
+  }
+  await peer.close();
+  return n;
+}
 
 t.test('events close together grow the window, and the loop finds them while it polls', async (t) => {
   t.equal(setBusyPoll(100), 100, 'the bound is in force');
   const before = busyPollStatus();
-  for (let i = 0; i < 400; i++) await statOnce();
+  const n = await pingUntil(400, () => {
+    const s = busyPollStatus();
+    return s.grown > before.grown && s.caught > before.caught && s.windowUs > 0;
+  });
   const s = busyPollStatus();
   t.equal(s.maxUs, 100);
   t.ok(s.grown > before.grown, `the window grew (${s.grown - before.grown} times)`);
-  t.ok(s.caught > before.caught, `events were found while polling instead of after a wake-up (${s.caught - before.caught} of 400)`);
+  t.ok(s.caught > before.caught, `events were found while polling instead of after a wake-up (${s.caught - before.caught} of ${n})`);
   t.ok(s.windowUs > 0 && s.windowUs <= 100, `window ${s.windowUs} us is within the bound`);
   t.notOk(s.unavailable);
 });
@@ -34,7 +67,7 @@ t.test('events close together grow the window, and the loop finds them while it 
 t.test('events after sleeps longer than the bound shrink the window to nothing', async (t) => {
   setBusyPoll(100);
   // Open the window first (a loaded machine may take more round trips to grow it).
-  for (let i = 0; i < 100 || (i < 5000 && busyPollStatus().windowUs === 0); i++) await statOnce();
+  await pingUntil(100, () => busyPollStatus().windowUs > 0);
   const grown = busyPollStatus();
   t.ok(grown.windowUs > 0, `the window is open first (${grown.windowUs} us)`);
   // A child that writes a line every 20 ms: each line is an event after a 20 ms sleep (> 100 us).
@@ -56,12 +89,12 @@ t.test('events after sleeps longer than the bound shrink the window to nothing',
 
 t.test('0 turns polling off: the window closes and nothing more is caught', async (t) => {
   setBusyPoll(100);
-  for (let i = 0; i < 100; i++) await statOnce();
+  await pingUntil(100, () => busyPollStatus().windowUs > 0);
   t.equal(setBusyPoll(0), 0);
   const off = busyPollStatus();
   t.equal(off.maxUs, 0);
   t.equal(off.windowUs, 0);
-  for (let i = 0; i < 200; i++) await statOnce();
+  await pingUntil(200, () => true);
   const after = busyPollStatus();
   t.equal(after.caught, off.caught, 'nothing found by polling while off');
   t.equal(after.grown, off.grown, 'the window did not grow while off');
