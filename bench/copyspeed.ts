@@ -29,7 +29,7 @@ import { compare } from '../test/helpers/peers.js';
 import { startDelayProxy, type DelayProxy } from '../test/helpers/delay-proxy.js';
 import { benchPath, createHalfAllocatedImage } from './image.js';
 import type { BenchConfig, CopyMethodName } from './config.js';
-import { adminSocketPath, MIRROR_EXPORT, MirrorBenchError, removeImageAndMarkers, removeMarkers, startMirror, startNbdMigrate, startTarget, stopPair, waitForState, type MirrorTarget } from './mirrorjob.js';
+import { adminSocketPath, MirrorBenchError, removeImageAndMarkers, removeMarkers, startMirror, startNbdMigrate, startTarget, stopPair, waitForState, type MirrorTarget } from './mirrorjob.js';
 import { Interrupted, processCpuSeconds, reapedChildrenCpuSeconds, track } from './proc.js';
 
 /** Printed names. */

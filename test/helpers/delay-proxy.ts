@@ -64,7 +64,7 @@ class Pipe {
   constructor(
     private readonly from: net.Socket,
     private readonly to: net.Socket,
-    private readonly link: Link,
+    link: Link,
     private readonly limit: number,
     private readonly count: (n: number) => void,
   ) {
