@@ -2,7 +2,7 @@
  * Benchmark settings, all from the environment so `npm run bench` needs no
  * arguments and a developer can narrow a rerun:
  *
- *   BENCH_SERVERS=nbd-migrate,qemu-nbd   which servers (default: all three)
+ *   BENCH_SERVERS=nbd-migrate,qemu-nbd   which servers (default: all, the two nbd-migrate variants too: servers.ts)
  *   BENCH_JOBS=randread,randwrite        which fio jobs (default: all five; syncwrite = QD1 writes, each FLUSHed)
  *   BENCH_REPEAT=3                       samples per (server, job); the median is reported
  *   BENCH_RUNTIME=5  BENCH_RAMP=1        seconds measured / warm-up seconds per fio run

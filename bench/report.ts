@@ -114,6 +114,12 @@ export function table(rows: string[][], leftCols = 1): string {
     .join('\n');
 }
 
+/** The lines under the table that set a variant of nbd-migrate against the plain server. */
+const VARIANT_LINES: ReadonlyArray<{ label: string; numerator: ServerName; denominator: ServerName; reading: string }> = [
+  { label: 'with/without --metrics', numerator: 'nbd-migrate-metrics', denominator: 'nbd-migrate', reading: 'goal 1.00x' },
+  { label: 'with/without busy polling', numerator: 'nbd-migrate', denominator: 'nbd-migrate-nopoll', reading: '>1.00x: polling pays' },
+];
+
 export function formatResults(rows: readonly Row[], samples: readonly Sample[], servers: readonly ServerName[], repeat: number): string {
   const out: string[] = [];
   const ratioHeader = servers.length > 1;
@@ -129,15 +135,15 @@ export function formatResults(rows: readonly Row[], samples: readonly Sample[], 
     }),
   ]);
   out.push(table([head, ...body]));
-  const metricsCost = rows
-    .map((r) => {
-      const [off, on] = ['nbd-migrate', 'nbd-migrate-metrics'].map((n) => r.cells.find((c) => c.server === n)?.median ?? null);
-      return off && on ? `${r.job} ${(on / off).toFixed(2)}x` : undefined;
-    })
-    .filter((x) => x !== undefined);
-  if (metricsCost.length)
-    out.push(`with/without --metrics (nbd-migrate-metrics median / nbd-migrate median; goal 1.00x): ${metricsCost.join(', ')}`);
-
+  for (const v of VARIANT_LINES) {
+    const ratios = rows
+      .map((r) => {
+        const [num, den] = [v.numerator, v.denominator].map((n) => r.cells.find((c) => c.server === n)?.median ?? null);
+        return num && den ? `${r.job} ${(num / den).toFixed(2)}x` : undefined;
+      })
+      .filter((x) => x !== undefined);
+    if (ratios.length) out.push(`${v.label} (${v.numerator} median / ${v.denominator} median; ${v.reading}): ${ratios.join(', ')}`);
+  }
   out.push('');
   out.push('per server (medians over the measured window): server CPU in % of one core and in CPU-microseconds per request;');
   out.push('fio CPU in % of one core; whole machine busy in % of all cores; completion latency p99 in microseconds');

@@ -1,5 +1,5 @@
 /**
- * The three NBD servers compared, each started on 127.0.0.1 with a free port,
+ * The three NBD servers compared (and two variants of nbd-migrate), each started on 127.0.0.1 with a free port,
  * serving the same raw image under the export name "bench".
  *
  * Fairness: the image sits on tmpfs and every server goes through the page
@@ -27,8 +27,12 @@ import { nbdkit, nbdkitArgs, qemuNbd, qemuNbdArgs } from '../test/helpers/peers.
 
 export { freePort };
 
-/** nbd-migrate-metrics: nbd-migrate with --metrics on (the with/without --metrics row: the goal is no difference). */
-export const SERVER_NAMES = ['nbd-migrate', 'nbd-migrate-metrics', 'qemu-nbd', 'nbdkit'] as const;
+/**
+ * Variants of nbd-migrate, each compared with the plain server in a line under the table:
+ * nbd-migrate-metrics has --metrics on (the goal is no difference); nbd-migrate-nopoll has
+ * busy polling off (--busy-poll-us 0: what polling buys, mostly at queue depth 1).
+ */
+export const SERVER_NAMES = ['nbd-migrate', 'nbd-migrate-metrics', 'nbd-migrate-nopoll', 'qemu-nbd', 'nbdkit'] as const;
 export type ServerName = (typeof SERVER_NAMES)[number];
 
 export const EXPORT_NAME = 'bench';
@@ -38,6 +42,7 @@ export const HOST = '127.0.0.1';
 export const SERVER_TOOLS: Record<ServerName, { cmd: string; pkg: string }> = {
   'nbd-migrate': { cmd: 'node', pkg: 'nodejs' },
   'nbd-migrate-metrics': { cmd: 'node', pkg: 'nodejs' },
+  'nbd-migrate-nopoll': { cmd: 'node', pkg: 'nodejs' },
   'qemu-nbd': { cmd: 'qemu-nbd', pkg: 'qemu-utils' },
   nbdkit: { cmd: 'nbdkit', pkg: 'nbdkit' },
 };
@@ -59,18 +64,21 @@ export function nbdkitFileArgs(image: string, name: string): string[] {
   return ['--exit-with-parent', '--exportname', name, 'file', `file=${image}`];
 }
 
-/** `nbd-migrate serve`'s arguments after "serve". */
-function nbdMigrateArgs(o: ServerOptions): string[] {
-  return [o.image, '--name', EXPORT_NAME, '--listen', HOST, '--port', String(o.port), '--log-format', 'json', '--log-level', 'warn'];
+/** `nbd-migrate serve`'s arguments after "serve", for the plain server and its variants. */
+function nbdMigrateArgs(o: ServerOptions, variant: 'nbd-migrate' | 'nbd-migrate-metrics' | 'nbd-migrate-nopoll', metricsPort: number | string = o.metricsPort ?? 'PORT'): string[] {
+  const args = [o.image, '--name', EXPORT_NAME, '--listen', HOST, '--port', String(o.port), '--log-format', 'json', '--log-level', 'warn'];
+  if (variant === 'nbd-migrate-metrics') args.push('--metrics', `${HOST}:${metricsPort}`);
+  if (variant === 'nbd-migrate-nopoll') args.push('--busy-poll-us', '0');
+  return args;
 }
 
 /** The command line that serves `image` on `port`. */
 export function serverCommand(name: ServerName, o: ServerOptions): { cmd: string; args: string[] } {
   switch (name) {
     case 'nbd-migrate':
-      return { cmd: process.execPath, args: [o.nbdMigrateBin, 'serve', ...nbdMigrateArgs(o)] };
     case 'nbd-migrate-metrics':
-      return { cmd: process.execPath, args: [o.nbdMigrateBin, 'serve', ...nbdMigrateArgs(o), '--metrics', `${HOST}:${o.metricsPort ?? 'PORT'}`] };
+    case 'nbd-migrate-nopoll':
+      return { cmd: process.execPath, args: [o.nbdMigrateBin, 'serve', ...nbdMigrateArgs(o, name)] };
     case 'qemu-nbd':
       return { cmd: 'qemu-nbd', args: qemuNbdArgs(o.image, EXPORT_NAME, o.port, QEMU_NBD_SETTINGS) };
     case 'nbdkit':
@@ -103,10 +111,11 @@ export async function startServer(name: ServerName, o: ServerOptions): Promise<R
   try {
     switch (name) {
       case 'nbd-migrate':
-        h = await startNbdMigrate(nbdMigrateArgs(o), { cli: o.nbdMigrateBin, readyPort: o.port });
+      case 'nbd-migrate-nopoll':
+        h = await startNbdMigrate(nbdMigrateArgs(o, name), { cli: o.nbdMigrateBin, readyPort: o.port });
         break;
       case 'nbd-migrate-metrics':
-        h = await startNbdMigrate([...nbdMigrateArgs(o), '--metrics', `${HOST}:${o.metricsPort ?? (await freePort())}`], { cli: o.nbdMigrateBin, readyPort: o.port });
+        h = await startNbdMigrate(nbdMigrateArgs(o, name, o.metricsPort ?? (await freePort())), { cli: o.nbdMigrateBin, readyPort: o.port });
         break;
       case 'qemu-nbd':
         h = await qemuNbd(o.image, EXPORT_NAME, o.port, QEMU_NBD_SETTINGS);
