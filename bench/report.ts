@@ -86,7 +86,7 @@ export function summarise(samples: readonly Sample[], jobs: readonly JobName[], 
       };
     });
     for (const c of cells) {
-      // nbd-migrate's rows are compared with the peers, not with each other (nbd-migrate-metrics is the same server).
+      // nbd-migrate's rows are compared with the peers, not with each other (its variants are the same server: VARIANT_LINES).
       const ours = c.server.startsWith('nbd-migrate');
       const peers = cells.filter((p) => p !== c && p.median !== null && !(ours && p.server.startsWith('nbd-migrate'))).map((p) => p.median!);
       if (c.median !== null && peers.length > 0) {

@@ -34,6 +34,8 @@ export { freePort };
  */
 export const SERVER_NAMES = ['nbd-migrate', 'nbd-migrate-metrics', 'nbd-migrate-nopoll', 'qemu-nbd', 'nbdkit'] as const;
 export type ServerName = (typeof SERVER_NAMES)[number];
+/** nbd-migrate and its variants (the same server, other settings). */
+type NbdMigrateName = Extract<ServerName, `nbd-migrate${string}`>;
 
 export const EXPORT_NAME = 'bench';
 export const HOST = '127.0.0.1';
@@ -65,7 +67,7 @@ export function nbdkitFileArgs(image: string, name: string): string[] {
 }
 
 /** `nbd-migrate serve`'s arguments after "serve", for the plain server and its variants. */
-function nbdMigrateArgs(o: ServerOptions, variant: 'nbd-migrate' | 'nbd-migrate-metrics' | 'nbd-migrate-nopoll', metricsPort: number | string = o.metricsPort ?? 'PORT'): string[] {
+function nbdMigrateArgs(o: ServerOptions, variant: NbdMigrateName, metricsPort: number | string = o.metricsPort ?? 'PORT'): string[] {
   const args = [o.image, '--name', EXPORT_NAME, '--listen', HOST, '--port', String(o.port), '--log-format', 'json', '--log-level', 'warn'];
   if (variant === 'nbd-migrate-metrics') args.push('--metrics', `${HOST}:${metricsPort}`);
   if (variant === 'nbd-migrate-nopoll') args.push('--busy-poll-us', '0');
