@@ -9,7 +9,7 @@
  * Taken: operands (not starting with `-`); `--name VALUE` and `--name=VALUE` for the
  * options of the table that take a value, each at most once unless the option is an
  * array (repeatable); `--flag` and `--no-flag` for its booleans, at most once each, not
-followed by a literal `true` or `false` (yargs would take it as the flag's value). An
+ * followed by a literal `true` or `false` (yargs would take it as the flag's value). An
  * array option's value must be followed by another option or the end: yargs would take
  * the operands after it as more values. Anything else gives undefined: --help,
  * --version, short and unknown options, camelCase or abbreviated names, `--`, a value

@@ -38,6 +38,8 @@ export interface CutoverOutcome {
   phases: { holdMs: number; sweepMs: number; sweepBytes: number; flushMs: number; fenceMs: number; completeMs: number };
 }
 
+const noPhases = (): CutoverOutcome['phases'] => ({ holdMs: 0, sweepMs: 0, sweepBytes: 0, flushMs: 0, fenceMs: 0, completeMs: 0 });
+
 /** Cutovers running in this process, and the background sweeps waiting for them to end. */
 let cuttingOver = 0;
 let sweepsWaiting: Array<() => void> = [];
@@ -110,20 +112,19 @@ export async function cutover(ctx: CutoverContext): Promise<CutoverOutcome> {
   cuttingOver++;
   const before = cutoverQueue;
   let done!: () => void;
-  cutoverQueue = before.then(() => new Promise<void>((r) => (done = r)));
+  const mine = new Promise<void>((r) => (done = r));
+  // The next one waits for this one and for everything before it (this one may leave early, aborted).
+  cutoverQueue = before.then(() => mine);
   try {
     await Promise.race([before, abortion(ctx.signal).catch(() => undefined)]);
-    if (ctx.signal.aborted) {
-      const failure = new JobError('ECANCELED', 'the job was aborted while another cutover ran');
-      return { switched: false, failure, pauseMs: 0, phases: { holdMs: 0, sweepMs: 0, sweepBytes: 0, flushMs: 0, fenceMs: 0, completeMs: 0 } };
-    }
+    if (ctx.signal.aborted)
+      return { switched: false, failure: new JobError('ECANCELED', 'the job was aborted while another cutover ran'), pauseMs: 0, phases: noPhases() };
     // Other jobs start no new chunks now (whileCuttingOver); the ones in flight finish before guests are
     // held, so the final sweep, flush and completion do not queue behind them (guests still run meanwhile).
     await Promise.race([quiet(QUIET_BOUND_MS), abortion(ctx.signal).catch(() => undefined)]);
     return await switchOver(ctx);
   } finally {
-    // The next cutover goes once this one is over (`done` is set when `before` settles, so queue behind that).
-    void before.then(() => done());
+    done();
     if (--cuttingOver === 0) {
       const wake = sweepsWaiting;
       sweepsWaiting = [];
@@ -147,7 +148,7 @@ async function switchOver(ctx: CutoverContext): Promise<CutoverOutcome> {
   let switched = false;
   let fenced = false;
   let failure: unknown;
-  const phases = { holdMs: 0, sweepMs: 0, sweepBytes: 0, flushMs: 0, fenceMs: 0, completeMs: 0 };
+  const phases = noPhases();
   let mark = t0;
   const lap = (): number => {
     const now = performance.now();
